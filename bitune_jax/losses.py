@@ -1,0 +1,277 @@
+"""Loss functions of Bi-tuning, Co-Tuning and MoCo-style unsupervised fine-tuning.
+
+Pure functions of arrays with keyword-only arguments: they know nothing of modules,
+configs or train states, and they jit, grad and vmap. Inputs may be any float dtype;
+everything inside (dot products, logits divided by a temperature, log-sum-exps and the
+loss) is float32, with the dot products at `Precision.HIGHEST` so that TPUs and GPUs
+(bf16 passes / TF32 by default) give the numbers a CPU gives.
+
+Papers (text in `shared/papers/`):
+  * Bi-tuning (Zhong et al.): CCE, Eq. (3); CCL, Eq. (4); total, Eq. (5).
+  * MoCo (He et al.): InfoNCE, Eq. (1) of the Bi-tuning paper.
+  * Unsupervised fine-tuning (Eq. 6): InfoNCE of a CutMix-mixed query against both
+    parents' keys, weighted by the mixing ratio.
+  * Co-Tuning (You et al.): soft cross-entropy of the source head against R[y_t].
+
+Cost. Both Bi-tuning losses score candidates against ONE vector per query (the query's
+own projection for CCL; its class's normalised weight for CCE), so the work is a
+single `[C*K, X] @ [X, B]` matmul per loss. The reference implementation scores every
+class's weight against every queue slot (`[C*K, F+1] @ [F+1, C]`) and then picks the
+B columns it needs; for C = 1000 that is ~4x the FLOPs at B = 256 and ~20x at B = 48.
+The queue is the left operand so that XLA reads it in place (no transpose of the
+largest array in the step).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_F32 = jnp.float32
+
+
+# --------------------------------------------------------------------------- helpers
+def l2_normalize(x, *, axis=-1, eps=1e-12):
+  """`x / max(||x||, eps)` along `axis` (PyTorch's `F.normalize`); safe gradient at 0."""
+  sum_sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sum_sq, eps * eps))
+
+
+def append_one_and_normalize(h):
+  """`normalize([h, 1])`: the CCE's augmented feature. `h [..., F]` -> `[..., F+1]`.
+
+  This is what a Bi-tuning key encoder enqueues into `queue_h` and what
+  `contrastive_cross_entropy_loss` computes from its raw `h_query`.
+  """
+  h = h.astype(_F32)
+  ones = jnp.ones(h.shape[:-1] + (1,), _F32)
+  return l2_normalize(jnp.concatenate([h, ones], axis=-1))
+
+
+def _shape_error(fn, message, **arrays):
+  shapes = ", ".join(f"{name}{tuple(jnp.shape(a))}" for name, a in arrays.items())
+  return ValueError(f"{fn}: {message}; got {shapes}")
+
+
+def _check_rank(fn, name, x, rank):
+  if jnp.ndim(x) != rank:
+    raise _shape_error(fn, f"{name} must have rank {rank}", **{name: x})
+
+
+def _check_labels(fn, labels, batch):
+  _check_rank(fn, "labels", labels, 1)
+  if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+    raise ValueError(f"{fn}: labels must be integers, got dtype {jnp.result_type(labels)}")
+  if labels.shape[0] != batch:
+    raise _shape_error(fn, f"labels must have one entry per query (B={batch})",
+                       labels=labels)
+
+
+def _soft_class_kl(own_logits, queue_logits, labels):
+  """KL(uniform over {own, K slots of own class} || softmax over 1 + C*K), batch mean.
+
+  Args:
+    own_logits: `[B]` logit of each query's own candidate (already / temperature).
+    queue_logits: `[C, K, B]` logits of every queue slot for every query.
+    labels: `[B]` int class of each query.
+
+  Returns:
+    Scalar `mean_b [logsumexp_b - mean_{positives} logit - log(K + 1)]`, which is
+    PyTorch's `KLDivLoss(reduction='batchmean')(log_softmax(logits), target)`.
+  """
+  num_classes, size, _ = queue_logits.shape
+  # Log-sum-exp over all 1 + C*K candidates of each query, stabilised by its max.
+  peak = jax.lax.stop_gradient(
+      jnp.maximum(own_logits, jnp.max(queue_logits, axis=(0, 1))))  # [B]
+  total = jnp.exp(own_logits - peak) + jnp.sum(
+      jnp.exp(queue_logits - peak), axis=(0, 1))  # [B]
+  lse = peak + jnp.log(total)  # [B]
+  # Positives: the own candidate and the K slots of the query's class. A one-hot
+  # mask (not a gather) keeps this an elementwise reduction, also when the class
+  # axis is sharded.
+  in_class = jnp.arange(num_classes)[:, None] == labels[None, :]  # [C, B]
+  pos = own_logits + jnp.sum(
+      jnp.where(in_class[:, None, :], queue_logits, 0.0), axis=(0, 1))  # [B]
+  per_query = lse - pos / (size + 1) - math.log(size + 1)  # [B]
+  return jnp.mean(per_query)
+
+
+# --------------------------------------------------------------------------- Bi-tuning
+def categorical_contrastive_loss(*, z_query, z_key, queue_z, labels, temperature=0.07):
+  """Categorical contrastive loss (CCL) on the projector head, Bi-tuning Eq. (4).
+
+  For query i of class c the candidates are its own key, then every queue slot
+  (1 + C*K, class-major); the target is uniform over its own key and the K slots of
+  class c; the loss is KL(target || softmax(logits / temperature)), batch mean.
+
+  Args:
+    z_query: `[B, D]` unit-norm query projections (normalised by the caller).
+    z_key: `[B, D]` unit-norm key projections from the momentum encoder.
+    queue_z: `[C, K, D]` per-class key queue.
+    labels: `[B]` int class of each query.
+    temperature: softmax temperature tau.
+
+  Returns:
+    Scalar float32 loss.
+  """
+  fn = "categorical_contrastive_loss"
+  _check_rank(fn, "z_query", z_query, 2)
+  _check_rank(fn, "z_key", z_key, 2)
+  _check_rank(fn, "queue_z", queue_z, 3)
+  if z_key.shape != z_query.shape or queue_z.shape[-1] != z_query.shape[-1]:
+    raise _shape_error(fn, "z_query [B,D], z_key [B,D] and queue_z [C,K,D] must agree",
+                       z_query=z_query, z_key=z_key, queue_z=queue_z)
+  _check_labels(fn, labels, z_query.shape[0])
+
+  zq = z_query.astype(_F32)
+  own = jnp.sum(zq * z_key.astype(_F32), axis=-1) / temperature  # [B]
+  queue_logits = jnp.einsum(
+      "ckd,bd->ckb", queue_z.astype(_F32), zq, precision=_HIGHEST) / temperature
+  return _soft_class_kl(own, queue_logits, labels)
+
+
+def contrastive_cross_entropy_loss(*, h_query, head_kernel, head_bias, queue_h, labels,
+                                   temperature=0.07, stop_gradient_head=True):
+  """Contrastive cross-entropy (CCE) on the classifier head, Bi-tuning Eq. (3).
+
+  For query i of class c, every candidate (the query itself, then every queue slot,
+  1 + C*K) is scored against its class prototype `w_c = normalize([W[:, c], b[c]])`;
+  the target is uniform over the query and the K slots of class c; the loss is
+  KL(target || softmax(scores / temperature)), batch mean. Only the batch's classes
+  are scored: `[C*K, F+1] @ [F+1, B]`.
+
+  Args:
+    h_query: `[B, F]` raw pooled backbone features (this function appends a constant
+      1 and L2-normalises).
+    head_kernel: `[F, C]` classifier kernel (Flax Dense layout).
+    head_bias: `[C]` classifier bias.
+    queue_h: `[C, K, F+1]` per-class queue of `normalize([h_key, 1])`.
+    labels: `[B]` int class of each query.
+    temperature: softmax temperature tau.
+    stop_gradient_head: no gradient into the head through the prototypes (the
+      reference uses `.data` of the head's weights).
+
+  Returns:
+    Scalar float32 loss.
+  """
+  fn = "contrastive_cross_entropy_loss"
+  _check_rank(fn, "h_query", h_query, 2)
+  _check_rank(fn, "head_kernel", head_kernel, 2)
+  _check_rank(fn, "head_bias", head_bias, 1)
+  _check_rank(fn, "queue_h", queue_h, 3)
+  feat, num_classes = head_kernel.shape
+  if (h_query.shape[1] != feat or head_bias.shape[0] != num_classes
+      or queue_h.shape[0] != num_classes or queue_h.shape[2] != feat + 1):
+    raise _shape_error(
+        fn, "need h_query [B,F], head_kernel [F,C], head_bias [C], queue_h [C,K,F+1]",
+        h_query=h_query, head_kernel=head_kernel, head_bias=head_bias, queue_h=queue_h)
+  _check_labels(fn, labels, h_query.shape[0])
+
+  # Class prototype of each query, [B, F+1]: only the batch's columns of the head.
+  w = jnp.concatenate([jnp.take(head_kernel, labels, axis=1).T,
+                       jnp.take(head_bias, labels)[:, None]], axis=1).astype(_F32)
+  w = l2_normalize(w)
+  if stop_gradient_head:
+    w = jax.lax.stop_gradient(w)
+  hq = append_one_and_normalize(h_query)  # [B, F+1]
+  own = jnp.sum(hq * w, axis=-1) / temperature  # [B]
+  queue_logits = jnp.einsum(
+      "ckf,bf->ckb", queue_h.astype(_F32), w, precision=_HIGHEST) / temperature
+  return _soft_class_kl(own, queue_logits, labels)
+
+
+# --------------------------------------------------------------------------- MoCo
+def _info_nce_parts(fn, query, keys, queue, temperature):
+  """Positive logits `[B]` per key in `keys` and the negatives' log-sum-exp `[B]`."""
+  _check_rank(fn, "query", query, 2)
+  _check_rank(fn, "queue", queue, 2)
+  for name, key in keys.items():
+    _check_rank(fn, name, key, 2)
+    if key.shape != query.shape:
+      raise _shape_error(fn, f"{name} must have the shape of query",
+                         query=query, **{name: key})
+  if queue.shape[1] != query.shape[1]:
+    raise _shape_error(fn, "queue [N,D] and query [B,D] must agree",
+                       query=query, queue=queue)
+  q = query.astype(_F32)
+  pos = {name: jnp.sum(q * key.astype(_F32), axis=-1) / temperature
+         for name, key in keys.items()}  # [B] each
+  neg = jnp.einsum("nd,bd->nb", queue.astype(_F32), q, precision=_HIGHEST) / temperature
+  return pos, jax.nn.logsumexp(neg, axis=0)  # [B]
+
+
+def info_nce_loss(*, query, key, queue, temperature=0.2):
+  """MoCo's InfoNCE, Eq. (1): cross-entropy of the positive key among 1 + N candidates.
+
+  Args:
+    query: `[B, D]` unit-norm queries.
+    key: `[B, D]` unit-norm positive keys.
+    queue: `[N, D]` negative keys.
+    temperature: softmax temperature tau (MoCo v2: 0.2).
+
+  Returns:
+    Scalar float32 loss, batch mean.
+  """
+  pos, lse_neg = _info_nce_parts("info_nce_loss", query, {"key": key}, queue,
+                                 temperature)
+  pos = pos["key"]
+  return jnp.mean(jnp.logaddexp(pos, lse_neg) - pos)
+
+
+def mixed_info_nce_loss(*, query, key_a, key_b, lam, queue, temperature=0.2):
+  """InfoNCE of a CutMix-mixed query, unsupervised fine-tuning Eq. (6).
+
+  `loss = lam * InfoNCE(q_m, k_a) + (1 - lam) * InfoNCE(q_m, k_b)`, each against the
+  same negatives; lam is the area of the first image in the mix.
+
+  Args:
+    query: `[B, D]` unit-norm projections of the mixed queries.
+    key_a: `[B, D]` unit-norm keys of the first parents.
+    key_b: `[B, D]` unit-norm keys of the second parents.
+    lam: scalar or `[B]` mixing ratio (weight of `key_a`).
+    queue: `[N, D]` negative keys.
+    temperature: softmax temperature tau.
+
+  Returns:
+    Scalar float32 loss, batch mean.
+  """
+  fn = "mixed_info_nce_loss"
+  lam = jnp.asarray(lam, _F32)
+  if lam.ndim > 1 or (lam.ndim == 1 and lam.shape[0] != query.shape[0]):
+    raise _shape_error(fn, "lam must be a scalar or have shape [B]", query=query, lam=lam)
+  pos, lse_neg = _info_nce_parts(fn, query, {"key_a": key_a, "key_b": key_b}, queue,
+                                 temperature)
+  nll_a = jnp.logaddexp(pos["key_a"], lse_neg) - pos["key_a"]  # [B]
+  nll_b = jnp.logaddexp(pos["key_b"], lse_neg) - pos["key_b"]  # [B]
+  return jnp.mean(lam * nll_a + (1.0 - lam) * nll_b)
+
+
+# --------------------------------------------------------------------------- Co-Tuning
+def co_tuning_loss(*, source_logits, relationship_targets):
+  """Co-Tuning's soft cross-entropy of the source head: `mean_b -sum t log_softmax(s)`.
+
+  Args:
+    source_logits: `[B, C_s]` logits of the pre-trained (source) head.
+    relationship_targets: `[B, C_s]` soft targets, `R[y_t]` (rows of p(y_s | y_t)).
+
+  Returns:
+    Scalar float32 loss.
+  """
+  fn = "co_tuning_loss"
+  _check_rank(fn, "source_logits", source_logits, 2)
+  if jnp.shape(relationship_targets) != source_logits.shape:
+    raise _shape_error(fn, "relationship_targets must have the shape of source_logits",
+                       source_logits=source_logits,
+                       relationship_targets=relationship_targets)
+  log_p = jax.nn.log_softmax(source_logits.astype(_F32), axis=-1)
+  return -jnp.mean(jnp.sum(relationship_targets.astype(_F32) * log_p, axis=-1))
+
+
+def cross_entropy_loss(*, logits, labels):
+  """Plain cross-entropy with integer labels, batch mean. `logits [B, C]`, `labels [B]`."""
+  fn = "cross_entropy_loss"
+  _check_rank(fn, "logits", logits, 2)
+  _check_labels(fn, labels, logits.shape[0])
+  log_p = jax.nn.log_softmax(logits.astype(_F32), axis=-1)
+  return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=-1))

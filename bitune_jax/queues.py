@@ -1,0 +1,188 @@
+"""Key stores for contrastive fine-tuning: pytrees and pure updates.
+
+* `ClassQueues`: Bi-tuning's per-class key queues, `[C, K, D]` plus a pointer per class
+  (Bi-tuning paper, Appendix B.1: MoCo's queue reorganised per category).
+* `FifoQueue`: MoCo's queue of negatives, `[N, D]` plus one pointer.
+* `MemoryBank`: per-example keys updated by index with momentum (Appendix B.2, Eq. 7).
+
+All updates are vectorised (no Python loop over the batch) and write every slot at most
+once: a duplicate index in a scatter has no defined winner, so each update first decides
+which writes survive and sends the others out of bounds, where `mode='drop'` discards
+them. They run unchanged on a queue sharded over its first axis.
+"""
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from bitune_jax.losses import l2_normalize
+
+
+def _random_unit_keys(rng, shape, dtype):
+  return l2_normalize(jax.random.normal(rng, shape, jnp.float32)).astype(dtype)
+
+
+def _rank_in_group(ids):
+  """For `ids [B]`: rank of each entry among equal ids in batch order, and group size."""
+  batch = ids.shape[0]
+  same = ids[:, None] == ids[None, :]  # [B, B]
+  earlier = jnp.arange(batch)[None, :] < jnp.arange(batch)[:, None]  # [j, i]: i < j
+  rank = jnp.sum(same & earlier, axis=1)  # [B]
+  count = jnp.sum(same, axis=1)  # [B]
+  return rank, count
+
+
+def _check_keys(fn, keys, dim, batch_name, ids):
+  if keys.ndim != 2 or keys.shape[1] != dim:
+    raise ValueError(f"{fn}: keys must be [B, {dim}], got {keys.shape}")
+  if ids.ndim != 1 or ids.shape[0] != keys.shape[0]:
+    raise ValueError(f"{fn}: {batch_name} must be [B={keys.shape[0]}], got {ids.shape}")
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"{fn}: {batch_name} must be integers, got {ids.dtype}")
+
+
+# --------------------------------------------------------------------------- per class
+@flax.struct.dataclass
+class ClassQueues:
+  """Per-class key queues. `keys [C, K, D]`; `ptr [C]` int32, next slot of each class."""
+  keys: jax.Array
+  ptr: jax.Array
+
+  @property
+  def num_classes(self):
+    return self.keys.shape[0]
+
+  @property
+  def size(self):
+    return self.keys.shape[1]
+
+
+def init_class_queues(rng, *, num_classes, size, dim, dtype=jnp.float32):
+  """`[num_classes, size, dim]` of L2-normalised random normals, pointers at 0."""
+  if num_classes < 1 or size < 1 or dim < 1:
+    raise ValueError(f"init_class_queues: num_classes, size and dim must be >= 1, got "
+                     f"{num_classes}, {size}, {dim}")
+  return ClassQueues(keys=_random_unit_keys(rng, (num_classes, size, dim), dtype),
+                     ptr=jnp.zeros((num_classes,), jnp.int32))
+
+
+def class_write_positions(ptr, labels, *, size):
+  """Where `enqueue_by_class` writes each key: `(row [B], slot [B])`, all distinct.
+
+  Key j goes to `(labels[j], (ptr[labels[j]] + rank_j) mod size)` if it is among the
+  last `size` keys of its class in the batch; otherwise to row `C + j`, out of bounds,
+  so that no slot is written twice.
+  """
+  num_classes = ptr.shape[0]
+  rank, count = _rank_in_group(labels)
+  survives = rank >= count - size  # only the last K of a class in this batch
+  slot = (ptr[labels] + rank) % size  # [B]
+  row = jnp.where(survives, labels, num_classes + jnp.arange(labels.shape[0]))
+  return row, slot
+
+
+def enqueue_by_class(queues, *, keys, labels):
+  """Writes each key into its class's queue, as if one at a time in batch order.
+
+  Key j of class c goes to slot `(ptr[c] + r_j) mod K`, where r_j is its rank among
+  the batch's class-c keys; then `ptr[c] += count_c` (kept mod K). When a class has
+  more than K keys in the batch, the last K survive, which is also what enqueuing one
+  at a time gives. Keys are stored as given (normalise before enqueueing).
+
+  Args:
+    queues: `ClassQueues` with keys `[C, K, D]`.
+    keys: `[B, D]` new keys.
+    labels: `[B]` int class of each key, in [0, C).
+
+  Returns:
+    The updated `ClassQueues`.
+  """
+  num_classes, size, dim = queues.keys.shape
+  _check_keys("enqueue_by_class", keys, dim, "labels", labels)
+  labels = labels.astype(jnp.int32)
+  row, slot = class_write_positions(queues.ptr, labels, size=size)
+  new_keys = queues.keys.at[row, slot].set(
+      keys.astype(queues.keys.dtype), mode="drop", unique_indices=True)
+  added = jnp.zeros((num_classes,), jnp.int32).at[labels].add(1, mode="drop")
+  return queues.replace(keys=new_keys, ptr=(queues.ptr + added) % size)
+
+
+# --------------------------------------------------------------------------- MoCo FIFO
+@flax.struct.dataclass
+class FifoQueue:
+  """MoCo's queue of negatives. `keys [N, D]`; `ptr []` int32, the oldest slot."""
+  keys: jax.Array
+  ptr: jax.Array
+
+  @property
+  def size(self):
+    return self.keys.shape[0]
+
+
+def init_fifo_queue(rng, *, size, dim, dtype=jnp.float32):
+  """`[size, dim]` of L2-normalised random normals, pointer at 0."""
+  if size < 1 or dim < 1:
+    raise ValueError(f"init_fifo_queue: size and dim must be >= 1, got {size}, {dim}")
+  return FifoQueue(keys=_random_unit_keys(rng, (size, dim), dtype),
+                   ptr=jnp.zeros((), jnp.int32))
+
+
+def enqueue_fifo(queue, *, keys):
+  """Replaces the B oldest keys by `keys [B, D]` (the last N of them if B > N)."""
+  size, dim = queue.keys.shape
+  if keys.ndim != 2 or keys.shape[1] != dim:
+    raise ValueError(f"enqueue_fifo: keys must be [B, {dim}], got {keys.shape}")
+  batch = keys.shape[0]
+  order = jnp.arange(batch)
+  slot = jnp.where(order >= batch - size, (queue.ptr + order) % size, size + order)
+  new_keys = queue.keys.at[slot].set(keys.astype(queue.keys.dtype), mode="drop",
+                                     unique_indices=True)
+  return queue.replace(keys=new_keys, ptr=(queue.ptr + batch) % size)
+
+
+# --------------------------------------------------------------------------- memory bank
+@flax.struct.dataclass
+class MemoryBank:
+  """One key per training example, `keys [N, D]` (Wu et al. 2018)."""
+  keys: jax.Array
+
+  @property
+  def size(self):
+    return self.keys.shape[0]
+
+
+def init_memory_bank(rng, *, size, dim, dtype=jnp.float32):
+  """`[size, dim]` of L2-normalised random normals."""
+  if size < 1 or dim < 1:
+    raise ValueError(f"init_memory_bank: size and dim must be >= 1, got {size}, {dim}")
+  return MemoryBank(keys=_random_unit_keys(rng, (size, dim), dtype))
+
+
+def update_memory_bank(bank, *, indices, values, momentum=0.5, renormalize=True):
+  """Bi-tuning Eq. (7): `z_i <- m z_i + (1 - m) z_q_i` for the batch's examples.
+
+  Args:
+    bank: `MemoryBank` with keys `[N, D]`.
+    indices: `[B]` int example index of each value, in [0, N).
+    values: `[B, D]` new projections of those examples.
+    momentum: m (0.5 in the paper, after Wu et al.).
+    renormalize: L2-normalise the updated keys, as Wu et al. do.
+
+  Returns:
+    The updated `MemoryBank`. An index repeated in the batch is updated once, from its
+    last occurrence.
+  """
+  size, dim = bank.keys.shape
+  _check_keys("update_memory_bank", values, dim, "indices", indices)
+  indices = indices.astype(jnp.int32)
+  batch = indices.shape[0]
+  rank, count = _rank_in_group(indices)
+  last = rank == count - 1
+  old = bank.keys[indices].astype(jnp.float32)
+  new = momentum * old + (1.0 - momentum) * values.astype(jnp.float32)
+  if renormalize:
+    new = l2_normalize(new)
+  slot = jnp.where(last, indices, size + jnp.arange(batch))
+  keys = bank.keys.at[slot].set(new.astype(bank.keys.dtype), mode="drop",
+                                unique_indices=True)
+  return bank.replace(keys=keys)

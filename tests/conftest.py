@@ -1,0 +1,24 @@
+"""Test setup: 8 simulated CPU devices, so sharding is exercised on every run.
+
+The flag must be set before JAX initialises its backends, hence at import time.
+"""
+import os
+import sys
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# The PyTorch reference implementations used for parity live in third_party/.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "third_party"))
+
+import jax  # noqa: E402  (after the flag)
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _check_devices():
+  assert jax.device_count() == 8, (
+      f"expected 8 simulated devices, got {jax.device_count()}; "
+      "was JAX imported before tests/conftest.py set XLA_FLAGS?")
