@@ -18,6 +18,20 @@ import jax.numpy as jnp
 from bitune_jax.losses import l2_normalize
 
 
+def inplace_update_compiler_options(backend=None):
+  """`compiler_options` for a `jax.jit` that reads a donated queue and updates it.
+
+  A step that scores against a queue and then enqueues into it (donated) should write
+  in place. XLA:CPU's default copy insertion instead copies such a buffer twice
+  (measured: +2 x 262 MB per step for a 1000 x 32 x 2049 queue); its region analysis
+  sees that the reads come first and drops the copies. Other backends need nothing.
+
+  Usage: `jax.jit(step, donate_argnums=0, compiler_options=inplace_update_compiler_options())`.
+  """
+  backend = backend or jax.default_backend()
+  return {"xla_cpu_copy_insertion_use_region_analysis": True} if backend == "cpu" else {}
+
+
 def _random_unit_keys(rng, shape, dtype):
   return l2_normalize(jax.random.normal(rng, shape, jnp.float32)).astype(dtype)
 

@@ -61,7 +61,7 @@ def test_ccl_matches_reference(case):
     return losses.categorical_contrastive_loss(
         z_query=zq, z_key=jnp.asarray(z_k, jnp.float32),
         queue_z=jnp.asarray(queue, jnp.float32), labels=jnp.asarray(labels))
-  value, grad = jax.value_and_grad(loss_fn)(jnp.asarray(z_q, jnp.float32))
+  value, grad = jax.jit(jax.value_and_grad(loss_fn))(jnp.asarray(z_q, jnp.float32))
 
   leaf = torch.tensor(z_q, requires_grad=True)
   expected = ref.ccl_reference(leaf, torch.tensor(z_k), _to_ref_queue(queue),
@@ -84,7 +84,7 @@ def test_cce_matches_reference(case):
         h_query=h, head_kernel=jnp.asarray(kernel, jnp.float32),
         head_bias=jnp.asarray(bias, jnp.float32), queue_h=jnp.asarray(queue, jnp.float32),
         labels=jnp.asarray(labels))
-  value, grad = jax.value_and_grad(loss_fn)(jnp.asarray(h_q, jnp.float32))
+  value, grad = jax.jit(jax.value_and_grad(loss_fn))(jnp.asarray(h_q, jnp.float32))
 
   leaf = torch.tensor(h_q, requires_grad=True)
   expected = ref.cce_reference(leaf, torch.tensor(kernel.T.copy()), torch.tensor(bias),
@@ -107,9 +107,10 @@ def test_cce_head_gradient_when_not_stopped():
         queue_h=jnp.asarray(queue, jnp.float32), labels=jnp.asarray(labels),
         stop_gradient_head=stop)
   args = (jnp.asarray(kernel, jnp.float32), jnp.asarray(bias, jnp.float32))
-  stopped = jax.grad(loss_fn, argnums=(0, 1))(*args, True)
+  stopped = jax.jit(jax.grad(loss_fn, argnums=(0, 1)), static_argnums=2)(*args, True)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in stopped)
-  value, (g_kernel, g_bias) = jax.value_and_grad(loss_fn, argnums=(0, 1))(*args, False)
+  value, (g_kernel, g_bias) = jax.jit(
+      jax.value_and_grad(loss_fn, argnums=(0, 1)), static_argnums=2)(*args, False)
 
   weight = torch.tensor(kernel.T.copy(), requires_grad=True)
   b = torch.tensor(bias, requires_grad=True)
@@ -125,9 +126,9 @@ def test_info_nce_matches_reference():
   rng = np.random.default_rng()
   batch, dim, negatives = 11, 16, 40
   q, k, queue = _unit(rng, batch, dim), _unit(rng, batch, dim), _unit(rng, negatives, dim)
-  value, grad = jax.value_and_grad(
+  value, grad = jax.jit(jax.value_and_grad(
       lambda x: losses.info_nce_loss(query=x, key=jnp.asarray(k, jnp.float32),
-                                     queue=jnp.asarray(queue, jnp.float32)))(
+                                     queue=jnp.asarray(queue, jnp.float32))))(
                                          jnp.asarray(q, jnp.float32))
   leaf = torch.tensor(q, requires_grad=True)
   expected = ref.info_nce_reference(leaf, torch.tensor(k), torch.tensor(queue.T.copy()))
@@ -142,9 +143,9 @@ def test_mixed_info_nce_matches_reference(lam_kind):
   queue = _unit(rng, negatives, dim)
   lam = rng.uniform() if lam_kind == "scalar" else rng.uniform(size=batch)
   f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-  value, grad = jax.value_and_grad(
+  value, grad = jax.jit(jax.value_and_grad(
       lambda x: losses.mixed_info_nce_loss(query=x, key_a=f32(k_a), key_b=f32(k_b),
-                                           lam=lam, queue=f32(queue)))(f32(q))
+                                           lam=lam, queue=f32(queue))))(f32(q))
   leaf = torch.tensor(q, requires_grad=True)
   expected = ref.mixed_info_nce_reference(leaf, torch.tensor(k_a), torch.tensor(k_b),
                                           torch.tensor(lam), torch.tensor(queue.T.copy()))
@@ -160,9 +161,9 @@ def test_co_tuning_loss_matches_reference():
   rng = np.random.default_rng()
   logits = rng.standard_normal((8, 30)) * 4
   targets = rng.dirichlet(np.ones(30), size=8)
-  value, grad = jax.value_and_grad(
+  value, grad = jax.jit(jax.value_and_grad(
       lambda x: losses.co_tuning_loss(source_logits=x,
-                                      relationship_targets=jnp.asarray(targets)))(
+                                      relationship_targets=jnp.asarray(targets))))(
                                           jnp.asarray(logits, jnp.float32))
   leaf = torch.tensor(logits, requires_grad=True)
   _grad_check(ref.co_tuning_reference(leaf, torch.tensor(targets)), leaf, value, grad)
