@@ -146,8 +146,8 @@ def test_sharded_queues_match_unsharded():
 
 
 @hypothesis.settings(max_examples=60, deadline=None)
-@hypothesis.given(size=st.integers(1, 5), labels=st.lists(st.integers(0, 3), min_size=1,
-                                                          max_size=20),
+@hypothesis.given(size=st.integers(1, 5), labels=st.lists(st.integers(0, 3), min_size=12,
+                                                          max_size=12),
                   ptr=st.lists(st.integers(0, 4), min_size=4, max_size=4))
 def test_class_write_positions_are_distinct(size, labels, ptr):
   """Each slot is written at most once (a duplicate scatter index has no defined
