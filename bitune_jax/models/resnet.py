@@ -1,0 +1,101 @@
+"""ResNet-18/34/50/101/152 with torchvision's structure (v1.5: stride on the 3x3 conv).
+
+NHWC. Variable names follow torchvision's so that conversion is mechanical:
+`layer{i}.{j}.conv1.weight` <-> `layer{i}_{j}/conv1/kernel`,
+`layer{i}.{j}.downsample.0/1` <-> `layer{i}_{j}/downsample_conv` / `downsample_bn`.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bitune_jax.models import layers
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs (ResNet-18/34); the stride is on the first."""
+  planes: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x, train):
+    y = layers.conv(self.planes, 3, stride=self.stride, padding=1, dtype=self.dtype,
+                    name="conv1")(x)
+    y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn1")(y))
+    y = layers.conv(self.planes, 3, padding=1, dtype=self.dtype, name="conv2")(y)
+    y = layers.batch_norm(train, dtype=self.dtype, name="bn2")(y)
+    return nn.relu(y + _shortcut(self, x, train))
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (strided, v1.5) -> 1x1 x4 (ResNet-50/101/152)."""
+  planes: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x, train):
+    y = layers.conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)
+    y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn1")(y))
+    y = layers.conv(self.planes, 3, stride=self.stride, padding=1, dtype=self.dtype,
+                    name="conv2")(y)
+    y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn2")(y))
+    y = layers.conv(self.planes * 4, 1, dtype=self.dtype, name="conv3")(y)
+    y = layers.batch_norm(train, dtype=self.dtype, name="bn3")(y)
+    return nn.relu(y + _shortcut(self, x, train))
+
+
+def _shortcut(block, x, train):
+  """Identity, or torchvision's `downsample` (1x1 strided conv + BN) when shapes change."""
+  out = block.planes * block.expansion
+  if block.stride == 1 and x.shape[-1] == out:
+    return x
+  x = layers.conv(out, 1, stride=block.stride, dtype=block.dtype,
+                  name="downsample_conv")(x)
+  return layers.batch_norm(train, dtype=block.dtype, name="downsample_bn")(x)
+
+
+class ResNet(nn.Module):
+  """Backbone: images `[B, H, W, 3]` -> pooled features `[B, F]` (float32).
+
+  Attributes:
+    stage_sizes: blocks per stage, e.g. (3, 4, 6, 3).
+    block: `BasicBlock` or `Bottleneck`.
+    dtype: activation dtype (parameters and BatchNorm statistics stay float32).
+  """
+  stage_sizes: Sequence[int]
+  block: Any
+  dtype: Any = jnp.float32
+
+  @property
+  def num_features(self):
+    return 512 * self.block.expansion
+
+  @nn.compact
+  def __call__(self, images, train=False, return_stages=False):
+    x = images.astype(self.dtype)
+    x = layers.conv(64, 7, stride=2, padding=3, dtype=self.dtype, name="conv1")(x)
+    x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn1")(x))
+    x = layers.max_pool_3x3_s2(x)
+    stages = {"stem": x}
+    for i, num_blocks in enumerate(self.stage_sizes):
+      for j in range(num_blocks):
+        stride = 2 if i > 0 and j == 0 else 1
+        x = self.block(64 * 2 ** i, stride=stride, dtype=self.dtype,
+                       name=f"layer{i + 1}_{j}")(x, train)
+      stages[f"layer{i + 1}"] = x
+    features = layers.global_avg_pool(x)
+    return (features, stages) if return_stages else features
+
+
+STAGES = {
+    "resnet18": ((2, 2, 2, 2), BasicBlock),
+    "resnet34": ((3, 4, 6, 3), BasicBlock),
+    "resnet50": ((3, 4, 6, 3), Bottleneck),
+    "resnet101": ((3, 4, 23, 3), Bottleneck),
+    "resnet152": ((3, 8, 36, 3), Bottleneck),
+}
