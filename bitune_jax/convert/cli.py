@@ -1,0 +1,52 @@
+"""`bitune-convert SRC DST --arch ARCH`: convert a PyTorch checkpoint for bitune_jax."""
+
+import argparse
+import sys
+import time
+
+from bitune_jax import models
+
+
+def _parser():
+  parser = argparse.ArgumentParser(
+      prog="bitune-convert",
+      description="Convert a torchvision ResNet/DenseNet or MoCo v1/v2 checkpoint "
+                  "(.pth/.pth.tar in zip or legacy format, .safetensors, .npz) into a "
+                  "bitune_jax .npz. Never executes pickled code.")
+  parser.add_argument("src", help="the PyTorch checkpoint")
+  parser.add_argument("dst", help="the output file (.npz), written atomically")
+  parser.add_argument("--arch", required=True, choices=models.ARCHS)
+  parser.add_argument("--allow-unused", action="store_true",
+                      help="tolerate (and report) tensors the architecture has no place for")
+  return parser
+
+
+def main(argv=None):
+  args = _parser().parse_args(argv)
+  # Imported here so that `--help` and argument errors stay instant.
+  from bitune_jax import convert  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  try:
+    digest = convert.sha256_of(args.src)
+    result = convert.convert_checkpoint(args.src, arch=args.arch,
+                                        allow_unused=args.allow_unused)
+    convert.save_converted(result, args.dst, source=args.src, source_sha256=digest)
+  except (OSError, ValueError) as e:  # CheckpointError, ConversionError are ValueErrors
+    print(f"bitune-convert: error: {e}", file=sys.stderr)
+    return 2
+  report = result["report"]
+  print(f"converted {args.src} ({report['format']}, sha256 {digest[:12]}...) -> {args.dst}")
+  print(f"  arch {report['arch']}, {report['kind']}, "
+        f"{report['backbone_parameters']:,} backbone parameters")
+  if "source_head" in result:
+    print(f"  source head: {result['source_head']['kernel'].shape[1]} classes")
+  if "projector" in result:
+    print(f"  projector: {', '.join(result['projector'])}")
+  for line in report["notes"] + [f"dropped: {d}" for d in report["dropped"]]:
+    print(f"  {line}")
+  print(f"  done in {time.perf_counter() - start:.2f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,66 @@
+"""The converter's output file: one `.npz` of arrays plus a JSON `__meta__` entry.
+
+Arrays are stored under `/`-joined paths (`backbone/params/conv1/kernel`); `__meta__`
+holds the format version, arch, source path and sha256, and the mapping report. Written
+atomically (a temporary file in the destination folder, fsync, rename), so a failed or
+interrupted conversion never leaves a partial file behind. Read with
+`allow_pickle=False`.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+
+import numpy as np
+from flax import traverse_util
+
+FORMAT_VERSION = 1
+_META = "__meta__"
+
+
+def sha256_of(path, chunk=1 << 22):
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(chunk), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def save_converted(result, dst, *, source=None, source_sha256=None):
+  """Writes `result` (of `convert_checkpoint`) to `dst` atomically. Returns `dst`."""
+  arrays = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(
+      {k: v for k, v in result.items() if k != "report"}).items()}
+  meta = {"format_version": FORMAT_VERSION, "arch": result["report"]["arch"],
+          "source": None if source is None else os.path.abspath(source),
+          "source_sha256": source_sha256, "report": result["report"]}
+  arrays[_META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+  folder = os.path.dirname(os.path.abspath(dst))
+  fd, tmp = tempfile.mkstemp(prefix=".bitune-convert-", suffix=".tmp", dir=folder)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **arrays)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, dst)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  return dst
+
+
+def load_converted(path):
+  """Reads what `save_converted` wrote: the same structure as `convert_checkpoint`'s
+  result, with `report` extended by `source` and `source_sha256`."""
+  with np.load(path, allow_pickle=False) as data:
+    if _META not in data.files:
+      raise ValueError(f"{path} is not a bitune-convert output (no {_META} entry)")
+    meta = json.loads(bytes(data[_META]).decode())
+    if meta.get("format_version") != FORMAT_VERSION:
+      raise ValueError(f"{path}: unsupported format_version {meta.get('format_version')}")
+    flat = {tuple(k.split("/")): data[k] for k in data.files if k != _META}
+  result = traverse_util.unflatten_dict(flat)
+  result["report"] = dict(meta["report"], source=meta["source"],
+                          source_sha256=meta["source_sha256"])
+  return result

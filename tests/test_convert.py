@@ -1,0 +1,247 @@
+"""Converter: random torchvision-style checkpoints (our PyTorch reference models in
+third_party/) saved in both torch formats, converted, and compared in float32."""
+
+import collections
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch_models
+
+from bitune_jax import convert, models
+from bitune_jax.convert import cli
+
+RTOL = 1e-4
+
+
+def _close(actual, expected, rtol=RTOL):
+  actual, expected = np.asarray(actual), np.asarray(expected)
+  np.testing.assert_allclose(actual, expected, rtol=rtol,
+                             atol=rtol * float(np.abs(expected).max()))
+
+
+def _random_model(arch, seed=0, num_classes=1000):
+  model = getattr(torch_models, arch)(num_classes=num_classes)
+  torch_models.randomize_(model, torch.Generator().manual_seed(seed))
+  return model.eval()
+
+
+def _save(obj, path, fmt):
+  torch.save(obj, path, _use_new_zipfile_serialization=(fmt == "zip"))
+  return str(path)
+
+
+def _images(batch=2, size=64, seed=0):
+  return np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(
+      np.float32)
+
+
+def _flax_features(arch, backbone, images_nchw, **kwargs):
+  with jax.default_matmul_precision("float32"):
+    return models.create_backbone(arch).apply(
+        backbone, jnp.asarray(images_nchw.transpose(0, 2, 3, 1)), train=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def resnet50_file(tmp_path_factory):
+  model = _random_model("resnet50", seed=1)
+  path = tmp_path_factory.mktemp("ckpt") / "resnet50.pth"
+  return model, _save(model.state_dict(), path, "zip")
+
+
+@pytest.mark.parametrize("arch, fmt", [("resnet18", "zip"), ("resnet18", "legacy"),
+                                       ("densenet121", "legacy"), ("densenet121", "zip")])
+def test_supervised_checkpoint_parity(tmp_path, arch, fmt):
+  model = _random_model(arch)
+  path = _save(model.state_dict(), tmp_path / f"{arch}.pth", fmt)
+  result = convert.convert_checkpoint(path, arch=arch)
+  assert result["report"]["format"] == f"torch_{fmt}"
+  assert result["report"]["kind"] == "supervised" and "projector" not in result
+  images = _images()
+  with torch.no_grad():
+    expected = torch_models.features(model, torch.from_numpy(images)).numpy()
+    logits = model(torch.from_numpy(images)).numpy()
+  got = _flax_features(arch, result["backbone"], images)
+  _close(got, expected)
+  head = result["source_head"]
+  _close(np.asarray(got) @ head["kernel"] + head["bias"], logits)
+
+
+def test_resnet50_per_stage_parity(resnet50_file):
+  model, path = resnet50_file
+  result = convert.convert_checkpoint(path, arch="resnet50")
+  images = _images(size=96)
+  with torch.no_grad():
+    stages = torch_models.stage_outputs(model, torch.from_numpy(images))
+    logits = model(torch.from_numpy(images)).numpy()
+  features, flax_stages = _flax_features("resnet50", result["backbone"], images,
+                                         return_stages=True)
+  names = ["stem", "layer1", "layer2", "layer3", "layer4"]
+  expected = stages if isinstance(stages, (list, tuple)) else [stages[n] for n in names]
+  for name, ref in zip(names, expected):
+    _close(flax_stages[name], ref.numpy().transpose(0, 2, 3, 1))
+  head = result["source_head"]
+  _close(np.asarray(features) @ head["kernel"] + head["bias"], logits)
+
+
+@pytest.mark.parametrize("arch", ["resnet34", "resnet101", "resnet152"])
+def test_every_resnet_depth_maps_completely(tmp_path, arch):
+  """All variables filled with the right shapes (deep nets share the forward code
+  checked above; their mapping is what differs)."""
+  model = _random_model(arch)
+  path = _save(model.state_dict(), tmp_path / "m.pth", "zip")
+  result = convert.convert_checkpoint(path, arch=arch)
+  sd = model.state_dict()
+  np.testing.assert_array_equal(result["backbone"]["params"]["layer3_1"]["conv2"]["kernel"],
+                                sd["layer3.1.conv2.weight"].numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(result["backbone"]["batch_stats"]["layer4_0"][
+      "downsample_bn"]["var"], sd["layer4.0.downsample.1.running_var"].numpy())
+  expected = sum(v.numel() for k, v in sd.items() if not k.startswith("fc.")
+                 and "running" not in k and "num_batches" not in k)
+  assert result["report"]["backbone_parameters"] == expected
+
+
+@pytest.mark.parametrize("version, fmt", [("v2", "legacy"), ("v1", "zip")])
+def test_moco_checkpoint(tmp_path, version, fmt):
+  encoder = torch_models.moco_encoder("resnet50", mlp=(version == "v2"))
+  torch_models.randomize_(encoder, torch.Generator().manual_seed(3))
+  encoder.eval()
+  build = getattr(torch_models, f"moco_{version}_state_dict")
+  checkpoint = build(encoder, with_module_prefix=(version == "v2"))
+  path = _save(checkpoint, tmp_path / "moco.pth.tar", fmt)
+  result = convert.convert_checkpoint(path, arch="resnet50")
+  report = result["report"]
+  assert report["kind"] == f"moco_{version}" and "source_head" not in result
+  assert any("encoder_k" in d for d in report["dropped"])
+  images = _images()
+  with torch.no_grad():
+    projections = encoder(torch.from_numpy(images)).numpy()
+  features = _flax_features("resnet50", result["backbone"], images)
+  projector = models.Projector(dim=128, hidden_dim=2048 if version == "v2" else None)
+  with jax.default_matmul_precision("float32"):
+    got = projector.apply({"params": result["projector"]}, features)
+  _close(got, projections)
+
+
+def test_cli_round_trip(tmp_path, resnet50_file, capsys):
+  model, path = resnet50_file
+  dst = tmp_path / "out" / "r50.npz"
+  dst.parent.mkdir()
+  assert cli.main([path, str(dst), "--arch", "resnet50"]) == 0
+  out = capsys.readouterr().out
+  assert "resnet50" in out and "1000 classes" in out
+  loaded = convert.load_converted(dst)
+  direct = convert.convert_checkpoint(path, arch="resnet50")
+  for a, b in zip(jax.tree.leaves(loaded["backbone"]), jax.tree.leaves(direct["backbone"])):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(loaded["source_head"]["kernel"],
+                                direct["source_head"]["kernel"])
+  assert loaded["report"]["source_sha256"] == convert.sha256_of(path)
+  assert loaded["report"]["arch"] == "resnet50"
+  assert [p.name for p in dst.parent.iterdir()] == ["r50.npz"]  # no temp file left
+
+
+def test_module_entry_point(tmp_path, resnet50_file):
+  _, path = resnet50_file
+  run = subprocess.run([sys.executable, "-m", "bitune_jax.convert", path,
+                        str(tmp_path / "x.npz"), "--arch", "resnet18"],
+                       capture_output=True, text=True, check=False)
+  assert run.returncode == 2
+  assert "does not match arch 'resnet18'" in run.stderr
+  assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_bad_inputs_fail_cleanly(tmp_path, resnet50_file, capsys):
+  model, path = resnet50_file
+  sd = collections.OrderedDict((k, v.clone()) for k, v in model.state_dict().items())
+  cases = {}
+  missing = collections.OrderedDict(sd)
+  del missing["layer2.1.bn2.running_var"]
+  cases["missing"] = (_save(missing, tmp_path / "missing.pth", "zip"), "resnet50",
+                      "layer2_1/bn2/var")
+  extra = collections.OrderedDict(sd)
+  extra["layer5.0.conv1.weight"] = torch.zeros(3, 3, 1, 1)
+  cases["unexpected"] = (_save(extra, tmp_path / "extra.pth", "zip"), "resnet50",
+                         "layer5.0.conv1.weight")
+  cases["wrong arch"] = (path, "resnet101", "does not match arch 'resnet101'")
+  data = open(path, "rb").read()
+  truncated = tmp_path / "truncated.pth"
+  truncated.write_bytes(data[:len(data) // 2])
+  cases["truncated"] = (str(truncated), "resnet50", "truncated.pth")
+  cases["missing file"] = (str(tmp_path / "nope.pth"), "resnet50", "nope.pth")
+  for name, (src, arch, needle) in cases.items():
+    dst = tmp_path / f"{name.replace(' ', '_')}.npz"
+    assert cli.main([src, str(dst), "--arch", arch]) == 2, name
+    err = capsys.readouterr().err
+    assert needle in err, (name, err)
+    assert not dst.exists(), name
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".bitune-convert")]
+  # The extra tensor is tolerated (and reported) when asked for.
+  result = convert.convert_checkpoint(cases["unexpected"][0], arch="resnet50",
+                                      allow_unused=True)
+  assert any("layer5.0.conv1.weight" in n for n in result["report"]["notes"])
+
+
+def test_malicious_checkpoint_refused_by_cli(tmp_path, capsys):
+  marker = tmp_path / "pwned"
+
+  class Evil:
+    def __reduce__(self):
+      return (os.system, (f"touch {marker}",))
+  src = tmp_path / "evil.pth"
+  torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "x": Evil()}, src)
+  dst = tmp_path / "out.npz"
+  assert cli.main([str(src), str(dst), "--arch", "resnet18"]) == 2
+  err = capsys.readouterr().err
+  assert "system" in err and not marker.exists() and not dst.exists()
+
+
+def test_npz_and_old_densenet_names(tmp_path):
+  """A plain `.npz` state_dict, with the old torchvision DenseNet names (`norm.1`)."""
+  model = _random_model("densenet121", seed=5)
+  arrays = {}
+  for name, value in model.state_dict().items():
+    old = name.replace("norm1.", "norm.1.").replace("conv2.", "conv.2.") if (
+        "denselayer" in name) else name
+    arrays[old] = value.numpy()
+  assert any("norm.1." in k for k in arrays)
+  np.savez(tmp_path / "d.npz", **arrays)
+  result = convert.convert_checkpoint(tmp_path / "d.npz", arch="densenet121")
+  assert result["report"]["format"] == "npz"
+  images = _images()
+  with torch.no_grad():
+    expected = torch_models.features(model, torch.from_numpy(images)).numpy()
+  _close(_flax_features("densenet121", result["backbone"], images), expected)
+
+
+def test_bf16_backbone_runs_with_float32_params(resnet50_file):
+  _, path = resnet50_file
+  backbone = convert.convert_checkpoint(path, arch="resnet50")["backbone"]
+  images = _images(size=64)
+  full = _flax_features("resnet50", backbone, images)
+  with jax.default_matmul_precision("float32"):
+    low = models.create_backbone("resnet50", dtype=jnp.bfloat16).apply(
+        backbone, jnp.asarray(images.transpose(0, 2, 3, 1)), train=False)
+  assert low.dtype == jnp.float32
+  rel = float(jnp.linalg.norm(low - full) / jnp.linalg.norm(full))
+  assert rel < 0.05, rel
+
+
+def test_unknown_arch():
+  with pytest.raises(ValueError, match="unknown arch 'resnet51'"):
+    models.create_backbone("resnet51")
+  with pytest.raises(convert.ConversionError, match="unknown arch"):
+    convert.convert_checkpoint("whatever.pth", arch="vgg16")
+
+
+def test_console_script_is_installed():
+  exe = shutil.which("bitune-convert")
+  assert exe, "bitune-convert not on PATH: is the package installed (pip install -e .)?"
+  run = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
+  assert "--arch" in run.stdout and "resnet50" in run.stdout
