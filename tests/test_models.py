@@ -11,7 +11,13 @@ from bitune_jax import models
 # torchvision's parameter counts minus the final Linear (F * 1000 + 1000).
 PARAMS = {"resnet18": 11_689_512 - 513_000, "resnet34": 21_797_672 - 513_000,
           "resnet50": 25_557_032 - 2_049_000, "resnet101": 44_549_160 - 2_049_000,
-          "resnet152": 60_192_808 - 2_049_000, "densenet121": 7_978_856 - 1_025_000}
+          "resnet152": 60_192_808 - 2_049_000, "densenet121": 7_978_856 - 1_025_000,
+          # 3x3x3x16 stem + BN, stages of 2 BasicBlocks at 16/32/64 (1x1 downsamples).
+          "resnet_small": 432 + 32 + 2 * (2 * (2304 + 32)) + (4608 + 64 + 9216 + 64
+                                                               + 512 + 64 + 9216 + 64
+                                                               + 9216 + 64)
+                          + (18432 + 128 + 36864 + 128 + 2048 + 128 + 36864 + 128
+                             + 36864 + 128)}
 
 
 @pytest.mark.parametrize("arch", models.ARCHS)

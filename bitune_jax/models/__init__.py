@@ -10,19 +10,23 @@ import jax.numpy as jnp
 from bitune_jax.models import densenet, resnet
 from bitune_jax.models.heads import Classifier, Projector
 
-ARCHS = tuple(resnet.STAGES) + ("densenet121",)
+ARCHS = tuple(resnet.STAGES) + ("densenet121",) + tuple(resnet.SMALL)
 
 __all__ = ["ARCHS", "Classifier", "Projector", "create_backbone", "num_features"]
 
 
-def create_backbone(arch, *, dtype=jnp.float32):
+def create_backbone(arch, *, dtype=jnp.float32, **module_kwargs):
   """The backbone called `arch` (one of `ARCHS`); `dtype` is the activation dtype
-  (e.g. `jnp.bfloat16`); parameters and BatchNorm statistics stay float32."""
+  (e.g. `jnp.bfloat16`); parameters and BatchNorm statistics stay float32.
+  `module_kwargs` (e.g. `name`) go to the Flax module."""
   if arch in resnet.STAGES:
     stage_sizes, block = resnet.STAGES[arch]
-    return resnet.ResNet(stage_sizes=stage_sizes, block=block, dtype=dtype)
+    return resnet.ResNet(stage_sizes=stage_sizes, block=block, dtype=dtype,
+                         **module_kwargs)
   if arch == "densenet121":
-    return densenet.DenseNet(dtype=dtype)
+    return densenet.DenseNet(dtype=dtype, **module_kwargs)
+  if arch in resnet.SMALL:
+    return resnet.ResNet(**resnet.SMALL[arch], dtype=dtype, **module_kwargs)
   raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
 
 

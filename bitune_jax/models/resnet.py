@@ -66,26 +66,36 @@ class ResNet(nn.Module):
     stage_sizes: blocks per stage, e.g. (3, 4, 6, 3).
     block: `BasicBlock` or `Bottleneck`.
     dtype: activation dtype (parameters and BatchNorm statistics stay float32).
+    base_width: channels of the first stage (doubling per stage).
+    small_inputs: CIFAR-style stem for 32x32 images (3x3 conv, stride 1, no max-pool)
+      instead of ImageNet's (7x7 conv, stride 2, 3x3 max-pool).
   """
   stage_sizes: Sequence[int]
   block: Any
   dtype: Any = jnp.float32
+  base_width: int = 64
+  small_inputs: bool = False
 
   @property
   def num_features(self):
-    return 512 * self.block.expansion
+    return self.base_width * 2 ** (len(self.stage_sizes) - 1) * self.block.expansion
 
   @nn.compact
   def __call__(self, images, train=False, return_stages=False):
     x = images.astype(self.dtype)
-    x = layers.conv(64, 7, stride=2, padding=3, dtype=self.dtype, name="conv1")(x)
-    x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn1")(x))
-    x = layers.max_pool_3x3_s2(x)
+    if self.small_inputs:
+      x = layers.conv(self.base_width, 3, padding=1, dtype=self.dtype, name="conv1")(x)
+      x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn1")(x))
+    else:
+      x = layers.conv(self.base_width, 7, stride=2, padding=3, dtype=self.dtype,
+                      name="conv1")(x)
+      x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn1")(x))
+      x = layers.max_pool_3x3_s2(x)
     stages = {"stem": x}
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         stride = 2 if i > 0 and j == 0 else 1
-        x = self.block(64 * 2 ** i, stride=stride, dtype=self.dtype,
+        x = self.block(self.base_width * 2 ** i, stride=stride, dtype=self.dtype,
                        name=f"layer{i + 1}_{j}")(x, train)
       stages[f"layer{i + 1}"] = x
     features = layers.global_avg_pool(x)
@@ -99,3 +109,7 @@ STAGES = {
     "resnet101": ((3, 4, 23, 3), Bottleneck),
     "resnet152": ((3, 8, 36, 3), Bottleneck),
 }
+
+# Sized for 32x32 inputs (the offline demo): CIFAR-style stem, 16/32/64 channels.
+SMALL = {"resnet_small": dict(stage_sizes=(2, 2, 2), block=BasicBlock, base_width=16,
+                              small_inputs=True)}

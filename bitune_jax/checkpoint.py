@@ -1,0 +1,46 @@
+"""Orbax checkpoints of the train state: the latest (async, for resume) and the best
+by test top-1. Restores onto `ShapeDtypeStruct`s that carry the state's shardings."""
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+  """`workdir/checkpoints` (latest) and `workdir/best` (highest top-1)."""
+
+  def __init__(self, workdir):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._latest = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=1, create=True, enable_async_checkpointing=True))
+    self._best = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "best"),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, best_fn=lambda m: m["top1"], best_mode="max",
+            enable_async_checkpointing=True))
+
+  def latest_step(self):
+    return self._latest.latest_step()
+
+  def restore(self, abstract_state, shardings):
+    """The latest state, placed with `shardings`; None when there is none."""
+    step = self._latest.latest_step()
+    if step is None:
+      return None
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract_state, shardings)
+    return self._latest.restore(step, args=ocp.args.StandardRestore(target))
+
+  def save(self, step, state):
+    if step != self._latest.latest_step():
+      self._latest.save(step, args=ocp.args.StandardSave(state))
+
+  def save_best(self, step, state, metrics):
+    self._best.save(step, args=ocp.args.StandardSave(state), metrics=metrics)
+
+  def close(self):
+    for manager in (self._latest, self._best):
+      manager.wait_until_finished()
+      manager.close()

@@ -1,0 +1,111 @@
+"""Shared defaults of `configs/*.py`: `get_config(arg)` with arg `demo` or
+`dataset,arch,rate` (e.g. `cub,resnet50,25`). Defaults follow the reference
+implementation (SGD nesterov 0.9, weight decay 5e-4, lr 0.01 with the backbone and
+projector at 0.1x, batch 48, step decay x0.1)."""
+
+import ml_collections
+
+from bitune_jax import models
+
+# name: number of classes (the papers' benchmarks; pipelines in bitune_jax.data).
+DATASETS = {"digits": 5, "cub": 200, "cars": 196, "aircraft": 100, "pets": 37,
+            "caltech101": 101, "cifar100": 100, "food101": 101, "flowers": 102,
+            "dtd": 47, "coco70": 70}
+SAMPLING_RATES = (15, 25, 30, 50, 75, 100)
+
+
+def queue_size_for_rate(rate):
+  """The Bi-tuning paper sets K = 8, 16, 24, 32 by dataset scale (its 25/50/75/100%
+  sampling rates); in between, the next multiple of 8."""
+  return max(8, min(32, 8 * -(-int(rate) // 25)))
+
+
+def parse_arg(arg):
+  """`'cub,resnet50,25'` -> ('cub', 'resnet50', 25.0) with clear errors."""
+  parts = arg.split(",")
+  if len(parts) != 3:
+    raise ValueError(f"config argument must be 'demo' or 'dataset,arch,rate' "
+                     f"(e.g. 'cub,resnet50,25'), got {arg!r}")
+  dataset, arch, rate = parts
+  try:
+    rate = float(rate)
+  except ValueError:
+    raise ValueError(f"sampling rate must be a number in (0, 100], got {rate!r}") from None
+  return dataset, arch, rate
+
+
+def base_config(arg, method):
+  config = ml_collections.ConfigDict()
+  config.method = method
+  if arg == "demo":
+    dataset, arch, rate = "digits", "resnet_small", 25.0
+  else:
+    dataset, arch, rate = parse_arg(arg)
+  config.dataset = dataset
+  config.arch = arch
+  config.sampling_rate = rate
+  config.num_classes = DATASETS.get(dataset, -1)
+  config.image_size = 32 if dataset == "digits" else 224
+  config.seed = 0
+
+  config.batch_size = 48
+  config.eval_batch_size = 64
+  config.total_steps = 10_000
+  config.lr = 0.01
+  config.lr_mult = ml_collections.ConfigDict(
+      {"backbone": 0.1, "head": 1.0, "projector": 0.1, "source_head": 0.1})
+  config.momentum = 0.9
+  config.nesterov = True
+  config.weight_decay = 5e-4
+  config.schedule = "step"
+  config.decay_at = (0.6, 0.9)
+  config.decay_factor = 0.1
+
+  config.bituning = ml_collections.ConfigDict(dict(
+      queue_size=queue_size_for_rate(rate), projector_dim=128, temperature=0.07,
+      trade_off=1.0, ema_momentum=0.999, ema_cosine=False, cce_after_enqueue=False))
+
+  config.init_from = ""  # a bitune-convert output (.npz), or 'demo:digits_source'
+  config.bf16 = False
+  config.shard_queues = True
+  config.multi_host = False
+  config.log_every = 50
+  config.eval_every = 1000
+  config.checkpoint_every = 1000
+  config.data = ml_collections.ConfigDict(dict(data_dir="", manual_dir=""))
+  if arg == "demo":
+    _demo(config)
+  return config
+
+
+def _demo(config):
+  """Offline transfer on scikit-learn's digits: pre-train on 0-4, fine-tune on 5-9."""
+  config.batch_size = 32
+  config.eval_batch_size = 128
+  config.total_steps = 300
+  config.lr = 0.05
+  config.decay_at = (0.7,)
+  config.log_every = 25
+  config.eval_every = 100
+  config.checkpoint_every = 100
+  config.init_from = "demo:digits_source"
+  config.pretrain = ml_collections.ConfigDict(dict(total_steps=400, lr=0.1))
+
+
+def validate(config):
+  """Fails fast (before anything compiles) on settings that cannot work."""
+  if config.dataset not in DATASETS:
+    raise ValueError(f"unknown dataset {config.dataset!r}; expected one of "
+                     f"{', '.join(DATASETS)}")
+  if config.arch not in models.ARCHS:
+    raise ValueError(f"unknown arch {config.arch!r}; expected one of "
+                     f"{', '.join(models.ARCHS)}")
+  if not 0 < config.sampling_rate <= 100:
+    raise ValueError(f"sampling_rate must be in (0, 100], got {config.sampling_rate}")
+  if config.method == "bituning" and config.bituning.queue_size < 1:
+    raise ValueError(f"bituning.queue_size (K) must be >= 1, got "
+                     f"{config.bituning.queue_size}")
+  if config.num_classes < 1:
+    raise ValueError(f"num_classes must be >= 1, got {config.num_classes}")
+  if config.total_steps < 1 or config.batch_size < 1:
+    raise ValueError("total_steps and batch_size must be >= 1")

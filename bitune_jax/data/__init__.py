@@ -1,0 +1,1 @@
+"""Data: scikit-learn digits transfer task (`digits`) and step-indexed numpy batches (`batches`)."""

@@ -1,0 +1,17 @@
+"""One module per method: its model, state extras, shardings and train step.
+
+Each exposes `TWO_VIEWS`, `build_model(config, num_classes)`,
+`init_state(rng, sample_images, *, model, tx, config)`,
+`state_shardings(abstract_state, mesh, config)` and
+`make_train_step(model, tx, config) -> train_step(state, batch) -> (state, metrics)`.
+"""
+
+from bitune_jax.methods import bituning, finetune
+
+METHODS = {"bituning": bituning, "finetune": finetune}
+
+
+def get(name):
+  if name not in METHODS:
+    raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
+  return METHODS[name]

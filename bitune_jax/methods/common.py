@@ -1,0 +1,141 @@
+"""What every method shares: the train state, the network, the optimizer, step pieces.
+
+The state is a pytree of arrays only. Methods with a momentum key encoder keep its
+params and BatchNorm statistics beside the query encoder's (`key_params`,
+`key_batch_stats`); others leave them empty. Method-specific state (queues, ...) lives
+in `extras`.
+"""
+
+import dataclasses
+import logging
+from typing import Any, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from bitune_jax import losses, models
+
+log = logging.getLogger("bitune_jax")
+
+# Parameter groups: the top-level keys of `params`.
+GROUPS = ("backbone", "head", "projector", "source_head")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  rng: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  key_params: Any
+  key_batch_stats: Any
+  extras: Any
+
+
+class Network(nn.Module):
+  """Backbone + classifier head (+ projector): `images -> {features, logits[, projection]}`.
+
+  Variables: `params/{backbone, head, projector}`, `batch_stats/backbone`.
+  """
+  arch: str
+  num_classes: int
+  projector_dim: Optional[int] = None
+  projector_hidden: Optional[int] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    features = models.create_backbone(self.arch, dtype=self.dtype, name="backbone")(
+        images, train=train)
+    out = {"features": features,
+           "logits": models.Classifier(self.num_classes, dtype=self.dtype,
+                                       name="head")(features)}
+    if self.projector_dim:
+      out["projection"] = models.Projector(self.projector_dim, self.projector_hidden,
+                                           dtype=self.dtype, name="projector")(features)
+    return out
+
+
+def build_network(config, num_classes, *, projector=False):
+  dtype = jnp.bfloat16 if config.get("bf16", False) else jnp.float32
+  return Network(arch=config.arch, num_classes=num_classes,
+                 projector_dim=config.bituning.projector_dim if projector else None,
+                 dtype=dtype)
+
+
+def init_variables(model, rng, sample_images):
+  variables = model.init(rng, sample_images, train=False)
+  return variables["params"], variables["batch_stats"]
+
+
+# --------------------------------------------------------------------------- optimizer
+def learning_rate_schedule(config):
+  """Base schedule: 'step' (x decay_factor at each fraction in decay_at) or 'cosine'."""
+  total = config.total_steps
+  if config.schedule == "cosine":
+    return optax.cosine_decay_schedule(config.lr, decay_steps=max(total, 1))
+  if config.schedule == "step":
+    boundaries = {int(f * total): config.decay_factor for f in config.decay_at
+                  if 0 < int(f * total) < total}
+    return optax.piecewise_constant_schedule(config.lr, boundaries)
+  raise ValueError(f"schedule must be 'step' or 'cosine', got {config.schedule!r}")
+
+
+def make_optimizer(config):
+  """SGD (nesterov momentum, coupled weight decay as in torch.optim.SGD) with one
+  learning-rate multiplier per parameter group (`config.lr_mult.<group>`)."""
+  base = learning_rate_schedule(config)
+
+  def group_tx(mult):
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(lambda step: mult * base(step), momentum=config.momentum,
+                  nesterov=config.nesterov))
+  transforms = {g: group_tx(config.lr_mult.get(g, 1.0)) for g in GROUPS}
+  label_fn = lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}  # noqa: E731
+  return optax.multi_transform(transforms, label_fn)
+
+
+def log_learning_rates(config, params):
+  for group in params:
+    mult = config.lr_mult.get(group, 1.0)
+    log.info("learning rate of %-11s %.3g (x%g of %.3g; schedule %s)", group,
+                 mult * config.lr, mult, config.lr, config.schedule)
+
+
+# --------------------------------------------------------------------------- step pieces
+def apply_gradients(state, grads, tx):
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  return optax.apply_updates(state.params, updates), opt_state
+
+
+def accuracy(logits, labels):
+  return jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+
+
+def forward(model, params, batch_stats, images, *, train):
+  """`(outputs, new_batch_stats)`; in eval mode the statistics are returned unchanged."""
+  variables = {"params": params, "batch_stats": batch_stats}
+  if not train:
+    return model.apply(variables, images, train=False), batch_stats
+  out, updated = model.apply(variables, images, train=True, mutable=["batch_stats"])
+  return out, updated["batch_stats"]
+
+
+def ce_loss(out, labels):
+  return losses.cross_entropy_loss(logits=out["logits"], labels=labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalStep:
+  """Eval-mode predictions of a batch: `(predictions [B], labels [B], mask [B])`."""
+  model: nn.Module
+
+  def __call__(self, state, batch):
+    out, _ = forward(self.model, state.params, state.batch_stats, batch["image"],
+                     train=False)
+    return jnp.argmax(out["logits"], -1), batch["label"], batch["mask"]

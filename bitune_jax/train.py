@@ -1,0 +1,253 @@
+"""The training loop: config -> sharded state -> jitted step -> metrics, eval, checkpoints.
+
+Knows no method math: a method module (`bitune_jax.methods`) gives the model, the state
+and the step. Resume order: the workdir's own checkpoint, then `config.init_from`
+(a bitune-convert output), then random initialisation.
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import metric_writers, periodic_actions
+
+from bitune_jax import checkpoint, config_base, convert, evaluate, methods, queues
+from bitune_jax import sharding
+from bitune_jax.data import batches, digits
+from bitune_jax.methods import common
+
+log = logging.getLogger("bitune_jax")
+
+
+# --------------------------------------------------------------------------- input
+def load_dataset(config):
+  """Arrays of the train/test splits (the embedded demo task; tfds datasets later)."""
+  if config.dataset == "digits":
+    data = digits.load_digits_transfer(
+        config.data.get("part", "target"), image_size=config.image_size,
+        sampling_rate=config.sampling_rate, seed=config.seed)
+    return dict(data, background=digits.digits_background())
+  raise ValueError(f"dataset {config.dataset!r} needs the tfds input pipelines, which "
+                   "are not part of this version yet; use dataset 'digits' (the demo)")
+
+
+def _train_batch(config, data, step, two_views):
+  start, stop = sharding.local_slice(config.batch_size)
+  batch = batches.train_batch(data["train_images"], data["train_labels"], step=step,
+                              batch_size=config.batch_size, seed=config.seed,
+                              two_views=two_views, fill=data.get("background", 0.0))
+  return {k: v[start:stop] for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------- state
+def _check_against_workdir(config, workdir):
+  """A resumed run must be the same experiment: arch, method and class count."""
+  path = os.path.join(workdir, "config.json")
+  keys = ("method", "arch", "num_classes", "dataset")
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    for key in keys:
+      if saved.get(key) != config[key]:
+        raise ValueError(f"{workdir} holds a run with {key}={saved.get(key)!r}, but the "
+                         f"config says {config[key]!r}; use another --workdir")
+  elif jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
+
+
+def _load_pretrained(config, workdir):
+  """The converted checkpoint named by `config.init_from` (None if empty)."""
+  if not config.init_from:
+    return None
+  path = config.init_from
+  if path == "demo:digits_source":
+    path = _demo_pretrained(config, workdir)
+  pretrained = convert.load_converted(path)
+  if pretrained["report"]["arch"] != config.arch:
+    raise ValueError(f"init_from {path} is a {pretrained['report']['arch']} checkpoint; "
+                     f"the config's arch is {config.arch}")
+  return pretrained
+
+
+def _with_pretrained(state, pretrained, shardings):
+  """Copies the pretrained backbone into the query (and key) encoders."""
+  params = dict(state.params, backbone=pretrained["backbone"]["params"])
+  stats = dict(state.batch_stats, backbone=pretrained["backbone"]["batch_stats"])
+  new = state.replace(params=params, batch_stats=stats)
+  if state.key_params:  # the key encoder starts as a copy (its own buffers: donated)
+    new = new.replace(key_params=jax.tree.map(np.array, params),
+                      key_batch_stats=jax.tree.map(np.array, stats))
+  try:
+    return jax.device_put(new, shardings)
+  except ValueError as e:
+    raise ValueError(f"pretrained backbone does not fit the model: {e}") from None
+
+
+def create_state(config, method, model, tx, mesh, data, workdir, ckpts):
+  sample = jnp.zeros((1,) + data["train_images"].shape[1:], jnp.float32)
+  init = functools.partial(method.init_state, sample_images=sample, model=model, tx=tx,
+                           config=config)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  shardings = method.state_shardings(abstract, mesh, config)
+  restored = None if ckpts is None else ckpts.restore(abstract, shardings)
+  if restored is not None:
+    log.info("resumed from %s at step %d", ckpts.directory, int(restored.step))
+    return restored, shardings
+  pretrained = _load_pretrained(config, workdir)
+  state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+  if pretrained is not None:
+    state = _with_pretrained(state, pretrained, shardings)
+    log.info("initialised the backbone from %s", config.init_from)
+  return state, shardings
+
+
+# --------------------------------------------------------------------------- eval
+def run_eval(eval_step, state, config, data, mesh, num_classes):
+  outputs = []
+  for batch in batches.eval_batches(data["test_images"], data["test_labels"],
+                                    batch_size=config.eval_batch_size):
+    outputs.append(jax.device_get(eval_step(state, sharding.global_batch(batch, mesh))))
+  pred, labels, mask = (np.concatenate(x) for x in zip(*outputs))
+  return evaluate.classification_metrics(pred, labels, mask, num_classes)
+
+
+# --------------------------------------------------------------------------- loop
+@dataclasses.dataclass
+class Setup:
+  """Everything a run needs, built once: the loop and the tests share it."""
+  method: Any
+  data: dict
+  model: Any
+  state: Any
+  state_shardings: Any
+  train_step: Any  # jitted, state donated
+  eval_step: Any
+
+
+def setup(config, mesh, workdir=None, ckpts=None):
+  """Validates the config, loads the data, builds (or restores) the sharded state and
+  jits the steps. Every config error is raised before anything is compiled."""
+  config_base.validate(config)
+  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(config.eval_batch_size, mesh)
+  method = methods.get(config.method)
+  data = load_dataset(config)
+  if data["num_classes"] != config.num_classes:
+    raise ValueError(f"num_classes={config.num_classes} but dataset {config.dataset!r} "
+                     f"has {data['num_classes']} classes")
+  if workdir is not None:
+    _check_against_workdir(config, workdir)
+  model = method.build_model(config, config.num_classes)
+  tx = common.make_optimizer(config)
+  state, shardings = create_state(config, method, model, tx, mesh, data, workdir, ckpts)
+  common.log_learning_rates(config, state.params)
+  rep = sharding.replicated(mesh)
+  train_step = jax.jit(method.make_train_step(model, tx, config),
+                       in_shardings=(shardings, None), out_shardings=(shardings, rep),
+                       donate_argnums=0,
+                       compiler_options=queues.inplace_update_compiler_options())
+  eval_step = jax.jit(common.EvalStep(model), out_shardings=rep)
+  return Setup(method, data, model, state, shardings, train_step, eval_step)
+
+
+def train_and_evaluate(config, workdir):
+  """Trains, evaluates and checkpoints; returns `(state, summary)`."""
+  sharding.initialize_multihost(config.multi_host)
+  mesh = sharding.make_mesh()
+  ckpts = checkpoint.Checkpoints(workdir)
+  try:
+    run = setup(config, mesh, workdir, ckpts)
+  except BaseException:
+    ckpts.close()
+    raise
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+  progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
+                                             writer=writer)
+  return _loop(config, workdir, run, mesh, ckpts, writer, progress)
+
+
+def _loop(config, workdir, run, mesh, ckpts, writer, progress):
+  data, state, train_step, eval_step = run.data, run.state, run.train_step, run.eval_step
+  first = int(state.step)
+  total = config.total_steps
+  metrics, eval_metrics, start = None, {}, time.perf_counter()
+  try:
+    for step in range(first + 1, total + 1):
+      batch = sharding.global_batch(
+          _train_batch(config, data, step - 1, run.method.TWO_VIEWS), mesh)
+      state, metrics = train_step(state, batch)
+      progress(step)
+      checkpointing = step % config.checkpoint_every == 0 or step == total
+      if step % config.log_every == 0 or checkpointing:
+        metrics = jax.device_get(metrics)
+        _stop_if_not_finite(metrics, step, ckpts)
+        writer.write_scalars(step, metrics)
+        rate = (step - first) / (time.perf_counter() - start)
+        log.info("step %d/%d  loss %.4f  %.1f steps/s  ETA %.0f s", step, total,
+                     metrics["loss"], rate, (total - step) / rate)
+      if step % config.eval_every == 0 or step == total:
+        eval_metrics = run_eval(eval_step, state, config, data, mesh, config.num_classes)
+        writer.write_scalars(step, {f"test_{k}": v for k, v in eval_metrics.items()})
+        log.info("step %d  test top-1 %.4f  mean per-class %.4f", step,
+                     eval_metrics["top1"], eval_metrics["mean_class_acc"])
+        ckpts.save_best(step, state, eval_metrics)
+      if checkpointing:
+        ckpts.save(step, state)
+    if not eval_metrics:  # resumed at the end: evaluate what was restored
+      eval_metrics = run_eval(eval_step, state, config, data, mesh, config.num_classes)
+  finally:
+    ckpts.close()
+    writer.flush()
+  summary = {"step": int(state.step), "method": config.method, "arch": config.arch,
+             "dataset": config.dataset, "sampling_rate": config.sampling_rate,
+             "train_loss": None if metrics is None else float(metrics["loss"]),
+             **eval_metrics}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  log.info("done: %s", summary)
+  return state, summary
+
+
+def _stop_if_not_finite(metrics, step, ckpts):
+  loss = float(metrics["loss"])
+  if not np.isfinite(loss):
+    raise FloatingPointError(
+        f"loss is {loss} at step {step}: training stopped. The last good checkpoint "
+        f"(step {ckpts.latest_step()}) is kept in {ckpts.directory}.")
+
+
+# --------------------------------------------------------------------------- demo
+def _demo_pretrained(config, workdir):
+  """Supervised pre-training on digits 0-4 by this pipeline, exported like a converted
+  checkpoint (once per workdir), so the demo enters through the same init path."""
+  path = os.path.join(workdir, "pretrained", "digits_source.npz")
+  if os.path.exists(path):
+    return path
+  pre = config.copy_and_resolve_references()
+  with pre.unlocked():
+    pre.method, pre.init_from, pre.data.part = "finetune", "", "source"
+    pre.total_steps, pre.lr = config.pretrain.total_steps, config.pretrain.lr
+    pre.lr_mult = {g: 1.0 for g in common.GROUPS}
+  log.info("demo: supervised pre-training on digits 0-4 (%d steps)", pre.total_steps)
+  state, summary = train_and_evaluate(pre, os.path.join(workdir, "pretrain"))
+  log.info("demo: source model test top-1 %.4f", summary["top1"])
+  params, stats = jax.device_get((state.params, state.batch_stats))
+  result = {"backbone": {"params": params["backbone"], "batch_stats": stats["backbone"]},
+            "source_head": dict(params["head"]["dense"]),
+            "report": {"format": "bitune_jax", "arch": config.arch,
+                       "kind": "supervised", "notes": [f"digits 0-4, {summary}"],
+                       "dropped": []}}
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  convert.save_converted(result, path, source="digits 0-4 pre-training")
+  return path

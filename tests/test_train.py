@@ -1,0 +1,168 @@
+"""Training system: sharding invariance, one trace, exact resume, config errors, NaN stop,
+and the command line, on the embedded digits task with a small ResNet."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bitune_jax import checkpoint, sharding, train
+from bitune_jax.methods import bituning
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import bituning as bituning_config  # noqa: E402  pylint: disable=g-import-not-at-top
+import finetune as finetune_config  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def _config(method="bituning", **overrides):
+  module = bituning_config if method == "bituning" else finetune_config
+  config = module.get_config("demo")
+  config.init_from = ""
+  config.image_size = 16
+  config.batch_size = 16
+  config.eval_batch_size = 64
+  config.total_steps = 6
+  config.log_every = config.eval_every = config.checkpoint_every = 3
+  config.bituning.queue_size = 4
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def _losses(config, mesh, steps=3):
+  run = train.setup(config, mesh)
+  state, out = run.state, []
+  for step in range(steps):
+    batch = sharding.global_batch(
+        train._train_batch(config, run.data, step, run.method.TWO_VIEWS), mesh)
+    state, metrics = run.train_step(state, batch)
+    out.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+  return out, state
+
+
+@pytest.mark.parametrize("method", ["bituning", "finetune"])
+def test_one_and_eight_devices_give_the_same_losses(method):
+  config = _config(method)
+  one, _ = _losses(config, sharding.make_mesh(jax.devices()[:1]))
+  eight, state = _losses(config, sharding.make_mesh())
+  assert len(state.params["head"]["dense"]["kernel"].sharding.device_set) == 8
+  for a, b in zip(one, eight):
+    for key in a:
+      assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a, b)
+  if method == "bituning":  # the three terms are all there and moving
+    assert {"ce", "cce", "ccl"} <= set(one[0]) and one[0]["cce"] > 0 and one[0]["ccl"] > 0
+
+
+def test_step_traced_once_and_summary(tmp_path, monkeypatch):
+  traces = []
+  make = bituning.make_train_step
+
+  def counting(*args, **kwargs):
+    step = make(*args, **kwargs)
+    def traced(state, batch):
+      traces.append(1)
+      return step(state, batch)
+    return traced
+  monkeypatch.setattr(bituning, "make_train_step", counting)
+  _, summary = train.train_and_evaluate(_config(), str(tmp_path))
+  assert len(traces) == 1
+  saved = json.load(open(tmp_path / "summary.json"))
+  assert saved == summary and saved["step"] == 6
+  assert {"train_loss", "top1", "mean_class_acc"} <= set(saved)
+  assert 0.0 <= saved["top1"] <= 1.0 and np.isfinite(saved["train_loss"])
+
+
+def test_interrupted_run_resumes_to_the_same_state(tmp_path, monkeypatch):
+  config = _config(total_steps=6, checkpoint_every=3)
+  straight, _ = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  straight = jax.device_get(straight)
+
+  real_batch = train._train_batch
+  def interrupt_at_step_5(config, data, step, two_views):
+    if step == 4:  # 0-based: after the checkpoint at step 3 and one more step
+      raise KeyboardInterrupt
+    return real_batch(config, data, step, two_views)
+  monkeypatch.setattr(train, "_train_batch", interrupt_at_step_5)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  monkeypatch.setattr(train, "_train_batch", real_batch)
+  resumed, summary = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  resumed = jax.device_get(resumed)
+  assert summary["step"] == 6
+  leaves_a, leaves_b = jax.tree.leaves(straight), jax.tree.leaves(resumed)
+  assert len(leaves_a) == len(leaves_b)
+  for a, b in zip(leaves_a, leaves_b):  # params, EMA params, queues, rng, optimizer
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (dict(dataset="imagenet21k"), "unknown dataset 'imagenet21k'"),
+    (dict(arch="resnet51"), "unknown arch 'resnet51'"),
+    (dict(sampling_rate=0.0), "sampling_rate must be in (0, 100]"),
+    (dict(sampling_rate=150.0), "sampling_rate must be in (0, 100]"),
+    (dict(num_classes=7), "num_classes=7 but dataset 'digits' has 5 classes"),
+    (dict(batch_size=12), "multiple of the device count"),
+])
+def test_bad_configs_fail_before_compiling(tmp_path, monkeypatch, overrides, needle):
+  def no_compile(*args, **kwargs):
+    raise AssertionError("compiled before the config error was found")
+  monkeypatch.setattr(jax, "jit", no_compile)
+  with pytest.raises(ValueError) as info:
+    train.train_and_evaluate(_config(**overrides), str(tmp_path))
+  assert needle in str(info.value)
+
+
+def test_queue_size_and_class_count_checks(tmp_path, monkeypatch):
+  config = _config()
+  config.bituning.queue_size = 0
+  with pytest.raises(ValueError, match="queue_size"):
+    train.train_and_evaluate(config, str(tmp_path / "k"))
+  # A workdir holding another experiment (here: another class count) is refused.
+  os.makedirs(tmp_path / "w")
+  json.dump({"method": "bituning", "arch": "resnet_small", "num_classes": 200,
+             "dataset": "digits"}, open(tmp_path / "w" / "config.json", "w"))
+  monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled"))
+  with pytest.raises(ValueError, match="num_classes=200"):
+    train.train_and_evaluate(_config(), str(tmp_path / "w"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = _config("finetune", lr=1e30, total_steps=20, log_every=1, checkpoint_every=1,
+                   eval_every=100)
+  config.lr_mult = {"backbone": 1.0, "head": 1.0}
+  with pytest.raises(FloatingPointError) as info:
+    train.train_and_evaluate(config, str(tmp_path))
+  message = str(info.value)
+  assert "training stopped" in message and "last good checkpoint" in message
+  ckpts = checkpoint.Checkpoints(str(tmp_path))
+  last_good = ckpts.latest_step()
+  ckpts.close()
+  assert last_good is not None and f"step {last_good}" in message
+  assert f"at step {last_good + 1}" in message
+
+
+@pytest.mark.slow
+def test_command_line_quick_start(tmp_path):
+  """The README's second command, shortened: pre-training, then Bi-tuning, offline."""
+  workdir = tmp_path / "demo"
+  run = subprocess.run(
+      [sys.executable, "-m", "bitune_jax.main",
+       f"--config={ROOT}/configs/bituning.py:demo", f"--workdir={workdir}",
+       "--config.total_steps=12", "--config.pretrain.total_steps=12",
+       "--config.eval_every=6", "--config.log_every=6", "--config.checkpoint_every=6"],
+      capture_output=True, text=True, check=False, cwd=tmp_path)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "test top-1" in run.stdout
+  summary = json.load(open(workdir / "summary.json"))
+  assert summary["step"] == 12 and summary["method"] == "bituning"
+  assert (workdir / "pretrained" / "digits_source.npz").exists()
+  bad = subprocess.run(
+      [sys.executable, "-m", "bitune_jax.main",
+       f"--config={ROOT}/configs/bituning.py:demo", f"--workdir={tmp_path}/x",
+       "--config.totl_steps=3"], capture_output=True, text=True, check=False)
+  assert bad.returncode != 0 and "totl_steps" in bad.stderr
