@@ -11,11 +11,12 @@ class Checkpoints:
   """`workdir/checkpoints` (latest) and `workdir/best` (highest top-1)."""
 
   def __init__(self, workdir):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    workdir = workdir if "://" in str(workdir) else os.path.abspath(workdir)
+    self.directory = os.path.join(workdir, "checkpoints")
     self._latest = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
         max_to_keep=1, create=True, enable_async_checkpointing=True))
     self._best = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "best"),
+        os.path.join(workdir, "best"),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True, best_fn=lambda m: m["top1"], best_mode="max",
             enable_async_checkpointing=True))

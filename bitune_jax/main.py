@@ -30,7 +30,9 @@ def main(argv):
   ours.propagate = False
   # Imported after flag parsing so that --help is quick.
   from bitune_jax import train  # pylint: disable=g-import-not-at-top
-  workdir = os.path.abspath(flags.FLAGS.workdir)
+  workdir = flags.FLAGS.workdir  # a local path or a URL (gs://...) on a TPU pod
+  if "://" not in workdir:
+    workdir = os.path.abspath(workdir)
   _, summary = train.train_and_evaluate(flags.FLAGS.config, workdir)
   print(json.dumps(summary, indent=2))
   print(f"test top-1 {summary['top1']:.4f}, mean per-class accuracy "

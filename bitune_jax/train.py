@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from clu import metric_writers, periodic_actions
+from etils import epath
 
 from bitune_jax import checkpoint, config_base, convert, evaluate, methods, queues
 from bitune_jax import sharding
@@ -49,19 +50,17 @@ def _train_batch(config, data, step, two_views):
 # --------------------------------------------------------------------------- state
 def _check_against_workdir(config, workdir):
   """A resumed run must be the same experiment: arch, method and class count."""
-  path = os.path.join(workdir, "config.json")
+  path = epath.Path(workdir) / "config.json"
   keys = ("method", "arch", "num_classes", "dataset")
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+  if path.exists():
+    saved = json.loads(path.read_text())
     for key in keys:
       if saved.get(key) != config[key]:
         raise ValueError(f"{workdir} holds a run with {key}={saved.get(key)!r}, but the "
                          f"config says {config[key]!r}; use another --workdir")
   elif jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config.to_json_best_effort(indent=2))
 
 
 def _load_pretrained(config, workdir):
@@ -213,8 +212,7 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
              "train_loss": None if metrics is None else float(metrics["loss"]),
              **eval_metrics}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    (epath.Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2))
   log.info("done: %s", summary)
   return state, summary
 

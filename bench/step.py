@@ -1,0 +1,139 @@
+"""Benchmark: Bi-tuning train step time over vanilla fine-tuning step time.
+
+Same backbone, batch, machine and process; the real jitted, donated train steps of
+`bitune_jax.methods` on a synthetic on-device batch (input pipeline excluded). Bi-tuning
+adds one forward pass of the key encoder (train-mode BatchNorm), the EMA update of all
+parameters, the CCE/CCL head and two enqueues: the floor is near 4/3 = 1.33 when the
+backward pass costs twice the forward.
+
+Cases: ResNet-50 at 224 with batch 16, ResNet-18 at 112 with batch 32 (C = 200 classes,
+K = 32 slots per class, as for CUB at 100%).
+
+  python bench/step.py                 # CPU, float32
+  python bench/step.py --gpu           # bf16 activations; also prints achieved TFLOP/s
+                                       # and MFU against the device's bf16 peak
+  python bench/step.py --cases r18 --reps 5
+
+The last line is `ratio=<x>`: the largest ratio over the cases run.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "configs"))
+import bituning as bituning_config  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from bitune_jax import methods, queues, sharding  # noqa: E402
+from bitune_jax.methods import common  # noqa: E402
+
+CASES = {"r50": ("resnet50", 224, 16), "r18": ("resnet18", 112, 32)}
+# Dense bf16 peak TFLOP/s by device kind (for MFU).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0,
+               "TPU v5": 459.0}
+
+
+def _config(arch, size, batch, method, bf16):
+  config = bituning_config.get_config("cub,resnet50,100")
+  config.method, config.arch, config.image_size = method, arch, size
+  config.batch_size, config.total_steps, config.bf16 = batch, 1000, bf16
+  config.bituning.queue_size = 32
+  return config
+
+
+def _compiled_step(config):
+  """`(run, flops)`: `run()` does one train step on a synthetic on-device batch."""
+  method = methods.get(config.method)
+  mesh = sharding.make_mesh()
+  model = method.build_model(config, config.num_classes)
+  tx = common.make_optimizer(config)
+  shape = (config.batch_size, config.image_size, config.image_size, 3)
+  init = lambda rng: method.init_state(rng, jnp.zeros((1,) + shape[1:]), model=model,  # noqa: E731
+                                       tx=tx, config=config)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = method.state_shardings(abstract, mesh, config)
+  state = [jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))]
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal(shape).astype(np.float32)
+  labels = rng.integers(0, config.num_classes, config.batch_size).astype(np.int32)
+  host = ({"image_q": images, "image_k": images[::-1].copy(), "label": labels}
+          if method.TWO_VIEWS else {"image": images, "label": labels})
+  batch = sharding.global_batch(host, mesh)
+  step = jax.jit(method.make_train_step(model, tx, config),
+                 in_shardings=(shardings, None), donate_argnums=0,
+                 compiler_options=queues.inplace_update_compiler_options())
+  compiled = step.lower(state[0], batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float((cost or {}).get("flops", float("nan")))
+
+  def run():
+    start = time.perf_counter()
+    state[0], metrics = compiled(state[0], batch)
+    jax.block_until_ready((state[0], metrics))
+    return time.perf_counter() - start
+  run()  # warm caches
+  return run, flops
+
+
+def _paired_times(runs, reps):
+  """Alternates the steps (ABBA order) so that a slow phase of a shared machine hits
+  both; returns each step's times."""
+  times = {name: [] for name in runs}
+  names = list(runs)
+  for i in range(reps):
+    for name in (names if i % 2 == 0 else names[::-1]):
+      times[name].append(runs[name]())
+  return times
+
+
+def _peak():
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_TFLOPS.items() if k in kind), None), kind
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--cases", default="r50,r18")
+  parser.add_argument("--reps", type=int, default=6)
+  parser.add_argument("--gpu", action="store_true", help="bf16 activations, MFU")
+  args = parser.parse_args()
+  peak, kind = _peak()
+  print(f"jax {jax.__version__}, {jax.device_count()} x {kind}, "
+        f"{'bf16' if args.gpu else 'float32'} activations", flush=True)
+  worst = 0.0
+  for name in args.cases.split(","):
+    arch, size, batch = CASES[name]
+    runs, flops = {}, {}
+    for method in ("finetune", "bituning"):
+      runs[method], flops[method] = _compiled_step(
+          _config(arch, size, batch, method, args.gpu))
+    times = _paired_times(runs, args.reps)
+    for method in runs:
+      seconds = statistics.median(times[method])
+      line = (f"{arch} {size}px batch {batch} {method:9s}: {seconds * 1e3:8.1f} ms/step "
+              f"(min {min(times[method]) * 1e3:.1f})")
+      if flops[method] == flops[method]:  # not NaN
+        line += (f", {flops[method] / 1e9:.0f} GFLOP, "
+                 f"{flops[method] / seconds / 1e12:.2f} TFLOP/s")
+        if args.gpu and peak:
+          line += f", MFU {flops[method] / seconds / 1e12 / peak:.1%} of {peak:.0f} TFLOP/s"
+      print(line, flush=True)
+    ratio = statistics.median(
+        b / f for b, f in zip(times["bituning"], times["finetune"]))
+    worst = max(worst, ratio)
+    print(f"{arch}: bituning / finetune = {ratio:.3f} (median of {args.reps} paired "
+          f"steps; ratio of minima {min(times['bituning']) / min(times['finetune']):.3f})",
+          flush=True)
+  print(f"ratio={worst:.3f}")
+
+
+if __name__ == "__main__":
+  main()
