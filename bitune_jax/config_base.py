@@ -65,6 +65,10 @@ def base_config(arg, method):
       queue_size=queue_size_for_rate(rate), projector_dim=128, temperature=0.07,
       trade_off=1.0, ema_momentum=0.999, ema_cosine=False, cce_after_enqueue=False))
 
+  config.cotuning = ml_collections.ConfigDict(dict(
+      trade_off=2.3, relationship="reverse", calibrate=True, source_temperature=1.0,
+      holdout_fraction=0.2, source_classes=1000, relationship_file=""))
+
   config.init_from = ""  # a bitune-convert output (.npz), or 'demo:digits_source'
   config.bf16 = False
   config.shard_queues = True
@@ -90,6 +94,7 @@ def _demo(config):
   config.checkpoint_every = 100
   config.init_from = "demo:digits_source"
   config.pretrain = ml_collections.ConfigDict(dict(total_steps=400, lr=0.1))
+  config.cotuning.source_classes = 5  # the demo's source model: digits 0-4
 
 
 def validate(config):

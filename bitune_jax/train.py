@@ -74,12 +74,15 @@ def _load_pretrained(config, workdir):
   if pretrained["report"]["arch"] != config.arch:
     raise ValueError(f"init_from {path} is a {pretrained['report']['arch']} checkpoint; "
                      f"the config's arch is {config.arch}")
+  pretrained["path"], pretrained["sha256"] = path, convert.sha256_of(path)
   return pretrained
 
 
 def _with_pretrained(state, pretrained, shardings):
   """Copies the pretrained backbone into the query (and key) encoders."""
   params = dict(state.params, backbone=pretrained["backbone"]["params"])
+  if "source_head" in state.params:  # the pre-trained classifier (Co-Tuning)
+    params["source_head"] = pretrained["source_head"]
   stats = dict(state.batch_stats, backbone=pretrained["backbone"]["batch_stats"])
   new = state.replace(params=params, batch_stats=stats)
   if state.key_params:  # the key encoder starts as a copy (its own buffers: donated)
@@ -102,10 +105,16 @@ def create_state(config, method, model, tx, mesh, data, workdir, ckpts):
     log.info("resumed from %s at step %d", ckpts.directory, int(restored.step))
     return restored, shardings
   pretrained = _load_pretrained(config, workdir)
+  if hasattr(method, "check_pretrained"):  # before anything compiles
+    method.check_pretrained(pretrained, config)
   state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
   if pretrained is not None:
     state = _with_pretrained(state, pretrained, shardings)
     log.info("initialised the backbone from %s", config.init_from)
+  if hasattr(method, "prepare"):  # e.g. Co-Tuning's relationship, from the data
+    state = method.prepare(state, model=model, config=config, data=data, mesh=mesh,
+                           workdir=workdir, pretrained=pretrained)
+    state = jax.device_put(state, shardings)
   return state, shardings
 
 

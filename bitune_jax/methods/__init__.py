@@ -3,12 +3,14 @@
 Each exposes `TWO_VIEWS`, `build_model(config, num_classes)`,
 `init_state(rng, sample_images, *, model, tx, config)`,
 `state_shardings(abstract_state, mesh, config)` and
-`make_train_step(model, tx, config) -> train_step(state, batch) -> (state, metrics)`.
+`make_train_step(model, tx, config) -> train_step(state, batch) -> (state, metrics)`;
+optionally `check_pretrained(pretrained, config)` (before anything compiles) and
+`prepare(state, ...) -> state` (once, before training, not on resume).
 """
 
-from bitune_jax.methods import bituning, finetune
+from bitune_jax.methods import bituning, cotuning, finetune
 
-METHODS = {"bituning": bituning, "finetune": finetune}
+METHODS = {"bituning": bituning, "cotuning": cotuning, "finetune": finetune}
 
 
 def get(name):

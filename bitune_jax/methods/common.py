@@ -37,14 +37,16 @@ class TrainState:
 
 
 class Network(nn.Module):
-  """Backbone + classifier head (+ projector): `images -> {features, logits[, projection]}`.
+  """Backbone + classifier head (+ projector, + source head):
+  `images -> {features, logits[, projection][, source_logits]}`.
 
-  Variables: `params/{backbone, head, projector}`, `batch_stats/backbone`.
+  Variables: `params/{backbone, head, projector, source_head}`, `batch_stats/backbone`.
   """
   arch: str
   num_classes: int
   projector_dim: Optional[int] = None
   projector_hidden: Optional[int] = None
+  source_classes: Optional[int] = None  # the pre-trained classifier (Co-Tuning)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -57,14 +59,18 @@ class Network(nn.Module):
     if self.projector_dim:
       out["projection"] = models.Projector(self.projector_dim, self.projector_hidden,
                                            dtype=self.dtype, name="projector")(features)
+    if self.source_classes:
+      out["source_logits"] = nn.Dense(
+          self.source_classes, dtype=self.dtype, param_dtype=jnp.float32,
+          name="source_head")(features).astype(jnp.float32)
     return out
 
 
-def build_network(config, num_classes, *, projector=False):
+def build_network(config, num_classes, *, projector=False, source_classes=None):
   dtype = jnp.bfloat16 if config.get("bf16", False) else jnp.float32
   return Network(arch=config.arch, num_classes=num_classes,
                  projector_dim=config.bituning.projector_dim if projector else None,
-                 dtype=dtype)
+                 source_classes=source_classes, dtype=dtype)
 
 
 def init_variables(model, rng, sample_images):

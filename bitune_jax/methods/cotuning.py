@@ -1,0 +1,186 @@
+"""Co-Tuning (You et al., NeurIPS 2020): keep training the pre-trained (source) head on
+soft targets R[y_t] = p(y_s | y_t), beside a new target head.
+
+Loss: `CE(target_logits, y_t) + trade_off * soft_CE(source_logits, R[y_t])`
+(`losses.co_tuning_loss`; trade_off 2.3 in the reference). R `[C_t, C_s]` is computed
+once before training, from the source model's eval-mode outputs on the training set
+(no augmentation): `direct` (mean source distribution per target class) or `reverse`
+(logistic regression p(y_t | y_s) on a held-out split, calibrated, then Bayes' rule;
+`bitune_jax.relationship`). It lives in the train state (checkpoints carry it) and is
+cached under `workdir/relationship/`, keyed by checkpoint, split and transforms; a
+cached or given relationship computed from another checkpoint is refused.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from bitune_jax import losses, relationship, sharding
+from bitune_jax.data import batches
+from bitune_jax.methods import common
+
+log = logging.getLogger("bitune_jax")
+TWO_VIEWS = False
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  trade_off: float
+
+
+def build_model(config, num_classes):
+  return common.build_network(config, num_classes,
+                              source_classes=config.cotuning.source_classes)
+
+
+def check_pretrained(pretrained, config):
+  """Co-Tuning needs the pre-trained classifier of the backbone's own checkpoint."""
+  if pretrained is None or "source_head" not in pretrained:
+    what = "no init_from" if pretrained is None else f"{pretrained['path']} has none"
+    raise ValueError("Co-Tuning needs a checkpoint with a source head (a supervised "
+                     f"classifier, e.g. torchvision's fc): {what}")
+  classes = pretrained["source_head"]["kernel"].shape[1]
+  if classes != config.cotuning.source_classes:
+    raise ValueError(f"the checkpoint's source head has {classes} classes but "
+                     f"cotuning.source_classes={config.cotuning.source_classes}")
+
+
+def init_state(rng, sample_images, *, model, tx, config):
+  del config
+  rng, init_rng = jax.random.split(rng)
+  params, batch_stats = common.init_variables(model, init_rng, sample_images)
+  uniform = jnp.full((model.num_classes, model.source_classes), 1.0 / model.source_classes)
+  return common.TrainState(step=jnp.zeros((), jnp.int32), rng=rng, params=params,
+                           batch_stats=batch_stats, opt_state=tx.init(params),
+                           key_params={}, key_batch_stats={},
+                           extras={"relationship": uniform})
+
+
+def state_shardings(abstract_state, mesh, config):
+  del config
+  return jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
+
+
+# --------------------------------------------------------------------------- relationship
+def source_logits(state, model, images, *, batch_size, mesh):
+  """Eval-mode source-head logits `[N, C_s]` of `images` (last batch padded, unmasked)."""
+  step = jax.jit(lambda s, x: common.forward(model, s.params, s.batch_stats, x,
+                                             train=False)[0]["source_logits"])
+  out = []
+  for batch in batches.eval_batches(images, np.zeros(len(images), np.int32),
+                                    batch_size=batch_size):
+    logits = jax.device_get(step(state, sharding.global_batch(batch, mesh)["image"]))
+    out.append(logits[np.asarray(batch["mask"], bool)])
+  return np.concatenate(out)
+
+
+def holdout_split(labels, *, fraction, seed):
+  """`(train_idx, val_idx)`: a stratified held-out split; each class keeps >= 1 in train."""
+  rng = np.random.default_rng(seed)
+  train, val = [], []
+  for c in np.unique(labels):
+    idx = rng.permutation(np.flatnonzero(labels == c))
+    n_val = min(int(fraction * len(idx)), len(idx) - 1)
+    val.extend(idx[:n_val])
+    train.extend(idx[n_val:])
+  return np.sort(train), np.sort(val)
+
+
+def compute_relationship(logits, labels, *, num_classes, cfg, seed):
+  """R `[C_t, C_s]` from source logits of the training set, per `cfg` (mode, ...)."""
+  probs = relationship.probs_from_logits(logits, temperature=cfg.source_temperature)
+  if cfg.relationship == "direct":
+    return relationship.direct_relationship(source_probs=probs, labels=labels,
+                                            num_classes=num_classes), {}
+  if cfg.relationship == "reverse":
+    train, val = holdout_split(labels, fraction=cfg.holdout_fraction, seed=seed)
+    return relationship.reverse_relationship(
+        train_probs=probs[train], train_labels=labels[train], val_probs=probs[val],
+        val_labels=labels[val], num_classes=num_classes, calibrate=cfg.calibrate)
+  raise ValueError(f"cotuning.relationship must be 'direct' or 'reverse', got "
+                   f"{cfg.relationship!r}")
+
+
+def _cache_key(config, checkpoint_sha):
+  what = {"checkpoint": checkpoint_sha, "dataset": config.dataset,
+          "part": config.data.get("part", ""), "rate": config.sampling_rate,
+          "seed": config.seed, "image_size": config.image_size,
+          "cotuning": config.cotuning.to_dict()}
+  return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load(path, checkpoint_sha):
+  with np.load(path, allow_pickle=False) as f:
+    meta = json.loads(bytes(f["meta"]).decode())
+    matrix = f["relationship"]
+  if meta["checkpoint_sha256"] != checkpoint_sha:
+    raise ValueError(f"relationship {path} was computed from checkpoint "
+                     f"{meta['checkpoint_sha256'][:12]}, but this run starts from "
+                     f"{checkpoint_sha[:12]}: refusing it")
+  return matrix
+
+
+def prepare(state, *, model, config, data, mesh, workdir, pretrained):
+  """Computes (or loads from the cache) R and puts it into `state.extras`."""
+  sha = pretrained["sha256"]
+  given = config.cotuning.relationship_file
+  path = (epath.Path(given) if given else
+          epath.Path(workdir or ".") / "relationship" / f"{_cache_key(config, sha)}.npz")
+  if path.exists():
+    matrix = _load(path, sha)
+    log.info("Co-Tuning relationship loaded from %s", path)
+  elif given:
+    raise ValueError(f"cotuning.relationship_file {given} does not exist")
+  else:
+    logits = source_logits(state, model, data["train_images"],
+                           batch_size=config.eval_batch_size, mesh=mesh)
+    matrix, info = compute_relationship(logits, data["train_labels"],
+                                        num_classes=config.num_classes,
+                                        cfg=config.cotuning, seed=config.seed)
+    log.info("Co-Tuning %s relationship from %d images %s", config.cotuning.relationship,
+             len(logits), {k: v for k, v in info.items() if np.ndim(v) == 0})
+    if workdir is not None and jax.process_index() == 0:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      meta = json.dumps({"checkpoint_sha256": sha, "checkpoint": pretrained["path"]})
+      with path.open("wb") as f:
+        np.savez(f, relationship=matrix, meta=np.frombuffer(meta.encode(), np.uint8))
+  expected = (config.num_classes, config.cotuning.source_classes)
+  if matrix.shape != expected:
+    raise ValueError(f"relationship {path} has shape {matrix.shape}, expected {expected}")
+  return state.replace(extras={"relationship": jnp.asarray(matrix, jnp.float32)})
+
+
+# --------------------------------------------------------------------------- step
+def train_step(state, batch, *, model, tx, cfg):
+  """`batch`: image [B, H, W, 3], label [B]."""
+  labels = batch["label"]
+  targets = state.extras["relationship"][labels]  # [B, C_s]
+
+  def loss_fn(params):
+    out, batch_stats = common.forward(model, params, state.batch_stats, batch["image"],
+                                      train=True)
+    ce = common.ce_loss(out, labels)
+    co = losses.co_tuning_loss(source_logits=out["source_logits"],
+                               relationship_targets=targets)
+    return ce + cfg.trade_off * co, (batch_stats, {
+        "ce": ce, "co_tuning": co,
+        "train_accuracy": common.accuracy(out["logits"], labels)})
+
+  (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  params, opt_state = common.apply_gradients(state, grads, tx)
+  state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                        opt_state=opt_state)
+  return state, dict(metrics, loss=loss)
+
+
+def make_train_step(model, tx, config):
+  return functools.partial(train_step, model=model, tx=tx,
+                           cfg=StepConfig(trade_off=config.cotuning.trade_off))

@@ -1,0 +1,114 @@
+"""Co-Tuning as a trainable method: relationship in the state, cache, refusals."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitune_jax import convert, models, relationship, sharding, train
+from bitune_jax.methods import cotuning
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import cotuning as cotuning_config  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def _checkpoint(path, seed, *, source_head=True, source_classes=5):
+  """A bitune-convert style file: a random resnet_small backbone and source head."""
+  backbone = models.create_backbone("resnet_small")
+  variables = backbone.init(jax.random.PRNGKey(seed), jnp.zeros((1, 16, 16, 3)))
+  rng = np.random.default_rng(seed)
+  result = {"backbone": jax.device_get(dict(variables)),
+            "report": {"format": "test", "arch": "resnet_small", "kind": "supervised",
+                       "notes": [], "dropped": []}}
+  if source_head:
+    result["source_head"] = {
+        "kernel": rng.standard_normal((64, source_classes)).astype(np.float32),
+        "bias": rng.standard_normal(source_classes).astype(np.float32)}
+  convert.save_converted(result, str(path))
+  return str(path)
+
+
+def _config(init_from, **cotuning):
+  config = cotuning_config.get_config("demo")
+  config.init_from = init_from
+  config.image_size = 16
+  config.batch_size = 16
+  config.eval_batch_size = 64
+  config.total_steps = 4
+  config.log_every = config.eval_every = config.checkpoint_every = 2
+  for key, value in cotuning.items():
+    config.cotuning[key] = value
+  return config
+
+
+def test_trains_with_the_relationship_of_its_checkpoint(tmp_path):
+  ckpt = _checkpoint(tmp_path / "a.npz", seed=0)
+  config = _config(ckpt, relationship="direct")
+  mesh = sharding.make_mesh()
+  run = train.setup(config, mesh, workdir=str(tmp_path / "w"))
+  matrix = np.asarray(run.state.extras["relationship"])
+  # Independently: the source model's eval-mode softmax, averaged per target class.
+  loaded = convert.load_converted(ckpt)
+  feats = models.create_backbone("resnet_small").apply(
+      loaded["backbone"], jnp.asarray(run.data["train_images"]), train=False)
+  logits = np.asarray(feats) @ loaded["source_head"]["kernel"] + loaded["source_head"]["bias"]
+  expected = relationship.direct_relationship(
+      source_probs=np.asarray(jax.nn.softmax(logits)), labels=run.data["train_labels"],
+      num_classes=5)
+  np.testing.assert_allclose(matrix, expected, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(matrix.sum(1), 1.0, rtol=1e-5)
+  state = run.state
+  for step in range(3):
+    batch = sharding.global_batch(
+        train._train_batch(config, run.data, step, run.method.TWO_VIEWS), mesh)
+    state, metrics = run.train_step(state, batch)
+  metrics = jax.device_get(metrics)
+  assert np.isfinite(metrics["loss"]) and metrics["co_tuning"] > 0
+  assert metrics["loss"] == pytest.approx(metrics["ce"] + 2.3 * metrics["co_tuning"],
+                                          rel=1e-5)
+  # The relationship stays in the state (checkpoints carry it).
+  np.testing.assert_array_equal(np.asarray(state.extras["relationship"]), matrix)
+
+
+def test_reverse_relationship_is_cached_and_tied_to_its_checkpoint(tmp_path, monkeypatch):
+  ckpt_a = _checkpoint(tmp_path / "a.npz", seed=0)
+  ckpt_b = _checkpoint(tmp_path / "b.npz", seed=1)
+  mesh = sharding.make_mesh()
+  workdir = tmp_path / "w"
+  first = train.setup(_config(ckpt_a), mesh, workdir=str(workdir))
+  cached = list((workdir / "relationship").iterdir())
+  assert len(cached) == 1
+  np.testing.assert_allclose(np.asarray(first.state.extras["relationship"]).sum(1), 1.0,
+                             rtol=1e-5)
+  # A second run with the same checkpoint, split and transforms reuses the cache.
+  monkeypatch.setattr(cotuning, "compute_relationship",
+                      lambda *a, **k: pytest.fail("recomputed despite the cache"))
+  second = train.setup(_config(ckpt_a), mesh, workdir=str(workdir))
+  np.testing.assert_array_equal(np.asarray(second.state.extras["relationship"]),
+                                np.asarray(first.state.extras["relationship"]))
+  # The same relationship given to a run from another checkpoint is refused.
+  with pytest.raises(ValueError, match="refusing"):
+    train.setup(_config(ckpt_b, relationship_file=str(cached[0])), mesh,
+                workdir=str(tmp_path / "w2"))
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("no_head", "needs a checkpoint with a source head"),
+    ("no_init", "no init_from"),
+    ("classes", "source head has 5 classes but cotuning.source_classes=7"),
+])
+def test_refuses_checkpoints_without_a_matching_source_head(tmp_path, monkeypatch, case,
+                                                           needle):
+  if case == "no_head":
+    config = _config(_checkpoint(tmp_path / "n.npz", seed=0, source_head=False))
+  elif case == "no_init":
+    config = _config("")
+  else:
+    config = _config(_checkpoint(tmp_path / "c.npz", seed=0), source_classes=7)
+  monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled"))
+  with pytest.raises(ValueError, match=needle):
+    train.setup(config, sharding.make_mesh(), workdir=str(tmp_path / "w"))
