@@ -1,0 +1,102 @@
+"""Runs every method on the embedded digits transfer task and prints one table.
+
+  python -m bitune_jax.compare --workdir /tmp/bitune-compare [--methods finetune,bituning]
+      [--total_steps 300] [--seeds 0]
+
+The source model (supervised pre-training on digits 0-4) is trained once and shared:
+every method starts from the same checkpoint, through the same `init_from` path as a
+converted PyTorch checkpoint, and fine-tunes on digits 5-9 at the demo's sampling rate.
+Each run leaves its own workdir (`DIR/<method>_seed<k>`) with TensorBoard logs,
+checkpoints and summary.json; a finished run is not repeated.
+"""
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import statistics
+
+from bitune_jax import methods
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+log = logging.getLogger("bitune_jax")
+
+
+def _config(method, seed, total_steps, init_from):
+  """`configs/<method>.py:demo`, with the shared source model."""
+  path = os.path.join(ROOT, "configs", f"{method}.py")
+  spec = importlib.util.spec_from_file_location(f"config_{method}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("demo")
+  config.seed = seed
+  if total_steps:
+    config.total_steps = total_steps
+  if init_from:
+    config.init_from = init_from
+  return config
+
+
+def _run(method, seed, total_steps, workdir, init_from):
+  from bitune_jax import train  # pylint: disable=g-import-not-at-top
+  done = os.path.join(workdir, "summary.json")
+  config = _config(method, seed, total_steps, init_from)
+  if os.path.exists(done):
+    with open(done) as f:
+      summary = json.load(f)
+    if summary.get("step") == config.total_steps:
+      return summary
+  return train.train_and_evaluate(config, workdir)[1]
+
+
+def format_table(rows):
+  """rows: `{method: [summary, ...]}` -> a Markdown table (mean over seeds)."""
+  lines = ["| method | seeds | test top-1 | mean per-class |", "|---|---|---|---|"]
+  for method, summaries in rows.items():
+    top1 = [100 * s["top1"] for s in summaries]
+    mca = [100 * s["mean_class_acc"] for s in summaries]
+    spread = (lambda v: f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else "")  # noqa: E731
+    lines.append(f"| {method} | {len(summaries)} | {statistics.mean(top1):.2f}"
+                 f"{spread(top1)} | {statistics.mean(mca):.2f}{spread(mca)} |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--methods", default=",".join(methods.METHODS))
+  parser.add_argument("--seeds", default="0", help="comma-separated")
+  parser.add_argument("--total_steps", type=int, default=0, help="0: the demo's")
+  parser.add_argument("--pretrain_steps", type=int, default=0, help="0: the demo's")
+  args = parser.parse_args(argv)
+  names = args.methods.split(",")
+  unknown = [m for m in names if m not in methods.METHODS]
+  if unknown:
+    parser.error(f"unknown methods {unknown}; known: {', '.join(methods.METHODS)}")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                      datefmt="%H:%M:%S")
+  workdir = os.path.abspath(args.workdir)
+  # The shared source model: made by the first run, through the demo's own path.
+  source = os.path.join(workdir, "source", "pretrained", "digits_source.npz")
+  if not os.path.exists(source):
+    from bitune_jax import train  # pylint: disable=g-import-not-at-top
+    config = _config("finetune", 0, 0, "")
+    if args.pretrain_steps:
+      config.pretrain.total_steps = args.pretrain_steps
+    train._demo_pretrained(config, os.path.join(workdir, "source"))
+  rows = {}
+  for method in names:
+    for seed in (int(s) for s in args.seeds.split(",")):
+      rows.setdefault(method, []).append(
+          _run(method, seed, args.total_steps,
+               os.path.join(workdir, f"{method}_seed{seed}"), source))
+  table = format_table(rows)
+  print(table)
+  with open(os.path.join(workdir, "comparison.md"), "w") as f:
+    f.write(table + "\n")
+  return rows
+
+
+if __name__ == "__main__":
+  main()

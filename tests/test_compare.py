@@ -1,0 +1,32 @@
+"""The comparison script: every method on the embedded task from one source model."""
+
+import json
+
+import pytest
+
+from bitune_jax import compare
+
+
+def test_format_table_means_and_spreads():
+  rows = {"a": [{"top1": 0.5, "mean_class_acc": 0.25}, {"top1": 0.7, "mean_class_acc": 0.75}],
+          "b": [{"top1": 1.0, "mean_class_acc": 0.9}]}
+  table = compare.format_table(rows).splitlines()
+  # mean 60, sample std of (50, 70) = 14.14; mean 50, std of (25, 75) = 35.36
+  assert table[2] == "| a | 2 | 60.00 ± 14.14 | 50.00 ± 35.36 |"
+  assert table[3] == "| b | 1 | 100.00 | 90.00 |"
+
+
+@pytest.mark.slow
+def test_every_method_runs_from_the_same_source_model(tmp_path, capsys):
+  rows = compare.main(["--workdir", str(tmp_path), "--methods",
+                       "finetune,bituning,cotuning", "--total_steps", "4",
+                       "--pretrain_steps", "4"])
+  out = capsys.readouterr().out
+  for method in ("finetune", "bituning", "cotuning"):
+    assert f"| {method} | 1 |" in out
+    summary = rows[method][0]
+    assert summary["step"] == 4 and summary["method"] == method
+    config = json.load(open(tmp_path / f"{method}_seed0" / "config.json"))
+    assert config["init_from"] == str(tmp_path / "source" / "pretrained" /
+                                      "digits_source.npz")
+  assert (tmp_path / "comparison.md").read_text().startswith("| method |")
