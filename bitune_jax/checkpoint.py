@@ -7,6 +7,11 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def _score(metrics):
+  """Classifier top-1, or the linear probe's for methods trained without labels."""
+  return metrics.get("top1", metrics.get("linear_probe_top1", 0.0))
+
+
 class Checkpoints:
   """`workdir/checkpoints` (latest) and `workdir/best` (highest top-1)."""
 
@@ -18,21 +23,22 @@ class Checkpoints:
     self._best = ocp.CheckpointManager(
         os.path.join(workdir, "best"),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, best_fn=lambda m: m["top1"], best_mode="max",
+            max_to_keep=1, create=True, best_fn=_score, best_mode="max",
             enable_async_checkpointing=True))
 
   def latest_step(self):
     return self._latest.latest_step()
 
-  def restore(self, abstract_state, shardings):
-    """The latest state, placed with `shardings`; None when there is none."""
-    step = self._latest.latest_step()
+  def restore(self, abstract_state, shardings, which="latest"):
+    """The latest (or best) state, placed with `shardings`; None when there is none."""
+    manager = self._latest if which == "latest" else self._best
+    step = manager.latest_step() if which == "latest" else manager.best_step()
     if step is None:
       return None
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract_state, shardings)
-    return self._latest.restore(step, args=ocp.args.StandardRestore(target))
+    return manager.restore(step, args=ocp.args.StandardRestore(target))
 
   def save(self, step, state):
     if step != self._latest.latest_step():

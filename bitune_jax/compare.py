@@ -50,16 +50,31 @@ def _run(method, seed, total_steps, workdir, init_from):
   return train.train_and_evaluate(config, workdir)[1]
 
 
+def _cell(values):
+  mean = statistics.mean(values)
+  return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
 def format_table(rows):
-  """rows: `{method: [summary, ...]}` -> a Markdown table (mean over seeds)."""
-  lines = ["| method | seeds | test top-1 | mean per-class |", "|---|---|---|---|"]
-  for method, summaries in rows.items():
-    top1 = [100 * s["top1"] for s in summaries]
-    mca = [100 * s["mean_class_acc"] for s in summaries]
-    spread = (lambda v: f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else "")  # noqa: E731
-    lines.append(f"| {method} | {len(summaries)} | {statistics.mean(top1):.2f}"
-                 f"{spread(top1)} | {statistics.mean(mca):.2f}{spread(mca)} |")
-  return "\n".join(lines)
+  """rows: `{method: [summary, ...]}` -> Markdown tables (mean ± std over seeds): the
+  classifier's accuracies, then the feature protocols of methods trained without labels."""
+  classify = {m: s for m, s in rows.items() if "top1" in s[0]}
+  features = {m: s for m, s in rows.items() if "top1" not in s[0]}
+  lines = []
+  if classify:
+    lines += ["| method | seeds | test top-1 | mean per-class |", "|---|---|---|---|"]
+    lines += [f"| {m} | {len(s)} | {_cell([100 * x['top1'] for x in s])} | "
+              f"{_cell([100 * x['mean_class_acc'] for x in s])} |"
+              for m, s in classify.items()]
+  if features:
+    lines += ["" if lines else None,
+              "| method (no labels) | seeds | retrieval top-5 | k-means BCubed precision "
+              "| linear probe top-1 |", "|---|---|---|---|---|"]
+    lines += [f"| {m} | {len(s)} | {_cell([100 * x['retrieval_top5'] for x in s])} | "
+              f"{_cell([100 * x['kmeans_bcubed_precision'] for x in s])} | "
+              f"{_cell([100 * x['linear_probe_top1'] for x in s])} |"
+              for m, s in features.items()]
+  return "\n".join(line for line in lines if line is not None)
 
 
 def main(argv=None):

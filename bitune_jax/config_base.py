@@ -69,6 +69,11 @@ def base_config(arg, method):
       trade_off=2.3, relationship="reverse", calibrate=True, source_temperature=1.0,
       holdout_fraction=0.2, source_classes=1000, relationship_file=""))
 
+  config.unsup = ml_collections.ConfigDict(dict(
+      queue_size=65536, projector_dim=128, mlp=True, temperature=0.2, ema_momentum=0.999,
+      replay_fraction=0.1, cutmix=True, cutmix_alpha=1.0, mixed_weight=1.0,
+      bn_group_size=32))
+
   config.init_from = ""  # a bitune-convert output (.npz), or 'demo:digits_source'
   config.bf16 = False
   config.shard_queues = True

@@ -35,8 +35,13 @@ def main(argv):
     workdir = os.path.abspath(workdir)
   _, summary = train.train_and_evaluate(flags.FLAGS.config, workdir)
   print(json.dumps(summary, indent=2))
-  print(f"test top-1 {summary['top1']:.4f}, mean per-class accuracy "
-        f"{summary['mean_class_acc']:.4f} (summary in {workdir}/summary.json)")
+  if "top1" in summary:
+    print(f"test top-1 {summary['top1']:.4f}, mean per-class accuracy "
+          f"{summary['mean_class_acc']:.4f} (summary in {workdir}/summary.json)")
+  else:  # trained without labels: the feature protocols
+    print(f"test top-5 retrieval {summary['retrieval_top5']:.4f}, k-means BCubed "
+          f"precision {summary['kmeans_bcubed_precision']:.4f}, linear probe top-1 "
+          f"{summary['linear_probe_top1']:.4f} (summary in {workdir}/summary.json)")
 
 
 def run():

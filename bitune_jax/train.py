@@ -29,19 +29,38 @@ log = logging.getLogger("bitune_jax")
 
 # --------------------------------------------------------------------------- input
 def load_dataset(config):
-  """Arrays of the train/test splits (the embedded demo task; tfds datasets later)."""
-  if config.dataset == "digits":
-    data = digits.load_digits_transfer(
-        config.data.get("part", "target"), image_size=config.image_size,
-        sampling_rate=config.sampling_rate, seed=config.seed)
-    return dict(data, background=digits.digits_background())
-  raise ValueError(f"dataset {config.dataset!r} needs the tfds input pipelines, which "
-                   "are not part of this version yet; use dataset 'digits' (the demo)")
+  """Arrays of the train/test splits (the embedded demo task; tfds datasets later).
+
+  With `config.unsup.replay_fraction > 0` (unsupervised fine-tuning) a fixed random
+  fraction of the source dataset joins the training pool (`pool_images`, with
+  `pool_is_replay`); `train_images` stay the target's own, for evaluation.
+  """
+  if config.dataset != "digits":
+    raise ValueError(f"dataset {config.dataset!r} needs the tfds input pipelines, which "
+                     "are not part of this version yet; use dataset 'digits' (the demo)")
+  data = digits.load_digits_transfer(
+      config.data.get("part", "target"), image_size=config.image_size,
+      sampling_rate=config.sampling_rate, seed=config.seed)
+  data = dict(data, background=digits.digits_background())
+  fraction = config.unsup.replay_fraction if config.method == "unsup_finetune" else 0.0
+  if fraction > 0:
+    source = digits.load_digits_transfer("source", image_size=config.image_size,
+                                         seed=config.seed)["train_images"]
+    count = max(1, round(fraction * len(source)))
+    chosen = np.sort(np.random.default_rng([config.seed, 1]).choice(
+        len(source), count, replace=False))
+    data["pool_images"] = np.concatenate([data["train_images"], source[chosen]])
+    data["pool_labels"] = np.concatenate([data["train_labels"],
+                                          np.full(count, -1, np.int32)])
+    data["pool_is_replay"] = np.arange(len(data["pool_images"])) >= len(
+        data["train_images"])
+  return data
 
 
 def _train_batch(config, data, step, two_views):
   start, stop = sharding.local_slice(config.batch_size)
-  batch = batches.train_batch(data["train_images"], data["train_labels"], step=step,
+  batch = batches.train_batch(data.get("pool_images", data["train_images"]),
+                              data.get("pool_labels", data["train_labels"]), step=step,
                               batch_size=config.batch_size, seed=config.seed,
                               two_views=two_views, fill=data.get("background", 0.0))
   return {k: v[start:stop] for k, v in batch.items()}
@@ -119,13 +138,36 @@ def create_state(config, method, model, tx, mesh, data, workdir, ckpts):
 
 
 # --------------------------------------------------------------------------- eval
-def run_eval(eval_step, state, config, data, mesh, num_classes):
+def extract_features(run, state, images, *, batch_size, mesh):
+  """Eval-mode pooled backbone features `[N, F]` of `images`."""
+  step = jax.jit(lambda s, x: common.forward(run.model, s.params, s.batch_stats, x,
+                                             train=False)[0]["features"])
+  out = []
+  for batch in batches.eval_batches(images, np.zeros(len(images), np.int32),
+                                    batch_size=batch_size):
+    feats = jax.device_get(step(state, sharding.global_batch(batch, mesh)["image"]))
+    out.append(feats[np.asarray(batch["mask"], bool)])
+  return np.concatenate(out)
+
+
+def run_eval(run, state, config, mesh):
+  """Test top-1 and mean per-class accuracy of the classifier; for methods trained
+  without labels (`FEATURE_EVAL`), the feature protocols instead (retrieval top-5,
+  k-means BCubed precision, linear probe)."""
+  data = run.data
+  if getattr(run.method, "FEATURE_EVAL", False):
+    train_f, test_f = (extract_features(run, state, data[f"{split}_images"],
+                                        batch_size=config.eval_batch_size, mesh=mesh)
+                       for split in ("train", "test"))
+    return evaluate.feature_metrics(train_f, data["train_labels"], test_f,
+                                    data["test_labels"], num_classes=config.num_classes)
   outputs = []
   for batch in batches.eval_batches(data["test_images"], data["test_labels"],
                                     batch_size=config.eval_batch_size):
-    outputs.append(jax.device_get(eval_step(state, sharding.global_batch(batch, mesh))))
+    outputs.append(jax.device_get(run.eval_step(state,
+                                                sharding.global_batch(batch, mesh))))
   pred, labels, mask = (np.concatenate(x) for x in zip(*outputs))
-  return evaluate.classification_metrics(pred, labels, mask, num_classes)
+  return evaluate.classification_metrics(pred, labels, mask, config.num_classes)
 
 
 # --------------------------------------------------------------------------- loop
@@ -185,7 +227,7 @@ def train_and_evaluate(config, workdir):
 
 
 def _loop(config, workdir, run, mesh, ckpts, writer, progress):
-  data, state, train_step, eval_step = run.data, run.state, run.train_step, run.eval_step
+  data, state, train_step = run.data, run.state, run.train_step
   first = int(state.step)
   total = config.total_steps
   metrics, eval_metrics, start = None, {}, time.perf_counter()
@@ -204,15 +246,15 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
         log.info("step %d/%d  loss %.4f  %.1f steps/s  ETA %.0f s", step, total,
                      metrics["loss"], rate, (total - step) / rate)
       if step % config.eval_every == 0 or step == total:
-        eval_metrics = run_eval(eval_step, state, config, data, mesh, config.num_classes)
+        eval_metrics = run_eval(run, state, config, mesh)
         writer.write_scalars(step, {f"test_{k}": v for k, v in eval_metrics.items()})
-        log.info("step %d  test top-1 %.4f  mean per-class %.4f", step,
-                     eval_metrics["top1"], eval_metrics["mean_class_acc"])
+        log.info("step %d  test %s", step,
+                 "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
         ckpts.save_best(step, state, eval_metrics)
       if checkpointing:
         ckpts.save(step, state)
     if not eval_metrics:  # resumed at the end: evaluate what was restored
-      eval_metrics = run_eval(eval_step, state, config, data, mesh, config.num_classes)
+      eval_metrics = run_eval(run, state, config, mesh)
   finally:
     ckpts.close()
     writer.flush()

@@ -14,6 +14,9 @@ def test_format_table_means_and_spreads():
   # mean 60, sample std of (50, 70) = 14.14; mean 50, std of (25, 75) = 35.36
   assert table[2] == "| a | 2 | 60.00 ± 14.14 | 50.00 ± 35.36 |"
   assert table[3] == "| b | 1 | 100.00 | 90.00 |"
+  features = compare.format_table({"u": [{"retrieval_top5": 0.9, "linear_probe_top1": 0.8,
+                                          "kmeans_bcubed_precision": 0.7}]}).splitlines()
+  assert features[2] == "| u | 1 | 90.00 | 70.00 | 80.00 |"
 
 
 @pytest.mark.slow

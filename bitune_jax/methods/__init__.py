@@ -8,9 +8,10 @@ optionally `check_pretrained(pretrained, config)` (before anything compiles) and
 `prepare(state, ...) -> state` (once, before training, not on resume).
 """
 
-from bitune_jax.methods import bituning, cotuning, finetune
+from bitune_jax.methods import bituning, cotuning, finetune, unsup_finetune
 
-METHODS = {"bituning": bituning, "cotuning": cotuning, "finetune": finetune}
+METHODS = {"bituning": bituning, "cotuning": cotuning, "finetune": finetune,
+           "unsup_finetune": unsup_finetune}
 
 
 def get(name):

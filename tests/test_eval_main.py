@@ -1,0 +1,35 @@
+"""`bitune-eval` on a workdir: the run's own numbers back, plus the feature protocols."""
+
+import json
+import os
+import sys
+
+import pytest
+
+from bitune_jax import eval_main, train
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+import finetune as finetune_config  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def test_evaluates_a_workdir_checkpoint(tmp_path, capsys):
+  config = finetune_config.get_config("demo")
+  config.init_from, config.image_size, config.batch_size = "", 16, 16
+  config.total_steps, config.eval_every, config.checkpoint_every = 6, 3, 3
+  _, summary = train.train_and_evaluate(config, str(tmp_path))
+  assert eval_main.main(["--workdir", str(tmp_path)]) == 0
+  metrics = json.loads(capsys.readouterr().out)
+  assert metrics["step"] == 6
+  assert metrics["top1"] == pytest.approx(summary["top1"])
+  assert metrics["mean_class_acc"] == pytest.approx(summary["mean_class_acc"])
+  for key in ("retrieval_top5", "kmeans_bcubed_precision", "linear_probe_top1"):
+    assert 0.0 <= metrics[key] <= 1.0
+  assert json.load(open(tmp_path / "eval.json")) == metrics
+  best = eval_main.evaluate_workdir(str(tmp_path), which="best")
+  assert best["step"] in (3, 6) and best["top1"] >= metrics["top1"] - 1e-9
+
+
+def test_refuses_a_folder_that_is_not_a_workdir(tmp_path):
+  with pytest.raises(SystemExit) as info:
+    eval_main.main(["--workdir", str(tmp_path)])
+  assert info.value.code == 2

@@ -1,0 +1,128 @@
+"""Unsupervised fine-tuning: CutMix boxes and lambda, source replay, grouped BatchNorm,
+the MoCo step on 8 devices, and feature evaluation in the loop."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitune_jax import sharding, train
+from bitune_jax.data import batches, cutmix
+from bitune_jax.methods import common, unsup_finetune
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+import unsup_finetune as unsup_config  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def _config(**unsup):
+  config = unsup_config.get_config("demo")
+  config.init_from, config.image_size = "", 16
+  config.batch_size, config.eval_batch_size = 16, 64
+  config.total_steps = 4
+  config.log_every = config.eval_every = config.checkpoint_every = 2
+  config.unsup.queue_size, config.unsup.bn_group_size = 64, 4
+  for key, value in unsup.items():
+    config.unsup[key] = value
+  return config
+
+
+def test_box_mask_by_hand():
+  boxes = tuple(jnp.array([v]) for v in (1, 3, 0, 2))  # rows 1-2, columns 0-1
+  mask = np.asarray(cutmix.box_mask(boxes, height=4, width=4))[0, :, :, 0]
+  expected = np.ones((4, 4))
+  expected[1:3, 0:2] = 0
+  np.testing.assert_array_equal(mask, expected)
+
+
+def test_cutmix_pixels_and_lambda_is_the_area_of_the_first_image():
+  rng = np.random.default_rng()
+  a = jnp.asarray(rng.uniform(1, 2, (64, 12, 10, 3)), jnp.float32)
+  b = jnp.asarray(rng.uniform(-2, -1, (64, 12, 10, 3)), jnp.float32)
+  mixed, lam = cutmix.cutmix(jax.random.PRNGKey(int(rng.integers(1 << 30))), a, b)
+  from_a = np.asarray(mixed > 0)[..., 0]  # a is positive, b negative
+  np.testing.assert_allclose(from_a.mean(axis=(1, 2)), np.asarray(lam), atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(mixed)[from_a], np.asarray(a)[from_a])
+  np.testing.assert_array_equal(np.asarray(mixed)[~from_a], np.asarray(b)[~from_a])
+  # Each pasted region is one axis-aligned rectangle.
+  for m in ~from_a:
+    rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+    if rows.size:
+      assert m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()
+  # The distribution of the area-corrected lambda, against a NumPy Monte Carlo of
+  # CutMix's box rule (lambda ~ Beta(1, 1), side sqrt(1 - lambda), clipped at edges).
+  _, many = cutmix.cutmix_boxes(jax.random.PRNGKey(0), batch=8000, height=32, width=32)
+  lam0 = rng.beta(1.0, 1.0, 200_000)
+  cut = np.floor(32 * np.sqrt(1 - lam0)).astype(int)
+  cy, cx = rng.integers(0, 32, (2, lam0.size))
+  h = np.clip(cy + cut // 2, 0, 32) - np.clip(cy - cut // 2, 0, 32)
+  w = np.clip(cx + cut // 2, 0, 32) - np.clip(cx - cut // 2, 0, 32)
+  reference = 1 - h * w / 1024
+  many = np.asarray(many)
+  assert many.min() >= 0 and many.max() <= 1
+  assert many.mean() == pytest.approx(reference.mean(), abs=0.01)
+  assert np.median(many) == pytest.approx(np.median(reference), abs=0.02)
+
+
+def test_source_replay_fraction_is_honoured():
+  config = _config(replay_fraction=0.1)
+  data = train.load_dataset(config)
+  target = len(data["train_images"])
+  replay = int(data["pool_is_replay"].sum())
+  assert replay == round(0.1 * 631)  # 10% of the digits 0-4 training split
+  assert len(data["pool_images"]) == target + replay
+  seen = [batches.stream_indices(len(data["pool_images"]), step=s, batch_size=16, seed=0)
+          for s in range(60)]
+  share = data["pool_is_replay"][np.concatenate(seen)].mean()
+  assert share == pytest.approx(replay / (target + replay), abs=0.03)
+  assert "pool_images" not in train.load_dataset(_config(replay_fraction=0.0))
+
+
+def test_grouped_batchnorm_is_per_group():
+  config = _config()
+  model = unsup_finetune.build_model(config, 5)
+  images = jax.random.normal(jax.random.PRNGKey(1), (8, 16, 16, 3))
+  params, stats = common.init_variables(model, jax.random.PRNGKey(0), images[:1])
+  out, new_stats = unsup_finetune.grouped_forward(model, params, stats, images,
+                                                  group_size=4)
+  parts = [common.forward(model, params, stats, images[i:i + 4], train=True)
+           for i in (0, 4)]
+  np.testing.assert_allclose(out["projection"], np.concatenate(
+      [p[0]["projection"] for p in parts]), rtol=1e-4, atol=1e-5)
+  for got, a, b in zip(jax.tree.leaves(new_stats), jax.tree.leaves(parts[0][1]),
+                       jax.tree.leaves(parts[1][1])):
+    np.testing.assert_allclose(got, (np.asarray(a) + np.asarray(b)) / 2, rtol=1e-4,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("use_cutmix", [True, False])
+def test_trains_on_eight_devices(use_cutmix):
+  config = _config(cutmix=use_cutmix)
+  mesh = sharding.make_mesh()
+  run = train.setup(config, mesh)
+  state = run.state
+  for step in range(3):
+    before = jax.device_get(state)
+    batch = sharding.global_batch(train._train_batch(config, run.data, step, True), mesh)
+    state, metrics = run.train_step(state, batch)
+  metrics = jax.device_get(metrics)
+  assert np.isfinite(metrics["loss"]) and metrics["info_nce"] > 0
+  assert ("mixed_info_nce" in metrics) == use_cutmix
+  after = jax.device_get(state)
+  assert int(after.extras["queue"].ptr) == (3 * 16) % 64  # the keys went in
+  m = config.unsup.ema_momentum  # the key encoder moved by the EMA rule
+  k_before = before.key_params["backbone"]["conv1"]["kernel"]
+  q_before = before.params["backbone"]["conv1"]["kernel"]
+  np.testing.assert_allclose(after.key_params["backbone"]["conv1"]["kernel"],
+                             m * k_before + (1 - m) * q_before, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(after.params["head"]["dense"]["kernel"],
+                                before.params["head"]["dense"]["kernel"])  # lr 0
+
+
+def test_loop_evaluates_features(tmp_path):
+  _, summary = train.train_and_evaluate(_config(), str(tmp_path))
+  assert summary["step"] == 4 and "top1" not in summary
+  for key in ("retrieval_top5", "kmeans_bcubed_precision", "linear_probe_top1"):
+    assert 0.0 <= summary[key] <= 1.0
