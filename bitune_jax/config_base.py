@@ -81,7 +81,8 @@ def base_config(arg, method):
   config.log_every = 50
   config.eval_every = 1000
   config.checkpoint_every = 1000
-  config.data = ml_collections.ConfigDict(dict(data_dir="", manual_dir=""))
+  # kshot > 0: k labelled images per class (k-shot transfer), instead of sampling_rate.
+  config.data = ml_collections.ConfigDict(dict(data_dir="", manual_dir="", kshot=0))
   if arg == "demo":
     _demo(config)
   return config

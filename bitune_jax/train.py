@@ -42,6 +42,11 @@ def load_dataset(config):
       config.data.get("part", "target"), image_size=config.image_size,
       sampling_rate=config.sampling_rate, seed=config.seed)
   data = dict(data, background=digits.digits_background())
+  shots = config.data.get("kshot", 0)
+  if shots:  # k-shot transfer: k labelled images per class of the training split
+    keep = digits.kshot_subset(data["train_labels"], shots=shots, seed=config.seed)
+    data["train_images"] = data["train_images"][keep]
+    data["train_labels"] = data["train_labels"][keep]
   fraction = config.unsup.replay_fraction if config.method == "unsup_finetune" else 0.0
   if fraction > 0:
     source = digits.load_digits_transfer("source", image_size=config.image_size,

@@ -142,6 +142,16 @@ def _prepare(images, image_size, mean, std):
   return np.ascontiguousarray(np.repeat(normalised[..., None], 3, axis=-1))
 
 
+def kshot_subset(labels, *, shots, seed):
+  """Sorted indices of `shots` examples per class (all of a smaller class), by seed."""
+  if shots < 1:
+    raise ValueError(f"shots must be >= 1, got {shots}")
+  rng = np.random.default_rng([seed, shots])
+  chosen = [rng.permutation(np.flatnonzero(labels == c))[:shots]
+            for c in np.unique(labels)]
+  return np.sort(np.concatenate(chosen))
+
+
 def load_digits_transfer(part, *, image_size=32, test_fraction=0.3, sampling_rate=100.0,
                          seed=0):
   """One side of the digits transfer task, as numpy arrays.

@@ -1,0 +1,122 @@
+"""Center loss (Wen, Zhang, Li and Qiao, ECCV 2016) added to fine-tuning's cross-entropy.
+
+Loss: `CE + lambda * L_C` (Wen et al. Eq. 5) with
+  `L_C = 1/2 * mean_i ||h_i - c_{y_i}||^2`                              (Eq. 2)
+over the pooled backbone features `h [B, F]` and one center per class, `c [C, F]`
+(`extras["centers"]`, zeros at init). Wen et al. sum over the mini-batch; we take the
+batch mean, so that lambda does not scale with the batch size.
+
+The centers are not parameters: after the loss, each step applies Wen et al.'s rule
+(Eq. 4 and Algorithm 1) with this batch's features (no gradient):
+  `delta_c_j = sum_{i: y_i = j} (c_j - h_i) / (1 + n_j)`,  n_j = #{i: y_i = j},
+  `c_j <- c_j - alpha * delta_c_j`;
+classes absent from the batch keep their center. Defaults: lambda = 0.003 and
+alpha = 0.5, Wen et al.'s setting (`config.center_loss.trade_off`, `.alpha`).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from bitune_jax import sharding
+from bitune_jax.methods import common
+
+TWO_VIEWS = False
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  trade_off: float  # lambda, Eq. (5)
+  center_lr: float  # alpha, Eq. (4)
+
+
+# --------------------------------------------------------------------------- loss
+def center_loss(*, features, centers, labels):
+  """`1/2 * mean_i ||h_i - c_{y_i}||^2` (Wen et al. Eq. 2, batch mean), float32.
+
+  Args:
+    features: `[B, F]` features h.
+    centers: `[C, F]` class centers c.
+    labels: `[B]` int class of each feature.
+
+  Returns:
+    Scalar float32 loss; gradient `(h_i - c_{y_i}) / B` w.r.t. h_i (Eq. 3, / B).
+  """
+  diff = features.astype(jnp.float32) - centers.astype(jnp.float32)[labels]  # [B, F]
+  return 0.5 * jnp.mean(jnp.sum(jnp.square(diff), axis=-1))
+
+
+def update_centers(*, centers, features, labels, alpha):
+  """Wen et al.'s center update (Eq. 4): `c_j <- c_j - alpha * delta_c_j`.
+
+  Args:
+    centers: `[C, F]` class centers.
+    features: `[B, F]` this batch's features (gradient stopped here).
+    labels: `[B]` int class of each feature, in [0, C).
+    alpha: the centers' learning rate.
+
+  Returns:
+    The updated centers `[C, F]` float32.
+  """
+  centers = centers.astype(jnp.float32)
+  features = jax.lax.stop_gradient(features).astype(jnp.float32)
+  onehot = jax.nn.one_hot(labels, centers.shape[0], dtype=jnp.float32)  # [B, C]
+  count = jnp.sum(onehot, axis=0)  # [C]  n_j
+  feature_sum = jnp.einsum("bc,bf->cf", onehot, features, precision=_HIGHEST)  # [C, F]
+  delta = (count[:, None] * centers - feature_sum) / (1.0 + count[:, None])  # [C, F]
+  return centers - alpha * delta
+
+
+# --------------------------------------------------------------------------- method
+def build_model(config, num_classes):
+  return common.build_network(config, num_classes)
+
+
+def init_state(rng, sample_images, *, model, tx, config):
+  del config
+  rng, init_rng = jax.random.split(rng)
+  params, batch_stats = common.init_variables(model, init_rng, sample_images)
+  feat = params["head"]["dense"]["kernel"].shape[0]
+  centers = jnp.zeros((model.num_classes, feat), jnp.float32)  # [C, F]
+  return common.TrainState(step=jnp.zeros((), jnp.int32), rng=rng, params=params,
+                           batch_stats=batch_stats, opt_state=tx.init(params),
+                           key_params={}, key_batch_stats={},
+                           extras={"centers": centers})
+
+
+def state_shardings(abstract_state, mesh, config):
+  del config
+  return jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
+
+
+def train_step(state, batch, *, model, tx, cfg):
+  """CE + lambda * center loss, then the center update. `batch`: image, label [B]."""
+  labels = batch["label"]
+  centers = state.extras["centers"]
+
+  def loss_fn(params):
+    out, batch_stats = common.forward(model, params, state.batch_stats, batch["image"],
+                                      train=True)
+    ce = common.ce_loss(out, labels)
+    lc = center_loss(features=out["features"], centers=centers, labels=labels)
+    metrics = {"ce": ce, "center_loss": lc,
+               "train_accuracy": common.accuracy(out["logits"], labels)}
+    return ce + cfg.trade_off * lc, (batch_stats, out["features"], metrics)  # Eq. (5)
+
+  (loss, (batch_stats, features, metrics)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  params, opt_state = common.apply_gradients(state, grads, tx)
+  centers = update_centers(centers=centers, features=features, labels=labels,
+                           alpha=cfg.center_lr)
+  state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                        opt_state=opt_state, extras={"centers": centers})
+  return state, dict(metrics, loss=loss)
+
+
+def make_train_step(model, tx, config):
+  cfg = StepConfig(trade_off=config.center_loss.trade_off,
+                   center_lr=config.center_loss.alpha)
+  return functools.partial(train_step, model=model, tx=tx, cfg=cfg)
