@@ -6,7 +6,8 @@
 The source model (supervised pre-training on digits 0-4) is trained once and shared:
 every method starts from the same checkpoint, through the same `init_from` path as a
 converted PyTorch checkpoint, and fine-tunes on digits 5-9 at the demo's sampling rate.
-Each run leaves its own workdir (`DIR/<method>_seed<k>`) with TensorBoard logs,
+Methods trained without labels (unsupervised fine-tuning) are reported by the feature
+protocols and k-shot transfer (k = 1, 2, 4, 8). Each run leaves its own workdir (`DIR/<method>_seed<k>`) with TensorBoard logs,
 checkpoints and summary.json; a finished run is not repeated.
 """
 
@@ -19,6 +20,7 @@ import statistics
 
 from bitune_jax import methods
 
+KSHOTS = (1, 2, 4, 8)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 log = logging.getLogger("bitune_jax")
 
@@ -38,16 +40,20 @@ def _config(method, seed, total_steps, init_from):
   return config
 
 
-def _run(method, seed, total_steps, workdir, init_from):
-  from bitune_jax import train  # pylint: disable=g-import-not-at-top
+def _run(method, seed, total_steps, workdir, init_from, kshot_steps):
+  from bitune_jax import eval_main, train  # pylint: disable=g-import-not-at-top
   done = os.path.join(workdir, "summary.json")
   config = _config(method, seed, total_steps, init_from)
+  summary = None
   if os.path.exists(done):
     with open(done) as f:
       summary = json.load(f)
-    if summary.get("step") == config.total_steps:
-      return summary
-  return train.train_and_evaluate(config, workdir)[1]
+  if summary is None or summary.get("step") != config.total_steps:
+    summary = train.train_and_evaluate(config, workdir)[1]
+  if getattr(methods.get(method), "FEATURE_EVAL", False) and kshot_steps:
+    summary.update(eval_main.kshot_transfer(workdir, shots=KSHOTS, seed=seed,
+                                            total_steps=kshot_steps))
+  return summary
 
 
 def _cell(values):
@@ -67,12 +73,17 @@ def format_table(rows):
               f"{_cell([100 * x['mean_class_acc'] for x in s])} |"
               for m, s in classify.items()]
   if features:
+    shots = [k for k in KSHOTS if all(f"kshot_{k}_top1" in x
+                                      for s in features.values() for x in s)]
     lines += ["" if lines else None,
               "| method (no labels) | seeds | retrieval top-5 | k-means BCubed precision "
-              "| linear probe top-1 |", "|---|---|---|---|---|"]
+              "| linear probe top-1 |" + "".join(f" {k}-shot top-1 |" for k in shots),
+              "|---|---|---|---|---|" + "---|" * len(shots)]
     lines += [f"| {m} | {len(s)} | {_cell([100 * x['retrieval_top5'] for x in s])} | "
               f"{_cell([100 * x['kmeans_bcubed_precision'] for x in s])} | "
               f"{_cell([100 * x['linear_probe_top1'] for x in s])} |"
+              + "".join(f" {_cell([100 * x[f'kshot_{k}_top1'] for x in s])} |"
+                        for k in shots)
               for m, s in features.items()]
   return "\n".join(line for line in lines if line is not None)
 
@@ -84,6 +95,9 @@ def main(argv=None):
   parser.add_argument("--seeds", default="0", help="comma-separated")
   parser.add_argument("--total_steps", type=int, default=0, help="0: the demo's")
   parser.add_argument("--pretrain_steps", type=int, default=0, help="0: the demo's")
+  parser.add_argument("--kshot_steps", type=int, default=100,
+                      help="k-shot transfer steps for methods trained without labels "
+                           "(0: skip)")
   args = parser.parse_args(argv)
   names = args.methods.split(",")
   unknown = [m for m in names if m not in methods.METHODS]
@@ -105,7 +119,8 @@ def main(argv=None):
     for seed in (int(s) for s in args.seeds.split(",")):
       rows.setdefault(method, []).append(
           _run(method, seed, args.total_steps,
-               os.path.join(workdir, f"{method}_seed{seed}"), source))
+               os.path.join(workdir, f"{method}_seed{seed}"), source,
+               args.kshot_steps))
   table = format_table(rows)
   print(table)
   with open(os.path.join(workdir, "comparison.md"), "w") as f:

@@ -17,6 +17,11 @@ def test_format_table_means_and_spreads():
   features = compare.format_table({"u": [{"retrieval_top5": 0.9, "linear_probe_top1": 0.8,
                                           "kmeans_bcubed_precision": 0.7}]}).splitlines()
   assert features[2] == "| u | 1 | 90.00 | 70.00 | 80.00 |"
+  shots = {f"kshot_{k}_top1": k / 10 for k in (1, 2, 4, 8)}
+  with_shots = compare.format_table({"u": [{"retrieval_top5": 0.9, "linear_probe_top1": 0.8,
+                                            "kmeans_bcubed_precision": 0.7, **shots}]})
+  assert with_shots.splitlines()[2] == ("| u | 1 | 90.00 | 70.00 | 80.00 | 10.00 | 20.00 |"
+                                        " 40.00 | 80.00 |")
 
 
 @pytest.mark.slow
