@@ -10,342 +10,29 @@ strings. bfloat16 (and float8) tensors are `ml_dtypes` arrays (exact; ml_dtypes 
 dependency). Bool data is read as bytes and compared with zero. Only little-endian
 files are read; OrderedDict attributes (`state_dict()._metadata`) are dropped.
 
-Safety, in three layers:
-  1. Each pickle is first walked with `pickletools.genops`, a parser that executes
-     nothing: EXT1/EXT2/EXT4 (copyreg extension codes) are refused, and so is any
-     GLOBAL/INST naming a global that is not on the allow-list.
-  2. `_SafeUnpickler.find_class` maps each allowed (module, name) to this module's own
-     replacement and never imports anything; any other global (STACK_GLOBAL included)
-     raises UnsafeCheckpointError. REDUCE, NEWOBJ, INST and OBJ can therefore only call
-     these replacements or the data-only builtins set, frozenset and complex.
-  3. Allowed functions are wrapped, and the replacements return inert placeholders
-     (`__slots__`, a `__setstate__` that refuses BUILD), so BUILD can patch nothing;
-     arrays are made only after unpickling, with bounds checked against the storage's
-     bytes before `as_strided` looks at them.
+The pickles are read by `safe_pickle` (an allow-list unpickler that executes nothing).
 """
 
 import io
 import json
 import math
 import os
-import pickle
-import pickletools
 import zipfile
 
-import ml_dtypes
 import numpy as np
+
+from bitune_jax.convert.safe_pickle import (DTYPES, CheckpointError,
+                                            UnsafeCheckpointError, int_tuple,
+                                            load_pickle, to_plain)
 
 __all__ = ["CheckpointError", "UnsafeCheckpointError", "read_checkpoint"]
 
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 _LEGACY_PROTOCOL = 1001
-
-_DTYPES = {name: np.dtype(t) for name, t in {
-    "float64": np.float64, "float32": np.float32, "float16": np.float16,
-    "bfloat16": ml_dtypes.bfloat16, "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
-    "float8_e5m2": ml_dtypes.float8_e5m2, "complex64": np.complex64,
-    "complex128": np.complex128, "int64": np.int64, "int32": np.int32, "int16": np.int16,
-    "int8": np.int8, "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32,
-    "uint64": np.uint64, "bool": np.bool_}.items()}
-_STORAGES = {"DoubleStorage": "float64", "FloatStorage": "float32",
-             "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
-             "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16",
-             "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
-             "ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128"}
 _SAFETENSORS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64",
                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
                 "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool"}
-
-
-class CheckpointError(ValueError):
-  """The file is missing, truncated, corrupt or in no format this reader knows."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-  """The file asks for a global or opcode that is not on the allow-list."""
-
-
-# ----------------------------------------------------------------------- placeholders
-class _Inert:
-  """Base of the unpickler's placeholders: slotted, and BUILD on them is refused."""
-  __slots__ = ()
-
-  def __init__(self, *values):
-    for slot, value in zip(self.__slots__, values):
-      object.__setattr__(self, slot, value)
-
-  def __setstate__(self, state):
-    raise UnsafeCheckpointError(f"refusing BUILD (__setstate__) on a "
-                                f"{type(self).__name__[1:]} placeholder; nothing was executed")
-
-
-class _Callable(_Inert):
-  """An allowed callable: REDUCE calls it; BUILD cannot reach the function inside."""
-  __slots__ = ("fn",)
-
-  def __call__(self, *args):
-    return self.fn(*args)
-
-
-class _Dtype(_Inert):
-  """A `torch.<dtype>` global, e.g. the dtype argument of `_rebuild_tensor_v3`."""
-  __slots__ = ("dtype",)
-
-
-class _StorageType(_Inert):
-  """A storage class global (`torch.FloatStorage`, `torch.UntypedStorage`, ...)."""
-  __slots__ = ("dtype",)
-
-
-class _Storage(_Inert):
-  """A storage from a persistent id: `nbytes` bytes of storage `key` from byte `start`."""
-  __slots__ = ("key", "dtype", "start", "nbytes")
-
-
-class _Tensor(_Inert):
-  """A tensor to be cut out of `storage` once the storages' bytes are known."""
-  __slots__ = ("storage", "dtype", "offset", "size", "stride")
-
-
-class _ODict(dict):
-  """Stands in for collections.OrderedDict; instance attributes (BUILD state) dropped."""
-  __slots__ = ()
-
-  def __setstate__(self, state):
-    del state  # e.g. state_dict()._metadata: module versions, not tensors.
-
-
-class _Namespace(dict):
-  """Stands in for argparse.Namespace: its attributes, as a dict (data only)."""
-  __slots__ = ()
-
-  def __setstate__(self, state):
-    if not isinstance(state, dict):
-      raise CheckpointError(f"argparse.Namespace state must be a dict, got {type(state)}")
-    self.update(state)
-
-
-# ----------------------------------------------------------------------- replacements
-def _int_tuple(value, what):
-  if not isinstance(value, (tuple, list)) or any(type(v) is not int for v in value):
-    raise CheckpointError(f"{what} must be a tuple of ints, got {value!r:.200}")
-  return tuple(value)
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, dtype=None):
-  """Replacement for torch._utils._rebuild_tensor: validates and returns a _Tensor."""
-  if not isinstance(storage, _Storage):
-    raise CheckpointError(f"tensor built from a {type(storage).__name__}, not a storage")
-  if dtype is not None and not isinstance(dtype, _Dtype):
-    raise CheckpointError(f"tensor dtype must be a torch dtype, got {dtype!r:.200}")
-  size, stride = _int_tuple(size, "tensor size"), _int_tuple(stride, "tensor stride")
-  if type(storage_offset) is not int or len(size) != len(stride) or min(size, default=0) < 0:
-    raise CheckpointError(f"bad tensor geometry: offset {storage_offset!r:.50}, "
-                          f"size {size}, stride {stride}")
-  return _Tensor(storage, storage.dtype if dtype is None else dtype.dtype,
-                 storage_offset, size, stride)
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
-  """Replacement for torch._utils._rebuild_tensor_v2 (hooks and metadata ignored)."""
-  del requires_grad, backward_hooks, metadata
-  return _rebuild_tensor(storage, storage_offset, size, stride)
-
-
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad,
-                       backward_hooks, dtype, metadata=None):
-  """Replacement for torch._utils._rebuild_tensor_v3 (untyped storage + dtype)."""
-  del requires_grad, backward_hooks, metadata
-  return _rebuild_tensor(storage, storage_offset, size, stride, dtype)
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
-  """Replacement for _rebuild_parameter(_with_state): a Parameter is its tensor."""
-  del requires_grad, backward_hooks, state
-  if not isinstance(data, _Tensor):
-    raise CheckpointError(f"parameter built from a {type(data).__name__}, not a tensor")
-  return data
-
-
-def _torch_device(kind, index=None):
-  if not isinstance(kind, str) or not (index is None or type(index) is int):
-    raise CheckpointError(f"bad torch.device arguments {kind!r:.50}, {index!r:.50}")
-  return kind if index is None else f"{kind}:{index}"
-
-
-def _codecs_encode(text, encoding="latin1"):
-  """How protocol-2 pickles spell bytes: `_codecs.encode(str, 'latin1')`, nothing else."""
-  if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-    raise CheckpointError(f"_codecs.encode allowed only as (str, 'latin1'), got {encoding!r:.50}")
-  return text.encode("latin1")
-
-
-def _allow_list():
-  """(module, name) -> our replacement; functions wrapped so BUILD cannot patch them."""
-  rebuild = {"_rebuild_tensor": _rebuild_tensor, "_rebuild_tensor_v2": _rebuild_tensor_v2,
-             "_rebuild_tensor_v3": _rebuild_tensor_v3,
-             "_rebuild_parameter": _rebuild_parameter,
-             "_rebuild_parameter_with_state": _rebuild_parameter}
-  allowed = {("torch._utils", name): fn for name, fn in rebuild.items()}
-  allowed.update({
-      ("collections", "OrderedDict"): _ODict, ("argparse", "Namespace"): _Namespace,
-      ("torch", "Size"): lambda dims=(): _int_tuple(dims, "torch.Size"),
-      ("torch", "device"): _torch_device,
-      ("_codecs", "encode"): _codecs_encode,
-      ("torch", "UntypedStorage"): _StorageType(_DTYPES["uint8"]),
-      ("torch.storage", "UntypedStorage"): _StorageType(_DTYPES["uint8"])})
-  for module in ("builtins", "__builtin__"):  # protocol 2 spells builtins __builtin__
-    allowed.update({(module, "set"): set, (module, "frozenset"): frozenset,
-                    (module, "complex"): complex})
-  for name, dtype in _STORAGES.items():
-    allowed["torch", name] = _StorageType(_DTYPES[dtype])
-  for name, dtype in _DTYPES.items():  # torch.float32 etc. pickle as `torch float32`.
-    allowed["torch", name] = _Dtype(dtype)
-  return {k: _Callable(v) if callable(v) and not isinstance(v, type) else v
-          for k, v in allowed.items()}
-
-
-_ALLOWED = _allow_list()
-
-
-# --------------------------------------------------------------------------- unpickling
-def _refusal(module, name, path):
-  return (f"refusing global '{module}.{name}' in checkpoint {path}: "
-          "not on the allow-list; nothing was executed")
-
-
-class _SafeUnpickler(pickle.Unpickler):
-  """Globals only from the allow-list; persistent ids become lazy _Storage refs.
-
-  `storages` collects key -> (dtype, nbytes) of every root storage the pickle uses.
-  """
-
-  def __init__(self, data, path, storages, legacy):
-    super().__init__(io.BytesIO(data), encoding="utf-8")
-    self._path, self._storages, self._legacy = path, storages, legacy
-
-  def find_class(self, module, name):
-    target = _ALLOWED.get((module, name))
-    if target is None:
-      raise UnsafeCheckpointError(_refusal(module, name, self._path))
-    return target
-
-  def persistent_load(self, pid):
-    length = 6 if self._legacy else 5
-    if not (isinstance(pid, tuple) and len(pid) == length and pid[0] in ("storage", b"storage")):
-      raise CheckpointError(f"unsupported persistent id {pid!r:.200}")
-    storage_type, key, _, numel = pid[1:5]
-    if not (isinstance(storage_type, _StorageType) and isinstance(key, str)
-            and type(numel) is int and numel >= 0):
-      raise CheckpointError(f"bad storage persistent id {pid!r:.200}")
-    dtype = storage_type.dtype
-    self._storages.setdefault(key, (dtype, numel * dtype.itemsize))
-    view = pid[5] if self._legacy else None
-    if view is None:
-      return _Storage(key, dtype, 0, numel * dtype.itemsize)
-    if not (isinstance(view, tuple) and len(view) == 3
-            and all(type(v) is int and v >= 0 for v in view[1:])):
-      raise CheckpointError(f"bad storage view metadata {view!r:.200}")
-    _, offset, view_size = view  # A view of the root storage, in elements.
-    return _Storage(key, dtype, offset * dtype.itemsize, view_size * dtype.itemsize)
-
-
-def _check_opcode(name, arg, path, count):
-  """Refuses opcode `count` of a pickle before anything runs, if it is unsafe."""
-  if name in ("EXT1", "EXT2", "EXT4"):
-    raise UnsafeCheckpointError(
-        f"refusing opcode {name} (copyreg extension code {arg}) in checkpoint {path}: "
-        "extension registry lookups are not on the allow-list; nothing was executed")
-  if name in ("GLOBAL", "INST"):
-    module, _, attr = arg.partition(" ")
-    if (module, attr) not in _ALLOWED:
-      raise UnsafeCheckpointError(_refusal(module, attr, path))
-  if name in ("PUT", "BINPUT", "LONG_BINPUT") and arg > count:  # Picklers count up; a
-    raise CheckpointError(f"corrupt pickle: memo index {arg}")  # huge one allocates GBs.
-
-
-def _load_pickle(f, path, storages=None, legacy=False):
-  """Checks the opcodes of the next pickle in `f`, then unpickles it safely."""
-  start = f.tell()
-  try:
-    for count, (opcode, arg, _) in enumerate(pickletools.genops(f)):
-      _check_opcode(opcode.name, arg, path, count)
-  except CheckpointError:
-    raise
-  except Exception as e:  # genops: ValueError on a cut or garbled stream.
-    raise CheckpointError(f"truncated or corrupt pickle at byte {start}: {e}") from e
-  end = f.tell()
-  f.seek(start)
-  data = f.read(end - start)
-  unpickler = _SafeUnpickler(data, path, {} if storages is None else storages, legacy)
-  return unpickler.load()
-
-
-# ------------------------------------------------------------------------ materialising
-def _flat(storage, dtype, fetch):
-  """The storage's bytes as a read-only 1-d array of `dtype` (bool read as uint8)."""
-  raw = fetch(storage.key)
-  end = storage.start + storage.nbytes
-  if end > len(raw):
-    raise CheckpointError(
-        f"truncated: storage '{storage.key}' needs {end} bytes, {len(raw)} available")
-  return np.frombuffer(raw, dtype=np.uint8 if dtype.kind == "b" else dtype,
-                       count=storage.nbytes // dtype.itemsize, offset=storage.start)
-
-
-def _tensor_array(t, fetch):
-  """Copies tensor `t` (offset, size, stride in elements) out of its storage."""
-  flat = _flat(t.storage, t.dtype, fetch)
-  if 0 in t.size:
-    array = np.zeros(t.size, flat.dtype)
-  else:
-    last = t.offset + sum((n - 1) * s for n, s in zip(t.size, t.stride))
-    if t.offset < 0 or min(t.stride, default=0) < 0 or last >= flat.size:
-      raise CheckpointError(
-          f"tensor (offset {t.offset}, size {t.size}, stride {t.stride}) lies outside "
-          f"storage '{t.storage.key}' of {flat.size} elements")
-    view = np.lib.stride_tricks.as_strided(
-        flat[t.offset:], shape=t.size, strides=[s * flat.itemsize for s in t.stride])
-    array = np.array(view, order="C")  # A copy: C-contiguous, writable.
-  return array != 0 if t.dtype.kind == "b" else array
-
-
-def _to_plain(root, fetch):
-  """Placeholders -> arrays, dict subclasses -> dict; keeps sharing, rejects strangers."""
-  memo, busy = {}, object()
-  scalars = (str, bytes, bytearray, int, float, complex, bool, type(None))
-
-  def convert(x):
-    if type(x) in scalars:
-      return x
-    if id(x) in memo:
-      if memo[id(x)] is busy:
-        raise CheckpointError("self-referencing tuple or set")
-      return memo[id(x)]
-    if isinstance(x, dict):
-      out = memo[id(x)] = {}
-      for key, value in x.items():
-        out[convert(key)] = convert(value)
-    elif type(x) is list:
-      out = memo[id(x)] = []
-      out.extend(convert(v) for v in x)
-    elif type(x) in (tuple, set, frozenset):
-      memo[id(x)] = busy
-      out = type(x)(convert(v) for v in x)
-    elif isinstance(x, _Tensor):
-      out = _tensor_array(x, fetch)
-    elif isinstance(x, _Storage):
-      out = _tensor_array(_Tensor(x, x.dtype, 0, (x.nbytes // x.dtype.itemsize,), (1,)), fetch)
-    elif isinstance(x, (_Dtype, _StorageType)):
-      out = x.dtype
-    else:
-      raise CheckpointError(f"unexpected object of type {type(x).__name__} in the pickle")
-    memo[id(x)] = out
-    return out
-
-  return convert(root)
 
 
 # ------------------------------------------------------------------------------ formats
@@ -357,7 +44,7 @@ def _read_torch_zip(path, zf, root):
     order = zf.read(f"{root}/byteorder").decode("ascii", "replace").strip()
   if order != "little":
     raise CheckpointError(f"byteorder is '{order}': only little-endian checkpoints are read")
-  obj = _load_pickle(io.BytesIO(zf.read(f"{root}/data.pkl")), path)
+  obj = load_pickle(io.BytesIO(zf.read(f"{root}/data.pkl")), path)
   cache = {}
 
   def fetch(key):
@@ -368,7 +55,7 @@ def _read_torch_zip(path, zf, root):
       cache[key] = zf.read(name)
     return cache[key]
 
-  return _to_plain(obj, fetch)
+  return to_plain(obj, fetch)
 
 
 def _read_legacy(path, raw):
@@ -378,17 +65,17 @@ def _read_legacy(path, raw):
   storages are zero-copy slices of it.
   """
   f = io.BytesIO(raw)
-  if _load_pickle(f, path) != _LEGACY_MAGIC:
+  if load_pickle(f, path) != _LEGACY_MAGIC:
     raise CheckpointError("not a torch checkpoint: bad legacy magic number")
-  protocol = _load_pickle(f, path)
+  protocol = load_pickle(f, path)
   if protocol != _LEGACY_PROTOCOL:
     raise CheckpointError(f"unsupported legacy protocol version {protocol!r:.50}")
-  sys_info = _load_pickle(f, path)
+  sys_info = load_pickle(f, path)
   if isinstance(sys_info, dict) and sys_info.get("little_endian", True) is not True:
     raise CheckpointError("big-endian legacy checkpoint: only little-endian is read")
   storages = {}
-  obj = _load_pickle(f, path, storages, legacy=True)
-  keys = _load_pickle(f, path)
+  obj = load_pickle(f, path, storages, legacy=True)
+  keys = load_pickle(f, path)
   if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
     raise CheckpointError(f"bad legacy storage key list {keys!r:.200}")
   data, pos = {}, f.tell()
@@ -412,16 +99,16 @@ def _read_legacy(path, raw):
       raise CheckpointError(f"storage key '{key}' missing from the legacy stream")
     return data[key]
 
-  return _to_plain(obj, fetch)
+  return to_plain(obj, fetch)
 
 
 def _safetensors_array(name, info, data):
   """One safetensors entry {dtype, shape, data_offsets} -> a numpy array."""
   if not (isinstance(info, dict) and info.get("dtype") in _SAFETENSORS):
     raise CheckpointError(f"tensor '{name}': unsupported entry {info!r:.200}")
-  dtype = _DTYPES[_SAFETENSORS[info["dtype"]]]
-  shape = _int_tuple(info.get("shape"), f"tensor '{name}' shape")
-  offsets = _int_tuple(info.get("data_offsets"), f"tensor '{name}' data_offsets")
+  dtype = DTYPES[_SAFETENSORS[info["dtype"]]]
+  shape = int_tuple(info.get("shape"), f"tensor '{name}' shape")
+  offsets = int_tuple(info.get("data_offsets"), f"tensor '{name}' data_offsets")
   count = math.prod(shape)
   if len(offsets) != 2 or min(shape, default=0) < 0 or not (
       0 <= offsets[0] and offsets[1] - offsets[0] == count * dtype.itemsize):
