@@ -67,7 +67,7 @@ def _check_labels(fn, labels, batch):
                        labels=labels)
 
 
-def _soft_class_kl(own_logits, queue_logits, labels, *, size):
+def _soft_class_kl(own_logits, queue_logits, labels, *, size, num_valid=None):
   """KL(uniform over {own, K slots of own class} || softmax over 1 + C*K), batch mean.
 
   Args:
@@ -75,11 +75,16 @@ def _soft_class_kl(own_logits, queue_logits, labels, *, size):
     queue_logits: `[B, C*K]` logits of every queue slot (class-major) for every query.
     labels: `[B]` int class of each query.
     size: K, slots per class.
+    num_valid: classes `>= num_valid` are padding (e.g. to shard the class axis evenly)
+      and take no part; None: all are real.
 
   Returns:
     Scalar `mean_b [logsumexp_b - mean_{positives} logit - log(K + 1)]`, which is
     PyTorch's `KLDivLoss(reduction='batchmean')(log_softmax(logits), target)`.
   """
+  slot_class = jnp.arange(queue_logits.shape[1]) // size  # [C*K]
+  if num_valid is not None and num_valid * size < queue_logits.shape[1]:
+    queue_logits = jnp.where(slot_class[None, :] < num_valid, queue_logits, -jnp.inf)
   # Log-sum-exp over all 1 + C*K candidates of each query, stabilised by its max.
   peak = jax.lax.stop_gradient(
       jnp.maximum(own_logits, jnp.max(queue_logits, axis=1)))  # [B]
@@ -88,7 +93,6 @@ def _soft_class_kl(own_logits, queue_logits, labels, *, size):
   lse = peak + jnp.log(total)  # [B]
   # Positives: the own candidate and the K slots of the query's class. A mask (not a
   # gather) keeps this an elementwise row reduction, also when the slot axis is sharded.
-  slot_class = jnp.arange(queue_logits.shape[1]) // size  # [C*K]
   in_class = slot_class[None, :] == labels[:, None]  # [B, C*K]
   pos = own_logits + jnp.sum(jnp.where(in_class, queue_logits, 0.0), axis=1)  # [B]
   per_query = lse - pos / (size + 1) - math.log(size + 1)  # [B]
@@ -107,7 +111,8 @@ def _score_queue(scaled_query, queue):
 
 
 # --------------------------------------------------------------------------- Bi-tuning
-def categorical_contrastive_loss(*, z_query, z_key, queue_z, labels, temperature=0.07):
+def categorical_contrastive_loss(*, z_query, z_key, queue_z, labels, temperature=0.07,
+                                 num_valid_classes=None):
   """Categorical contrastive loss (CCL) on the projector head, Bi-tuning Eq. (4).
 
   For query i of class c the candidates are its own key, then every queue slot
@@ -120,6 +125,8 @@ def categorical_contrastive_loss(*, z_query, z_key, queue_z, labels, temperature
     queue_z: `[C, K, D]` per-class key queue.
     labels: `[B]` int class of each query.
     temperature: softmax temperature tau.
+    num_valid_classes: queue classes `>= num_valid_classes` are padding (to shard the
+      class axis evenly over devices) and are not candidates; None: all are real.
 
   Returns:
     Scalar float32 loss.
@@ -136,7 +143,8 @@ def categorical_contrastive_loss(*, z_query, z_key, queue_z, labels, temperature
   zq = z_query.astype(_F32) / temperature
   own = jnp.sum(zq * z_key.astype(_F32), axis=-1)  # [B]
   queue_logits = _score_queue(zq, queue_z)  # [B, C*K]
-  return _soft_class_kl(own, queue_logits, labels, size=queue_z.shape[1])
+  return _soft_class_kl(own, queue_logits, labels, size=queue_z.shape[1],
+                        num_valid=num_valid_classes)
 
 
 def contrastive_cross_entropy_loss(*, h_query, head_kernel, head_bias, queue_h, labels,
@@ -154,7 +162,8 @@ def contrastive_cross_entropy_loss(*, h_query, head_kernel, head_bias, queue_h, 
       1 and L2-normalises).
     head_kernel: `[F, C]` classifier kernel (Flax Dense layout).
     head_bias: `[C]` classifier bias.
-    queue_h: `[C, K, F+1]` per-class queue of `normalize([h_key, 1])`.
+    queue_h: `[C', K, F+1]` per-class queue of `normalize([h_key, 1])`; C' >= C,
+      rows `>= C` being padding (to shard the class axis evenly) that takes no part.
     labels: `[B]` int class of each query.
     temperature: softmax temperature tau.
     stop_gradient_head: no gradient into the head through the prototypes (the
@@ -170,9 +179,10 @@ def contrastive_cross_entropy_loss(*, h_query, head_kernel, head_bias, queue_h, 
   _check_rank(fn, "queue_h", queue_h, 3)
   feat, num_classes = head_kernel.shape
   if (h_query.shape[1] != feat or head_bias.shape[0] != num_classes
-      or queue_h.shape[0] != num_classes or queue_h.shape[2] != feat + 1):
+      or queue_h.shape[0] < num_classes or queue_h.shape[2] != feat + 1):
     raise _shape_error(
-        fn, "need h_query [B,F], head_kernel [F,C], head_bias [C], queue_h [C,K,F+1]",
+        fn, "need h_query [B,F], head_kernel [F,C], head_bias [C], queue_h [C',K,F+1] "
+        "with C' >= C",
         h_query=h_query, head_kernel=head_kernel, head_bias=head_bias, queue_h=queue_h)
   _check_labels(fn, labels, h_query.shape[0])
 
@@ -186,7 +196,8 @@ def contrastive_cross_entropy_loss(*, h_query, head_kernel, head_bias, queue_h, 
   hq = append_one_and_normalize(h_query)  # [B, F+1]
   own = jnp.sum(hq * w, axis=-1)  # [B]
   queue_logits = _score_queue(w, queue_h)  # [B, C*K]
-  return _soft_class_kl(own, queue_logits, labels, size=queue_h.shape[1])
+  return _soft_class_kl(own, queue_logits, labels, size=queue_h.shape[1],
+                        num_valid=num_classes)
 
 
 # --------------------------------------------------------------------------- MoCo

@@ -250,3 +250,31 @@ def test_bad_shapes_raise_clear_errors(call, needle):
   with pytest.raises(ValueError) as info:
     jax.jit(call)()  # at trace time
   assert needle in str(info.value)
+
+
+def test_padded_queue_classes_take_no_part():
+  """Queues padded with extra class rows (to shard evenly) give the unpadded numbers."""
+  rng = np.random.default_rng()
+  num_classes, size, batch, dim, pad = 5, 3, 8, 6, 3
+  z_q, z_k = _unit(rng, batch, dim), _unit(rng, batch, dim)
+  queue = _unit(rng, num_classes, size, dim)
+  padded = np.concatenate([queue, _unit(rng, pad, size, dim)])  # junk in the padding
+  labels = jnp.asarray(rng.integers(0, num_classes, batch))
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+
+  def ccl(zq, qz, valid):
+    return losses.categorical_contrastive_loss(z_query=zq, z_key=f32(z_k), queue_z=qz,
+                                               labels=labels, num_valid_classes=valid)
+  plain = jax.value_and_grad(ccl)(f32(z_q), f32(queue), None)
+  masked = jax.value_and_grad(ccl)(f32(z_q), f32(padded), num_classes)
+  _assert_close(masked[0], plain[0])
+  _assert_close(masked[1], plain[1])
+  unmasked = ccl(f32(z_q), f32(padded), None)  # the padding would change the loss
+  assert abs(float(unmasked) - float(plain[0])) > 1e-4
+
+  feat = dim - 1
+  kernel, bias = f32(rng.standard_normal((feat, num_classes))), f32(rng.standard_normal(5))
+  h = f32(rng.standard_normal((batch, feat)))
+  cce = lambda qh: losses.contrastive_cross_entropy_loss(  # noqa: E731
+      h_query=h, head_kernel=kernel, head_bias=bias, queue_h=qh, labels=labels)
+  _assert_close(cce(f32(padded)), cce(f32(queue)))

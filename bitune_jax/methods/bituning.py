@@ -13,6 +13,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bitune_jax import ema, losses, queues, sharding
 from bitune_jax.methods import common
@@ -32,17 +33,32 @@ def build_model(config, num_classes):
   return common.build_network(config, num_classes, projector=True)
 
 
+def queue_classes(num_classes, config):
+  """Rows of the per-class queues: C, padded to a multiple of the device count when the
+  queues are sharded over classes (the padding rows take no part in the losses)."""
+  devices = jax.device_count() if config.shard_queues else 1
+  return -(-num_classes // devices) * devices
+
+
+def _padded_queues(rng, num_classes, padded, size, dim):
+  """The real classes' queues do not depend on the padding (same numbers on any mesh)."""
+  q = queues.init_class_queues(rng, num_classes=num_classes, size=size, dim=dim)
+  extra = padded - num_classes
+  return queues.ClassQueues(keys=jnp.pad(q.keys, ((0, extra), (0, 0), (0, 0))),
+                            ptr=jnp.pad(q.ptr, (0, extra)))
+
+
 def init_state(rng, sample_images, *, model, tx, config):
   rng, init_rng, queue_rng_h, queue_rng_z = jax.random.split(rng, 4)
   params, batch_stats = common.init_variables(model, init_rng, sample_images)
   num_classes = model.num_classes
   feat = params["head"]["dense"]["kernel"].shape[0]
+  padded = queue_classes(num_classes, config)
   extras = {
-      "queue_h": queues.init_class_queues(queue_rng_h, num_classes=num_classes,
-                                          size=config.bituning.queue_size, dim=feat + 1),
-      "queue_z": queues.init_class_queues(queue_rng_z, num_classes=num_classes,
-                                          size=config.bituning.queue_size,
-                                          dim=config.bituning.projector_dim),
+      "queue_h": _padded_queues(queue_rng_h, num_classes, padded,
+                                config.bituning.queue_size, feat + 1),
+      "queue_z": _padded_queues(queue_rng_z, num_classes, padded,
+                                config.bituning.queue_size, config.bituning.projector_dim),
   }
   # The key encoder starts as a copy of the query encoder.
   return common.TrainState(step=jnp.zeros((), jnp.int32), rng=rng, params=params,
@@ -54,11 +70,11 @@ def state_shardings(abstract_state, mesh, config):
   """Replicated, except the queues' class axis when `config.shard_queues`."""
   rep = sharding.replicated(mesh)
   shardings = jax.tree.map(lambda _: rep, abstract_state)
-  extras = {
-      name: queues.ClassQueues(
-          keys=sharding.queue_sharding(mesh, q.keys.shape, shard=config.shard_queues),
-          ptr=sharding.queue_sharding(mesh, q.ptr.shape, shard=config.shard_queues))
-      for name, q in abstract_state.extras.items()}
+  extras = {}
+  for name, q in abstract_state.extras.items():
+    keys = sharding.queue_sharding(mesh, q.keys.shape, shard=config.shard_queues)
+    ptr = NamedSharding(mesh, P(*keys.spec[:1]))  # pointers follow the class axis
+    extras[name] = queues.ClassQueues(keys=keys, ptr=ptr)
   return shardings.replace(extras=extras)
 
 
@@ -85,7 +101,8 @@ def train_step(state, batch, *, model, tx, cfg):
         labels=labels, temperature=cfg.temperature)  # Eq. (3)
     ccl = losses.categorical_contrastive_loss(
         z_query=losses.l2_normalize(out["projection"]), z_key=z_k, queue_z=queue_z.keys,
-        labels=labels, temperature=cfg.temperature)  # Eq. (4)
+        labels=labels, temperature=cfg.temperature,
+        num_valid_classes=model.num_classes)  # Eq. (4)
     loss = ce + cfg.trade_off * (cce + ccl)  # Eq. (5)
     metrics = {"ce": ce, "cce": cce, "ccl": ccl,
                "train_accuracy": common.accuracy(out["logits"], labels)}
