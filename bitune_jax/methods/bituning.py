@@ -61,9 +61,7 @@ def init_state(rng, sample_images, *, model, tx, config):
                                 config.bituning.queue_size, config.bituning.projector_dim),
   }
   # The key encoder starts as a copy of the query encoder.
-  return common.TrainState(step=jnp.zeros((), jnp.int32), rng=rng, params=params,
-                           batch_stats=batch_stats, opt_state=tx.init(params),
-                           key_params=params, key_batch_stats=batch_stats, extras=extras)
+  return common.new_state(rng, params, batch_stats, tx, key_encoder=True, extras=extras)
 
 
 def state_shardings(abstract_state, mesh, config):

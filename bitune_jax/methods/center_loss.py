@@ -20,7 +20,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from bitune_jax import sharding
 from bitune_jax.methods import common
 
 TWO_VIEWS = False
@@ -81,15 +80,12 @@ def init_state(rng, sample_images, *, model, tx, config):
   params, batch_stats = common.init_variables(model, init_rng, sample_images)
   feat = params["head"]["dense"]["kernel"].shape[0]
   centers = jnp.zeros((model.num_classes, feat), jnp.float32)  # [C, F]
-  return common.TrainState(step=jnp.zeros((), jnp.int32), rng=rng, params=params,
-                           batch_stats=batch_stats, opt_state=tx.init(params),
-                           key_params={}, key_batch_stats={},
-                           extras={"centers": centers})
+  return common.new_state(rng, params, batch_stats, tx, extras={"centers": centers})
 
 
 def state_shardings(abstract_state, mesh, config):
   del config
-  return jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
+  return common.replicated_shardings(abstract_state, mesh)
 
 
 def train_step(state, batch, *, model, tx, cfg):

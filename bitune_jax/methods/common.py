@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bitune_jax import losses, models
+from bitune_jax import losses, models, sharding
 
 log = logging.getLogger("bitune_jax")
 
@@ -34,6 +34,21 @@ class TrainState:
   key_params: Any
   key_batch_stats: Any
   extras: Any
+
+
+def new_state(rng, params, batch_stats, tx, *, key_encoder=False, extras=None):
+  """The state at step 0; with `key_encoder`, the key encoder starts as a copy of the
+  query encoder (MoCo-style methods)."""
+  return TrainState(step=jnp.zeros((), jnp.int32), rng=rng, params=params,
+                    batch_stats=batch_stats, opt_state=tx.init(params),
+                    key_params=params if key_encoder else {},
+                    key_batch_stats=batch_stats if key_encoder else {},
+                    extras={} if extras is None else extras)
+
+
+def replicated_shardings(abstract_state, mesh):
+  """Every leaf of the state replicated over the mesh."""
+  return jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
 
 
 class Network(nn.Module):

@@ -57,15 +57,12 @@ def init_state(rng, sample_images, *, model, tx, config):
   rng, init_rng = jax.random.split(rng)
   params, batch_stats = common.init_variables(model, init_rng, sample_images)
   uniform = jnp.full((model.num_classes, model.source_classes), 1.0 / model.source_classes)
-  return common.TrainState(step=jnp.zeros((), jnp.int32), rng=rng, params=params,
-                           batch_stats=batch_stats, opt_state=tx.init(params),
-                           key_params={}, key_batch_stats={},
-                           extras={"relationship": uniform})
+  return common.new_state(rng, params, batch_stats, tx, extras={"relationship": uniform})
 
 
 def state_shardings(abstract_state, mesh, config):
   del config
-  return jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
+  return common.replicated_shardings(abstract_state, mesh)
 
 
 # --------------------------------------------------------------------------- relationship

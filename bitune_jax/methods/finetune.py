@@ -3,9 +3,7 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 
-from bitune_jax import sharding
 from bitune_jax.methods import common
 
 TWO_VIEWS = False
@@ -19,14 +17,12 @@ def init_state(rng, sample_images, *, model, tx, config):
   del config
   rng, init_rng = jax.random.split(rng)
   params, batch_stats = common.init_variables(model, init_rng, sample_images)
-  return common.TrainState(step=jnp.zeros((), jnp.int32), rng=rng, params=params,
-                           batch_stats=batch_stats, opt_state=tx.init(params),
-                           key_params={}, key_batch_stats={}, extras={})
+  return common.new_state(rng, params, batch_stats, tx)
 
 
 def state_shardings(abstract_state, mesh, config):
   del config
-  return jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
+  return common.replicated_shardings(abstract_state, mesh)
 
 
 def train_step(state, batch, *, model, tx):

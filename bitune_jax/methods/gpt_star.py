@@ -21,9 +21,8 @@ import functools
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
-from bitune_jax import ema, losses, queues, sharding
+from bitune_jax import ema, losses, queues
 from bitune_jax.methods import common
 
 TWO_VIEWS = True
@@ -46,16 +45,14 @@ def init_state(rng, sample_images, *, model, tx, config):
   queue = queues.init_fifo_queue(queue_rng, size=config.gpt_star.queue_size,
                                  dim=model.projector_dim)  # keys [N, D]
   # The key encoder starts as a copy of the query encoder.
-  return common.TrainState(step=jnp.zeros((), jnp.int32), rng=rng, params=params,
-                           batch_stats=batch_stats, opt_state=tx.init(params),
-                           key_params=params, key_batch_stats=batch_stats,
-                           extras={"queue": queue})
+  return common.new_state(rng, params, batch_stats, tx, key_encoder=True,
+                          extras={"queue": queue})
 
 
 def state_shardings(abstract_state, mesh, config):
   """Everything replicated (the queue is small: N x 128)."""
   del config
-  return jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
+  return common.replicated_shardings(abstract_state, mesh)
 
 
 def train_step(state, batch, *, model, tx, cfg):

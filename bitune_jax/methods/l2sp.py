@@ -28,7 +28,6 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from bitune_jax import sharding
 from bitune_jax.methods import common
 
 log = logging.getLogger("bitune_jax")
@@ -79,14 +78,12 @@ def init_state(rng, sample_images, *, model, tx, config):
   params, batch_stats = common.init_variables(model, init_rng, sample_images)
   # A placeholder of the right shape: replaced by the loaded backbone at step 0.
   w0 = jax.tree.map(jnp.copy, params["backbone"])
-  return common.TrainState(step=jnp.zeros((), jnp.int32), rng=rng, params=params,
-                           batch_stats=batch_stats, opt_state=tx.init(params),
-                           key_params={}, key_batch_stats={}, extras={"w0": w0})
+  return common.new_state(rng, params, batch_stats, tx, extras={"w0": w0})
 
 
 def state_shardings(abstract_state, mesh, config):
   del config
-  return jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
+  return common.replicated_shardings(abstract_state, mesh)
 
 
 def starting_point(state):

@@ -21,7 +21,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from bitune_jax import ema, losses, models, queues, sharding
+from bitune_jax import ema, losses, models, queues
 from bitune_jax.data import cutmix
 from bitune_jax.methods import common
 
@@ -52,15 +52,13 @@ def init_state(rng, sample_images, *, model, tx, config):
   params, batch_stats = common.init_variables(model, init_rng, sample_images)
   queue = queues.init_fifo_queue(queue_rng, size=config.unsup.queue_size,
                                  dim=config.unsup.projector_dim)
-  return common.TrainState(step=jnp.zeros((), jnp.int32), rng=rng, params=params,
-                           batch_stats=batch_stats, opt_state=tx.init(params),
-                           key_params=params, key_batch_stats=batch_stats,
-                           extras={"queue": queue})
+  return common.new_state(rng, params, batch_stats, tx, key_encoder=True,
+                          extras={"queue": queue})
 
 
 def state_shardings(abstract_state, mesh, config):
   del config
-  return jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
+  return common.replicated_shardings(abstract_state, mesh)
 
 
 def grouped_forward(model, params, batch_stats, images, *, group_size):
