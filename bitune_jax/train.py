@@ -150,14 +150,8 @@ def create_state(config, method, model, tx, mesh, data, workdir, ckpts):
 # --------------------------------------------------------------------------- eval
 def extract_features(run, state, images, *, batch_size, mesh):
   """Eval-mode pooled backbone features `[N, F]` of `images`."""
-  step = jax.jit(lambda s, x: common.forward(run.model, s.params, s.batch_stats, x,
-                                             train=False)[0]["features"])
-  out = []
-  for batch in batches.eval_batches(images, np.zeros(len(images), np.int32),
-                                    batch_size=batch_size):
-    feats = jax.device_get(step(state, sharding.global_batch(batch, mesh)["image"]))
-    out.append(feats[np.asarray(batch["mask"], bool)])
-  return np.concatenate(out)
+  return common.eval_outputs(run.model, state, images, output="features",
+                             batch_size=batch_size, mesh=mesh)
 
 
 def run_eval(run, state, config, mesh):

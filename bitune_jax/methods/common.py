@@ -151,6 +151,20 @@ def ce_loss(out, labels):
   return losses.cross_entropy_loss(logits=out["logits"], labels=labels)
 
 
+def eval_outputs(model, state, images, *, output, batch_size, mesh):
+  """Eval-mode `out[output]` of `model` for every image, `[N, ...]` (padding dropped)."""
+  from bitune_jax.data import batches  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  step = jax.jit(lambda s, x: forward(model, s.params, s.batch_stats, x,
+                                      train=False)[0][output])
+  out = []
+  for batch in batches.eval_batches(images, np.zeros(len(images), np.int32),
+                                    batch_size=batch_size):
+    values = jax.device_get(step(state, sharding.global_batch(batch, mesh)["image"]))
+    out.append(values[np.asarray(batch["mask"], bool)])
+  return np.concatenate(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalStep:
   """Eval-mode predictions of a batch: `(predictions [B], labels [B], mask [B])`."""

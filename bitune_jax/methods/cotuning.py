@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from bitune_jax import losses, relationship, sharding
-from bitune_jax.data import batches
+from bitune_jax import losses, relationship
 from bitune_jax.methods import common
 
 log = logging.getLogger("bitune_jax")
@@ -67,15 +66,9 @@ def state_shardings(abstract_state, mesh, config):
 
 # --------------------------------------------------------------------------- relationship
 def source_logits(state, model, images, *, batch_size, mesh):
-  """Eval-mode source-head logits `[N, C_s]` of `images` (last batch padded, unmasked)."""
-  step = jax.jit(lambda s, x: common.forward(model, s.params, s.batch_stats, x,
-                                             train=False)[0]["source_logits"])
-  out = []
-  for batch in batches.eval_batches(images, np.zeros(len(images), np.int32),
-                                    batch_size=batch_size):
-    logits = jax.device_get(step(state, sharding.global_batch(batch, mesh)["image"]))
-    out.append(logits[np.asarray(batch["mask"], bool)])
-  return np.concatenate(out)
+  """Eval-mode source-head logits `[N, C_s]` of `images`."""
+  return common.eval_outputs(model, state, images, output="source_logits",
+                             batch_size=batch_size, mesh=mesh)
 
 
 def holdout_split(labels, *, fraction, seed):
