@@ -1,5 +1,5 @@
 """Orbax checkpoints of the train state: the latest (async, for resume) and the best
-by test top-1. Restores onto `ShapeDtypeStruct`s that carry the state's shardings."""
+by the dataset's test metric. Restores onto `ShapeDtypeStruct`s that carry the state's shardings."""
 
 import os
 
@@ -8,12 +8,13 @@ import orbax.checkpoint as ocp
 
 
 def _score(metrics):
-  """Classifier top-1, or the linear probe's for methods trained without labels."""
-  return metrics.get("top1", metrics.get("linear_probe_top1", 0.0))
+  """The dataset's headline metric (`score`: top-1 or mean per-class accuracy), or the
+  linear probe's top-1 for methods trained without labels."""
+  return metrics.get("score", metrics.get("top1", metrics.get("linear_probe_top1", 0.0)))
 
 
 class Checkpoints:
-  """`workdir/checkpoints` (latest) and `workdir/best` (highest top-1)."""
+  """`workdir/checkpoints` (latest) and `workdir/best` (highest `_score`)."""
 
   def __init__(self, workdir):
     workdir = workdir if "://" in str(workdir) else os.path.abspath(workdir)

@@ -6,11 +6,12 @@ projector at 0.1x, batch 48, step decay x0.1)."""
 import ml_collections
 
 from bitune_jax import models
+from bitune_jax.data import datasets
 
-# name: number of classes (the papers' benchmarks; pipelines in bitune_jax.data).
-DATASETS = {"digits": 5, "cub": 200, "cars": 196, "aircraft": 100, "pets": 37,
-            "caltech101": 101, "cifar100": 100, "food101": 101, "flowers": 102,
-            "dtd": 47, "coco70": 70}
+# name: number of classes: the embedded demo and the papers' benchmarks
+# (`bitune_jax.data.datasets.SPECS`; ImageNet is a replay source only).
+DATASETS = {"digits": 5, **{name: s.num_classes for name, s in datasets.SPECS.items()
+                            if name != "imagenet"}}
 SAMPLING_RATES = (15, 25, 30, 50, 75, 100)
 
 
@@ -82,7 +83,12 @@ def base_config(arg, method):
   config.eval_every = 1000
   config.checkpoint_every = 1000
   # kshot > 0: k labelled images per class (k-shot transfer), instead of sampling_rate.
-  config.data = ml_collections.ConfigDict(dict(data_dir="", manual_dir="", kshot=0))
+  # views: 'reference' (resize, random resized crop, flip[, colour jitter]) or 'moco'.
+  # replay_source: the dataset replayed by unsupervised fine-tuning (tfds datasets).
+  config.data = ml_collections.ConfigDict(dict(
+      data_dir="", manual_dir="", kshot=0, views="reference", color_jitter=False,
+      jitter=(0.4, 0.4, 0.4, 0.1), replay_source="imagenet", replay_manual_dir="",
+      threads=0))
   if arg == "demo":
     _demo(config)
   return config

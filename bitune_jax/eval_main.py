@@ -14,7 +14,7 @@ import os
 import jax
 import ml_collections
 
-from bitune_jax import checkpoint, convert, evaluate, sharding, train
+from bitune_jax import checkpoint, convert, sharding, train
 
 
 def evaluate_workdir(workdir, *, which="latest"):
@@ -34,16 +34,10 @@ def evaluate_workdir(workdir, *, which="latest"):
       state = ckpts.restore(jax.eval_shape(lambda: state), run.state_shardings, "best")
   finally:
     ckpts.close()
-  data = run.data
   metrics = {"step": int(state.step), "checkpoint": which}
   if not getattr(run.method, "FEATURE_EVAL", False):  # a classifier to evaluate
     metrics.update(train.run_eval(run, state, config, mesh))
-  train_f, test_f = (train.extract_features(run, state, data[f"{split}_images"],
-                                            batch_size=config.eval_batch_size, mesh=mesh)
-                     for split in ("train", "test"))
-  metrics.update(evaluate.feature_metrics(train_f, data["train_labels"], test_f,
-                                          data["test_labels"],
-                                          num_classes=config.num_classes))
+  metrics.update(train.feature_eval(run, state, config, mesh))
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(metrics, f, indent=2)
   return metrics

@@ -21,54 +21,16 @@ from etils import epath
 
 from bitune_jax import checkpoint, config_base, convert, evaluate, methods, queues
 from bitune_jax import sharding
-from bitune_jax.data import batches, digits
+from bitune_jax.data import input as input_lib
 from bitune_jax.methods import common
 
 log = logging.getLogger("bitune_jax")
 
 
 # --------------------------------------------------------------------------- input
-def load_dataset(config):
-  """Arrays of the train/test splits (the embedded demo task; tfds datasets later).
-
-  With `config.unsup.replay_fraction > 0` (unsupervised fine-tuning) a fixed random
-  fraction of the source dataset joins the training pool (`pool_images`, with
-  `pool_is_replay`); `train_images` stay the target's own, for evaluation.
-  """
-  if config.dataset != "digits":
-    raise ValueError(f"dataset {config.dataset!r} needs the tfds input pipelines, which "
-                     "are not part of this version yet; use dataset 'digits' (the demo)")
-  data = digits.load_digits_transfer(
-      config.data.get("part", "target"), image_size=config.image_size,
-      sampling_rate=config.sampling_rate, seed=config.seed)
-  data = dict(data, background=digits.digits_background())
-  shots = config.data.get("kshot", 0)
-  if shots:  # k-shot transfer: k labelled images per class of the training split
-    keep = digits.kshot_subset(data["train_labels"], shots=shots, seed=config.seed)
-    data["train_images"] = data["train_images"][keep]
-    data["train_labels"] = data["train_labels"][keep]
-  fraction = config.unsup.replay_fraction if config.method == "unsup_finetune" else 0.0
-  if fraction > 0:
-    source = digits.load_digits_transfer("source", image_size=config.image_size,
-                                         seed=config.seed)["train_images"]
-    count = max(1, round(fraction * len(source)))
-    chosen = np.sort(np.random.default_rng([config.seed, 1]).choice(
-        len(source), count, replace=False))
-    data["pool_images"] = np.concatenate([data["train_images"], source[chosen]])
-    data["pool_labels"] = np.concatenate([data["train_labels"],
-                                          np.full(count, -1, np.int32)])
-    data["pool_is_replay"] = np.arange(len(data["pool_images"])) >= len(
-        data["train_images"])
-  return data
-
-
-def _train_batch(config, data, step, two_views):
-  start, stop = sharding.local_slice(config.batch_size)
-  batch = batches.train_batch(data.get("pool_images", data["train_images"]),
-                              data.get("pool_labels", data["train_labels"]), step=step,
-                              batch_size=config.batch_size, seed=config.seed,
-                              two_views=two_views, fill=data.get("background", 0.0))
-  return {k: v[start:stop] for k, v in batch.items()}
+def _train_batches(run, mesh, start_step):
+  """Global training batches from `start_step` on, built ahead of the step."""
+  return input_lib.prefetch_to_device(run.data.train_batches(start_step), mesh)
 
 
 # --------------------------------------------------------------------------- state
@@ -119,7 +81,7 @@ def _with_pretrained(state, pretrained, shardings):
 
 
 def create_state(config, method, model, tx, mesh, data, workdir, ckpts):
-  sample = jnp.zeros((1,) + data["train_images"].shape[1:], jnp.float32)
+  sample = jnp.zeros((1,) + tuple(data.image_shape), jnp.float32)
   init = functools.partial(method.init_state, sample_images=sample, model=model, tx=tx,
                            config=config)
   # Parameters are replicated, so partitioning their random draws gains nothing, and
@@ -148,30 +110,35 @@ def create_state(config, method, model, tx, mesh, data, workdir, ckpts):
 
 
 # --------------------------------------------------------------------------- eval
-def extract_features(run, state, images, *, batch_size, mesh):
-  """Eval-mode pooled backbone features `[N, F]` of `images`."""
-  return common.eval_outputs(run.model, state, images, output="features",
+def extract_features(run, state, split, *, batch_size, mesh):
+  """Eval-mode pooled backbone features `[N, F]` of a split, and their labels `[N]`."""
+  return common.eval_outputs(run.model, state, split, output="features",
                              batch_size=batch_size, mesh=mesh)
 
 
+def feature_eval(run, state, config, mesh):
+  """The feature protocols: retrieval top-5 (test against train), k-means BCubed
+  precision and a linear probe, on eval-mode backbone features."""
+  (train_f, train_y), (test_f, test_y) = (
+      extract_features(run, state, split, batch_size=config.eval_batch_size, mesh=mesh)
+      for split in (run.data.train, run.data.test))
+  return evaluate.feature_metrics(train_f, train_y, test_f, test_y,
+                                  num_classes=config.num_classes)
+
+
 def run_eval(run, state, config, mesh):
-  """Test top-1 and mean per-class accuracy of the classifier; for methods trained
-  without labels (`FEATURE_EVAL`), the feature protocols instead (retrieval top-5,
-  k-means BCubed precision, linear probe)."""
-  data = run.data
+  """Test top-1 and mean per-class accuracy of the classifier, and `score`, the
+  dataset's headline metric (`Input.metric`); for methods trained without labels
+  (`FEATURE_EVAL`), the feature protocols instead."""
   if getattr(run.method, "FEATURE_EVAL", False):
-    train_f, test_f = (extract_features(run, state, data[f"{split}_images"],
-                                        batch_size=config.eval_batch_size, mesh=mesh)
-                       for split in ("train", "test"))
-    return evaluate.feature_metrics(train_f, data["train_labels"], test_f,
-                                    data["test_labels"], num_classes=config.num_classes)
+    return feature_eval(run, state, config, mesh)
   outputs = []
-  for batch in batches.eval_batches(data["test_images"], data["test_labels"],
-                                    batch_size=config.eval_batch_size):
+  for batch in run.data.test.batches(config.eval_batch_size):
     outputs.append(jax.device_get(run.eval_step(state,
                                                 sharding.global_batch(batch, mesh))))
   pred, labels, mask = (np.concatenate(x) for x in zip(*outputs))
-  return evaluate.classification_metrics(pred, labels, mask, config.num_classes)
+  metrics = evaluate.classification_metrics(pred, labels, mask, config.num_classes)
+  return dict(metrics, score=metrics[run.data.metric])
 
 
 # --------------------------------------------------------------------------- loop
@@ -179,7 +146,7 @@ def run_eval(run, state, config, mesh):
 class Setup:
   """Everything a run needs, built once: the loop and the tests share it."""
   method: Any
-  data: dict
+  data: Any  # bitune_jax.data.input.Input
   model: Any
   state: Any
   state_shardings: Any
@@ -194,10 +161,10 @@ def setup(config, mesh, workdir=None, ckpts=None):
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh)
   method = methods.get(config.method)
-  data = load_dataset(config)
-  if data["num_classes"] != config.num_classes:
+  data = input_lib.load(config, two_views=method.TWO_VIEWS)
+  if data.num_classes != config.num_classes:
     raise ValueError(f"num_classes={config.num_classes} but dataset {config.dataset!r} "
-                     f"has {data['num_classes']} classes")
+                     f"has {data.num_classes} classes")
   if workdir is not None:
     _check_against_workdir(config, workdir)
   model = method.build_model(config, config.num_classes)
@@ -231,14 +198,13 @@ def train_and_evaluate(config, workdir):
 
 
 def _loop(config, workdir, run, mesh, ckpts, writer, progress):
-  data, state, train_step = run.data, run.state, run.train_step
+  state, train_step = run.state, run.train_step
   first = int(state.step)
   total = config.total_steps
   metrics, eval_metrics, start = None, {}, time.perf_counter()
   try:
-    for step in range(first + 1, total + 1):
-      batch = sharding.global_batch(
-          _train_batch(config, data, step - 1, run.method.TWO_VIEWS), mesh)
+    for step, batch in zip(range(first + 1, total + 1),
+                           _train_batches(run, mesh, first)):
       state, metrics = train_step(state, batch)
       progress(step)
       checkpointing = step % config.checkpoint_every == 0 or step == total
@@ -264,6 +230,7 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
     writer.flush()
   summary = {"step": int(state.step), "method": config.method, "arch": config.arch,
              "dataset": config.dataset, "sampling_rate": config.sampling_rate,
+             "metric": run.data.metric,
              "train_loss": None if metrics is None else float(metrics["loss"]),
              **eval_metrics}
   if jax.process_index() == 0:

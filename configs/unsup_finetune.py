@@ -21,6 +21,7 @@ def get_config(arg="demo"):
   config.schedule = "cosine"
   config.weight_decay = 1e-4
   config.lr_mult = {"backbone": 1.0, "projector": 1.0, "head": 0.0}  # head unused
+  config.data.views = "moco"  # MoCo v2 augmentations (tfds datasets)
   if arg == "demo":
     config.lr = 0.05
     config.unsup.queue_size = 512

@@ -56,11 +56,10 @@ class Runner:
   def __init__(self, config, mesh, run):
     self.config, self.mesh, self.run, self.state = config, mesh, run, run.state
     self.losses = []
+    self.batches = run.data.train_batches(0)
 
   def step(self):
-    step = len(self.losses)
-    batch = train._train_batch(self.config, self.run.data, step,
-                               self.run.method.TWO_VIEWS)
+    batch = next(self.batches)
     self.state, metrics = self.run.train_step(
         self.state, sharding.global_batch(batch, self.mesh))
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

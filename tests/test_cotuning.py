@@ -54,18 +54,16 @@ def test_trains_with_the_relationship_of_its_checkpoint(tmp_path):
   # Independently: the source model's eval-mode softmax, averaged per target class.
   loaded = convert.load_converted(ckpt)
   feats = models.create_backbone("resnet_small").apply(
-      loaded["backbone"], jnp.asarray(run.data["train_images"]), train=False)
+      loaded["backbone"], jnp.asarray(run.data.train.images), train=False)
   logits = np.asarray(feats) @ loaded["source_head"]["kernel"] + loaded["source_head"]["bias"]
   expected = relationship.direct_relationship(
-      source_probs=np.asarray(jax.nn.softmax(logits)), labels=run.data["train_labels"],
+      source_probs=np.asarray(jax.nn.softmax(logits)), labels=run.data.train.labels,
       num_classes=5)
   np.testing.assert_allclose(matrix, expected, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(matrix.sum(1), 1.0, rtol=1e-5)
   state = run.state
-  for step in range(3):
-    batch = sharding.global_batch(
-        train._train_batch(config, run.data, step, run.method.TWO_VIEWS), mesh)
-    state, metrics = run.train_step(state, batch)
+  for _, batch in zip(range(3), run.data.train_batches(0)):
+    state, metrics = run.train_step(state, sharding.global_batch(batch, mesh))
   metrics = jax.device_get(metrics)
   assert np.isfinite(metrics["loss"]) and metrics["co_tuning"] > 0
   assert metrics["loss"] == pytest.approx(metrics["ce"] + 2.3 * metrics["co_tuning"],

@@ -37,6 +37,7 @@ def test_refuses_a_folder_that_is_not_a_workdir(tmp_path):
 
 def test_kshot_subset_by_hand():
   from bitune_jax.data import digits  # pylint: disable=g-import-not-at-top
+  from bitune_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
   for shots in (1, 2, 4):
@@ -46,8 +47,8 @@ def test_kshot_subset_by_hand():
     np.testing.assert_array_equal(keep, digits.kshot_subset(labels, shots=shots, seed=0))
   config = finetune_config.get_config("demo")
   config.data.kshot = 2
-  data = train.load_dataset(config)
-  np.testing.assert_array_equal(np.bincount(data["train_labels"]), [2] * 5)
+  data = input_lib.load(config, two_views=False)
+  np.testing.assert_array_equal(np.bincount(data.train.labels), [2] * 5)
 
 
 @pytest.mark.slow

@@ -37,10 +37,8 @@ def _config(method="bituning", **overrides):
 def _losses(config, mesh, steps=3):
   run = train.setup(config, mesh)
   state, out = run.state, []
-  for step in range(steps):
-    batch = sharding.global_batch(
-        train._train_batch(config, run.data, step, run.method.TWO_VIEWS), mesh)
-    state, metrics = run.train_step(state, batch)
+  for _, batch in zip(range(steps), run.data.train_batches(0)):
+    state, metrics = run.train_step(state, sharding.global_batch(batch, mesh))
     out.append({k: float(v) for k, v in jax.device_get(metrics).items()})
   return out, state
 
@@ -89,15 +87,16 @@ def test_interrupted_run_resumes_to_the_same_state(tmp_path, monkeypatch):
   straight, _ = train.train_and_evaluate(config, str(tmp_path / "straight"))
   straight = jax.device_get(straight)
 
-  real_batch = train._train_batch
-  def interrupt_at_step_5(config, data, step, two_views):
-    if step == 4:  # 0-based: after the checkpoint at step 3 and one more step
-      raise KeyboardInterrupt
-    return real_batch(config, data, step, two_views)
-  monkeypatch.setattr(train, "_train_batch", interrupt_at_step_5)
+  real_batches = train._train_batches
+  def interrupt_at_step_5(run, mesh, start_step):
+    for step, batch in enumerate(real_batches(run, mesh, start_step), start_step):
+      if step == 4:  # 0-based: after the checkpoint at step 3 and one more step
+        raise KeyboardInterrupt
+      yield batch
+  monkeypatch.setattr(train, "_train_batches", interrupt_at_step_5)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  monkeypatch.setattr(train, "_train_batch", real_batch)
+  monkeypatch.setattr(train, "_train_batches", real_batches)
   resumed, summary = train.train_and_evaluate(config, str(tmp_path / "resumed"))
   resumed = jax.device_get(resumed)
   assert summary["step"] == 6

@@ -11,6 +11,7 @@ import pytest
 
 from bitune_jax import sharding, train
 from bitune_jax.data import batches, cutmix
+from bitune_jax.data import input as input_lib
 from bitune_jax.methods import common, unsup_finetune
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
@@ -68,16 +69,19 @@ def test_cutmix_pixels_and_lambda_is_the_area_of_the_first_image():
 
 def test_source_replay_fraction_is_honoured():
   config = _config(replay_fraction=0.1)
-  data = train.load_dataset(config)
-  target = len(data["train_images"])
-  replay = int(data["pool_is_replay"].sum())
+  data = input_lib.load(config, two_views=True)
+  target = data.train.num_examples
+  replay = int(data.pool_is_replay.sum())
   assert replay == round(0.1 * 631)  # 10% of the digits 0-4 training split
-  assert len(data["pool_images"]) == target + replay
-  seen = [batches.stream_indices(len(data["pool_images"]), step=s, batch_size=16, seed=0)
+  assert data.pool.num_examples == target + replay
+  seen = [batches.stream_indices(data.pool.num_examples, step=s, batch_size=16, seed=0)
           for s in range(60)]
-  share = data["pool_is_replay"][np.concatenate(seen)].mean()
+  share = data.pool_is_replay[np.concatenate(seen)].mean()
   assert share == pytest.approx(replay / (target + replay), abs=0.03)
-  assert "pool_images" not in train.load_dataset(_config(replay_fraction=0.0))
+  # Replayed examples reach the batches unlabelled (-1).
+  labels = np.concatenate([b["label"] for _, b in zip(range(60), data.train_batches(0))])
+  assert (labels == -1).mean() == pytest.approx(share, abs=1e-9)
+  assert not input_lib.load(_config(replay_fraction=0.0), two_views=True).pool_is_replay.any()
 
 
 def test_grouped_batchnorm_is_per_group():
@@ -103,10 +107,9 @@ def test_trains_on_eight_devices(use_cutmix):
   mesh = sharding.make_mesh()
   run = train.setup(config, mesh)
   state = run.state
-  for step in range(3):
+  for _, batch in zip(range(3), run.data.train_batches(0)):
     before = jax.device_get(state)
-    batch = sharding.global_batch(train._train_batch(config, run.data, step, True), mesh)
-    state, metrics = run.train_step(state, batch)
+    state, metrics = run.train_step(state, sharding.global_batch(batch, mesh))
   metrics = jax.device_get(metrics)
   assert np.isfinite(metrics["loss"]) and metrics["info_nce"] > 0
   assert ("mixed_info_nce" in metrics) == use_cutmix

@@ -27,7 +27,8 @@ def steps_per_epoch(n, batch_size):
 @functools.lru_cache(maxsize=8)
 def _epoch_permutation(seed, epoch, n):
   """Read-only permutation of range(n) for one epoch (cached: consecutive steps share it)."""
-  perm = np.random.default_rng([seed, epoch]).permutation(n)
+  entropy = list(seed) if isinstance(seed, tuple) else [seed]
+  perm = np.random.default_rng(entropy + [epoch]).permutation(n)
   perm.flags.writeable = False
   return perm
 
@@ -39,7 +40,7 @@ def stream_indices(n, *, step, batch_size, seed):
     n: number of examples (>= 1).
     step: non-negative batch number.
     batch_size: B (>= 1; may exceed n, the batch then spans several epochs).
-    seed: non-negative integer.
+    seed: non-negative integer, or a tuple of them (e.g. (seed, host)).
 
   Returns:
     int64 indices [B] into the examples.

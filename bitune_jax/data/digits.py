@@ -11,18 +11,14 @@ to 3 channels and normalised with the mean/std of all 1797 digits (`digits_mean_
 """
 
 import functools
-import math
 
 import numpy as np
+
+from bitune_jax.data.splits import _round_half_up, kshot_subset, stratified_subset  # noqa: F401
 
 PARTS = {"source": (0, 1, 2, 3, 4), "target": (5, 6, 7, 8, 9)}
 SPLIT_SEED = 0  # Fixed: the train/test split never depends on the run's seed.
 _MAX_PIXEL = 16.0  # sklearn digits are integers in [0, 16].
-
-
-def _round_half_up(x):
-  """Rounds a non-negative float half up (2.5 -> 3), tolerant to float noise (0.3 * 175)."""
-  return int(math.floor(x + 0.5 + 1e-9))
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,40 +84,6 @@ def resize_images(images, size):
   return np.einsum("now,pw->nop", out, cols, optimize=True)
 
 
-def stratified_subset(labels, *, rate, seed):
-  """Indices of a per-class random subset keeping `rate` percent of every class.
-
-  Class c keeps max(1, round_half_up(rate / 100 * n_c)) of its n_c examples: every class
-  stays present. The subset is the first k of a per-class permutation drawn from
-  `np.random.default_rng([seed, i])` (i: rank of the class among the sorted classes),
-  so for a fixed seed a lower rate gives a subset of a higher rate's subset.
-
-  Args:
-    labels: [N] integer class labels.
-    rate: percentage in (0, 100].
-    seed: non-negative integer.
-
-  Returns:
-    Sorted int64 indices into `labels`.
-  """
-  labels = np.asarray(labels)
-  if labels.ndim != 1:
-    raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
-  if not 0.0 < rate <= 100.0:
-    raise ValueError(f"rate is a percentage in (0, 100], got {rate}")
-  if int(seed) != seed or seed < 0:
-    raise ValueError(f"seed must be a non-negative integer, got {seed}")
-  keep = []
-  for rank, cls in enumerate(np.unique(labels)):
-    members = np.flatnonzero(labels == cls)
-    count = max(1, _round_half_up(rate * len(members) / 100.0))
-    order = np.random.default_rng([int(seed), rank]).permutation(len(members))
-    keep.append(members[order[:count]])
-  if not keep:
-    return np.zeros((0,), np.int64)
-  return np.sort(np.concatenate(keep)).astype(np.int64)
-
-
 def _split(digits, test_fraction):
   """Stratified (train, test) sorted indices over all digits, fixed by SPLIT_SEED."""
   train, test = [], []
@@ -140,16 +102,6 @@ def _prepare(images, image_size, mean, std):
   resized = resize_images(images, image_size)
   normalised = ((resized - np.float32(mean)) / np.float32(std)).astype(np.float32)
   return np.ascontiguousarray(np.repeat(normalised[..., None], 3, axis=-1))
-
-
-def kshot_subset(labels, *, shots, seed):
-  """Sorted indices of `shots` examples per class (all of a smaller class), by seed."""
-  if shots < 1:
-    raise ValueError(f"shots must be >= 1, got {shots}")
-  rng = np.random.default_rng([seed, shots])
-  chosen = [rng.permutation(np.flatnonzero(labels == c))[:shots]
-            for c in np.unique(labels)]
-  return np.sort(np.concatenate(chosen))
 
 
 def load_digits_transfer(part, *, image_size=32, test_fraction=0.3, sampling_rate=100.0,

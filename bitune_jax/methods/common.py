@@ -151,18 +151,19 @@ def ce_loss(out, labels):
   return losses.cross_entropy_loss(logits=out["logits"], labels=labels)
 
 
-def eval_outputs(model, state, images, *, output, batch_size, mesh):
-  """Eval-mode `out[output]` of `model` for every image, `[N, ...]` (padding dropped)."""
-  from bitune_jax.data import batches  # pylint: disable=g-import-not-at-top
+def eval_outputs(model, state, split, *, output, batch_size, mesh):
+  """Eval-mode `out[output]` `[N, ...]` of every example of `split` (a
+  `bitune_jax.data.input` split), with the labels `[N]` (padding dropped)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  step = jax.jit(lambda s, x: forward(model, s.params, s.batch_stats, x,
-                                      train=False)[0][output])
-  out = []
-  for batch in batches.eval_batches(images, np.zeros(len(images), np.int32),
-                                    batch_size=batch_size):
-    values = jax.device_get(step(state, sharding.global_batch(batch, mesh)["image"]))
-    out.append(values[np.asarray(batch["mask"], bool)])
-  return np.concatenate(out)
+  step = jax.jit(lambda s, b: (forward(model, s.params, s.batch_stats, b["image"],
+                                      train=False)[0][output], b["label"], b["mask"]),
+                 out_shardings=sharding.replicated(mesh))  # every host sees the batch
+  values, labels = [], []
+  for batch in split.batches(batch_size):
+    out, label, mask = jax.device_get(step(state, sharding.global_batch(batch, mesh)))
+    values.append(out[mask > 0])
+    labels.append(label[mask > 0])
+  return np.concatenate(values), np.concatenate(labels)
 
 
 @dataclasses.dataclass(frozen=True)

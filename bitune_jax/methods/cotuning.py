@@ -23,6 +23,7 @@ import numpy as np
 from etils import epath
 
 from bitune_jax import losses, relationship
+from bitune_jax.data import splits
 from bitune_jax.methods import common
 
 log = logging.getLogger("bitune_jax")
@@ -65,22 +66,10 @@ def state_shardings(abstract_state, mesh, config):
 
 
 # --------------------------------------------------------------------------- relationship
-def source_logits(state, model, images, *, batch_size, mesh):
-  """Eval-mode source-head logits `[N, C_s]` of `images`."""
-  return common.eval_outputs(model, state, images, output="source_logits",
+def source_logits(state, model, split, *, batch_size, mesh):
+  """Eval-mode source-head logits `[N, C_s]` of a split, and its labels `[N]`."""
+  return common.eval_outputs(model, state, split, output="source_logits",
                              batch_size=batch_size, mesh=mesh)
-
-
-def holdout_split(labels, *, fraction, seed):
-  """`(train_idx, val_idx)`: a stratified held-out split; each class keeps >= 1 in train."""
-  rng = np.random.default_rng(seed)
-  train, val = [], []
-  for c in np.unique(labels):
-    idx = rng.permutation(np.flatnonzero(labels == c))
-    n_val = min(int(fraction * len(idx)), len(idx) - 1)
-    val.extend(idx[:n_val])
-    train.extend(idx[n_val:])
-  return np.sort(train), np.sort(val)
 
 
 def compute_relationship(logits, labels, *, num_classes, cfg, seed):
@@ -90,7 +79,7 @@ def compute_relationship(logits, labels, *, num_classes, cfg, seed):
     return relationship.direct_relationship(source_probs=probs, labels=labels,
                                             num_classes=num_classes), {}
   if cfg.relationship == "reverse":
-    train, val = holdout_split(labels, fraction=cfg.holdout_fraction, seed=seed)
+    train, val = splits.holdout_split(labels, fraction=cfg.holdout_fraction, seed=seed)
     return relationship.reverse_relationship(
         train_probs=probs[train], train_labels=labels[train], val_probs=probs[val],
         val_labels=labels[val], num_classes=num_classes, calibrate=cfg.calibrate)
@@ -129,9 +118,9 @@ def prepare(state, *, model, config, data, mesh, workdir, pretrained):
   elif given:
     raise ValueError(f"cotuning.relationship_file {given} does not exist")
   else:
-    logits = source_logits(state, model, data["train_images"],
-                           batch_size=config.eval_batch_size, mesh=mesh)
-    matrix, info = compute_relationship(logits, data["train_labels"],
+    logits, labels = source_logits(state, model, data.train,
+                                   batch_size=config.eval_batch_size, mesh=mesh)
+    matrix, info = compute_relationship(logits, labels,
                                         num_classes=config.num_classes,
                                         cfg=config.cotuning, seed=config.seed)
     log.info("Co-Tuning %s relationship from %d images %s", config.cotuning.relationship,

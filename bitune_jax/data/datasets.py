@@ -1,0 +1,252 @@
+"""The papers' datasets through tfds: which splits, how many classes, which metric, and
+how a run's `Input` is read from them.
+
+Training on `train_split` (a sampling-rate or k-shot subset of it, stratified by class,
+every class present), testing on `test_split`. The metric the papers report:
+mean per-class accuracy for Aircraft, Pets, Caltech-101 and Flowers, top-1 otherwise.
+
+Reading: each host reads a contiguous part of every split (tfds slicing, so only its own
+files) and keeps the run's examples in it as encoded bytes; the sampling-rate subset is
+chosen from the labels of the whole split (read once, gathered over hosts), so it does
+not depend on the host count. Replay (unsupervised fine-tuning) adds a fixed random
+fraction of a source dataset's training split (ImageNet by default) to the pool.
+"""
+
+import dataclasses
+import logging
+import time
+
+import numpy as np
+
+from bitune_jax.data import input as input_lib
+from bitune_jax.data import splits
+
+log = logging.getLogger("bitune_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  tfds_name: str
+  num_classes: int
+  train_split: str
+  test_split: str
+  metric: str = "top1"  # or "mean_class_acc"
+  manual: bool = False  # built from a manual download directory
+
+
+MEAN_CLASS = "mean_class_acc"
+SPECS = {
+    "cub": Spec("caltech_birds2011", 200, "train", "test"),
+    "cars": Spec("cars196", 196, "train", "test"),
+    "aircraft": Spec("fgvc_aircraft", 100, "train+validation", "test", MEAN_CLASS, True),
+    "pets": Spec("oxford_iiit_pet", 37, "train", "test", MEAN_CLASS),
+    # tfds' Caltech-101 has 102 labels (with the background class): 3060 = 30 x 102
+    # training images, the count the unsupervised fine-tuning paper uses.
+    "caltech101": Spec("caltech101", 102, "train", "test", MEAN_CLASS),
+    "cifar100": Spec("cifar100", 100, "train", "test"),
+    "food101": Spec("food101", 101, "train", "validation"),
+    "flowers": Spec("oxford_flowers102", 102, "train+validation", "test", MEAN_CLASS),
+    "dtd": Spec("dtd", 47, "train+validation", "test"),
+    "coco70": Spec("coco70", 70, "train", "test", manual=True),
+    "imagenet": Spec("imagenet2012", 1000, "train", "validation", manual=True),
+}
+
+
+def spec(name):
+  if name not in SPECS:
+    raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(SPECS)}")
+  return SPECS[name]
+
+
+# --------------------------------------------------------------------------- builders
+def builder(name, *, data_dir="", manual_dir=""):
+  """The prepared tfds builder of dataset `name` (prepared first if it is not)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from bitune_jax.data import builders  # pylint: disable=g-import-not-at-top  (registers)
+  s = spec(name)
+  if s.tfds_name in ("fgvc_aircraft", "coco70"):
+    return builders.prepare(s.tfds_name, data_dir=data_dir or None,
+                            manual_dir=manual_dir or None)
+  b = tfds.builder(s.tfds_name, data_dir=data_dir or None)
+  if not b.is_prepared():
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_index() == 0:
+      log.info("preparing tfds %s in %s", s.tfds_name, b.data_dir)
+      config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
+      try:
+        b.download_and_prepare(download_config=config)
+      except Exception as e:
+        raise ValueError(f"dataset {name!r} (tfds {s.tfds_name}) is not prepared in "
+                         f"{b.data_dir} and could not be prepared: {e}. Prepare it with "
+                         f"`tfds build {s.tfds_name} --data_dir DIR` and pass "
+                         f"--config.data.data_dir=DIR" + (
+                             " (and --config.data.manual_dir=DIR for the manual download)"
+                             if s.manual else "")) from e
+    _sync("prepared " + s.tfds_name)
+  return b
+
+
+def _sync(name):
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _components(b, split):
+  """`[(component, global offset, size or None)]` of a split such as 'train+validation'."""
+  out, offset = [], 0
+  for part in split.split("+"):
+    info = b.info.splits.get(part) if hasattr(b.info.splits, "get") else None
+    size = info.num_examples if info is not None and info.num_examples else None
+    out.append((part, offset, size))
+    offset = None if size is None or offset is None else offset + size
+  return out
+
+
+def _read(b, split, *, host, fields):
+  """Yields numpy batches (`tfds_index`, `fields`) of this host's part of `split`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  index, count = host
+  offset = 0
+  for part, part_offset, size in _components(b, split):
+    if count > 1 and (size is None or part_offset is None):
+      raise ValueError(f"{b.name} split {part!r} has no example count: cannot shard it "
+                       "over hosts")
+    lo, hi = splits.host_range(size, index=index, count=count) if count > 1 else (0, None)
+    sliced = f"{part}[{lo}:{hi}]" if count > 1 else part
+    ds = b.as_dataset(split=sliced, shuffle_files=False,
+                      decoders={"image": tfds.decode.SkipDecoding()})
+    base = offset + lo
+    ds = ds.enumerate().map(lambda i, ex, base=base: dict(
+        {k: ex[k] for k in fields}, tfds_index=i + base))
+    seen = 0
+    for batch in ds.batch(1024).prefetch(2).as_numpy_iterator():
+      seen += len(batch["tfds_index"])
+      yield batch
+    offset += size if size is not None else seen
+  del tf
+
+
+def read_labels(b, split):
+  """Labels `[N]` int32 of the whole split, in order, on every host."""
+  import jax  # pylint: disable=g-import-not-at-top
+  host = (jax.process_index(), jax.process_count())
+  labels = [batch["label"] for batch in _read(b, split, host=host, fields=("label",))]
+  local = np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32)
+  if host[1] == 1:
+    return local
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  sizes = multihost_utils.process_allgather(np.array([len(local)]))
+  padded = np.full(int(sizes.max()), -1, np.int32)
+  padded[:len(local)] = local
+  gathered = multihost_utils.process_allgather(padded)
+  return np.concatenate([g[:n] for g, n in zip(gathered, sizes.reshape(-1))])
+
+
+def read_split(b, split, *, keep=None, host=(0, 1), image_size, unlabelled=False,
+               name=""):
+  """This host's examples of `split` (those of the sorted global indices `keep`, or
+  all) as an `EncodedSplit`, with progress in the log."""
+  from bitune_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  encoded, labels, start, shown = [], [], time.perf_counter(), time.perf_counter()
+  fields = ("image",) if unlabelled else ("image", "label")
+  for batch in _read(b, split, host=host, fields=fields):
+    chosen = (np.ones(len(batch["tfds_index"]), bool) if keep is None else
+              np.isin(batch["tfds_index"], keep))
+    encoded.extend(batch["image"][chosen])
+    labels.append(np.full(chosen.sum(), -1, np.int32) if unlabelled else
+                  batch["label"][chosen].astype(np.int32))
+    if time.perf_counter() - shown > 10:
+      shown = time.perf_counter()
+      log.info("reading %s %s: %d examples kept (%.0f s)", name or b.name, split,
+               len(encoded), shown - start)
+  labels = np.concatenate(labels) if labels else np.zeros(0, np.int32)
+  total = len(keep) if keep is not None else _global_count(len(labels), host)
+  most = len(labels) if host[1] == 1 else _max_over_hosts(len(labels))
+  log.info("%s %s: %d examples on this host (%d in all), %.0f s", name or b.name, split,
+           len(labels), total, time.perf_counter() - start)
+  return pipeline.EncodedSplit(np.array(encoded, dtype=object), labels, total, most,
+                               image_size)
+
+
+def _global_count(local, host):
+  return local if host[1] == 1 else int(_allgather(local).sum())
+
+
+def _max_over_hosts(local):
+  return int(_allgather(local).max())
+
+
+def _allgather(value):
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(np.array([value])))
+
+
+# --------------------------------------------------------------------------- input
+def train_subset(labels, *, rate, shots, seed, num_classes):
+  """Sorted indices of the run's training examples: k-shot, or a sampling rate."""
+  present = np.unique(labels)
+  if len(present) != num_classes:
+    raise ValueError(f"the training split has {len(present)} classes with examples, "
+                     f"expected {num_classes}")
+  if shots:
+    return splits.kshot_subset(labels, shots=shots, seed=seed)
+  if rate < 100:
+    return splits.stratified_subset(labels, rate=rate, seed=seed)
+  return None
+
+
+def load(config, *, two_views):
+  """The `Input` of a tfds dataset for `config` (see the module docstring)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from bitune_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  s, data = spec(config.dataset), config.data
+  host = (jax.process_index(), jax.process_count())
+  b = builder(config.dataset, data_dir=data.data_dir, manual_dir=data.manual_dir)
+  classes = b.info.features["label"].num_classes
+  if classes != s.num_classes:
+    raise ValueError(f"tfds {s.tfds_name} has {classes} classes, expected {s.num_classes}")
+  keep = None
+  if config.sampling_rate < 100 or data.get("kshot", 0):
+    keep = train_subset(read_labels(b, s.train_split), rate=config.sampling_rate,
+                        shots=data.get("kshot", 0), seed=config.seed,
+                        num_classes=s.num_classes)
+  size = config.image_size
+  train = read_split(b, s.train_split, keep=keep, host=host, image_size=size)
+  test = read_split(b, s.test_split, host=host, image_size=size)
+  pool, fraction = train, input_lib.replay_fraction(config)
+  if fraction > 0:
+    pool = pipeline.concatenate(train, _replay(config, fraction, host))
+  is_replay = np.arange(len(pool)) >= len(train)
+  view = pipeline.view_fn(data.views, size=size,
+                          jitter=tuple(data.jitter) if data.color_jitter else None)
+
+  def stream(start_step):
+    return pipeline.train_stream(pool, start_step=start_step,
+                                 batch_size=config.batch_size, seed=config.seed,
+                                 view=view, two_views=two_views, host=host,
+                                 threads=data.get("threads", 0) or None)
+
+  return input_lib.Input(dataset=config.dataset, num_classes=s.num_classes,
+                         image_shape=(size, size, 3), metric=s.metric, train=train,
+                         test=test, pool=pool, pool_is_replay=is_replay, stream=stream)
+
+
+def _replay(config, fraction, host):
+  """A fixed random `fraction` of the replay source's training split, unlabelled."""
+  data = config.data
+  source = spec(data.replay_source)
+  b = builder(data.replay_source, data_dir=data.data_dir,
+              manual_dir=data.get("replay_manual_dir", "") or data.manual_dir)
+  parts = _components(b, source.train_split)
+  if any(size is None for _, _, size in parts):
+    total = len(read_labels(b, source.train_split))  # counted by reading
+  else:
+    total = sum(size for _, _, size in parts)
+  chosen = splits.replay_subset(total, fraction=fraction, seed=config.seed)
+  log.info("replay: %d of %d %s images (%.0f%%)", len(chosen), total, data.replay_source,
+           100 * fraction)
+  return read_split(b, source.train_split, keep=chosen, host=host,
+                    image_size=config.image_size, unlabelled=True, name="replay")

@@ -1,0 +1,147 @@
+"""tf.data over encoded images held in memory: training streams and evaluation batches.
+
+A host keeps its share of a split as encoded bytes (`EncodedSplit`), so an epoch reads
+no files and any step's batch is at hand: batch `step` is positions
+`[step * b, (step + 1) * b)` of this host's endless stream of per-epoch permutations
+(`batches.stream_indices`, seeded by (seed, host)), decoded and augmented in parallel
+by tf.data. Each example's views are seeded by (seed, host, step, row, view): the two
+views of an image differ, and a run resumed at step s reads exactly the batches an
+uninterrupted run reads from step s on.
+"""
+
+import dataclasses
+import functools
+
+import numpy as np
+import tensorflow as tf
+
+from bitune_jax.data import batches, views
+
+
+@dataclasses.dataclass
+class EncodedSplit:
+  """This host's examples of a split: encoded images and labels, in memory."""
+  encoded: np.ndarray  # [n] object (bytes)
+  labels: np.ndarray  # [n] int32 (-1: unlabelled)
+  num_examples: int  # over all hosts
+  max_local: int  # the most examples any host holds (equal batch counts)
+  image_size: int  # side of the evaluation view
+
+  def __len__(self):
+    return len(self.labels)
+
+  def batches(self, batch_size):
+    """This host's rows of padded global eval batches of `batch_size` (see `eval_batches`)."""
+    return eval_batches(self, batch_size=batch_size)
+
+
+def concatenate(first, second):
+  """`first` then `second` (e.g. a target split and replayed source examples)."""
+  return EncodedSplit(np.concatenate([first.encoded, second.encoded]),
+                      np.concatenate([first.labels, second.labels]),
+                      first.num_examples + second.num_examples,
+                      first.max_local + second.max_local, first.image_size)
+
+
+def _options(threads=None):
+  options = tf.data.Options()
+  options.deterministic = True
+  if threads:
+    options.threading.private_threadpool_size = threads
+  return options
+
+
+def local_batch_size(batch_size, process_count):
+  if batch_size % process_count:
+    raise ValueError(f"batch size {batch_size} does not split over {process_count} hosts")
+  return batch_size // process_count
+
+
+def eval_batches(split, *, batch_size, process_count=None):
+  """Evaluation view of every example of this host, in order, padded to whole batches.
+
+  Every host yields `ceil(split.max_local / local)` batches of `local = batch_size /
+  hosts` rows: `image` [local, S, S, 3] float32, `label` [local] int32, `mask` [local]
+  float32 (0 for padding).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  local = local_batch_size(batch_size, process_count or jax.process_count())
+  count = -(-split.max_local // local) * local
+  pad = count - len(split)
+  if len(split) == 0 and pad:
+    raise ValueError("a host holds no example of a split; use fewer hosts")
+  filler = np.full(pad, split.encoded[0] if len(split) else b"", object)
+  encoded = np.concatenate([split.encoded, filler]).astype(object)
+  labels = np.concatenate([split.labels, np.zeros(pad, np.int32)]).astype(np.int32)
+  mask = np.concatenate([np.ones(len(split), np.float32), np.zeros(pad, np.float32)])
+  view = functools.partial(views.eval_view, size=split.image_size,
+                           resize=views.eval_resize(split.image_size))
+  ds = tf.data.Dataset.from_tensor_slices(
+      {"encoded": encoded, "label": labels, "mask": mask})
+  ds = ds.map(lambda ex: {"image": view(ex["encoded"]), "label": ex["label"],
+                          "mask": ex["mask"]},
+              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local).prefetch(2).with_options(_options())
+  return ds.as_numpy_iterator()
+
+
+def view_fn(kind, *, size, jitter=None):
+  """`fn(encoded, seed) -> image` for `kind` 'reference' or 'moco'."""
+  if kind == "reference":
+    return functools.partial(views.train_view, size=size, resize=views.eval_resize(size),
+                             jitter=jitter)
+  if kind == "moco":
+    return functools.partial(views.moco_view, size=size)
+  raise ValueError(f"data.views must be 'reference' or 'moco', got {kind!r}")
+
+
+def train_stream(pool, *, start_step, batch_size, seed, view, two_views=True,
+                 host=(0, 1), threads=None):
+  """This host's rows of training batches `start_step, start_step + 1, ...`.
+
+  Args:
+    pool: this host's `EncodedSplit` to draw from.
+    start_step: the first batch's step.
+    batch_size: the global batch size (each host yields batch_size / hosts rows).
+    seed: the run's seed (order and views).
+    view: `fn(encoded, seed [2]) -> float32 image` (`view_fn`).
+    two_views: yield `image_q`, `image_k` (two views); else `image`.
+    host: (process index, process count).
+    threads: tf.data private thread pool size (default: tf.data's).
+
+  Returns:
+    An iterator of numpy dicts: `image_q`, `image_k` (or `image`) [b, S, S, 3] float32
+    and `label` [b] int32.
+  """
+  index, count = host
+  local = local_batch_size(batch_size, count)
+  if len(pool) == 0:
+    raise ValueError("no training examples on this host")
+  encoded, labels = pool.encoded.astype(object), pool.labels.astype(np.int32)
+
+  def positions():
+    step = int(start_step)
+    while True:
+      idx = batches.stream_indices(len(labels), step=step, batch_size=local,
+                                   seed=(int(seed), index))
+      yield {"encoded": encoded[idx], "label": labels[idx],
+             "step": np.full(local, step, np.int64), "row": np.arange(local)}
+      step += 1
+
+  signature = {"encoded": tf.TensorSpec([local], tf.string),
+               "label": tf.TensorSpec([local], tf.int32),
+               "step": tf.TensorSpec([local], tf.int64),
+               "row": tf.TensorSpec([local], tf.int64)}
+  names = ("image_q", "image_k") if two_views else ("image",)
+
+  def augment(ex):
+    out = {"label": ex["label"]}
+    for number, name in enumerate(names):
+      out[name] = view(ex["encoded"], views.example_seed(seed, index, ex["step"],
+                                                         ex["row"], number))
+    return out
+
+  ds = tf.data.Dataset.from_generator(positions, output_signature=signature)
+  ds = ds.unbatch().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local, drop_remainder=True).prefetch(2).with_options(_options(threads))
+  return ds.as_numpy_iterator()

@@ -1,0 +1,84 @@
+"""Which examples a run uses: sampling-rate and k-shot subsets, held-out splits, each
+host's share, the replayed fraction of a source dataset. Pure numpy, deterministic by
+seed, independent of the host count unless said otherwise."""
+
+import math
+
+import numpy as np
+
+
+def _round_half_up(x):
+  """Rounds a non-negative float half up (2.5 -> 3), tolerant to float noise (0.3 * 175)."""
+  return int(math.floor(x + 0.5 + 1e-9))
+
+
+def stratified_subset(labels, *, rate, seed):
+  """Indices of a per-class random subset keeping `rate` percent of every class.
+
+  Class c keeps max(1, round_half_up(rate / 100 * n_c)) of its n_c examples: every class
+  stays present. The subset is the first k of a per-class permutation drawn from
+  `np.random.default_rng([seed, i])` (i: rank of the class among the sorted classes),
+  so for a fixed seed a lower rate gives a subset of a higher rate's subset.
+
+  Args:
+    labels: [N] integer class labels.
+    rate: percentage in (0, 100].
+    seed: non-negative integer.
+
+  Returns:
+    Sorted int64 indices into `labels`.
+  """
+  labels = np.asarray(labels)
+  if labels.ndim != 1:
+    raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+  if not 0.0 < rate <= 100.0:
+    raise ValueError(f"rate is a percentage in (0, 100], got {rate}")
+  if int(seed) != seed or seed < 0:
+    raise ValueError(f"seed must be a non-negative integer, got {seed}")
+  keep = []
+  for rank, cls in enumerate(np.unique(labels)):
+    members = np.flatnonzero(labels == cls)
+    count = max(1, _round_half_up(rate * len(members) / 100.0))
+    order = np.random.default_rng([int(seed), rank]).permutation(len(members))
+    keep.append(members[order[:count]])
+  if not keep:
+    return np.zeros((0,), np.int64)
+  return np.sort(np.concatenate(keep)).astype(np.int64)
+
+
+def kshot_subset(labels, *, shots, seed):
+  """Sorted indices of `shots` examples per class (all of a smaller class), by seed."""
+  if shots < 1:
+    raise ValueError(f"shots must be >= 1, got {shots}")
+  rng = np.random.default_rng([seed, shots])
+  chosen = [rng.permutation(np.flatnonzero(labels == c))[:shots]
+            for c in np.unique(labels)]
+  return np.sort(np.concatenate(chosen))
+
+
+def holdout_split(labels, *, fraction, seed):
+  """`(train_idx, val_idx)`: a stratified held-out split; each class keeps >= 1 in train."""
+  rng = np.random.default_rng(seed)
+  train, val = [], []
+  for c in np.unique(labels):
+    idx = rng.permutation(np.flatnonzero(labels == c))
+    n_val = min(int(fraction * len(idx)), len(idx) - 1)
+    val.extend(idx[:n_val])
+    train.extend(idx[n_val:])
+  return np.sort(train), np.sort(val)
+
+
+def host_range(n, *, index, count):
+  """`[lo, hi)` of the `index`-th of `count` near-equal contiguous parts of `range(n)`."""
+  if not 0 <= index < count:
+    raise ValueError(f"host index {index} is not in [0, {count})")
+  return n * index // count, n * (index + 1) // count
+
+
+def replay_subset(n, *, fraction, seed):
+  """Sorted indices of a fixed random `fraction` of `n` source examples (at least one):
+  the sparse source replay of unsupervised fine-tuning."""
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"replay fraction must be in (0, 1], got {fraction}")
+  count = max(1, round(fraction * n))
+  return np.sort(np.random.default_rng([int(seed), 1]).choice(n, count, replace=False))
