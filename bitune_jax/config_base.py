@@ -126,3 +126,16 @@ def validate(config):
     raise ValueError(f"num_classes must be >= 1, got {config.num_classes}")
   if config.total_steps < 1 or config.batch_size < 1:
     raise ValueError("total_steps and batch_size must be >= 1")
+  _validate_data(config)
+
+
+def _validate_data(config):
+  data = config.data
+  if data.views not in ("reference", "moco"):
+    raise ValueError(f"data.views must be 'reference' or 'moco', got {data.views!r}")
+  if int(data.kshot) != data.kshot or data.kshot < 0:
+    raise ValueError(f"data.kshot must be a non-negative integer, got {data.kshot}")
+  replay = config.method == "unsup_finetune" and config.unsup.replay_fraction > 0
+  if replay and config.dataset != "digits" and data.replay_source not in datasets.SPECS:
+    raise ValueError(f"unknown data.replay_source {data.replay_source!r}; expected one "
+                     f"of {', '.join(datasets.SPECS)}")

@@ -30,7 +30,10 @@ def _config(method="bituning", **overrides):
   config.log_every = config.eval_every = config.checkpoint_every = 3
   config.bituning.queue_size = 4
   for key, value in overrides.items():
-    config[key] = value
+    if isinstance(value, dict):
+      config[key].update(value)
+    else:
+      config[key] = value
   return config
 
 
@@ -113,6 +116,8 @@ def test_interrupted_run_resumes_to_the_same_state(tmp_path, monkeypatch):
     (dict(sampling_rate=150.0), "sampling_rate must be in (0, 100]"),
     (dict(num_classes=7), "num_classes=7 but dataset 'digits' has 5 classes"),
     (dict(batch_size=12), "multiple of the device count"),
+    (dict(data=dict(views="simclr")), "data.views must be 'reference' or 'moco'"),
+    (dict(data=dict(kshot=-1)), "data.kshot must be a non-negative integer"),
 ])
 def test_bad_configs_fail_before_compiling(tmp_path, monkeypatch, overrides, needle):
   def no_compile(*args, **kwargs):

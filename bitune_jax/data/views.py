@@ -124,29 +124,43 @@ def _grayscale(image):
   return tf.reduce_sum(image * tf.constant([0.299, 0.587, 0.114]), -1, keepdims=True)
 
 
-def color_jitter(image, seed, *, strength=DEFAULT_JITTER):
-  """torchvision's ColorJitter on float `[H, W, 3]` in [0, 1], ops in a random order.
+def adjust_colour(image, factors, order):
+  """Brightness, contrast, saturation (`factors[0:3]`) and hue shift (`factors[3]`)
+  applied to float `[H, W, 3]` in [0, 1] in the order `order` (a permutation of 0..3
+  naming those four), each clipped to [0, 1]: torchvision's ColorJitter given its draws.
 
-  Factors: brightness b, contrast c, saturation s ~ U[max(0, 1 - v), 1 + v], hue
-  shift ~ U[-v, v] (fraction of the colour circle). Brightness scales; contrast blends
-  with the mean grey level; saturation blends with the grey image; hue rotates.
+  Brightness scales; contrast blends with the mean grey level; saturation blends with
+  the grey image; hue rotates by a fraction of the colour circle.
   """
-  b, c, s, hue = strength
-  seeds = tf.random.experimental.stateless_split(seed, 5)
-  factors = [tf.random.stateless_uniform([], seeds[i], max(0.0, 1 - v), 1 + v)
-             for i, v in enumerate((b, c, s))]
-  shift = tf.random.stateless_uniform([], seeds[3], -hue, hue)
-  order = tf.argsort(tf.random.stateless_uniform([4], seeds[4]))
   ops = [
       lambda x: x * factors[0],
       lambda x: factors[1] * x + (1 - factors[1]) * tf.reduce_mean(_grayscale(x)),
       lambda x: factors[2] * x + (1 - factors[2]) * _grayscale(x),
-      lambda x: tf.image.adjust_hue(x, shift),
+      lambda x: tf.image.adjust_hue(x, factors[3]),
   ]
   for i in range(4):
     image = tf.switch_case(order[i], [lambda op=op: tf.clip_by_value(op(image), 0., 1.)
                                       for op in ops])
   return image
+
+
+def jitter_draws(seed, strength=DEFAULT_JITTER):
+  """`(factors [4], order [4])` of ColorJitter: brightness, contrast, saturation ~
+  U[max(0, 1 - v), 1 + v], hue shift ~ U[-v, v], and a random order."""
+  b, c, s, hue = strength
+  seeds = tf.random.experimental.stateless_split(seed, 5)
+  factors = [tf.random.stateless_uniform([], seeds[i], max(0.0, 1 - v), 1 + v)
+             for i, v in enumerate((b, c, s))]
+  factors.append(tf.random.stateless_uniform([], seeds[3], -hue, hue))
+  order = tf.argsort(tf.random.stateless_uniform([4], seeds[4]))
+  return tf.stack(factors), tf.cast(order, tf.int32)
+
+
+def color_jitter(image, seed, *, strength=DEFAULT_JITTER):
+  """torchvision's ColorJitter on float `[H, W, 3]` in [0, 1] (`jitter_draws`, then
+  `adjust_colour`)."""
+  factors, order = jitter_draws(seed, strength)
+  return adjust_colour(image, factors, order)
 
 
 def gaussian_blur(image, sigma, *, kernel_size):

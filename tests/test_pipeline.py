@@ -1,0 +1,242 @@
+"""The tfds input pipelines: every dataset name of the configs through tfds (mocked:
+nothing is downloaded), sampling-rate and k-shot splits, labels that match pixels
+through decoding and augmentation, resumable seeded streams, host shards, source replay
+and the aircraft command line on a fake copy of the official archive."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from bitune_jax.data import builders, datasets, pipeline, splits, views
+from bitune_jax.data import input as input_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bituning as bituning_config  # noqa: E402  pylint: disable=g-import-not-at-top
+import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
+import unsup_finetune as unsup_config  # noqa: E402  pylint: disable=g-import-not-at-top
+
+SIZE = 16  # view side in these tests
+PER_CLASS = {"train": 4, "validation": 1, "test": 2}  # mock examples per class
+
+
+def colour(k):
+  """A flat colour per class (216 classes, 51 apart per channel)."""
+  return np.array([k % 6, k // 6 % 6, k // 36 % 6]) * 51
+
+
+def label_of(image):
+  """The class whose colour is nearest the mean colour of a normalised view."""
+  rgb = (image.reshape(-1, 3).mean(0) * views.STD_RGB + views.MEAN_RGB) * 255
+  level = np.clip(np.round(rgb / 51), 0, 5).astype(int)
+  return int(level[0] + 6 * level[1] + 36 * level[2])
+
+
+def mock_examples(num_classes, split, seed=0):
+  """`(encoded, labels)` of a mock split: class-coloured JPEGs of random sizes."""
+  rng = np.random.default_rng([seed, len(split)])
+  labels = np.repeat(np.arange(num_classes), PER_CLASS[split])
+  rng.shuffle(labels)
+  encoded = []
+  for label in labels:
+    h, w = rng.integers(12, 40, 2)
+    image = np.broadcast_to(colour(label), (h, w, 3)).astype(np.uint8)
+    encoded.append(tf.io.encode_jpeg(image, quality=95).numpy())
+  return encoded, labels
+
+
+def fake_as_dataset(self, split, **kwargs):
+  """Stands for a prepared tfds split read with the image left encoded."""
+  del kwargs
+  encoded, labels = mock_examples(self.info.features["label"].num_classes, str(split))
+  return tf.data.Dataset.from_tensor_slices({"image": encoded,
+                                             "label": labels.astype(np.int64)})
+
+
+@pytest.fixture
+def mocked():
+  with tfds.testing.mock_data(as_dataset_fn=fake_as_dataset):
+    yield
+
+
+def _config(name, rate=100, module=bituning_config, **data):
+  config = module.get_config(f"{name},resnet18,{rate}")
+  config.image_size, config.batch_size, config.eval_batch_size = SIZE, 8, 16
+  config.data.data_dir = "/tmp/non-existing/tfds"
+  for key, value in data.items():
+    config.data[key] = value
+  return config
+
+
+# --------------------------------------------------------------------------- datasets
+@pytest.mark.parametrize("name", ["cub", "cars", "pets", "caltech101", "cifar100",
+                                  "food101", "flowers", "dtd"])
+def test_every_tfds_dataset_of_the_configs_loads(mocked, name):
+  config = _config(name, rate=25)
+  data = input_lib.load(config, two_views=True)
+  spec = datasets.SPECS[name]
+  assert data.num_classes == config.num_classes == spec.num_classes
+  assert data.metric == spec.metric
+  per_class = PER_CLASS["train"] + (PER_CLASS["validation"] if "+" in spec.train_split
+                                    else 0)
+  kept = max(1, splits._round_half_up(0.25 * per_class))  # every class present
+  np.testing.assert_array_equal(np.bincount(data.train.labels), [kept] * spec.num_classes)
+  test_per_class = PER_CLASS["validation" if spec.test_split == "validation" else "test"]
+  assert data.test.num_examples == test_per_class * spec.num_classes
+  batch = next(data.train_batches(0))
+  assert batch["image_q"].shape == batch["image_k"].shape == (8, SIZE, SIZE, 3)
+  for i, label in enumerate(batch["label"]):  # pixels and labels travel together
+    assert label_of(batch["image_q"][i]) == label_of(batch["image_k"][i]) == label
+  assert not np.array_equal(batch["image_q"], batch["image_k"])  # two views
+
+
+def test_metrics_follow_the_papers():
+  mean_class = {n for n, s in datasets.SPECS.items() if s.metric == "mean_class_acc"}
+  assert mean_class == {"aircraft", "pets", "caltech101", "flowers"}
+
+
+def test_eval_batches_cover_the_split_once_in_the_eval_view(mocked):
+  data = input_lib.load(_config("dtd"), two_views=False)
+  seen, labels = 0, []
+  for batch in data.test.batches(16):
+    assert batch["image"].shape == (16, SIZE, SIZE, 3)
+    real = batch["mask"] > 0
+    labels.extend(batch["label"][real])
+    assert [label_of(x) for x in batch["image"][real]] == list(batch["label"][real])
+    seen += real.sum()
+  encoded, expected = mock_examples(47, "test")
+  assert seen == len(encoded) and labels == list(expected)  # in order, once each
+  first = views.eval_view(tf.constant(encoded[0]), size=SIZE, resize=views.eval_resize(SIZE))
+  np.testing.assert_allclose(next(data.test.batches(16))["image"][0], first, atol=1e-6)
+
+
+def test_kshot_and_sampling_rates_by_class(mocked):
+  for rate in (15, 30, 50, 75):
+    data = input_lib.load(_config("cifar100", rate), two_views=False)
+    assert np.bincount(data.train.labels).tolist() == [
+        max(1, splits._round_half_up(rate / 100 * 4))] * 100
+  data = input_lib.load(_config("pets", kshot=2), two_views=False)
+  assert np.bincount(data.train.labels).tolist() == [2] * 37
+  again = input_lib.load(_config("pets", kshot=2), two_views=False)
+  assert list(again.train.encoded) == list(data.train.encoded)  # deterministic by seed
+
+
+def test_missing_class_is_refused():
+  labels = np.array([0, 0, 2, 2])
+  with pytest.raises(ValueError, match="2 classes with examples, expected 3"):
+    datasets.train_subset(labels, rate=50, shots=0, seed=0, num_classes=3)
+
+
+# --------------------------------------------------------------------------- stream
+def _pool(n=21, size=SIZE):
+  encoded, labels = mock_examples(n, "validation")
+  return pipeline.EncodedSplit(np.array(encoded, object), labels.astype(np.int32), n, n,
+                               size)
+
+
+@pytest.mark.parametrize("kind", ["reference", "moco"])
+def test_stream_resumes_exactly_and_views_are_seeded(kind):
+  pool = _pool()
+  view = pipeline.view_fn(kind, size=SIZE)
+  stream = lambda start, seed=0: pipeline.train_stream(  # noqa: E731
+      pool, start_step=start, batch_size=8, seed=seed, view=view)
+  straight = [b for _, b in zip(range(5), stream(0))]
+  resumed = [b for _, b in zip(range(2), stream(3))]
+  for a, b in zip(straight[3:], resumed):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  # One epoch (21 examples) then the next: every example once per epoch.
+  labels = np.concatenate([b["label"] for b in straight])
+  np.testing.assert_array_equal(np.sort(labels[:21]), np.arange(21))
+  other = next(stream(0, seed=1))
+  assert not np.array_equal(other["image_q"], straight[0]["image_q"])
+  batch = straight[0]
+  assert not np.array_equal(batch["image_q"], batch["image_k"])
+  if kind == "reference":  # flat colours survive the reference views
+    assert [label_of(x) for x in batch["image_k"]] == list(batch["label"])
+
+
+def test_hosts_read_disjoint_shards_that_make_up_the_split(tmp_path):
+  archive = fakes.make_fgvc_aircraft(str(tmp_path / "manual"), per_split=2)
+  b = builders.prepare("fgvc_aircraft", data_dir=str(tmp_path / "tfds"),
+                       manual_dir=archive)
+  labels = datasets.read_labels(b, "train+validation")
+  assert len(labels) == 400
+  keep = splits.stratified_subset(labels, rate=50, seed=0)
+  whole = datasets.read_split(b, "train+validation", keep=keep, image_size=SIZE)
+  parts = [datasets.read_split(b, "train+validation", keep=keep, host=(h, 3),
+                               image_size=SIZE) for h in range(3)]
+  assert sum(len(p) for p in parts) == len(whole) == len(keep) == 200
+  assert sorted(e for p in parts for e in p.encoded) == sorted(whole.encoded)
+  for h, part in enumerate(parts):  # each host only its contiguous ranges
+    ranges = [splits.host_range(n, index=h, count=3) for n in (200, 200)]
+    assert len(part) <= sum(hi - lo for lo, hi in ranges)
+    np.testing.assert_array_equal(
+        [fakes.colour_class(views.decode(e).numpy().reshape(-1, 3).mean(0))
+         for e in part.encoded[:5]], part.labels[:5])
+
+
+def test_global_batches_are_sharded_and_prefetched(mocked):
+  from bitune_jax import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh()
+  data = input_lib.load(_config("flowers"), two_views=True)
+  local = [b for _, b in zip(range(3), data.train_batches(0))]
+  ahead = [b for _, b in zip(range(3), input_lib.prefetch_to_device(
+      data.train_batches(0), mesh))]
+  for a, b in zip(local, ahead):
+    assert isinstance(b["image_q"], jax.Array)
+    assert len(b["image_q"].sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(b["image_q"]), a["image_q"])
+
+
+# --------------------------------------------------------------------------- replay
+def test_source_replay_joins_the_pool_unlabelled(mocked):
+  config = _config("pets", module=unsup_config, replay_source="cifar100")
+  config.unsup.replay_fraction = 0.1
+  data = input_lib.load(config, two_views=True)
+  target = 4 * 37
+  replay = round(0.1 * 4 * 100)  # 10% of the mock CIFAR-100 training split
+  assert len(data.train) == target and len(data.pool) == target + replay
+  assert data.pool_is_replay.sum() == replay
+  assert (data.pool.labels == -1).sum() == replay
+  labels = np.concatenate([b["label"] for _, b in zip(range(40), data.train_batches(0))])
+  assert (labels == -1).mean() == pytest.approx(replay / (target + replay), abs=0.05)
+  encoded, _ = mock_examples(100, "train")
+  chosen = splits.replay_subset(400, fraction=0.1, seed=config.seed)
+  assert list(data.pool.encoded[target:]) == [encoded[i] for i in chosen]
+
+
+# --------------------------------------------------------------------------- cli
+@pytest.mark.slow
+def test_aircraft_command_line_on_the_official_layout(tmp_path):
+  archive = fakes.make_fgvc_aircraft(str(tmp_path / "manual"), per_split=1)
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "bitune_jax.main",
+         "--config", os.path.join(ROOT, "configs", "finetune.py") + ":aircraft,resnet18,100",
+         "--workdir", str(workdir), f"--config.data.manual_dir={archive}",
+         f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.total_steps=2",
+         "--config.image_size=32", "--config.batch_size=16", "--config.eval_batch_size=64"]
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["step"] == 2 and summary["metric"] == "mean_class_acc"
+  assert summary["score"] == summary["mean_class_acc"]
+  assert 0.0 <= summary["mean_class_acc"] <= 1.0
+  assert "mean per-class accuracy" in result.stdout
+
+
+def test_unknown_replay_source_is_refused():
+  from bitune_jax import config_base  # pylint: disable=g-import-not-at-top
+  config = _config("pets", module=unsup_config, replay_source="places365")
+  with pytest.raises(ValueError, match="unknown data.replay_source 'places365'"):
+    config_base.validate(config)
+  config.unsup.replay_fraction = 0.0  # no replay: no source needed
+  config_base.validate(config)
