@@ -135,10 +135,10 @@ def train_stream(pool, *, start_step, batch_size, seed, view, two_views=True,
   names = ("image_q", "image_k") if two_views else ("image",)
 
   def augment(ex):
-    out = {"label": ex["label"]}
+    image, out = views.decode(ex["encoded"]), {"label": ex["label"]}  # decoded once
     for number, name in enumerate(names):
-      out[name] = view(ex["encoded"], views.example_seed(seed, index, ex["step"],
-                                                         ex["row"], number))
+      out[name] = view(image, views.example_seed(seed, index, ex["step"], ex["row"],
+                                                 number))
     return out
 
   ds = tf.data.Dataset.from_generator(positions, output_signature=signature)

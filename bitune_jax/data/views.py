@@ -163,19 +163,29 @@ def color_jitter(image, seed, *, strength=DEFAULT_JITTER):
   return adjust_colour(image, factors, order)
 
 
+def _blur_matrix(size, kernel):
+  """`[size, size]` matrix applying the 1-D `kernel` (odd length) along an axis with
+  reflected borders (`REFLECT`: the edge pixel is not repeated)."""
+  radius = (kernel.shape[0] - 1) // 2
+  index = tf.range(size)[:, None] + tf.range(-radius, radius + 1)[None, :]  # [n, taps]
+  index = tf.abs(index)
+  index = tf.where(index > size - 1, 2 * (size - 1) - index, index)
+  return tf.einsum("nts,t->ns", tf.one_hot(index, size), kernel)
+
+
 def gaussian_blur(image, sigma, *, kernel_size):
-  """Separable Gaussian blur of `[H, W, 3]` with reflected borders."""
+  """Separable Gaussian blur of `[H, W, C]` with reflected borders: `kernel_size` taps
+  of a normalised Gaussian of `sigma`, as two matrix products (faster than a
+  depthwise convolution on CPUs)."""
   radius = kernel_size // 2
   taps = tf.range(-radius, radius + 1, dtype=tf.float32)
   kernel = tf.exp(-0.5 * tf.square(taps / sigma))
   kernel /= tf.reduce_sum(kernel)
-  padded = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]],
-                  mode="REFLECT")
-  vertical = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, 3, 1])
-  horizontal = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, 3, 1])
-  out = tf.nn.depthwise_conv2d(padded, vertical, [1, 1, 1, 1], "VALID")
-  out = tf.nn.depthwise_conv2d(out, horizontal, [1, 1, 1, 1], "VALID")
-  return out[0]
+  shape = tf.shape(image)
+  rows = _blur_matrix(shape[0], kernel)
+  cols = _blur_matrix(shape[1], kernel)
+  out = tf.einsum("hk,kwc->hwc", rows, image)
+  return tf.einsum("wk,hkc->hwc", cols, out)
 
 
 def _maybe(seed, probability, fn, image):
