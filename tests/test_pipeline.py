@@ -240,3 +240,10 @@ def test_unknown_replay_source_is_refused():
     config_base.validate(config)
   config.unsup.replay_fraction = 0.0  # no replay: no source needed
   config_base.validate(config)
+
+
+def test_manual_dataset_without_its_archive_is_a_clear_error(tmp_path):
+  config = _config("aircraft", data_dir=str(tmp_path / "tfds"),
+                   manual_dir=str(tmp_path / "nothing"))
+  with pytest.raises(ValueError, match="manual_dir"):
+    input_lib.load(config, two_views=True)

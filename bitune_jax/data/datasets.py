@@ -60,29 +60,36 @@ def spec(name):
 
 # --------------------------------------------------------------------------- builders
 def builder(name, *, data_dir="", manual_dir=""):
-  """The prepared tfds builder of dataset `name` (prepared first if it is not)."""
+  """The prepared tfds builder of dataset `name`. One not prepared yet in `data_dir` is
+  prepared first, by process 0 while the others wait (downloaded by tfds, or built from
+  `manual_dir`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  s = spec(name)
+  if jax.process_index() == 0:
+    _prepare(name, s, data_dir, manual_dir)
+  _sync("prepared " + s.tfds_name)
+  return _prepare(name, s, data_dir, manual_dir)  # prepared by now: opens it
+
+
+def _prepare(name, s, data_dir, manual_dir):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from bitune_jax.data import builders  # pylint: disable=g-import-not-at-top  (registers)
-  s = spec(name)
-  if s.tfds_name in ("fgvc_aircraft", "coco70"):
+  if s.tfds_name in builders.BUILDERS:
     return builders.prepare(s.tfds_name, data_dir=data_dir or None,
                             manual_dir=manual_dir or None)
   b = tfds.builder(s.tfds_name, data_dir=data_dir or None)
-  if not b.is_prepared():
-    import jax  # pylint: disable=g-import-not-at-top
-    if jax.process_index() == 0:
-      log.info("preparing tfds %s in %s", s.tfds_name, b.data_dir)
-      config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
-      try:
-        b.download_and_prepare(download_config=config)
-      except Exception as e:
-        raise ValueError(f"dataset {name!r} (tfds {s.tfds_name}) is not prepared in "
-                         f"{b.data_dir} and could not be prepared: {e}. Prepare it with "
-                         f"`tfds build {s.tfds_name} --data_dir DIR` and pass "
-                         f"--config.data.data_dir=DIR" + (
-                             " (and --config.data.manual_dir=DIR for the manual download)"
-                             if s.manual else "")) from e
-    _sync("prepared " + s.tfds_name)
+  if b.is_prepared():
+    return b
+  log.info("preparing tfds %s in %s", s.tfds_name, b.data_dir)
+  try:
+    b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir or None))
+  except Exception as e:
+    manual = " (and --config.data.manual_dir=DIR for the manual download)"
+    raise ValueError(f"dataset {name!r} (tfds {s.tfds_name}) is not prepared in "
+                     f"{b.data_dir} and could not be prepared: {e}. Prepare it with "
+                     f"`tfds build {s.tfds_name} --data_dir DIR` and pass "
+                     f"--config.data.data_dir=DIR" + (manual if s.manual else "")) from e
   return b
 
 
@@ -106,7 +113,6 @@ def _components(b, split):
 
 def _read(b, split, *, host, fields):
   """Yields numpy batches (`tfds_index`, `fields`) of this host's part of `split`."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   index, count = host
   offset = 0
@@ -126,7 +132,6 @@ def _read(b, split, *, host, fields):
       seen += len(batch["tfds_index"])
       yield batch
     offset += size if size is not None else seen
-  del tf
 
 
 def read_labels(b, split):
