@@ -349,25 +349,48 @@ def test_jitter_draws_ranges_and_order():
 # ------------------------------------------------------------------------ blur
 
 
-@pytest.mark.parametrize("sigma,kernel_size", [(0.1, 3), (0.8, 7), (2.0, 23), (1.3, 11)])
-def test_gaussian_blur_matches_scipy(sigma, kernel_size):
-  """Separable truncated normalised Gaussian, reflected borders == scipy 'mirror'."""
-  rng = np.random.default_rng(kernel_size)
-  x = rng.uniform(size=(30, 25, 3)).astype(np.float32)
-  out = views.gaussian_blur(tf.constant(x), tf.constant(sigma, tf.float32),
-                            kernel_size=kernel_size).numpy()
+def _ref_blur(x, sigma, kernel_size):
+  """Truncated normalised Gaussian along both axes, scipy 'mirror' (== tf REFLECT:
+  the edge pixel is not repeated), float64."""
   radius = kernel_size // 2
   taps = np.arange(-radius, radius + 1)
   kernel = np.exp(-0.5 * (taps / sigma) ** 2)
   kernel /= kernel.sum()
-  ref = scipy.ndimage.correlate1d(x.astype(np.float64), kernel, axis=0, mode="mirror")
-  ref = scipy.ndimage.correlate1d(ref, kernel, axis=1, mode="mirror")
+  out = scipy.ndimage.correlate1d(np.asarray(x, np.float64), kernel, axis=0, mode="mirror")
+  return scipy.ndimage.correlate1d(out, kernel, axis=1, mode="mirror")
+
+
+@pytest.mark.parametrize("sigma,kernel_size,shape", [
+    (0.1, 3, (30, 25)), (0.8, 7, (30, 25)), (2.0, 23, (30, 25)), (1.3, 11, (30, 25)),
+    (1.7, 23, (12, 9)), (0.5, 3, (2, 7))])
+def test_gaussian_blur_matches_scipy(sigma, kernel_size, shape):
+  """Separable truncated normalised Gaussian, reflected borders == scipy 'mirror'
+  (incl. a kernel wider than the image, radius <= 2 (side - 1))."""
+  rng = np.random.default_rng(kernel_size)
+  x = rng.uniform(size=shape + (3,)).astype(np.float32)
+  out = views.gaussian_blur(tf.constant(x), tf.constant(sigma, tf.float32),
+                            kernel_size=kernel_size).numpy()
+  radius = kernel_size // 2
+  ref = _ref_blur(x, sigma, kernel_size)
   assert out.shape == x.shape and out.dtype == np.float32
   np.testing.assert_allclose(out, ref, atol=BLUR_TOL, rtol=0)
   # The same kernel as scipy's own truncated Gaussian filter.
   ref2 = scipy.ndimage.gaussian_filter(x.astype(np.float64), sigma=(sigma, sigma, 0),
                                        radius=(radius, radius, 0), mode="mirror")
   np.testing.assert_allclose(out, ref2, atol=BLUR_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("shape,kernel_size", [((1, 1), 3), ((1, 6), 3), ((5, 4), 23)])
+def test_gaussian_blur_tiny_images(shape, kernel_size):
+  """Images narrower than the kernel's reach: a constant stays constant, and the
+  result is scipy's 'mirror' (reflected as often as needed)."""
+  x = np.full(shape + (3,), 0.6, np.float32)
+  out = views.gaussian_blur(tf.constant(x), tf.constant(1.5), kernel_size=kernel_size)
+  np.testing.assert_allclose(out.numpy(), x, atol=BLUR_TOL, rtol=0)
+  x = np.random.default_rng(0).uniform(size=shape + (3,)).astype(np.float32)
+  out = views.gaussian_blur(tf.constant(x), tf.constant(1.5), kernel_size=kernel_size)
+  np.testing.assert_allclose(out.numpy(), _ref_blur(x, 1.5, kernel_size), atol=BLUR_TOL,
+                             rtol=0)
 
 
 # ---------------------------------------------------------- train and MoCo views
@@ -534,16 +557,25 @@ def _all_crop_views(image, size, resize):
   return np.array(boxes), _normalise(np.stack(crops))
 
 
-@pytest.mark.parametrize("height,width,resize", [(12, 10, 0), (20, 30, 7)])
-def test_train_view_is_a_resized_crop(height, width, resize):
-  """Each view of a random image is the PIL resize of one crop of the original (the box
-  drawn on the `resize` grid and mapped back at the same relative box), possibly
-  mirrored; the boxes respect the scale and aspect ranges; the two views differ."""
+@pytest.mark.parametrize("kind,height,width,resize", [
+    ("train", 12, 10, 0), ("train", 20, 30, 7), ("moco", 10, 13, 0)])
+def test_view_is_a_resized_crop(kind, height, width, resize):
+  """Each view of a random image (MoCo: colour ops and blur off) is the PIL resize of one
+  crop of the original (the box drawn on the `resize` grid and mapped back at the same
+  relative box), possibly mirrored; the boxes respect the scale (train 0.08-1, MoCo
+  0.2-1) and aspect ranges; the two views of a row differ."""
   rng = np.random.default_rng(height * width)
   image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
   boxes, refs = _all_crop_views(image, 8, resize)
   grid_h, grid_w = (resize, resize) if resize else (height, width)
-  fn = tf.function(lambda s: views.train_view(tf.constant(image), s, size=8, resize=resize))
+  if kind == "train":
+    scale = (0.08, 1.0)
+    fn = tf.function(lambda s: views.train_view(tf.constant(image), s, size=8,
+                                                resize=resize))
+  else:
+    scale = (0.2, 1.0)
+    fn = tf.function(lambda s: views.moco_view(tf.constant(image), s, size=8, jitter_p=0.0,
+                                               grayscale_p=0.0, blur_p=0.0))
   found, flips = [], 0
   for i in range(60):
     out = fn(_seed(8, 0, i // 2, i % 2)).numpy()
@@ -555,7 +587,7 @@ def test_train_view_is_a_resized_crop(height, width, resize):
     flips += flipped
     found.append(boxes[k])
   found = np.array(found)
-  _check_box_bounds(found, grid_h, grid_w, (0.08, 1.0))
+  _check_box_bounds(found, grid_h, grid_w, scale)
   assert 15 <= flips <= 45, flips
   assert len(np.unique(found, axis=0)) > 40
   assert (found[0::2] != found[1::2]).any(1).mean() > 0.8  # the two views of a row differ

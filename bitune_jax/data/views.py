@@ -168,8 +168,9 @@ def _blur_matrix(size, kernel):
   reflected borders (`REFLECT`: the edge pixel is not repeated)."""
   radius = (kernel.shape[0] - 1) // 2
   index = tf.range(size)[:, None] + tf.range(-radius, radius + 1)[None, :]  # [n, taps]
-  index = tf.abs(index)
-  index = tf.where(index > size - 1, 2 * (size - 1) - index, index)
+  period = tf.maximum(2 * (size - 1), 1)  # reflected as often as needed (tiny images)
+  index = tf.math.floormod(index, period)
+  index = tf.where(index > size - 1, period - index, index)
   return tf.einsum("nts,t->ns", tf.one_hot(index, size), kernel)
 
 
