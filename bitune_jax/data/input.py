@@ -20,15 +20,12 @@ and augment in tf.data (`bitune_jax.data.pipeline`).
 
 import collections
 import dataclasses
-import logging
 from typing import Any, Callable
 
 import numpy as np
 
 from bitune_jax import sharding
 from bitune_jax.data import batches, digits, splits
-
-log = logging.getLogger("bitune_jax")
 
 
 @dataclasses.dataclass
