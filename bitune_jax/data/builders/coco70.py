@@ -29,6 +29,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from bitune_jax.data.builders import features
+
 NAME = "coco70"
 NUM_CLASSES = 70
 MIN_SIZE = 50  # Boxes with width or height below this many pixels are dropped.
@@ -156,12 +158,8 @@ class Coco70(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(encoding_format="jpeg"),
-            # Names are the chosen COCO categories, set in `_split_generators`.
-            "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-            "image/filename": tfds.features.Text(),
-        }),
+        # Label names: Names are the chosen COCO categories, set in `_split_generators`.
+        features=features.classification_features(NUM_CLASSES),
         supervised_keys=("image", "label"),
         homepage="https://cocodataset.org/",
     )

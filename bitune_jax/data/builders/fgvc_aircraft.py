@@ -24,6 +24,8 @@ import os
 import tensorflow_datasets as tfds
 from etils import epath
 
+from bitune_jax.data.builders import features
+
 NAME = "fgvc_aircraft"
 NUM_CLASSES = 100
 ARCHIVE_DIR = "fgvc-aircraft-2013b"
@@ -117,12 +119,8 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(encoding_format="jpeg"),
-            # Names come from variants.txt, set in `_split_generators`.
-            "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-            "image/filename": tfds.features.Text(),
-        }),
+        # Label names: Names come from variants.txt, set in `_split_generators`.
+        features=features.classification_features(NUM_CLASSES),
         supervised_keys=("image", "label"),
         homepage="https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/",
     )
