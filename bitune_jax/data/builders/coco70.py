@@ -158,7 +158,7 @@ class Coco70(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     return self.dataset_info_from_configs(
-        # Label names: Names are the chosen COCO categories, set in `_split_generators`.
+        # Label names are the chosen COCO categories, set in `_split_generators`.
         features=features.classification_features(NUM_CLASSES),
         supervised_keys=("image", "label"),
         homepage="https://cocodataset.org/",

@@ -119,7 +119,7 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     return self.dataset_info_from_configs(
-        # Label names: Names come from variants.txt, set in `_split_generators`.
+        # Label names come from variants.txt, set in `_split_generators`.
         features=features.classification_features(NUM_CLASSES),
         supervised_keys=("image", "label"),
         homepage="https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/",
