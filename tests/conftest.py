@@ -3,6 +3,7 @@
 The flag must be set before JAX initialises its backends, hence at import time.
 """
 import os
+import secrets
 import sys
 
 _FLAG = "--xla_force_host_platform_device_count=8"
@@ -22,3 +23,25 @@ def _check_devices():
   assert jax.device_count() == 8, (
       f"expected 8 simulated devices, got {jax.device_count()}; "
       "was JAX imported before tests/conftest.py set XLA_FLAGS?")
+
+
+# --------------------------------------------------------------------------- seeds
+# Fresh random inputs on every run, each drawn from a seed that a failure prints:
+# `BITUNE_TEST_SEED=<seed> python -m pytest <test>` reruns the failing draw.
+@pytest.fixture
+def rng(request):
+  """A NumPy generator seeded per test: `$BITUNE_TEST_SEED`, else a fresh seed."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  seed = int(os.environ.get("BITUNE_TEST_SEED") or secrets.randbits(32))
+  request.node.user_properties.append(("seed", seed))
+  return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  del call
+  report = (yield).get_result()
+  seeds = [value for name, value in item.user_properties if name == "seed"]
+  if report.failed and seeds:
+    report.sections.append(
+        ("random seed", f"seed {seeds[0]}: rerun with BITUNE_TEST_SEED={seeds[0]}"))

@@ -277,7 +277,6 @@ def test_gpt_star_enqueues_the_keys_and_moves_the_key_encoder_by_ema(monkeypatch
                                 np.delete(old, np.s_[16:32], 0))
   for a, b in zip(jax.tree.leaves(after.key_batch_stats), jax.tree.leaves(stats)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  assert metrics["info_nce"] > 0
   np.testing.assert_allclose(metrics["loss"], metrics["ce"] + metrics["info_nce"],
                              rtol=1e-6)
   runner.step()

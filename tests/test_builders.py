@@ -235,7 +235,7 @@ def test_coco_too_few_categories(tmp_path):
 
 
 def test_coco_missing_files(tmp_path):
-  with pytest.raises(ValueError) as error:
+  with pytest.raises(ValueError, match="instances_train2017.json") as error:
     builders.prepare("coco70", data_dir=tmp_path / "data", manual_dir=tmp_path / "nope")
   _assert_clear(error, "coco70", FLAG, "annotations/instances_train2017.json")
   (tmp_path / "manual" / "annotations").mkdir(parents=True)

@@ -65,7 +65,7 @@ def test_trains_with_the_relationship_of_its_checkpoint(tmp_path):
   for _, batch in zip(range(3), run.data.train_batches(0)):
     state, metrics = run.train_step(state, sharding.global_batch(batch, mesh))
   metrics = jax.device_get(metrics)
-  assert np.isfinite(metrics["loss"]) and metrics["co_tuning"] > 0
+  # The terms' values against NumPy: tests/test_method_steps.py.
   assert metrics["loss"] == pytest.approx(metrics["ce"] + 2.3 * metrics["co_tuning"],
                                           rel=1e-5)
   # The relationship stays in the state (checkpoints carry it).

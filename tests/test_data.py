@@ -123,13 +123,16 @@ def test_stratified_subset_generic():
     assert not np.array_equal(picked[labels[picked] == 40], np.arange(13, 33))
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(part="both"), dict(part="source", sampling_rate=0.0),
-    dict(part="target", sampling_rate=100.5), dict(part="target", sampling_rate=-5),
-    dict(part="target", test_fraction=1.0), dict(part="target", image_size=0),
-    dict(part="target", seed=-1)])
-def test_load_bad_arguments(kwargs):
-  with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(part="both"), r"part must be one of \['source', 'target'\], got 'both'"),
+    (dict(part="source", sampling_rate=0.0), r"sampling_rate is a percentage in \(0, 100\]"),
+    (dict(part="target", sampling_rate=100.5), r"percentage in \(0, 100\], got 100.5"),
+    (dict(part="target", sampling_rate=-5), r"percentage in \(0, 100\], got -5"),
+    (dict(part="target", test_fraction=1.0), r"test_fraction must be in \(0, 1\), got 1.0"),
+    (dict(part="target", image_size=0), "image_size must be a positive integer, got 0"),
+    (dict(part="target", seed=-1), "seed must be a non-negative integer, got -1")])
+def test_load_bad_arguments(kwargs, needle):
+  with pytest.raises(ValueError, match=needle):
     digits.load_digits_transfer(**kwargs)
 
 
@@ -137,7 +140,7 @@ def test_stratified_subset_bad_arguments():
   for rate in (0, -1, 101):
     with pytest.raises(ValueError, match="rate"):
       digits.stratified_subset(np.arange(4), rate=rate, seed=0)
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match=r"labels must be 1-D, got shape \(2, 2\)"):
     digits.stratified_subset(np.zeros((2, 2), int), rate=50, seed=0)
 
 
@@ -156,7 +159,7 @@ def test_steps_per_epoch():
   assert batches.steps_per_epoch(11, 5) == 3
   assert batches.steps_per_epoch(3, 8) == 1
   assert batches.steps_per_epoch(0, 8) == 0
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
     batches.steps_per_epoch(10, 0)
 
 
@@ -313,21 +316,25 @@ def test_eval_batches_padding_and_mask(n, batch_size):
   assert all(b["image"].shape == (batch_size, 12, 12, 3) for b in out)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(step=-1), dict(batch_size=0), dict(seed=-2), dict(pad=-1), dict(labels_len=3),
-    dict(n=0)])
-def test_train_batch_bad_arguments(kwargs):
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(step=-1), "step must be an integer >= 0, got -1"),
+    (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+    (dict(seed=-2), "seed must be an integer >= 0, got -2"),
+    (dict(pad=-1), "pad must be an integer >= 0, got -1"),
+    (dict(labels_len=3), "5 images but 3 labels"),
+    (dict(n=0), "no training examples")])
+def test_train_batch_bad_arguments(kwargs, needle):
   images, labels = _id_images(kwargs.pop("n", 5))
   labels = labels[:kwargs.pop("labels_len", len(labels))]
   args = dict(step=0, batch_size=2, seed=0)
   args.update(kwargs)
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match=needle):
     batches.train_batch(images, labels, **args)
 
 
 def test_eval_batches_bad_arguments():
   images, labels = _id_images(5)
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match="5 images but 4 labels"):
     batches.eval_batches(images, labels[:4], batch_size=2)
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
     batches.eval_batches(images, labels, batch_size=0)

@@ -1,6 +1,8 @@
 """Losses against the PyTorch transliteration of the reference loops (float64), on fresh
 random inputs: values and gradients within 1e-5 relative; jit, grad, vmap; bad input."""
 
+import re
+
 import bituning_reference as ref
 import jax
 import jax.numpy as jnp
@@ -44,15 +46,16 @@ def _grad_check(torch_loss, leaf, jax_loss, jax_arg):
   _assert_close(jax_arg, leaf.grad.numpy())
 
 
-# (C, K, B, D/F, label kind)
-CASES = [(7, 3, 12, 16, "random"), (5, 4, 9, 33, "one_class"), (20, 8, 16, 64, "spread"),
-         (3, 1, 6, 8, "random")]
+# (C, K, B, D/F, label kind, temperature): class counts, queue sizes and temperatures
+# all vary, so that a loss that ignores an argument (or hard-codes a default) fails.
+CASES = [(7, 3, 12, 16, "random", 0.07), (5, 4, 9, 33, "one_class", 0.2),
+         (20, 8, 16, 64, "spread", 0.5), (3, 1, 6, 8, "random", 1.3),
+         (2, 5, 10, 12, "random", 0.05)]
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_ccl_matches_reference(case):
-  num_classes, size, batch, dim, kind = case
-  rng = np.random.default_rng()
+def test_ccl_matches_reference(case, rng):
+  num_classes, size, batch, dim, kind, tau = case
   z_q, z_k = _unit(rng, batch, dim), _unit(rng, batch, dim)
   queue = _unit(rng, num_classes, size, dim)
   labels = _labels(rng, batch, num_classes, kind)
@@ -60,19 +63,19 @@ def test_ccl_matches_reference(case):
   def loss_fn(zq):
     return losses.categorical_contrastive_loss(
         z_query=zq, z_key=jnp.asarray(z_k, jnp.float32),
-        queue_z=jnp.asarray(queue, jnp.float32), labels=jnp.asarray(labels))
+        queue_z=jnp.asarray(queue, jnp.float32), labels=jnp.asarray(labels),
+        temperature=tau)
   value, grad = jax.jit(jax.value_and_grad(loss_fn))(jnp.asarray(z_q, jnp.float32))
 
   leaf = torch.tensor(z_q, requires_grad=True)
   expected = ref.ccl_reference(leaf, torch.tensor(z_k), _to_ref_queue(queue),
-                               torch.tensor(labels), num_classes, size)
+                               torch.tensor(labels), num_classes, size, temperature=tau)
   _grad_check(expected, leaf, value, grad)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_cce_matches_reference(case):
-  num_classes, size, batch, feat, kind = case
-  rng = np.random.default_rng()
+def test_cce_matches_reference(case, rng):
+  num_classes, size, batch, feat, kind, tau = case
   h_q = rng.standard_normal((batch, feat)) * 3.0
   kernel = rng.standard_normal((feat, num_classes)) * 0.1
   bias = rng.standard_normal(num_classes) * 0.1
@@ -83,19 +86,18 @@ def test_cce_matches_reference(case):
     return losses.contrastive_cross_entropy_loss(
         h_query=h, head_kernel=jnp.asarray(kernel, jnp.float32),
         head_bias=jnp.asarray(bias, jnp.float32), queue_h=jnp.asarray(queue, jnp.float32),
-        labels=jnp.asarray(labels))
+        labels=jnp.asarray(labels), temperature=tau)
   value, grad = jax.jit(jax.value_and_grad(loss_fn))(jnp.asarray(h_q, jnp.float32))
 
   leaf = torch.tensor(h_q, requires_grad=True)
   expected = ref.cce_reference(leaf, torch.tensor(kernel.T.copy()), torch.tensor(bias),
                                _to_ref_queue(queue), torch.tensor(labels), num_classes,
-                               size)
+                               size, temperature=tau)
   _grad_check(expected, leaf, value, grad)
 
 
-def test_cce_head_gradient_when_not_stopped():
+def test_cce_head_gradient_when_not_stopped(rng):
   num_classes, size, batch, feat = 6, 4, 10, 12
-  rng = np.random.default_rng()
   h_q = rng.standard_normal((batch, feat))
   kernel, bias = rng.standard_normal((feat, num_classes)), rng.standard_normal(num_classes)
   queue = _unit(rng, num_classes, size, feat + 1)
@@ -122,8 +124,7 @@ def test_cce_head_gradient_when_not_stopped():
   _assert_close(g_bias, b.grad.numpy())
 
 
-def test_info_nce_matches_reference():
-  rng = np.random.default_rng()
+def test_info_nce_matches_reference(rng):
   batch, dim, negatives = 11, 16, 40
   q, k, queue = _unit(rng, batch, dim), _unit(rng, batch, dim), _unit(rng, negatives, dim)
   value, grad = jax.jit(jax.value_and_grad(
@@ -136,8 +137,7 @@ def test_info_nce_matches_reference():
 
 
 @pytest.mark.parametrize("lam_kind", ["scalar", "per_example"])
-def test_mixed_info_nce_matches_reference(lam_kind):
-  rng = np.random.default_rng()
+def test_mixed_info_nce_matches_reference(lam_kind, rng):
   batch, dim, negatives = 9, 16, 30
   q, k_a, k_b = (_unit(rng, batch, dim) for _ in range(3))
   queue = _unit(rng, negatives, dim)
@@ -157,8 +157,7 @@ def test_mixed_info_nce_matches_reference(lam_kind):
   _assert_close(mixed, plain)
 
 
-def test_co_tuning_loss_matches_reference():
-  rng = np.random.default_rng()
+def test_co_tuning_loss_matches_reference(rng):
   logits = rng.standard_normal((8, 30)) * 4
   targets = rng.dirichlet(np.ones(30), size=8)
   value, grad = jax.jit(jax.value_and_grad(
@@ -169,9 +168,8 @@ def test_co_tuning_loss_matches_reference():
   _grad_check(ref.co_tuning_reference(leaf, torch.tensor(targets)), leaf, value, grad)
 
 
-def test_ccl_is_soft_cross_entropy_minus_log_k_plus_one():
+def test_ccl_is_soft_cross_entropy_minus_log_k_plus_one(rng):
   """The KL's entropy term is log(K+1): a closed form independent of the loops."""
-  rng = np.random.default_rng()
   num_classes, size, batch, dim = 4, 5, 7, 8
   z_q, z_k, queue = _unit(rng, batch, dim), _unit(rng, batch, dim), _unit(
       rng, num_classes, size, dim)
@@ -187,8 +185,7 @@ def test_ccl_is_soft_cross_entropy_minus_log_k_plus_one():
   _assert_close(got, expected)
 
 
-def test_jit_and_vmap_agree_with_eager():
-  rng = np.random.default_rng()
+def test_jit_and_vmap_agree_with_eager(rng):
   groups, num_classes, size, batch, dim = 3, 5, 4, 6, 8
   z_q, z_k = _unit(rng, groups, batch, dim), _unit(rng, groups, batch, dim)
   queue = _unit(rng, groups, num_classes, size, dim)
@@ -205,8 +202,7 @@ def test_jit_and_vmap_agree_with_eager():
   assert grads.shape == z_q.shape and bool(jnp.all(jnp.isfinite(grads)))
 
 
-def test_low_precision_inputs_compute_in_float32():
-  rng = np.random.default_rng()
+def test_low_precision_inputs_compute_in_float32(rng):
   h_q = rng.standard_normal((6, 16))
   kernel, bias = rng.standard_normal((16, 4)), rng.standard_normal(4)
   queue = _unit(rng, 4, 3, 17)
@@ -247,14 +243,12 @@ def test_low_precision_inputs_compute_in_float32():
                                    relationship_targets=jnp.zeros((4, 9))), "(4, 9)"),
 ])
 def test_bad_shapes_raise_clear_errors(call, needle):
-  with pytest.raises(ValueError) as info:
+  with pytest.raises(ValueError, match=re.escape(needle)):
     jax.jit(call)()  # at trace time
-  assert needle in str(info.value)
 
 
-def test_padded_queue_classes_take_no_part():
+def test_padded_queue_classes_take_no_part(rng):
   """Queues padded with extra class rows (to shard evenly) give the unpadded numbers."""
-  rng = np.random.default_rng()
   num_classes, size, batch, dim, pad = 5, 3, 8, 6, 3
   z_q, z_k = _unit(rng, batch, dim), _unit(rng, batch, dim)
   queue = _unit(rng, num_classes, size, dim)

@@ -28,9 +28,8 @@ def test_init_class_queues():
 
 
 @pytest.mark.parametrize("num_classes, size, batch", [(5, 3, 8), (4, 2, 16), (10, 6, 7)])
-def test_enqueue_by_class_matches_sequential(num_classes, size, batch):
+def test_enqueue_by_class_matches_sequential(num_classes, size, batch, rng):
   """Several steps of random batches, including classes with more than K keys."""
-  rng = np.random.default_rng()
   dim = 4
   q = queues.init_class_queues(jax.random.PRNGKey(int(rng.integers(1 << 30))),
                                num_classes=num_classes, size=size, dim=dim)
@@ -56,8 +55,7 @@ def test_enqueue_rejects_bad_keys():
 
 
 @pytest.mark.parametrize("size, batch", [(10, 4), (6, 4), (3, 5)])
-def test_fifo_matches_sequential(size, batch):
-  rng = np.random.default_rng()
+def test_fifo_matches_sequential(size, batch, rng):
   q = queues.init_fifo_queue(jax.random.PRNGKey(1), size=size, dim=3)
   expected, ptr = np.asarray(q.keys).copy(), 0
   for _ in range(5):
@@ -70,8 +68,7 @@ def test_fifo_matches_sequential(size, batch):
     assert int(q.ptr) == ptr
 
 
-def test_memory_bank_update():
-  rng = np.random.default_rng()
+def test_memory_bank_update(rng):
   size, dim, momentum = 12, 5, 0.5
   bank = queues.init_memory_bank(jax.random.PRNGKey(2), size=size, dim=dim)
   indices = np.array([3, 7, 3, 0, 11, 7])  # duplicates: the last occurrence counts
@@ -90,13 +87,12 @@ def test_memory_bank_update():
   np.testing.assert_allclose(raw.keys[4], 0.25 * bank.keys[4] + 0.75 * values[0], rtol=1e-6)
 
 
-def test_sharded_queues_match_unsharded():
+def test_sharded_queues_match_unsharded(rng):
   """A [C, K, D] queue sharded over classes on 8 devices: same enqueue, same losses."""
   devices = np.array(jax.devices())
   assert devices.size == 8
   mesh = Mesh(devices, ("data",))
   num_classes, size, batch, feat, dim = 16, 4, 24, 12, 8
-  rng = np.random.default_rng()
   rngs = jax.random.split(jax.random.PRNGKey(int(rng.integers(1 << 30))))
   queue_h = queues.init_class_queues(rngs[0], num_classes=num_classes, size=size,
                                      dim=feat + 1)
@@ -162,10 +158,9 @@ def test_class_write_positions_are_distinct(size, labels, ptr):
       c for c in range(4) for _ in range(min(counts[c], size)))
 
 
-def test_donated_step_updates_queue_in_place():
+def test_donated_step_updates_queue_in_place(rng):
   """Scoring against a queue and enqueueing into it, donated: no copy of the queue."""
   queue = queues.init_class_queues(jax.random.PRNGKey(3), num_classes=64, size=16, dim=32)
-  rng = np.random.default_rng()
   z = jnp.asarray(_unit(rng, 8, 32))
   labels = jnp.asarray(rng.integers(0, 64, 8), jnp.int32)
 

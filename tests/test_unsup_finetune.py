@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import outside
 from bitune_jax import sharding, train
 from bitune_jax.data import batches, cutmix
 from bitune_jax.data import input as input_lib
@@ -38,8 +39,7 @@ def test_box_mask_by_hand():
   np.testing.assert_array_equal(mask, expected)
 
 
-def test_cutmix_pixels_and_lambda_is_the_area_of_the_first_image():
-  rng = np.random.default_rng()
+def test_cutmix_pixels_and_lambda_is_the_area_of_the_first_image(rng):
   a = jnp.asarray(rng.uniform(1, 2, (64, 12, 10, 3)), jnp.float32)
   b = jnp.asarray(rng.uniform(-2, -1, (64, 12, 10, 3)), jnp.float32)
   mixed, lam = cutmix.cutmix(jax.random.PRNGKey(int(rng.integers(1 << 30))), a, b)
@@ -111,7 +111,7 @@ def test_trains_on_eight_devices(use_cutmix):
     before = jax.device_get(state)
     state, metrics = run.train_step(state, sharding.global_batch(batch, mesh))
   metrics = jax.device_get(metrics)
-  assert np.isfinite(metrics["loss"]) and metrics["info_nce"] > 0
+  assert np.isfinite(metrics["loss"])  # values: tests/test_method_steps.py
   assert ("mixed_info_nce" in metrics) == use_cutmix
   after = jax.device_get(state)
   assert int(after.extras["queue"].ptr) == (3 * 16) % 64  # the keys went in
@@ -125,7 +125,14 @@ def test_trains_on_eight_devices(use_cutmix):
 
 
 def test_loop_evaluates_features(tmp_path):
-  _, summary = train.train_and_evaluate(_config(), str(tmp_path))
+  config = _config()
+  state, summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary["step"] == 4 and "top1" not in summary
-  for key in ("retrieval_top5", "kmeans_bcubed_precision", "linear_probe_top1"):
-    assert 0.0 <= summary[key] <= 1.0
+  # The protocols recomputed from outside, on the final state's eval-mode features.
+  data = input_lib.load(config, two_views=True)
+  model = unsup_finetune.build_model(config, 5)
+  train_f, test_f = (
+      outside.eval_outputs(model, state.params, state.batch_stats, split.images)["features"]
+      for split in (data.train, data.test))
+  outside.check_feature_metrics(summary, (train_f, data.train.labels),
+                                (test_f, data.test.labels), num_classes=5)
