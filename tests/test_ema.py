@@ -15,8 +15,7 @@ def _tree(rng):
           "head": {"bias": rng.standard_normal(5).astype(np.float32)}}
 
 
-def test_ema_update_is_the_momentum_formula():
-  rng = np.random.default_rng()
+def test_ema_update_is_the_momentum_formula(rng):
   key, query = _tree(rng), _tree(rng)
   m = 0.999
   got = ema.ema_update(key, query, momentum=m)
@@ -32,8 +31,7 @@ def test_ema_update_is_the_momentum_formula():
     np.testing.assert_array_equal(g, q)
 
 
-def test_ema_update_with_traced_momentum_from_schedule():
-  rng = np.random.default_rng()
+def test_ema_update_with_traced_momentum_from_schedule(rng):
   key, query = _tree(rng), _tree(rng)
   schedule = ema.momentum_schedule(0.99, total_steps=100)
 
@@ -61,3 +59,27 @@ def test_momentum_schedule_values():
     ema.momentum_schedule(0.99, total_steps=10, final_momentum=0.9)
   with pytest.raises(ValueError, match="base_momentum"):
     ema.momentum_schedule(1.5)
+
+
+def test_momentum_schedule_accepts_its_whole_range_and_nothing_else():
+  """Every boundary of the documented ranges: m0 in [0, 1], total_steps >= 1,
+  final in [m0, 1]."""
+  for m0 in (0.0, 1.0):  # both ends are valid momenta
+    assert float(ema.momentum_schedule(m0)(7)) == m0
+  # m0 = 1 with a ramp: the key encoder is frozen, m = 1 at every step.
+  frozen = ema.momentum_schedule(1.0, total_steps=10)
+  assert [float(frozen(s)) for s in (0, 5, 10)] == [1.0, 1.0, 1.0]
+  one_step = ema.momentum_schedule(0.9, total_steps=1)  # the shortest ramp
+  assert float(one_step(0)) == pytest.approx(0.9, abs=1e-7)
+  assert float(one_step(1)) == pytest.approx(1.0, abs=1e-7)
+  flat = ema.momentum_schedule(0.99, total_steps=10, final_momentum=0.99)  # final = m0
+  assert [float(flat(s)) for s in (0, 5, 10)] == pytest.approx([0.99] * 3, abs=1e-7)
+  for m0 in (-0.01, 1.01):
+    with pytest.raises(ValueError, match=rf"base_momentum must be in \[0, 1\], got {m0}"):
+      ema.momentum_schedule(m0)
+  with pytest.raises(ValueError, match="total_steps must be >= 1, got 0"):
+    ema.momentum_schedule(0.99, total_steps=0)
+  for final in (0.98, 1.01):
+    with pytest.raises(ValueError, match=rf"final_momentum must be in \[base_momentum="
+                       rf"0.99, 1\], got {final}"):
+      ema.momentum_schedule(0.99, total_steps=10, final_momentum=final)
