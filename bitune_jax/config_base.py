@@ -3,6 +3,8 @@
 implementation (SGD nesterov 0.9, weight decay 5e-4, lr 0.01 with the backbone and
 projector at 0.1x, batch 48, step decay x0.1)."""
 
+import math
+
 import ml_collections
 
 from bitune_jax import models
@@ -18,7 +20,7 @@ SAMPLING_RATES = (15, 25, 30, 50, 75, 100)
 def queue_size_for_rate(rate):
   """The Bi-tuning paper sets K = 8, 16, 24, 32 by dataset scale (its 25/50/75/100%
   sampling rates); in between, the next multiple of 8."""
-  return max(8, min(32, 8 * -(-int(rate) // 25)))
+  return max(8, min(32, 8 * math.ceil(float(rate) / 25)))
 
 
 def parse_arg(arg):
