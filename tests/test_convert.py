@@ -245,3 +245,33 @@ def test_console_script_is_installed():
   assert exe, "bitune-convert not on PATH: is the package installed (pip install -e .)?"
   run = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
   assert "--arch" in run.stdout and "resnet50" in run.stdout
+
+
+def test_never_writes_over_the_source_or_an_existing_file(tmp_path, resnet50_file,
+                                                          capsys):
+  """`bitune-convert X.pth X.pth` once replaced the checkpoint with the npz, exit 0."""
+  _, path = resnet50_file
+  src = tmp_path / "model.pth"
+  shutil.copy(path, src)
+  original = src.read_bytes()
+  for dst in (src, tmp_path / "." / "model.pth"):
+    for flags in ([], ["--overwrite"]):
+      assert cli.main([str(src), str(dst), "--arch", "resnet50", *flags]) == 2
+      assert capsys.readouterr().err == (
+          f"bitune-convert: error: {dst} is the source checkpoint: refusing to write "
+          "over it\n")
+  link = tmp_path / "link.pth"
+  os.symlink(src, link)
+  assert cli.main([str(src), str(link), "--arch", "resnet50", "--overwrite"]) == 2
+  assert "is the source checkpoint" in capsys.readouterr().err
+  assert src.read_bytes() == original
+  # An existing destination is kept unless --overwrite is given.
+  dst = tmp_path / "out.npz"
+  dst.write_bytes(b"earlier result")
+  assert cli.main([str(src), str(dst), "--arch", "resnet50"]) == 2
+  assert capsys.readouterr().err == (
+      f"bitune-convert: error: {dst} exists; pass --overwrite to replace it\n")
+  assert dst.read_bytes() == b"earlier result"
+  assert cli.main([str(src), str(dst), "--arch", "resnet50", "--overwrite"]) == 0
+  assert convert.load_converted(dst)["report"]["source_sha256"] == convert.sha256_of(src)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["link.pth", "model.pth", "out.npz"]

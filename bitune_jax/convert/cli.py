@@ -1,6 +1,7 @@
 """`bitune-convert SRC DST --arch ARCH`: convert a PyTorch checkpoint for bitune_jax."""
 
 import argparse
+import os
 import sys
 import time
 
@@ -18,11 +19,29 @@ def _parser():
   parser.add_argument("--arch", required=True, choices=models.ARCHS)
   parser.add_argument("--allow-unused", action="store_true",
                       help="tolerate (and report) tensors the architecture has no place for")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing DST (never the source checkpoint itself)")
   return parser
+
+
+def _check_destination(src, dst, overwrite):
+  """The error message when `dst` must not be written, else None."""
+  if os.path.realpath(src) == os.path.realpath(dst) or (
+      os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst)):
+    return f"{dst} is the source checkpoint: refusing to write over it"
+  if os.path.isdir(dst):
+    return f"{dst} is a directory; give the output file's path (e.g. {dst}/model.npz)"
+  if os.path.exists(dst) and not overwrite:
+    return f"{dst} exists; pass --overwrite to replace it"
+  return None
 
 
 def main(argv=None):
   args = _parser().parse_args(argv)
+  refusal = _check_destination(args.src, args.dst, args.overwrite)
+  if refusal:
+    print(f"bitune-convert: error: {refusal}", file=sys.stderr)
+    return 2
   # Imported here so that `--help` and argument errors stay instant.
   from bitune_jax import convert  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
