@@ -34,19 +34,70 @@ def _train_batches(run, mesh, start_step):
 
 
 # --------------------------------------------------------------------------- state
-def _check_against_workdir(config, workdir):
-  """A resumed run must be the same experiment: arch, method and class count."""
+# What a resumed run may change: how long it runs and how often it reports. Any other
+# change would make the checkpoint and `config.json` describe different runs.
+RESUMABLE = ("total_steps", "eval_every", "log_every", "checkpoint_every",
+             "eval_batch_size", "data.threads")
+_IDENTITY = ("method", "arch", "num_classes", "dataset")
+
+
+def _flat(tree, prefix=""):
+  """`{"a": {"b": 1}}` -> `{"a.b": 1}` (JSON values: tuples are lists)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_changes(config, workdir):
+  """`{field: (recorded, now)}` between `workdir/config.json` and `config`."""
   path = epath.Path(workdir) / "config.json"
-  keys = ("method", "arch", "num_classes", "dataset")
-  if path.exists():
-    saved = json.loads(path.read_text())
-    for key in keys:
-      if saved.get(key) != config[key]:
-        raise ValueError(f"{workdir} holds a run with {key}={saved.get(key)!r}, but the "
-                         f"config says {config[key]!r}; use another --workdir")
-  elif jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config.to_json_best_effort(indent=2))
+  if not path.exists():
+    return {}
+  saved = _flat(json.loads(path.read_text()))
+  now = _flat(json.loads(config.to_json_best_effort()))
+  return {k: (saved.get(k), now.get(k)) for k in sorted(saved.keys() | now.keys())
+          if saved.get(k) != now.get(k)}
+
+
+def _check_against_workdir(config, workdir, resuming):
+  """A workdir holds one experiment. Another method, arch, class count or dataset is
+  always refused; a resumed run may change only `RESUMABLE` fields. Returns the
+  changes (to be recorded once setup has succeeded)."""
+  changes = config_changes(config, workdir)
+  for key in _IDENTITY:
+    if key in changes:
+      raise ValueError(f"{workdir} holds a run with {key}={changes[key][0]!r}, but the "
+                       f"config says {changes[key][1]!r}; use another --workdir")
+  refused = [k for k in changes if k not in RESUMABLE]
+  if resuming and refused:
+    listed = ", ".join(f"{k}={changes[k][0]!r} (now {changes[k][1]!r})" for k in refused)
+    raise ValueError(
+        f"{workdir} holds a checkpointed run trained with {listed}. A resumed run may "
+        f"change only {', '.join(RESUMABLE)}: give the recorded values, or use "
+        "another --workdir")
+  return changes
+
+
+def _record_config(config, workdir, step, changes):
+  """`config.json` is the config the run trains under now; `launches/` keeps every
+  launch's config with the step it started from. Written after a successful setup."""
+  if jax.process_index() != 0:
+    return
+  root = epath.Path(workdir)
+  launches = root / "launches"
+  launches.mkdir(parents=True, exist_ok=True)
+  number = len(list(launches.glob("launch-*.json")))
+  record = {"start_step": step, "changes": {k: list(v) for k, v in changes.items()},
+            "config": json.loads(config.to_json_best_effort())}
+  (launches / f"launch-{number:03d}.json").write_text(json.dumps(record, indent=2))
+  (root / "config.json").write_text(config.to_json_best_effort(indent=2))
+  if changes and step > 0:
+    log.info("resumed at step %d with changes: %s", step, ", ".join(
+        f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
 
 
 def _load_pretrained(config, workdir):
@@ -152,6 +203,7 @@ class Setup:
   state_shardings: Any
   train_step: Any  # jitted, state donated
   eval_step: Any
+  config_changes: dict = dataclasses.field(default_factory=dict)  # vs config.json
 
 
 def setup(config, mesh, workdir=None, ckpts=None):
@@ -165,8 +217,10 @@ def setup(config, mesh, workdir=None, ckpts=None):
   if data.num_classes != config.num_classes:
     raise ValueError(f"num_classes={config.num_classes} but dataset {config.dataset!r} "
                      f"has {data.num_classes} classes")
+  changes = {}
   if workdir is not None:
-    _check_against_workdir(config, workdir)
+    resuming = ckpts is not None and ckpts.latest_step() is not None
+    changes = _check_against_workdir(config, workdir, resuming)
   model = method.build_model(config, config.num_classes)
   tx = common.make_optimizer(config)
   state, shardings = create_state(config, method, model, tx, mesh, data, workdir, ckpts)
@@ -177,7 +231,7 @@ def setup(config, mesh, workdir=None, ckpts=None):
                        donate_argnums=0,
                        compiler_options=queues.inplace_update_compiler_options())
   eval_step = jax.jit(common.EvalStep(model), out_shardings=rep)
-  return Setup(method, data, model, state, shardings, train_step, eval_step)
+  return Setup(method, data, model, state, shardings, train_step, eval_step, changes)
 
 
 def train_and_evaluate(config, workdir):
@@ -190,6 +244,7 @@ def train_and_evaluate(config, workdir):
   except BaseException:
     ckpts.close()
     raise
+  _record_config(config, workdir, int(run.state.step), run.config_changes)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
@@ -201,6 +256,13 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
   state, train_step = run.state, run.train_step
   first = int(state.step)
   total = config.total_steps
+  summary_path = epath.Path(workdir) / "summary.json"
+  if first >= total and summary_path.exists():  # a finished run: its record stays
+    ckpts.close()
+    writer.flush()
+    log.info("%s finished at step %d: summary.json kept as it is (raise "
+             "--config.total_steps to train on)", workdir, first)
+    return state, json.loads(summary_path.read_text())
   metrics, eval_metrics, start = None, {}, time.perf_counter()
   try:
     for step, batch in zip(range(first + 1, total + 1),
@@ -234,7 +296,7 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
              "train_loss": None if metrics is None else float(metrics["loss"]),
              **eval_metrics}
   if jax.process_index() == 0:
-    (epath.Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary_path.write_text(json.dumps(summary, indent=2))
   log.info("done: %s", summary)
   return state, summary
 

@@ -1,0 +1,95 @@
+"""A workdir's records: config.json describes the run that trained, every launch is
+kept, a finished run's summary stays, changes that break a resumed run are refused."""
+
+import json
+import os
+import re
+import sys
+
+import pytest
+
+from bitune_jax import methods, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import finetune as finetune_config  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def _config(**overrides):
+  config = finetune_config.get_config("demo")
+  config.init_from, config.image_size = "", 16
+  config.batch_size, config.eval_batch_size = 16, 64
+  config.total_steps = 4
+  config.log_every = config.eval_every = config.checkpoint_every = 2
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.fixture
+def step_counter(monkeypatch):
+  """The steps that really ran: each call of the jitted train step, by its start step."""
+  calls = []  # the step each call starts from
+  real_setup = train.setup
+
+  def setup(*args, **kwargs):
+    run = real_setup(*args, **kwargs)
+    jitted = run.train_step
+
+    def step(state, batch):
+      calls.append(int(state.step))
+      return jitted(state, batch)
+    run.train_step = step
+    return run
+  monkeypatch.setattr(train, "setup", setup)
+  return calls
+
+
+def _json(path):
+  return json.loads(path.read_text())
+
+
+def test_rerunning_a_finished_workdir_keeps_its_summary(tmp_path, step_counter):
+  config = _config()
+  _, first = train.train_and_evaluate(config, str(tmp_path))
+  assert step_counter == [0, 1, 2, 3]
+  before = (tmp_path / "summary.json").read_bytes()
+  assert first["train_loss"] is not None
+  _, again = train.train_and_evaluate(_config(), str(tmp_path))
+  assert step_counter == [0, 1, 2, 3]  # nothing trained
+  assert (tmp_path / "summary.json").read_bytes() == before
+  assert again == first
+
+
+def test_resume_with_more_steps_is_recorded_and_other_changes_are_refused(
+    tmp_path, step_counter):
+  train.train_and_evaluate(_config(), str(tmp_path))
+  # A change that would make the checkpoint another run's: refused, naming it, and
+  # nothing about the workdir changes.
+  recorded = (tmp_path / "config.json").read_bytes()
+  with pytest.raises(ValueError, match=re.escape(
+      "trained with lr=0.05 (now 0.5). A resumed run may change only total_steps")):
+    train.train_and_evaluate(_config(lr=0.5, total_steps=6), str(tmp_path))
+  assert (tmp_path / "config.json").read_bytes() == recorded
+  assert step_counter == [0, 1, 2, 3]
+  # More steps: accepted; exactly steps 5 and 6 run, and config.json says 6.
+  _, summary = train.train_and_evaluate(_config(total_steps=6), str(tmp_path))
+  assert step_counter == [0, 1, 2, 3, 4, 5]
+  assert summary["step"] == 6 and _json(tmp_path / "summary.json")["step"] == 6
+  assert _json(tmp_path / "config.json")["total_steps"] == 6
+  launches = sorted((tmp_path / "launches").iterdir())
+  assert [p.name for p in launches] == ["launch-000.json", "launch-001.json"]
+  first, second = (_json(p) for p in launches)
+  assert first["start_step"] == 0 and first["config"]["total_steps"] == 4
+  assert second["start_step"] == 4 and second["changes"] == {"total_steps": [4, 6]}
+
+
+def test_a_failed_start_records_nothing(tmp_path):
+  with pytest.raises(Exception, match="missing.npz"):
+    train.train_and_evaluate(_config(init_from=str(tmp_path / "missing.npz")),
+                             str(tmp_path / "w"))
+  assert not (tmp_path / "w" / "config.json").exists()
+  # The corrected command then runs, and config.json records it.
+  train.train_and_evaluate(_config(total_steps=2), str(tmp_path / "w"))
+  assert _json(tmp_path / "w" / "config.json")["init_from"] == ""
+  assert _json(tmp_path / "w" / "config.json")["total_steps"] == 2
