@@ -4,12 +4,16 @@ evaluation protocols on a run's checkpoint.
 Rebuilds the run from `DIR/config.json`, restores its checkpoint and reports test top-1
 and mean per-class accuracy, and, on the backbone's pooled features (eval mode), top-5
 retrieval accuracy (test images against the training set, cosine similarity), k-means
-BCubed precision on the training features and a linear probe. Writes `DIR/eval.json`.
+BCubed precision on the training features and a linear probe. Every evaluation runs
+what it was asked to run and keeps its own record in `DIR/evals/`, named by what was
+evaluated: `{which}-step{S}.json`, and `{which}-step{S}-kshot{k}-steps{N}-seed{s}.json`
+for each k-shot transfer (trained afresh in `DIR/kshot/` each time).
 """
 
 import argparse
 import json
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -17,12 +21,18 @@ import ml_collections
 from bitune_jax import checkpoint, convert, sharding, train
 
 
-def evaluate_workdir(workdir, *, which="latest"):
+def _load_config(workdir):
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ValueError(f"{workdir} has no config.json: not a bitune-train workdir")
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _restore(workdir, config, which):
+  """The run's `which` ('latest' or 'best') checkpoint: `(run, state)`."""
+  if which not in ("latest", "best"):
+    raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
   mesh = sharding.make_mesh()
   ckpts = checkpoint.Checkpoints(workdir)
   try:
@@ -32,39 +42,58 @@ def evaluate_workdir(workdir, *, which="latest"):
     state = run.state
     if which == "best":
       state = ckpts.restore(jax.eval_shape(lambda: state), run.state_shardings, "best")
+      if state is None:
+        raise ValueError(f"{workdir} has no best checkpoint (no evaluation was saved)")
   finally:
     ckpts.close()
+  return run, state, mesh
+
+
+def _write_record(workdir, name, record):
+  folder = os.path.join(workdir, "evals")
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, f"{name}.json")
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(record, f, indent=2)
+  return path
+
+
+def evaluate_workdir(workdir, *, which="latest"):
+  """The protocols on the `which` checkpoint; recorded in `evals/{which}-step{S}.json`."""
+  config = _load_config(workdir)
+  run, state, mesh = _restore(workdir, config, which)
   metrics = {"step": int(state.step), "checkpoint": which}
   if not getattr(run.method, "FEATURE_EVAL", False):  # a classifier to evaluate
     metrics.update(train.run_eval(run, state, config, mesh))
   metrics.update(train.feature_eval(run, state, config, mesh))
-  with open(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump(metrics, f, indent=2)
+  _write_record(workdir, f"{which}-step{metrics['step']}", metrics)
   return metrics
 
 
-def kshot_transfer(workdir, *, shots=(1, 2, 4, 8), total_steps=100, seed=0):
-  """The unsupervised fine-tuning paper's k-shot protocol: the run's backbone (latest
-  checkpoint), exported like a converted checkpoint, fine-tuned (vanilla CE, new head)
-  with k labelled images per class; test top-1 for each k."""
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  mesh = sharding.make_mesh()
-  ckpts = checkpoint.Checkpoints(workdir)
-  try:
-    if ckpts.latest_step() is None:
-      raise ValueError(f"no checkpoint in {ckpts.directory}")
-    state = train.setup(config, mesh, workdir, ckpts).state
-  finally:
-    ckpts.close()
-  folder = os.path.join(workdir, "kshot")
+def kshot_transfer(workdir, *, shots=(1, 2, 4, 8), total_steps=100, seed=0,
+                   which="latest"):
+  """The unsupervised fine-tuning paper's k-shot protocol: the run's backbone (its
+  `which` checkpoint), exported like a converted checkpoint, fine-tuned (vanilla CE,
+  new head) with k labelled images per class; test top-1 for each k. Each k trains
+  afresh (an earlier k-shot run of the same name is replaced) and is recorded in
+  `evals/{which}-step{S}-kshot{k}-steps{N}-seed{seed}.json`."""
+  if not shots or any(int(k) != k or k < 1 for k in shots):
+    raise ValueError(f"k-shot values must be positive integers, got {list(shots)}")
+  if total_steps < 1:
+    raise ValueError(f"kshot_steps must be >= 1, got {total_steps}")
+  config = _load_config(workdir)
+  _, state, _ = _restore(workdir, config, which)
+  step = int(state.step)
+  folder = os.path.join(workdir, "kshot", f"{which}-step{step}")
   os.makedirs(folder, exist_ok=True)
   params, stats = jax.device_get((state.params, state.batch_stats))
   backbone = os.path.join(folder, "backbone.npz")
   convert.save_converted({"backbone": {"params": params["backbone"],
                                        "batch_stats": stats["backbone"]},
                           "report": {"format": "bitune_jax", "arch": config.arch,
-                                     "kind": config.method, "notes": [workdir],
+                                     "kind": config.method,
+                                     "notes": [f"{workdir} {which} step {step}"],
                                      "dropped": []}}, backbone)
   results = {}
   for k in shots:
@@ -72,28 +101,56 @@ def kshot_transfer(workdir, *, shots=(1, 2, 4, 8), total_steps=100, seed=0):
     run.method, run.init_from, run.seed = "finetune", backbone, seed
     run.total_steps, run.data.kshot = total_steps, k
     run.eval_every = run.checkpoint_every = total_steps
+    run.log_every = min(run.log_every, total_steps)
     run.lr_mult = {"backbone": 0.1, "head": 1.0, "projector": 0.1, "source_head": 0.1}
-    _, summary = train.train_and_evaluate(run, os.path.join(folder, f"k{k}_seed{seed}"))
+    name = f"k{k}-steps{total_steps}-seed{seed}"
+    run_dir = os.path.join(folder, name)
+    if os.path.exists(run_dir) and jax.process_index() == 0:
+      shutil.rmtree(run_dir)  # run what was asked, not an earlier run's result
+    _, summary = train.train_and_evaluate(run, run_dir)
     results[f"kshot_{k}_top1"] = summary["top1"]
+    _write_record(workdir, f"{which}-step{step}-kshot{k}-steps{total_steps}-seed{seed}",
+                  {"step": step, "checkpoint": which, "k": k, "kshot_steps": total_steps,
+                   "seed": seed, "top1": summary["top1"], "run": run_dir})
   return results
 
 
+def _parse_shots(text, steps):
+  try:
+    shots = [int(k) for k in text.split(",")]
+  except ValueError:
+    shots = []
+  if not shots or min(shots) < 1:
+    raise ValueError(f"--kshot must be comma-separated positive integers, e.g. 1,2,4,8; "
+                     f"got {text!r}")
+  if steps < 1:
+    raise ValueError(f"--kshot_steps must be >= 1, got {steps}")
+  return shots
+
+
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog="bitune-eval", description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--which", choices=("latest", "best"), default="latest")
-  parser.add_argument("--kshot", default="", help="e.g. 1,2,4,8: k-shot transfer too")
-  parser.add_argument("--kshot_steps", type=int, default=100)
+  parser = argparse.ArgumentParser(
+      prog="bitune-eval", description=__doc__.split("\n\n")[0].replace("\n", " "),
+      epilog="Records: DIR/evals/{which}-step{S}.json and, per k, "
+             "DIR/evals/{which}-step{S}-kshot{k}-steps{N}-seed0.json.")
+  parser.add_argument("--workdir", required=True,
+                      help="a bitune-train workdir (holds config.json and checkpoints/)")
+  parser.add_argument("--which", choices=("latest", "best"), default="latest",
+                      help="the checkpoint to evaluate: the last one saved, or the one "
+                           "with the best test score (default: latest)")
+  parser.add_argument("--kshot", default="",
+                      help="also fine-tune the backbone with k labelled images per class "
+                           "for each k listed (e.g. 1,2,4,8) and report each test top-1")
+  parser.add_argument("--kshot_steps", type=int, default=100,
+                      help="training steps of each k-shot run (default: 100)")
   args = parser.parse_args(argv)
   try:
     workdir = os.path.abspath(args.workdir)
+    shots = _parse_shots(args.kshot, args.kshot_steps) if args.kshot else None
     metrics = evaluate_workdir(workdir, which=args.which)
-    if args.kshot:
-      metrics.update(kshot_transfer(
-          workdir, shots=[int(k) for k in args.kshot.split(",")],
-          total_steps=args.kshot_steps))
-      with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    if shots:
+      metrics.update(kshot_transfer(workdir, shots=shots, total_steps=args.kshot_steps,
+                                    which=args.which))
   except ValueError as e:
     parser.exit(2, f"bitune-eval: error: {e}\n")
   print(json.dumps(metrics, indent=2))

@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from bitune_jax import eval_main, train
+import outside
+from bitune_jax import eval_main, methods, train
+from bitune_jax.data import input as input_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
 import finetune as finetune_config  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -16,23 +18,36 @@ def test_evaluates_a_workdir_checkpoint(tmp_path, capsys):
   config = finetune_config.get_config("demo")
   config.init_from, config.image_size, config.batch_size = "", 16, 16
   config.total_steps, config.eval_every, config.checkpoint_every = 6, 3, 3
-  _, summary = train.train_and_evaluate(config, str(tmp_path))
+  state, summary = train.train_and_evaluate(config, str(tmp_path))
   assert eval_main.main(["--workdir", str(tmp_path)]) == 0
   metrics = json.loads(capsys.readouterr().out)
   assert metrics["step"] == 6
   assert metrics["top1"] == pytest.approx(summary["top1"])
   assert metrics["mean_class_acc"] == pytest.approx(summary["mean_class_acc"])
-  for key in ("retrieval_top5", "kmeans_bcubed_precision", "linear_probe_top1"):
-    assert 0.0 <= metrics[key] <= 1.0
-  assert json.load(open(tmp_path / "eval.json")) == metrics
+  # The numbers from outside: the final state's eval-mode outputs on exactly the
+  # training and test images.
+  data = input_lib.load(config, two_views=False)
+  model = methods.get("finetune").build_model(config, 5)
+  train_out, test_out = (
+      outside.eval_outputs(model, state.params, state.batch_stats, split.images)
+      for split in (data.train, data.test))
+  top1, mean_class = outside.top1_and_mean_class(test_out["logits"], data.test.labels)
+  assert metrics["top1"] == pytest.approx(top1, abs=1.01 / len(data.test.labels))
+  assert metrics["mean_class_acc"] == pytest.approx(mean_class, abs=0.01)
+  outside.check_feature_metrics(
+      metrics, (train_out["features"], data.train.labels),
+      (test_out["features"], data.test.labels), num_classes=5)
+  assert json.load(open(tmp_path / "evals" / "latest-step6.json")) == metrics
   best = eval_main.evaluate_workdir(str(tmp_path), which="best")
   assert best["step"] in (3, 6) and best["top1"] >= metrics["top1"] - 1e-9
 
 
-def test_refuses_a_folder_that_is_not_a_workdir(tmp_path):
-  with pytest.raises(SystemExit) as info:
+def test_refuses_a_folder_that_is_not_a_workdir(tmp_path, capsys):
+  with pytest.raises(SystemExit, match="2") as info:
     eval_main.main(["--workdir", str(tmp_path)])
   assert info.value.code == 2
+  assert capsys.readouterr().err == (
+      f"bitune-eval: error: {tmp_path} has no config.json: not a bitune-train workdir\n")
 
 
 def test_kshot_subset_by_hand():
@@ -61,9 +76,13 @@ def test_kshot_transfer_from_an_unsupervised_run(tmp_path):
   train.train_and_evaluate(config, str(tmp_path))
   results = eval_main.kshot_transfer(str(tmp_path), shots=(1, 4), total_steps=3)
   assert set(results) == {"kshot_1_top1", "kshot_4_top1"}
-  assert all(0.0 <= v <= 1.0 for v in results.values())
-  summary = json.load(open(tmp_path / "kshot" / "k1_seed0" / "summary.json"))
-  assert summary["method"] == "finetune" and summary["step"] == 3
-  run_config = json.load(open(tmp_path / "kshot" / "k1_seed0" / "config.json"))
-  assert run_config["data"]["kshot"] == 1
-  assert run_config["init_from"].endswith("kshot/backbone.npz")
+  folder = tmp_path / "kshot" / "latest-step2"
+  for k in (1, 4):  # each k's number is its own run's, trained on k images per class
+    summary = json.load(open(folder / f"k{k}-steps3-seed0" / "summary.json"))
+    assert summary["method"] == "finetune" and summary["step"] == 3
+    assert results[f"kshot_{k}_top1"] == summary["top1"]
+    run_config = json.load(open(folder / f"k{k}-steps3-seed0" / "config.json"))
+    assert run_config["data"]["kshot"] == k
+    assert run_config["init_from"] == str(folder / "backbone.npz")
+    record = json.load(open(tmp_path / "evals" / f"latest-step2-kshot{k}-steps3-seed0.json"))
+    assert record["top1"] == summary["top1"] and record["kshot_steps"] == 3
