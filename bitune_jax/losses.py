@@ -6,7 +6,14 @@ everything inside (dot products, logits divided by a temperature, log-sum-exps a
 loss) is float32, with the dot products at `Precision.HIGHEST` so that TPUs and GPUs
 (bf16 passes / TF32 by default) give the numbers a CPU gives.
 
-Papers (text in `shared/papers/`):
+Labels, one rule for every function that takes them (`queues.enqueue_by_class` too):
+  * a negative label means "no label": that query takes no part in the loss (the mean
+    is over the labelled queries; 0 when there are none) and its key is not enqueued;
+  * a label >= C is an error: `ValueError` when the labels are concrete; under `jit`
+    (values unknown at trace time) the loss is NaN, so training stops at its NaN check,
+    and the key is not enqueued.
+
+Papers:
   * Bi-tuning (Zhong et al.): CCE, Eq. (3); CCL, Eq. (4); total, Eq. (5).
   * MoCo (He et al.): InfoNCE, Eq. (1) of the Bi-tuning paper.
   * Unsupervised fine-tuning (Eq. 6): InfoNCE of a CutMix-mixed query against both
@@ -58,13 +65,29 @@ def _check_rank(fn, name, x, rank):
     raise _shape_error(fn, f"{name} must have rank {rank}", **{name: x})
 
 
-def _check_labels(fn, labels, batch):
+def check_labels(fn, labels, batch, num_classes):
+  """Rank, dtype and length of `labels`; labels >= `num_classes` refused when concrete
+  (the module's label rule)."""
   _check_rank(fn, "labels", labels, 1)
   if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
     raise ValueError(f"{fn}: labels must be integers, got dtype {jnp.result_type(labels)}")
   if labels.shape[0] != batch:
     raise _shape_error(fn, f"labels must have one entry per query (B={batch})",
                        labels=labels)
+  if not isinstance(labels, jax.core.Tracer) and labels.shape[0]:
+    top = int(jnp.max(labels))
+    if top >= num_classes:
+      raise ValueError(f"{fn}: labels must be < C={num_classes} (a negative label means "
+                       f"no label), got {top}")
+
+
+def _labelled_mean(per_query, labels, num_classes):
+  """Mean of `per_query [B]` over the labelled queries (label >= 0); NaN if any label
+  is >= num_classes (the module's label rule)."""
+  labelled = labels >= 0
+  total = jnp.sum(jnp.where(labelled, per_query, 0.0))
+  mean = total / jnp.maximum(jnp.sum(labelled), 1)
+  return jnp.where(jnp.any(labels >= num_classes), jnp.nan, mean)
 
 
 def _soft_class_kl(own_logits, queue_logits, labels, *, size, num_valid=None):
@@ -80,7 +103,8 @@ def _soft_class_kl(own_logits, queue_logits, labels, *, size, num_valid=None):
 
   Returns:
     Scalar `mean_b [logsumexp_b - mean_{positives} logit - log(K + 1)]`, which is
-    PyTorch's `KLDivLoss(reduction='batchmean')(log_softmax(logits), target)`.
+    PyTorch's `KLDivLoss(reduction='batchmean')(log_softmax(logits), target)`; the mean
+    is over the labelled queries (the module's label rule).
   """
   slot_class = jnp.arange(queue_logits.shape[1]) // size  # [C*K]
   if num_valid is not None and num_valid * size < queue_logits.shape[1]:
@@ -96,7 +120,8 @@ def _soft_class_kl(own_logits, queue_logits, labels, *, size, num_valid=None):
   in_class = slot_class[None, :] == labels[:, None]  # [B, C*K]
   pos = own_logits + jnp.sum(jnp.where(in_class, queue_logits, 0.0), axis=1)  # [B]
   per_query = lse - pos / (size + 1) - math.log(size + 1)  # [B]
-  return jnp.mean(per_query)
+  num_classes = num_valid if num_valid is not None else queue_logits.shape[1] // size
+  return _labelled_mean(per_query, labels, num_classes)
 
 
 def _score_queue(scaled_query, queue):
@@ -123,7 +148,8 @@ def categorical_contrastive_loss(*, z_query, z_key, queue_z, labels, temperature
     z_query: `[B, D]` unit-norm query projections (normalised by the caller).
     z_key: `[B, D]` unit-norm key projections from the momentum encoder.
     queue_z: `[C, K, D]` per-class key queue.
-    labels: `[B]` int class of each query.
+    labels: `[B]` int class of each query; negative: no label (not in the mean); >= C:
+      an error (ValueError when concrete, NaN under jit), the module's label rule.
     temperature: softmax temperature tau.
     num_valid_classes: queue classes `>= num_valid_classes` are padding (to shard the
       class axis evenly over devices) and are not candidates; None: all are real.
@@ -138,7 +164,7 @@ def categorical_contrastive_loss(*, z_query, z_key, queue_z, labels, temperature
   if z_key.shape != z_query.shape or queue_z.shape[-1] != z_query.shape[-1]:
     raise _shape_error(fn, "z_query [B,D], z_key [B,D] and queue_z [C,K,D] must agree",
                        z_query=z_query, z_key=z_key, queue_z=queue_z)
-  _check_labels(fn, labels, z_query.shape[0])
+  check_labels(fn, labels, z_query.shape[0], num_valid_classes or queue_z.shape[0])
 
   zq = z_query.astype(_F32) / temperature
   own = jnp.sum(zq * z_key.astype(_F32), axis=-1)  # [B]
@@ -164,7 +190,8 @@ def contrastive_cross_entropy_loss(*, h_query, head_kernel, head_bias, queue_h, 
     head_bias: `[C]` classifier bias.
     queue_h: `[C', K, F+1]` per-class queue of `normalize([h_key, 1])`; C' >= C,
       rows `>= C` being padding (to shard the class axis evenly) that takes no part.
-    labels: `[B]` int class of each query.
+    labels: `[B]` int class of each query; negative: no label (not in the mean); >= C:
+      an error (ValueError when concrete, NaN under jit), the module's label rule.
     temperature: softmax temperature tau.
     stop_gradient_head: no gradient into the head through the prototypes (the
       reference uses `.data` of the head's weights).
@@ -184,11 +211,12 @@ def contrastive_cross_entropy_loss(*, h_query, head_kernel, head_bias, queue_h, 
         fn, "need h_query [B,F], head_kernel [F,C], head_bias [C], queue_h [C',K,F+1] "
         "with C' >= C",
         h_query=h_query, head_kernel=head_kernel, head_bias=head_bias, queue_h=queue_h)
-  _check_labels(fn, labels, h_query.shape[0])
+  check_labels(fn, labels, h_query.shape[0], num_classes)
 
   # Class prototype of each query, [B, F+1]: only the batch's columns of the head.
-  w = jnp.concatenate([jnp.take(head_kernel, labels, axis=1).T,
-                       jnp.take(head_bias, labels)[:, None]], axis=1).astype(_F32)
+  safe = jnp.clip(labels, 0, num_classes - 1)  # unlabelled queries: out of the mean
+  w = jnp.concatenate([jnp.take(head_kernel, safe, axis=1).T,
+                       jnp.take(head_bias, safe)[:, None]], axis=1).astype(_F32)
   w = l2_normalize(w)
   if stop_gradient_head:
     w = jax.lax.stop_gradient(w)
@@ -288,9 +316,21 @@ def co_tuning_loss(*, source_logits, relationship_targets):
 
 
 def cross_entropy_loss(*, logits, labels):
-  """Plain cross-entropy with integer labels, batch mean. `logits [B, C]`, `labels [B]`."""
+  """Plain cross-entropy with integer labels, mean over the labelled queries.
+
+  Args:
+    logits: `[B, C]`.
+    labels: `[B]` int in [0, C); negative: no label (not in the mean); >= C: an error
+      (ValueError when concrete, NaN under jit), the module's label rule.
+
+  Returns:
+    Scalar float32 loss.
+  """
   fn = "cross_entropy_loss"
   _check_rank(fn, "logits", logits, 2)
-  _check_labels(fn, labels, logits.shape[0])
+  num_classes = logits.shape[1]
+  check_labels(fn, labels, logits.shape[0], num_classes)
   log_p = jax.nn.log_softmax(logits.astype(_F32), axis=-1)
-  return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=-1))
+  safe = jnp.clip(labels, 0, num_classes - 1)
+  nll = -jnp.take_along_axis(log_p, safe[:, None], axis=-1)[:, 0]  # [B]
+  return _labelled_mean(nll, labels, num_classes)

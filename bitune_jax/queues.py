@@ -15,7 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from bitune_jax.losses import l2_normalize
+from bitune_jax.losses import check_labels, l2_normalize
 
 
 def inplace_update_compiler_options(backend=None):
@@ -80,18 +80,24 @@ def init_class_queues(rng, *, num_classes, size, dim, dtype=jnp.float32):
                      ptr=jnp.zeros((num_classes,), jnp.int32))
 
 
-def class_write_positions(ptr, labels, *, size):
+def class_write_positions(ptr, labels, *, size, valid=None):
   """Where `enqueue_by_class` writes each key: `(row [B], slot [B])`, all distinct.
 
   Key j goes to `(labels[j], (ptr[labels[j]] + rank_j) mod size)` if it is among the
   last `size` keys of its class in the batch; otherwise to row `C + j`, out of bounds,
-  so that no slot is written twice.
+  so that no slot is written twice. Keys with `valid[j]` False (and labels outside
+  [0, C)) are not enqueued and take no rank.
   """
-  num_classes = ptr.shape[0]
-  rank, count = _rank_in_group(labels)
-  survives = rank >= count - size  # only the last K of a class in this batch
-  slot = (ptr[labels] + rank) % size  # [B]
-  row = jnp.where(survives, labels, num_classes + jnp.arange(labels.shape[0]))
+  num_classes, batch = ptr.shape[0], labels.shape[0]
+  order = jnp.arange(batch)
+  ok = (labels >= 0) & (labels < num_classes)
+  if valid is not None:
+    ok = ok & valid
+  ids = jnp.where(ok, labels, -1 - order)  # the skipped keys: a group of their own
+  rank, count = _rank_in_group(ids)
+  survives = ok & (rank >= count - size)  # only the last K of a class in this batch
+  slot = (ptr[jnp.clip(labels, 0, num_classes - 1)] + rank) % size  # [B]
+  row = jnp.where(survives, labels, num_classes + order)
   return row, slot
 
 
@@ -103,21 +109,31 @@ def enqueue_by_class(queues, *, keys, labels):
   more than K keys in the batch, the last K survive, which is also what enqueuing one
   at a time gives. Keys are stored as given (normalise before enqueueing).
 
+  Labels follow `bitune_jax.losses`' rule: a negative label means "no label" and its
+  key is not enqueued; a label >= C is a ValueError when the labels are concrete, and
+  under jit its key is not enqueued. A key with a NaN or infinite entry is never
+  enqueued (it would poison every later step's losses); it takes no slot and moves no
+  pointer.
+
   Args:
     queues: `ClassQueues` with keys `[C, K, D]`.
     keys: `[B, D]` new keys.
-    labels: `[B]` int class of each key, in [0, C).
+    labels: `[B]` int class of each key, in [0, C), or negative (no label).
 
   Returns:
     The updated `ClassQueues`.
   """
   num_classes, size, dim = queues.keys.shape
   _check_keys("enqueue_by_class", keys, dim, "labels", labels)
+  check_labels("enqueue_by_class", labels, keys.shape[0], num_classes)
   labels = labels.astype(jnp.int32)
-  row, slot = class_write_positions(queues.ptr, labels, size=size)
+  finite = jnp.all(jnp.isfinite(keys), axis=1)  # [B]
+  row, slot = class_write_positions(queues.ptr, labels, size=size, valid=finite)
   new_keys = queues.keys.at[row, slot].set(
       keys.astype(queues.keys.dtype), mode="drop", unique_indices=True)
-  added = jnp.zeros((num_classes,), jnp.int32).at[labels].add(1, mode="drop")
+  enqueued = finite & (labels >= 0)
+  added = jnp.zeros((num_classes,), jnp.int32).at[
+      jnp.where(enqueued, labels, num_classes)].add(1, mode="drop")
   return queues.replace(keys=new_keys, ptr=(queues.ptr + added) % size)
 
 

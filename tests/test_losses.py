@@ -272,3 +272,55 @@ def test_padded_queue_classes_take_no_part(rng):
   cce = lambda qh: losses.contrastive_cross_entropy_loss(  # noqa: E731
       h_query=h, head_kernel=kernel, head_bias=bias, queue_h=qh, labels=labels)
   _assert_close(cce(f32(padded)), cce(f32(queue)))
+
+
+# --------------------------------------------------------------------------- label rule
+def _rule_cases(rng, num_classes=4, size=3, batch=10, dim=6):
+  """The three label-taking losses as functions of `labels`, with their inputs."""
+  z_q, z_k = _unit(rng, batch, dim), _unit(rng, batch, dim)
+  queue_z = _unit(rng, num_classes, size, dim)
+  h = rng.standard_normal((batch, dim))
+  kernel, bias = rng.standard_normal((dim, num_classes)), rng.standard_normal(num_classes)
+  queue_h = _unit(rng, num_classes, size, dim + 1)
+  logits = rng.standard_normal((batch, num_classes)) * 2
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  return {
+      "categorical_contrastive_loss": lambda rows, y: losses.categorical_contrastive_loss(
+          z_query=f32(z_q[rows]), z_key=f32(z_k[rows]), queue_z=f32(queue_z), labels=y,
+          temperature=0.1),
+      "contrastive_cross_entropy_loss": lambda rows, y: (
+          losses.contrastive_cross_entropy_loss(
+              h_query=f32(h[rows]), head_kernel=f32(kernel), head_bias=f32(bias),
+              queue_h=f32(queue_h), labels=y, temperature=0.1)),
+      "cross_entropy_loss": lambda rows, y: losses.cross_entropy_loss(
+          logits=f32(logits[rows]), labels=y),
+  }
+
+
+@pytest.mark.parametrize("name", ["categorical_contrastive_loss",
+                                  "contrastive_cross_entropy_loss", "cross_entropy_loss"])
+def test_label_rule_unlabelled_queries_take_no_part(name, rng):
+  """A negative label: the loss is the loss of the labelled queries alone (their
+  mean); all unlabelled: 0."""
+  fn = _rule_cases(rng)[name]
+  labels = rng.integers(0, 4, 10)
+  labels[[1, 4, 7]] = [-1, -5, -1]
+  kept = np.flatnonzero(labels >= 0)
+  full = jax.jit(lambda y: fn(np.arange(10), y))(jnp.asarray(labels))
+  alone = fn(kept, jnp.asarray(labels[kept]))
+  _assert_close(full, alone)
+  none = jax.jit(lambda y: fn(np.arange(10), y))(jnp.full(10, -1))
+  assert float(none) == 0.0
+
+
+@pytest.mark.parametrize("name", ["categorical_contrastive_loss",
+                                  "contrastive_cross_entropy_loss", "cross_entropy_loss"])
+def test_label_rule_labels_past_the_classes(name, rng):
+  """Label >= C: a named ValueError when concrete, NaN under jit, in every function."""
+  fn = _rule_cases(rng)[name]
+  labels = rng.integers(0, 4, 10)
+  labels[3] = 4
+  with pytest.raises(ValueError, match=rf"{name}: labels must be < C=4 \(a negative "
+                     r"label means no label\), got 4"):
+    fn(np.arange(10), jnp.asarray(labels))
+  assert np.isnan(float(jax.jit(lambda y: fn(np.arange(10), y))(jnp.asarray(labels))))

@@ -182,3 +182,37 @@ def test_donated_step_updates_queue_in_place(rng):
   # Without the option XLA:CPU copies the donated queue (documents why it exists).
   plain = jax.jit(step, donate_argnums=0).lower(new_queue, z, labels).compile().as_text()
   assert "f32[64,16,32]{2,1,0} copy(" in plain
+
+
+# --------------------------------------------------------------------------- label rule
+def _sequential_skipping(queue, ptr, keys, labels, size):
+  """One key at a time, in batch order; unlabelled (< 0), out-of-range and non-finite
+  keys skipped: the documented rule, in NumPy. queue [C, K, D] and ptr [C] updated."""
+  for key, label in zip(keys, labels):
+    if 0 <= label < queue.shape[0] and np.all(np.isfinite(key)):
+      queue[label, ptr[label]] = key
+      ptr[label] = (ptr[label] + 1) % size
+  return queue, ptr
+
+
+def test_enqueue_skips_unlabelled_out_of_range_and_non_finite_keys(rng):
+  num_classes, size, dim, batch = 3, 2, 4, 12
+  q = queues.init_class_queues(jax.random.PRNGKey(int(rng.integers(1 << 30))),
+                               num_classes=num_classes, size=size, dim=dim)
+  expected, ptr = np.asarray(q.keys).copy(), np.zeros(num_classes, np.int64)
+  enqueue = jax.jit(queues.enqueue_by_class)  # under jit: label 3 is skipped, no error
+  for _ in range(3):
+    keys = _unit(rng, batch, dim).astype(np.float32)
+    labels = rng.integers(-2, num_classes + 1, batch)  # -2, -1 and 3 included
+    labels[:4] = [-1, num_classes, 0, 0]
+    keys[2, 1] = np.nan  # a NaN key of class 0: must not poison the queue
+    keys[5] = np.inf
+    q = enqueue(q, keys=jnp.asarray(keys), labels=jnp.asarray(labels))
+    expected, ptr = _sequential_skipping(expected, ptr, keys, labels, size)
+    np.testing.assert_array_equal(np.asarray(q.keys), expected)
+    np.testing.assert_array_equal(np.asarray(q.ptr), ptr)
+  assert np.all(np.isfinite(np.asarray(q.keys)))
+  # Concrete labels: a label >= C is an error, named.
+  with pytest.raises(ValueError, match=r"enqueue_by_class: labels must be < C=3 \(a "
+                     r"negative label means no label\), got 3"):
+    queues.enqueue_by_class(q, keys=jnp.ones((2, dim)), labels=jnp.array([0, 3]))
