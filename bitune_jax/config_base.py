@@ -128,7 +128,42 @@ def validate(config):
     raise ValueError(f"num_classes must be >= 1, got {config.num_classes}")
   if config.total_steps < 1 or config.batch_size < 1:
     raise ValueError("total_steps and batch_size must be >= 1")
+  _validate_values(config)
   _validate_data(config)
+
+
+_POSITIVE, _NON_NEGATIVE = ("> 0", lambda v: v > 0), (">= 0", lambda v: v >= 0)
+_MOMENTUM = ("in [0, 1)", lambda v: 0 <= v < 1)
+_EMA = ("in [0, 1]", lambda v: 0 <= v <= 1)
+_FRACTION = ("in (0, 1)", lambda v: 0 < v < 1)
+# Settings that cannot train (a negative lr trains to chance, a zero temperature gives
+# NaN): field -> rule. Method sections are checked only when present.
+_RULES = {
+    "lr": _POSITIVE, "momentum": _MOMENTUM, "weight_decay": _NON_NEGATIVE,
+    "decay_factor": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "bituning.temperature": _POSITIVE, "bituning.trade_off": _NON_NEGATIVE,
+    "bituning.ema_momentum": _EMA,
+    "cotuning.trade_off": _NON_NEGATIVE, "cotuning.source_temperature": _POSITIVE,
+    "cotuning.holdout_fraction": _FRACTION,
+    "unsup.temperature": _POSITIVE, "unsup.ema_momentum": _EMA,
+    "unsup.mixed_weight": _NON_NEGATIVE, "unsup.cutmix_alpha": _POSITIVE,
+    "unsup.replay_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "gpt_star.temperature": _POSITIVE, "gpt_star.trade_off": _NON_NEGATIVE,
+    "gpt_star.ema_momentum": _EMA, "l2sp.alpha": _NON_NEGATIVE,
+    "l2sp.beta": _NON_NEGATIVE, "bss.eta": _NON_NEGATIVE,
+    "center_loss.trade_off": _NON_NEGATIVE, "center_loss.alpha": _NON_NEGATIVE,
+}
+
+
+def _validate_values(config):
+  fields = dict(_RULES, **{f"lr_mult.{g}": _NON_NEGATIVE for g in config.lr_mult})
+  for field, (rule, ok) in fields.items():
+    section, _, name = field.rpartition(".")
+    if section and section not in config:
+      continue
+    value = (config[section] if section else config)[name]
+    if not ok(value):
+      raise ValueError(f"{field} must be {rule}, got {value}: it cannot train")
 
 
 def _validate_data(config):

@@ -122,6 +122,16 @@ def test_interrupted_run_resumes_to_the_same_state(tmp_path, monkeypatch):
     (dict(batch_size=12), "multiple of the device count"),
     (dict(data=dict(views="simclr")), "data.views must be 'reference' or 'moco'"),
     (dict(data=dict(kshot=-1)), "data.kshot must be a non-negative integer"),
+    # Values that cannot train (a negative lr trained to chance with exit 0; a zero
+    # temperature gave NaN at step 25).
+    (dict(lr=-0.01), "lr must be > 0, got -0.01: it cannot train"),
+    (dict(lr=0.0), "lr must be > 0, got 0.0"),
+    (dict(bituning=dict(temperature=0.0)), "bituning.temperature must be > 0, got 0.0"),
+    (dict(momentum=1.0), "momentum must be in [0, 1), got 1.0"),
+    (dict(bituning=dict(ema_momentum=1.5)), "bituning.ema_momentum must be in [0, 1]"),
+    (dict(bituning=dict(trade_off=-1.0)), "bituning.trade_off must be >= 0, got -1.0"),
+    (dict(weight_decay=-5e-4), "weight_decay must be >= 0, got -0.0005"),
+    (dict(lr_mult=dict(backbone=-0.1)), "lr_mult.backbone must be >= 0, got -0.1"),
 ])
 def test_bad_configs_fail_before_compiling(tmp_path, monkeypatch, overrides, needle):
   def no_compile(*args, **kwargs):
