@@ -1,11 +1,14 @@
 """`bitune-train --config configs/bituning.py:demo --workdir DIR [--config.x=y ...]`.
 
-Parses flags and calls the training loop; nothing else.
+Parses flags and calls the training loop; user errors come out as one line and exit
+code 2 (`--verbose` for the traceback).
 """
 
 import json
 import logging as py_logging
 import os
+import re
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -14,7 +17,42 @@ config_flags.DEFINE_config_file(
     "config", None, "Config file and argument, e.g. configs/bituning.py:cub,resnet50,25",
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Logs, checkpoints and summary.json go here.")
+flags.DEFINE_bool("verbose", False, "Show the traceback of an error.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _one_line(error):
+  """An exception's message on one line, without ml_collections' quoting."""
+  text = str(error).replace("\\n", " ").replace("\\'", "'")
+  text = " ".join(text.split()).strip("'\"")
+  missing = re.match(r"""'?(\w+)'? Did you mean "(\w+)" instead of "\w+"\?""", text)
+  if missing:
+    return f"unknown config field {missing[1]!r} (did you mean {missing[2]!r}?)"
+  return text
+
+
+def _fail(message):
+  print(f"bitune-train: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv):
+  """absl's parsing, with config errors (a misspelt override, a bad value) as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{_one_line(e)}\nPass --help for usage.")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    if "--verbose" in argv:
+      raise
+    _fail(_one_line(e))
+
+
+def _last_checkpoint(workdir):
+  folder = os.path.join(workdir, "checkpoints")
+  steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(
+      folder) else []
+  return max(steps) if steps else None
 
 
 def main(argv):
@@ -33,7 +71,19 @@ def main(argv):
   workdir = flags.FLAGS.workdir  # a local path or a URL (gs://...) on a TPU pod
   if "://" not in workdir:
     workdir = os.path.abspath(workdir)
-  _, summary = train.train_and_evaluate(flags.FLAGS.config, workdir)
+  try:
+    _, summary = train.train_and_evaluate(flags.FLAGS.config, workdir)
+  except (ValueError, FileNotFoundError) as e:  # bad input: said in a line
+    if flags.FLAGS.verbose:
+      raise
+    _fail(_one_line(e))
+  except KeyboardInterrupt:
+    step = _last_checkpoint(workdir)
+    where = (f"the last checkpoint is step {step} in {workdir}/checkpoints"
+             if step is not None else f"no checkpoint was saved yet in {workdir}")
+    print(f"bitune-train: interrupted; {where}; the same command resumes",
+          file=sys.stderr)
+    sys.exit(130)
   print(json.dumps(summary, indent=2))
   if "top1" in summary:
     print(f"test top-1 {summary['top1']:.4f}, mean per-class accuracy "
@@ -45,7 +95,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

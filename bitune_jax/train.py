@@ -238,11 +238,13 @@ def train_and_evaluate(config, workdir):
   """Trains, evaluates and checkpoints; returns `(state, summary)`."""
   sharding.initialize_multihost(config.multi_host)
   mesh = sharding.make_mesh()
+  created = _missing_folders(workdir)
   ckpts = checkpoint.Checkpoints(workdir)
   try:
     run = setup(config, mesh, workdir, ckpts)
   except BaseException:
     ckpts.close()
+    _remove_if_empty(created)  # a failed start leaves nothing behind
     raise
   _record_config(config, workdir, int(run.state.step), run.config_changes)
   writer = metric_writers.create_default_writer(
@@ -250,6 +252,26 @@ def train_and_evaluate(config, workdir):
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
                                              writer=writer)
   return _loop(config, workdir, run, mesh, ckpts, writer, progress)
+
+
+def _missing_folders(workdir):
+  """The local folders a run would create (the workdir and its checkpoint folders)."""
+  if "://" in str(workdir):
+    return []
+  paths = [os.path.join(workdir, "checkpoints"), os.path.join(workdir, "best")]
+  folder = os.path.abspath(workdir)
+  while not os.path.exists(folder):
+    paths.append(folder)
+    folder = os.path.dirname(folder)
+  return [p for p in paths if not os.path.exists(p)]
+
+
+def _remove_if_empty(folders):
+  if jax.process_index() != 0:
+    return
+  for folder in sorted(folders, key=len, reverse=True):  # children first
+    if os.path.isdir(folder) and not os.listdir(folder):
+      os.rmdir(folder)
 
 
 def _loop(config, workdir, run, mesh, ckpts, writer, progress):

@@ -275,3 +275,21 @@ def test_never_writes_over_the_source_or_an_existing_file(tmp_path, resnet50_fil
   assert cli.main([str(src), str(dst), "--arch", "resnet50", "--overwrite"]) == 0
   assert convert.load_converted(dst)["report"]["source_sha256"] == convert.sha256_of(src)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["link.pth", "model.pth", "out.npz"]
+
+
+def test_load_converted_names_what_is_wrong_with_a_file(tmp_path):
+  """A missing, truncated or foreign `init_from` is one clear ValueError (never numpy's
+  advice to load with allow_pickle)."""
+  np.savez(tmp_path / "plain.npz", a=np.ones(3))
+  np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+  (tmp_path / "cut.npz").write_bytes((tmp_path / "plain.npz").read_bytes()[:40])
+  (tmp_path / "notes.txt").write_text("not a checkpoint")
+  cases = {"missing.npz": "no such file",
+           "plain.npz": "is not a bitune-convert output \\(no __meta__ entry\\)",
+           "objects.npy": "is not a bitune-convert output \\(not a readable .npz",
+           "cut.npz": "is not a bitune-convert output \\(truncated or corrupt .npz\\)",
+           "notes.txt": "is not a bitune-convert output \\(not a readable .npz"}
+  for name, needle in cases.items():
+    with pytest.raises(ValueError, match=f"^{tmp_path / name}:? {needle}") as info:
+      convert.load_converted(str(tmp_path / name))
+    assert "allow_pickle" not in str(info.value)

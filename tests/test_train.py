@@ -194,6 +194,21 @@ def test_command_line_quick_start(tmp_path):
       [sys.executable, "-m", "bitune_jax.main",
        f"--config={ROOT}/configs/bituning.py:demo", f"--workdir={tmp_path}/x",
        "--config.totl_steps=3"], capture_output=True, text=True, check=False)
-  assert bad.returncode != 0
-  assert re.search(r"totl_steps", bad.stderr.splitlines()[-1] if bad.stderr else ""), (
-      bad.stderr[-2000:])
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+  assert bad.stderr.splitlines()[-1] == (
+      "bitune-train: error: unknown config field 'totl_steps' (did you mean "
+      "'total_steps'?)")
+
+
+def test_command_line_errors_are_one_line_and_leave_nothing(tmp_path):
+  """User errors: one line, exit 2, no traceback, no empty folders left behind."""
+  workdir = tmp_path / "new" / "run"
+  run = subprocess.run(
+      [sys.executable, "-m", "bitune_jax.main", f"--config={ROOT}/configs/bituning.py:demo",
+       f"--workdir={workdir}", f"--config.init_from={tmp_path}/missing.npz"],
+      capture_output=True, text=True, check=False, cwd=tmp_path)
+  assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+  assert run.stderr.splitlines()[-1] == (
+      f"bitune-train: error: {tmp_path}/missing.npz: no such file (give a bitune-convert "
+      "output .npz)")
+  assert sorted(os.listdir(tmp_path)) == []

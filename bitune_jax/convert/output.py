@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 from flax import traverse_util
@@ -52,14 +53,29 @@ def save_converted(result, dst, *, source=None, source_sha256=None):
 
 def load_converted(path):
   """Reads what `save_converted` wrote: the same structure as `convert_checkpoint`'s
-  result, with `report` extended by `source` and `source_sha256`."""
-  with np.load(path, allow_pickle=False) as data:
-    if _META not in data.files:
-      raise ValueError(f"{path} is not a bitune-convert output (no {_META} entry)")
-    meta = json.loads(bytes(data[_META]).decode())
-    if meta.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"{path}: unsupported format_version {meta.get('format_version')}")
-    flat = {tuple(k.split("/")): data[k] for k in data.files if k != _META}
+  result, with `report` extended by `source` and `source_sha256`. A missing, truncated
+  or foreign file is a ValueError that says which and what to do."""
+  if not os.path.isfile(path):
+    raise ValueError(f"{path}: no such file (give a bitune-convert output .npz)")
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      if _META not in data.files:
+        raise ValueError(f"{path} is not a bitune-convert output (no {_META} entry); "
+                         "convert the checkpoint with bitune-convert first")
+      meta = json.loads(bytes(data[_META]).decode())
+      if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported format_version "
+                         f"{meta.get('format_version')}")
+      flat = {tuple(k.split("/")): data[k] for k in data.files if k != _META}
+  except ValueError as e:
+    if str(e).startswith(str(path)):
+      raise
+    raise ValueError(f"{path} is not a bitune-convert output (not a readable .npz: "
+                     "truncated, or another format); convert the checkpoint with "
+                     "bitune-convert first") from None
+  except (OSError, EOFError, zipfile.BadZipFile, KeyError):
+    raise ValueError(f"{path} is not a bitune-convert output (truncated or corrupt "
+                     ".npz); convert the checkpoint again with bitune-convert") from None
   result = traverse_util.unflatten_dict(flat)
   result["report"] = dict(meta["report"], source=meta["source"],
                           source_sha256=meta["source_sha256"])
