@@ -64,6 +64,7 @@ def test_momentum_schedule_values():
 def test_momentum_schedule_accepts_its_whole_range_and_nothing_else():
   """Every boundary of the documented ranges: m0 in [0, 1], total_steps >= 1,
   final in [m0, 1]."""
+  assert float(ema.momentum_schedule()(123)) == pytest.approx(0.999)  # MoCo's default
   for m0 in (0.0, 1.0):  # both ends are valid momenta
     assert float(ema.momentum_schedule(m0)(7)) == m0
   # m0 = 1 with a ramp: the key encoder is frozen, m = 1 at every step.
