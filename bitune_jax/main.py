@@ -18,7 +18,30 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Logs, checkpoints and summary.json go here.")
 flags.DEFINE_bool("verbose", False, "Show the traceback of an error.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_bool("print_config", False,
+                  "Print the resolved config (every field, defaults included) and exit.")
+flags.mark_flags_as_required(["config"])
+
+HELP = """usage: bitune-train --config FILE[:ARG] --workdir DIR [--config.FIELD=VALUE ...]
+
+Trains, evaluates and checkpoints one run; a run started again in the same DIR resumes.
+
+  --config FILE[:ARG]   a config file and its argument: ARG is `demo` (the offline
+                        digits task) or `dataset,arch,rate`, e.g.
+                        configs/bituning.py:cub,resnet50,25
+  --config.FIELD=VALUE  override one field (nested: --config.bituning.queue_size=8);
+                        a misspelt field is an error. --print_config lists them all.
+  --workdir DIR         config.json, launches/, checkpoints/, best/, summary.json and
+                        TensorBoard events go here (a local path or gs://...)
+  --print_config        print the resolved config, every field with its value, and exit
+  --verbose             show the traceback of an error (errors are one line otherwise)
+  --helpfull            every absl flag (logging, multi-process)
+
+examples:
+  bitune-train --config configs/bituning.py:demo --workdir /tmp/bitune-demo
+  bitune-train --config configs/bituning.py:cub,resnet50,25 --workdir DIR \\
+      --config.init_from=resnet50.npz --config.total_steps=9000
+"""
 
 
 def _one_line(error):
@@ -38,6 +61,9 @@ def _fail(message):
 
 def _parse_flags(argv):
   """absl's parsing, with config errors (a misspelt override, a bad value) as one line."""
+  if any(a in ("-h", "--help", "-help") for a in argv[1:]):
+    print(HELP, end="")
+    sys.exit(0)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -58,6 +84,9 @@ def _last_checkpoint(workdir):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if flags.FLAGS.print_config:
+    print(flags.FLAGS.config, end="")
+    return
   # Our progress lines on the console; absl (orbax, clu) only from warnings up.
   logging.set_verbosity(logging.WARNING)
   handler = py_logging.StreamHandler()
@@ -69,6 +98,8 @@ def main(argv):
   # Imported after flag parsing so that --help is quick.
   from bitune_jax import train  # pylint: disable=g-import-not-at-top
   workdir = flags.FLAGS.workdir  # a local path or a URL (gs://...) on a TPU pod
+  if not workdir:
+    _fail("--workdir is required (where checkpoints and summary.json go)")
   if "://" not in workdir:
     workdir = os.path.abspath(workdir)
   try:

@@ -212,3 +212,26 @@ def test_command_line_errors_are_one_line_and_leave_nothing(tmp_path):
       f"bitune-train: error: {tmp_path}/missing.npz: no such file (give a bitune-convert "
       "output .npz)")
   assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_help_and_print_config(tmp_path):
+  main = [sys.executable, "-m", "bitune_jax.main"]
+  help_text = subprocess.run(main + ["--help"], capture_output=True, text=True,
+                             check=True).stdout
+  assert help_text.splitlines()[0] == ("usage: bitune-train --config FILE[:ARG] --workdir "
+                                       "DIR [--config.FIELD=VALUE ...]")
+  for flag in ("--config FILE[:ARG]", "--config.FIELD=VALUE", "--workdir DIR",
+               "--print_config", "--verbose"):
+    assert f"  {flag}" in help_text, flag
+  printed = subprocess.run(
+      main + [f"--config={ROOT}/configs/bituning.py:demo", "--print_config",
+              "--config.lr=0.2", "--config.bituning.queue_size=5"],
+      capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+  lines = printed.splitlines()
+  # Every field, defaults and overrides resolved, nested sections indented.
+  assert "lr: 0.2" in lines and "total_steps: 300" in lines and "  queue_size: 5" in lines
+  expected = bituning_config.get_config("demo")
+  top_level = {line.split(":")[0] for line in lines
+               if line and not line.startswith((" ", "- "))}  # "- ": list items
+  assert top_level == set(expected.keys())
+  assert os.listdir(tmp_path) == []  # printing a config writes nothing
