@@ -15,13 +15,13 @@ import json
 import os
 import shutil
 
-import jax
-import ml_collections
-
-from bitune_jax import checkpoint, convert, sharding, train
+# jax, ml_collections and the training system are imported where they are used, so
+# that `bitune-eval --help` and argument errors answer at once.
+# pylint: disable=g-import-not-at-top
 
 
 def _load_config(workdir):
+  import ml_collections
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ValueError(f"{workdir} has no config.json: not a bitune-train workdir")
@@ -31,6 +31,8 @@ def _load_config(workdir):
 
 def _restore(workdir, config, which):
   """The run's `which` ('latest' or 'best') checkpoint: `(run, state)`."""
+  import jax
+  from bitune_jax import checkpoint, sharding, train
   if which not in ("latest", "best"):
     raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
   mesh = sharding.make_mesh()
@@ -50,6 +52,7 @@ def _restore(workdir, config, which):
 
 
 def _write_record(workdir, name, record):
+  import jax
   folder = os.path.join(workdir, "evals")
   os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, f"{name}.json")
@@ -61,6 +64,7 @@ def _write_record(workdir, name, record):
 
 def evaluate_workdir(workdir, *, which="latest"):
   """The protocols on the `which` checkpoint; recorded in `evals/{which}-step{S}.json`."""
+  from bitune_jax import train
   config = _load_config(workdir)
   run, state, mesh = _restore(workdir, config, which)
   metrics = {"step": int(state.step), "checkpoint": which}
@@ -82,6 +86,9 @@ def kshot_transfer(workdir, *, shots=(1, 2, 4, 8), total_steps=100, seed=0,
     raise ValueError(f"k-shot values must be positive integers, got {list(shots)}")
   if total_steps < 1:
     raise ValueError(f"kshot_steps must be >= 1, got {total_steps}")
+  import jax
+  import ml_collections
+  from bitune_jax import convert, train
   config = _load_config(workdir)
   _, state, _ = _restore(workdir, config, which)
   step = int(state.step)

@@ -86,3 +86,19 @@ def test_kshot_transfer_from_an_unsupervised_run(tmp_path):
     assert run_config["init_from"] == str(folder / "backbone.npz")
     record = json.load(open(tmp_path / "evals" / f"latest-step2-kshot{k}-steps3-seed0.json"))
     assert record["top1"] == summary["top1"] and record["kshot_steps"] == 3
+
+
+def test_help_explains_every_flag_without_importing_jax():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  run = subprocess.run(
+      [sys.executable, "-c", "import sys; from bitune_jax import eval_main\n"
+       "try:\n  eval_main.main(['--help'])\nexcept SystemExit:\n  pass\n"
+       "print('jax imported:', 'jax' in sys.modules)"],
+      capture_output=True, text=True, check=True)
+  assert run.stdout.splitlines()[-1] == "jax imported: False"  # --help answers at once
+  for flag, words in (("--workdir WORKDIR", "a bitune-train workdir"),
+                      ("--which {latest,best}", "the checkpoint to evaluate"),
+                      ("--kshot KSHOT", "k labelled images per class"),
+                      ("--kshot_steps KSHOT_STEPS", "training steps of each k-shot run")):
+    block = run.stdout[run.stdout.index(f"  {flag}"):]
+    assert words in " ".join(block.split()[:40]), flag
