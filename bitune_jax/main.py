@@ -108,6 +108,11 @@ def main(argv):
     if flags.FLAGS.verbose:
       raise
     _fail(_one_line(e))
+  except FloatingPointError as e:  # a diverged run: where its last good state is
+    if flags.FLAGS.verbose:
+      raise
+    print(f"bitune-train: {e}", file=sys.stderr)
+    sys.exit(1)
   except KeyboardInterrupt:
     step = _last_checkpoint(workdir)
     where = (f"the last checkpoint is step {step} in {workdir}/checkpoints"

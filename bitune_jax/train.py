@@ -319,16 +319,16 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
              **eval_metrics}
   if jax.process_index() == 0:
     summary_path.write_text(json.dumps(summary, indent=2))
-  log.info("done: %s", summary)
   return state, summary
 
 
 def _stop_if_not_finite(metrics, step, ckpts):
   loss = float(metrics["loss"])
   if not np.isfinite(loss):
-    raise FloatingPointError(
-        f"loss is {loss} at step {step}: training stopped. The last good checkpoint "
-        f"(step {ckpts.latest_step()}) is kept in {ckpts.directory}.")
+    last = ckpts.latest_step()
+    kept = (f"The last good checkpoint (step {last}) is kept in {ckpts.directory}."
+            if last is not None else "There is no checkpoint yet: nothing was saved.")
+    raise FloatingPointError(f"loss is {loss} at step {step}: training stopped. {kept}")
 
 
 # --------------------------------------------------------------------------- demo

@@ -235,3 +235,13 @@ def test_help_and_print_config(tmp_path):
                if line and not line.startswith((" ", "- "))}  # "- ": list items
   assert top_level == set(expected.keys())
   assert os.listdir(tmp_path) == []  # printing a config writes nothing
+
+
+def test_nan_before_any_checkpoint_says_there_is_none(tmp_path):
+  config = _config("finetune", lr=1e30, total_steps=20, log_every=1, checkpoint_every=50,
+                   eval_every=100)
+  config.lr_mult = {"backbone": 1.0, "head": 1.0}
+  with pytest.raises(FloatingPointError, match=r"loss is (nan|-?inf) at step \d+: "
+                     r"training stopped\. There is no checkpoint yet: nothing was "
+                     r"saved\.$"):
+    train.train_and_evaluate(config, str(tmp_path))
