@@ -77,7 +77,9 @@ def base_config(arg, method):
       replay_fraction=0.1, cutmix=True, cutmix_alpha=1.0, mixed_weight=1.0,
       bn_group_size=32))
 
-  config.init_from = ""  # a bitune-convert output (.npz), or 'demo:digits_source'
+  # a bitune-convert output (.npz), 'demo:digits_source', or 'none' (random weights,
+  # on purpose: no warning)
+  config.init_from = ""
   config.bf16 = False
   config.shard_queues = True
   config.multi_host = False

@@ -61,6 +61,9 @@ def _shape_error(fn, message, **arrays):
 
 
 def _check_rank(fn, name, x, rank):
+  if hasattr(x, "keys") and hasattr(x, "ptr"):  # a queue pytree, not its array
+    raise ValueError(f"{fn}: {name} is a {type(x).__name__}; pass its `.keys` array "
+                     f"(e.g. {name}=queues.keys)")
   if jnp.ndim(x) != rank:
     raise _shape_error(fn, f"{name} must have rank {rank}", **{name: x})
 

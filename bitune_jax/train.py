@@ -102,7 +102,12 @@ def _record_config(config, workdir, step, changes):
 
 def _load_pretrained(config, workdir):
   """The converted checkpoint named by `config.init_from` (None if empty)."""
-  if not config.init_from:
+  if not config.init_from or config.init_from == "none":
+    if not config.init_from and config.dataset != "digits":
+      log.warning("no init_from: %s starts from RANDOM weights on %s. Give a "
+                  "bitune-convert output (--config.init_from=FILE.npz), or "
+                  "--config.init_from=none to say that this is meant.", config.method,
+                  config.dataset)
     return None
   path = config.init_from
   if path == "demo:digits_source":

@@ -324,3 +324,12 @@ def test_label_rule_labels_past_the_classes(name, rng):
                      r"label means no label\), got 4"):
     fn(np.arange(10), jnp.asarray(labels))
   assert np.isnan(float(jax.jit(lambda y: fn(np.arange(10), y))(jnp.asarray(labels))))
+
+
+def test_a_queue_pytree_where_its_keys_belong_is_named():
+  from bitune_jax import queues  # pylint: disable=g-import-not-at-top
+  q = queues.init_class_queues(jax.random.PRNGKey(0), num_classes=3, size=2, dim=4)
+  with pytest.raises(ValueError, match=r"categorical_contrastive_loss: queue_z is a "
+                     r"ClassQueues; pass its `.keys` array \(e.g. queue_z=queues.keys\)"):
+    losses.categorical_contrastive_loss(z_query=jnp.ones((2, 4)), z_key=jnp.ones((2, 4)),
+                                        queue_z=q, labels=jnp.zeros(2, jnp.int32))

@@ -245,3 +245,18 @@ def test_nan_before_any_checkpoint_says_there_is_none(tmp_path):
                      r"training stopped\. There is no checkpoint yet: nothing was "
                      r"saved\.$"):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_no_init_from_on_a_real_dataset_warns_and_none_is_explicit(caplog):
+  config = bituning_config.get_config("cub,resnet50,25")
+  with caplog.at_level("WARNING", logger="bitune_jax"):
+    assert train._load_pretrained(config, None) is None
+  assert [r.getMessage() for r in caplog.records] == [
+      "no init_from: bituning starts from RANDOM weights on cub. Give a bitune-convert "
+      "output (--config.init_from=FILE.npz), or --config.init_from=none to say that "
+      "this is meant."]
+  caplog.clear()
+  config.init_from = "none"
+  with caplog.at_level("WARNING", logger="bitune_jax"):
+    assert train._load_pretrained(config, None) is None
+  assert not caplog.records
