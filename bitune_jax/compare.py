@@ -12,7 +12,7 @@ checkpoints and summary.json; a finished run is not repeated.
 """
 
 import argparse
-import importlib.util
+import importlib
 import json
 import logging
 import os
@@ -21,17 +21,12 @@ import statistics
 from bitune_jax import methods
 
 KSHOTS = (1, 2, 4, 8)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 log = logging.getLogger("bitune_jax")
 
 
 def _config(method, seed, total_steps, init_from):
-  """`configs/<method>.py:demo`, with the shared source model."""
-  path = os.path.join(ROOT, "configs", f"{method}.py")
-  spec = importlib.util.spec_from_file_location(f"config_{method}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("demo")
+  """The shipped `configs/<method>.py:demo`, with the shared source model."""
+  config = importlib.import_module(f"bitune_jax.configs.{method}").get_config("demo")
   config.seed = seed
   if total_steps:
     config.total_steps = total_steps

@@ -59,11 +59,29 @@ def _fail(message):
   sys.exit(2)
 
 
+def _shipped_config(value):
+  """`configs/X.py[:ARG]` (or `X[:ARG]`) names the shipped config X when there is no
+  such file here: an installed wheel, or another working directory."""
+  path, sep, arg = value.partition(":")
+  if os.path.exists(path):
+    return value
+  name = os.path.splitext(os.path.basename(path))[0]
+  shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                         f"{name}.py")
+  return shipped + sep + arg if os.path.exists(shipped) else value
+
+
 def _parse_flags(argv):
   """absl's parsing, with config errors (a misspelt override, a bad value) as one line."""
   if any(a in ("-h", "--help", "-help") for a in argv[1:]):
     print(HELP, end="")
     sys.exit(0)
+  argv = list(argv)
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      argv[i] = "--config=" + _shipped_config(a[len("--config="):])
+    elif a == "--config" and i + 1 < len(argv):
+      argv[i + 1] = _shipped_config(argv[i + 1])
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

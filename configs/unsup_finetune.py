@@ -1,29 +1,7 @@
 """Unsupervised fine-tuning: MoCo v2 on unlabeled target data + sparse source replay +
-CutMix-mixed queries (Eq. 6). Labels are not used; evaluated on features (top-5
-retrieval, k-means BCubed precision, linear probe; `bitune-eval --workdir DIR`).
 
-  bitune-train --config configs/unsup_finetune.py:demo --workdir /tmp/unsup-demo
-      offline: digits 5-9 unlabeled, 10% of digits 0-4 replayed, from the demo's
-      supervised source model.
-  bitune-train --config configs/unsup_finetune.py:cub,resnet50,100 --workdir DIR \
-      --config.init_from=moco_v2.npz
-      the paper's setting (MoCo v2 ResNet-50 continued on the target data).
-
-Ablations: --config.unsup.replay_fraction=0 (no replay), --config.unsup.cutmix=False.
+The config lives in the package, `bitune_jax/configs/unsup_finetune.py` (in the wheel); this
+file lets a source checkout say `--config configs/unsup_finetune.py:ARG`.
 """
 
-from bitune_jax import config_base
-
-
-def get_config(arg="demo"):
-  config = config_base.base_config(arg, "unsup_finetune")
-  config.lr = 0.03  # MoCo v2 (batch 256), cosine
-  config.schedule = "cosine"
-  config.weight_decay = 1e-4
-  config.lr_mult = {"backbone": 1.0, "projector": 1.0, "head": 0.0}  # head unused
-  config.data.views = "moco"  # MoCo v2 augmentations (tfds datasets)
-  if arg == "demo":
-    config.lr = 0.05
-    config.unsup.queue_size = 512
-    config.unsup.bn_group_size = 8
-  return config
+from bitune_jax.configs.unsup_finetune import get_config  # noqa: F401

@@ -260,3 +260,21 @@ def test_no_init_from_on_a_real_dataset_warns_and_none_is_explicit(caplog):
   with caplog.at_level("WARNING", logger="bitune_jax"):
     assert train._load_pretrained(config, None) is None
   assert not caplog.records
+
+
+def test_shipped_configs_run_from_anywhere_and_are_in_the_wheel(tmp_path):
+  """`--config configs/X.py:ARG` from a directory without configs/ (an installed
+  wheel) finds the shipped config; the wheel carries every config."""
+  printed = subprocess.run(
+      [sys.executable, "-m", "bitune_jax.main", "--config=configs/finetune.py:demo",
+       "--print_config"], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+  assert "method: finetune" in printed.splitlines()
+  wheel_dir = tmp_path / "wheel"
+  subprocess.run([sys.executable, "-m", "pip", "wheel", ROOT, "--no-deps",
+                  "--no-build-isolation", "-q", "-w", str(wheel_dir)],
+                 check=True, capture_output=True, cwd=tmp_path)
+  (wheel,) = wheel_dir.glob("bitune_jax-*.whl")
+  import zipfile  # pylint: disable=g-import-not-at-top
+  names = set(zipfile.ZipFile(wheel).namelist())
+  shipped = {f"bitune_jax/configs/{n}" for n in os.listdir(os.path.join(ROOT, "configs"))}
+  assert shipped <= names, shipped - names
