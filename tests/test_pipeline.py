@@ -249,3 +249,20 @@ def test_manual_dataset_without_its_archive_is_a_clear_error(tmp_path):
                    manual_dir=str(tmp_path / "nothing"))
   with pytest.raises(ValueError, match="manual_dir"):
     input_lib.load(config, two_views=True)
+
+
+def test_no_network_fails_in_seconds_with_what_to_do(tmp_path, monkeypatch):
+  """Preparing a tfds dataset with no network once spent minutes in download retries."""
+  import socket  # pylint: disable=g-import-not-at-top
+  from bitune_jax.data import datasets  # pylint: disable=g-import-not-at-top
+
+  def no_network(address, *args, **kwargs):
+    raise OSError(f"simulated: no route to {address[0]}")
+  monkeypatch.setattr(socket, "create_connection", no_network)
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                      lambda *a, **k: pytest.fail("tried to download"))
+  with pytest.raises(ValueError, match=(
+      rf"dataset 'dtd' \(tfds dtd\) is not prepared in {tmp_path}/tfds\S*, and its "
+      r"download host www\.robots\.ox\.ac\.uk cannot be reached \(no network\?\)\. "
+      r"Prepare it where there is a network with `tfds build dtd --data_dir DIR`")):
+    datasets.builder("dtd", data_dir=str(tmp_path / "tfds"))

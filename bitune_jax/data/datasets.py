@@ -80,6 +80,15 @@ def _prepare(name, s, data_dir, manual_dir):
   b = tfds.builder(s.tfds_name, data_dir=data_dir or None)
   if b.is_prepared():
     return b
+  how = (f"Prepare it where there is a network with `tfds build {s.tfds_name} "
+         f"--data_dir DIR`, copy DIR here and pass --config.data.data_dir=DIR" +
+         (" (or give the manual download: --config.data.manual_dir=DIR)" if s.manual
+          else ""))
+  host = None if manual_dir else _unreachable_host(getattr(b, "url_infos", None) or {})
+  if host:  # fail in seconds, not after minutes of download retries
+    raise ValueError(f"dataset {name!r} (tfds {s.tfds_name}) is not prepared in "
+                     f"{b.data_dir}, and its download host {host} cannot be reached "
+                     f"(no network?). {how}.")
   log.info("preparing tfds %s in %s", s.tfds_name, b.data_dir)
   try:
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(
@@ -91,6 +100,25 @@ def _prepare(name, s, data_dir, manual_dir):
                      f"`tfds build {s.tfds_name} --data_dir DIR` and pass "
                      f"--config.data.data_dir=DIR" + (manual if s.manual else "")) from e
   return b
+
+
+def _unreachable_host(urls, timeout=5.0):
+  """The first download host of `urls` that does not answer a TCP connection within
+  `timeout` seconds, or None (all answer, or nothing to download)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import urllib.parse  # pylint: disable=g-import-not-at-top
+  for url in urls:
+    parts = urllib.parse.urlsplit(url)
+    if not parts.hostname:
+      continue
+    port = parts.port or (21 if parts.scheme == "ftp" else
+                          80 if parts.scheme == "http" else 443)
+    try:
+      socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError:
+      return parts.hostname
+    return None  # one answering host: the network is there
+  return None
 
 
 def _sync(name):
