@@ -18,7 +18,7 @@ import logging
 import os
 import statistics
 
-from bitune_jax import methods
+from bitune_jax import console, methods
 
 KSHOTS = (1, 2, 4, 8)
 log = logging.getLogger("bitune_jax")
@@ -98,8 +98,7 @@ def main(argv=None):
   unknown = [m for m in names if m not in methods.METHODS]
   if unknown:
     parser.error(f"unknown methods {unknown}; known: {', '.join(methods.METHODS)}")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                      datefmt="%H:%M:%S")
+  console.setup()
   workdir = os.path.abspath(args.workdir)
   # The shared source model: made by the first run, through the demo's own path.
   source = os.path.join(workdir, "source", "pretrained", "digits_source.npz")

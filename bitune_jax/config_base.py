@@ -86,6 +86,7 @@ def base_config(arg, method):
   config.log_every = 50
   config.eval_every = 1000
   config.checkpoint_every = 1000
+  config.profile_steps = 0  # > 0: a jax.profiler trace of that many steps in the workdir
   # kshot > 0: k labelled images per class (k-shot transfer), instead of sampling_rate.
   # views: 'reference' (resize, random resized crop, flip[, colour jitter]) or 'moco'.
   # replay_source: the dataset replayed by unsupervised fine-tuning (tfds datasets).

@@ -5,12 +5,11 @@ code 2 (`--verbose` for the traceback).
 """
 
 import json
-import logging as py_logging
 import os
 import re
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file(
@@ -105,16 +104,9 @@ def main(argv):
   if flags.FLAGS.print_config:
     print(flags.FLAGS.config, end="")
     return
-  # Our progress lines on the console; absl (orbax, clu) only from warnings up.
-  logging.set_verbosity(logging.WARNING)
-  handler = py_logging.StreamHandler()
-  handler.setFormatter(py_logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-  ours = py_logging.getLogger("bitune_jax")
-  ours.addHandler(handler)
-  ours.setLevel(py_logging.INFO)
-  ours.propagate = False
   # Imported after flag parsing so that --help is quick.
-  from bitune_jax import train  # pylint: disable=g-import-not-at-top
+  from bitune_jax import console, train  # pylint: disable=g-import-not-at-top
+  console.setup()  # our progress lines; orbax, clu, absl only from warnings up
   workdir = flags.FLAGS.workdir  # a local path or a URL (gs://...) on a TPU pod
   if not workdir:
     _fail("--workdir is required (where checkpoints and summary.json go)")

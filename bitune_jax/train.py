@@ -37,7 +37,7 @@ def _train_batches(run, mesh, start_step):
 # What a resumed run may change: how long it runs and how often it reports. Any other
 # change would make the checkpoint and `config.json` describe different runs.
 RESUMABLE = ("total_steps", "eval_every", "log_every", "checkpoint_every",
-             "eval_batch_size", "data.threads")
+             "eval_batch_size", "data.threads", "profile_steps")
 _IDENTITY = ("method", "arch", "num_classes", "dataset")
 
 
@@ -291,16 +291,20 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
              "--config.total_steps to train on)", workdir, first)
     return state, json.loads(summary_path.read_text())
   metrics, eval_metrics, start = None, {}, time.perf_counter()
+  profiler = _Profiler(workdir, first, config.get("profile_steps", 0))
   try:
     for step, batch in zip(range(first + 1, total + 1),
                            _train_batches(run, mesh, first)):
+      profiler.before(step)
       state, metrics = train_step(state, batch)
+      profiler.after(step, state)
       progress(step)
       checkpointing = step % config.checkpoint_every == 0 or step == total
       if step % config.log_every == 0 or checkpointing:
         metrics = jax.device_get(metrics)
         _stop_if_not_finite(metrics, step, ckpts)
-        writer.write_scalars(step, metrics)
+        writer.write_scalars(step, dict(
+            metrics, **common.learning_rates(config, state.params, step - 1)))
         rate = (step - first) / (time.perf_counter() - start)
         log.info("step %d/%d  loss %.4f  %.1f steps/s  ETA %.0f s", step, total,
                      metrics["loss"], rate, (total - step) / rate)
@@ -315,6 +319,7 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
     if not eval_metrics:  # resumed at the end: evaluate what was restored
       eval_metrics = run_eval(run, state, config, mesh)
   finally:
+    profiler.stop()
     ckpts.close()
     writer.flush()
   summary = {"step": int(state.step), "method": config.method, "arch": config.arch,
@@ -325,6 +330,32 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
   if jax.process_index() == 0:
     summary_path.write_text(json.dumps(summary, indent=2))
   return state, summary
+
+
+class _Profiler:
+  """A `jax.profiler` trace of `count` steps into the workdir (TensorBoard's profile
+  tab), starting two steps after the first so that compilation is not in it."""
+
+  def __init__(self, workdir, first, count):
+    self.start, self.stop_at = first + 3, first + 2 + count
+    self.workdir, self.count, self.running = workdir, count, False
+
+  def before(self, step):
+    if self.count and step == self.start:
+      jax.profiler.start_trace(str(self.workdir))
+      self.running = True
+
+  def after(self, step, state):
+    if self.running and step == self.stop_at:
+      jax.block_until_ready(state)
+      self.stop()
+      log.info("profile of steps %d-%d written to %s (tensorboard --logdir)",
+               self.start, self.stop_at, self.workdir)
+
+  def stop(self):
+    if self.running:
+      jax.profiler.stop_trace()
+      self.running = False
 
 
 def _stop_if_not_finite(metrics, step, ckpts):

@@ -1,6 +1,7 @@
 """The comparison script: every method on the embedded task from one source model."""
 
 import json
+import re
 
 import pytest
 
@@ -29,7 +30,14 @@ def test_every_method_runs_from_the_same_source_model(tmp_path, capsys):
   rows = compare.main(["--workdir", str(tmp_path), "--methods",
                        "finetune,bituning,cotuning", "--total_steps", "4",
                        "--pretrain_steps", "4"])
-  out = capsys.readouterr().out
+  captured = capsys.readouterr()
+  out = captured.out
+  # The console: our lines (HH:MM:SS ...) and warnings, no INFO of orbax, clu or absl.
+  info = [line for line in captured.err.splitlines()
+          if re.match(r"I\d{4} |INFO:", line)]
+  assert not info, info[:5]
+  ours = [line for line in captured.err.splitlines() if re.match(r"\d\d:\d\d:\d\d ", line)]
+  assert any("step 4/4" in line for line in ours), captured.err[-2000:]
   for method in ("finetune", "bituning", "cotuning"):
     summary = rows[method][0]
     row = (f"| {method} | 1 | {100 * summary['top1']:.2f} | "

@@ -2,6 +2,7 @@
 kept, a finished run's summary stays, changes that break a resumed run are refused."""
 
 import json
+import math
 import os
 import re
 import sys
@@ -93,3 +94,22 @@ def test_a_failed_start_records_nothing(tmp_path):
   train.train_and_evaluate(_config(total_steps=2), str(tmp_path / "w"))
   assert _json(tmp_path / "w" / "config.json")["init_from"] == ""
   assert _json(tmp_path / "w" / "config.json")["total_steps"] == 2
+
+
+def test_learning_rates_logged_per_group_and_a_profile_written(tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  config = _config(total_steps=5, log_every=1, profile_steps=2, lr=0.1,
+                   schedule="cosine")
+  train.train_and_evaluate(config, str(tmp_path))
+  logged = {}
+  for events in tmp_path.glob("events.out.tfevents.*"):
+    for event in tf.compat.v1.train.summary_iterator(str(events)):
+      for value in event.summary.value:
+        if value.tag.startswith("lr/"):
+          logged[(value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
+  for step in range(1, 6):  # train step s applies the cosine at optimizer step s - 1
+    rate = 0.1 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 5))
+    assert logged[("lr/head", step)] == pytest.approx(rate, rel=1e-6), step
+    assert logged[("lr/backbone", step)] == pytest.approx(0.1 * rate, rel=1e-6), step
+  traces = list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0

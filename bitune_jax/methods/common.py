@@ -121,6 +121,13 @@ def make_optimizer(config):
   return optax.multi_transform(transforms, label_fn)
 
 
+def learning_rates(config, groups, step):
+  """`{"lr/<group>": rate}`: each group's learning rate at 0-based optimizer step `step`
+  (the update that makes train step `step + 1`)."""
+  base = float(learning_rate_schedule(config)(step))
+  return {f"lr/{g}": config.lr_mult.get(g, 1.0) * base for g in groups}
+
+
 def log_learning_rates(config, params):
   for group in params:
     mult = config.lr_mult.get(group, 1.0)

@@ -1,0 +1,23 @@
+"""The console of our command-line tools: our progress lines at INFO, everyone else's
+(orbax, clu, absl, TensorFlow) from WARNING up."""
+
+import logging
+import sys
+
+
+def setup():
+  """Routes the `bitune_jax` logger to stderr as `HH:MM:SS message`; other loggers and
+  absl speak only from WARNING up. Idempotent."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger().setLevel(logging.WARNING)
+  ours = logging.getLogger("bitune_jax")
+  for handler in list(ours.handlers):
+    if getattr(handler, "_bitune_console", False):
+      ours.removeHandler(handler)
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  handler._bitune_console = True  # pylint: disable=protected-access
+  ours.addHandler(handler)
+  ours.setLevel(logging.INFO)
+  ours.propagate = False
