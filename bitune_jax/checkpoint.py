@@ -7,7 +7,7 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def _score(metrics):
+def score(metrics):
   """The dataset's headline metric (`score`: top-1 or mean per-class accuracy), or the
   linear probe's top-1 for methods trained without labels."""
   return metrics.get("score", metrics.get("top1", metrics.get("linear_probe_top1", 0.0)))
@@ -24,11 +24,15 @@ class Checkpoints:
     self._best = ocp.CheckpointManager(
         os.path.join(workdir, "best"),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, best_fn=_score, best_mode="max",
+            max_to_keep=1, create=True, best_fn=score, best_mode="max",
             enable_async_checkpointing=True))
 
   def latest_step(self):
     return self._latest.latest_step()
+
+  def best_step(self):
+    """The step of the best checkpoint, or None."""
+    return self._best.best_step()
 
   def restore(self, abstract_state, shardings, which="latest"):
     """The latest (or best) state, placed with `shardings`; None when there is none."""

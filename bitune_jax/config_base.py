@@ -90,10 +90,12 @@ def base_config(arg, method):
   # kshot > 0: k labelled images per class (k-shot transfer), instead of sampling_rate.
   # views: 'reference' (resize, random resized crop, flip[, colour jitter]) or 'moco'.
   # replay_source: the dataset replayed by unsupervised fine-tuning (tfds datasets).
+  # val_fraction > 0: that stratified fraction of the training images is held out, and
+  # the best checkpoint is chosen on it (else on the test split, which flatters it).
   config.data = ml_collections.ConfigDict(dict(
       data_dir="", manual_dir="", kshot=0, views="reference", color_jitter=False,
       jitter=(0.4, 0.4, 0.4, 0.1), replay_source="imagenet", replay_manual_dir="",
-      threads=0))
+      threads=0, val_fraction=0.0))
   if arg == "demo":
     _demo(config)
   return config
@@ -151,6 +153,7 @@ _RULES = {
     "unsup.temperature": _POSITIVE, "unsup.ema_momentum": _EMA,
     "unsup.mixed_weight": _NON_NEGATIVE, "unsup.cutmix_alpha": _POSITIVE,
     "unsup.replay_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "data.val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
     "gpt_star.temperature": _POSITIVE, "gpt_star.trade_off": _NON_NEGATIVE,
     "gpt_star.ema_momentum": _EMA, "l2sp.alpha": _NON_NEGATIVE,
     "l2sp.beta": _NON_NEGATIVE, "bss.eta": _NON_NEGATIVE,

@@ -67,6 +67,9 @@ def evaluate_workdir(workdir, *, which="latest"):
   from bitune_jax import train
   config = _load_config(workdir)
   run, state, mesh = _restore(workdir, config, which)
+  if which == "best":  # named by how it was chosen
+    which = ("best-on-validation" if config.data.get("val_fraction", 0.0) > 0
+             else "best-on-test")
   metrics = {"step": int(state.step), "checkpoint": which}
   if not getattr(run.method, "FEATURE_EVAL", False):  # a classifier to evaluate
     metrics.update(train.run_eval(run, state, config, mesh))

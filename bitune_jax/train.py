@@ -172,24 +172,24 @@ def extract_features(run, state, split, *, batch_size, mesh):
                              batch_size=batch_size, mesh=mesh)
 
 
-def feature_eval(run, state, config, mesh):
-  """The feature protocols: retrieval top-5 (test against train), k-means BCubed
-  precision and a linear probe, on eval-mode backbone features."""
+def feature_eval(run, state, config, mesh, split=None):
+  """The feature protocols: retrieval top-5 (`split`, default test, against train),
+  k-means BCubed precision and a linear probe, on eval-mode backbone features."""
   (train_f, train_y), (test_f, test_y) = (
-      extract_features(run, state, split, batch_size=config.eval_batch_size, mesh=mesh)
-      for split in (run.data.train, run.data.test))
+      extract_features(run, state, s, batch_size=config.eval_batch_size, mesh=mesh)
+      for s in (run.data.train, split or run.data.test))
   return evaluate.feature_metrics(train_f, train_y, test_f, test_y,
                                   num_classes=config.num_classes)
 
 
-def run_eval(run, state, config, mesh):
-  """Test top-1 and mean per-class accuracy of the classifier, and `score`, the
-  dataset's headline metric (`Input.metric`); for methods trained without labels
-  (`FEATURE_EVAL`), the feature protocols instead."""
+def run_eval(run, state, config, mesh, split=None):
+  """Top-1 and mean per-class accuracy of the classifier on `split` (default: test),
+  and `score`, the dataset's headline metric (`Input.metric`); for methods trained
+  without labels (`FEATURE_EVAL`), the feature protocols instead."""
   if getattr(run.method, "FEATURE_EVAL", False):
-    return feature_eval(run, state, config, mesh)
+    return feature_eval(run, state, config, mesh, split)
   outputs = []
-  for batch in run.data.test.batches(config.eval_batch_size):
+  for batch in (split or run.data.test).batches(config.eval_batch_size):
     outputs.append(jax.device_get(run.eval_step(state,
                                                 sharding.global_batch(batch, mesh))))
   pred, labels, mask = (np.concatenate(x) for x in zip(*outputs))
@@ -313,20 +313,32 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
         writer.write_scalars(step, {f"test_{k}": v for k, v in eval_metrics.items()})
         log.info("step %d  test %s", step,
                  "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-        ckpts.save_best(step, state, eval_metrics)
+        selection = eval_metrics  # the best checkpoint: by validation score if held out
+        if run.data.val is not None:
+          selection = run_eval(run, state, config, mesh, run.data.val)
+          writer.write_scalars(step, {f"val_{k}": v for k, v in selection.items()})
+          log.info("step %d  validation score %.4f", step, checkpoint.score(selection))
+        ckpts.save_best(step, state, selection)
       if checkpointing:
         ckpts.save(step, state)
     if not eval_metrics:  # resumed at the end: evaluate what was restored
       eval_metrics = run_eval(run, state, config, mesh)
+    best_step = ckpts.best_step()
   finally:
     profiler.stop()
     ckpts.close()
     writer.flush()
+  # The headline: the final checkpoint's test metrics. The best checkpoint (best/) is
+  # named by how it was chosen: on the held-out validation split, or on the test split
+  # (which flatters it).
   summary = {"step": int(state.step), "method": config.method, "arch": config.arch,
              "dataset": config.dataset, "sampling_rate": config.sampling_rate,
              "metric": run.data.metric,
              "train_loss": None if metrics is None else float(metrics["loss"]),
-             **eval_metrics}
+             **eval_metrics,
+             "best_checkpoint": {"step": best_step,
+                                 "chosen_on": "test" if run.data.val is None
+                                              else "validation"}}
   if jax.process_index() == 0:
     summary_path.write_text(json.dumps(summary, indent=2))
   return state, summary

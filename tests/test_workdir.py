@@ -113,3 +113,41 @@ def test_learning_rates_logged_per_group_and_a_profile_written(tmp_path):
     assert logged[("lr/backbone", step)] == pytest.approx(0.1 * rate, rel=1e-6), step
   traces = list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 0
+
+
+def test_best_checkpoint_chosen_on_a_held_out_validation_split(tmp_path, monkeypatch):
+  """data.val_fraction: a stratified part of the training images is held out, never
+  trained on, and the best checkpoint is the eval step with the best validation top-1
+  (recomputed from outside); summary.json's headline stays the final checkpoint's."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import outside  # pylint: disable=g-import-not-at-top
+  from bitune_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from bitune_jax.data import digits  # pylint: disable=g-import-not-at-top
+  from bitune_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
+  config = _config(total_steps=6, eval_every=2, checkpoint_every=2)
+  config.data.val_fraction = 0.25
+  data = input_lib.load(config, two_views=False)
+  full = digits.load_digits_transfer("target", image_size=16, sampling_rate=25, seed=0)
+  counts = np.bincount(full["train_labels"])
+  np.testing.assert_array_equal(np.bincount(data.val.labels), np.floor(0.25 * counts))
+  np.testing.assert_array_equal(np.bincount(data.train.labels) + np.bincount(
+      data.val.labels), counts)
+  rows = lambda images: {x.tobytes() for x in images}  # noqa: E731
+  assert not rows(data.val.images) & rows(data.pool.images)  # never trained on
+  model = methods.get("finetune").build_model(config, 5)
+  chosen, real_save_best = {}, checkpoint.Checkpoints.save_best
+
+  def save_best(ckpts, step, state, metrics):
+    out = outside.eval_outputs(model, state.params, state.batch_stats, data.val.images)
+    chosen[step] = (metrics["top1"], outside.top1_and_mean_class(out["logits"],
+                                                                 data.val.labels)[0])
+    return real_save_best(ckpts, step, state, metrics)
+  monkeypatch.setattr(checkpoint.Checkpoints, "save_best", save_best)
+  _, summary = train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(chosen) == [2, 4, 6]
+  for step, (given, recomputed) in chosen.items():
+    assert given == pytest.approx(recomputed, abs=1.01 / len(data.val.labels)), step
+  scores = {step: given for step, (given, _) in chosen.items()}
+  best = max(scores, key=lambda s: (scores[s], s))  # orbax keeps the last of ties
+  assert summary["best_checkpoint"] == {"step": best, "chosen_on": "validation"}
+  assert summary["step"] == 6  # the headline: the final checkpoint

@@ -241,13 +241,21 @@ def load(config, *, two_views):
   classes = b.info.features["label"].num_classes
   if classes != s.num_classes:
     raise ValueError(f"tfds {s.tfds_name} has {classes} classes, expected {s.num_classes}")
-  keep = None
-  if config.sampling_rate < 100 or data.get("kshot", 0):
-    keep = train_subset(read_labels(b, s.train_split), rate=config.sampling_rate,
-                        shots=data.get("kshot", 0), seed=config.seed,
-                        num_classes=s.num_classes)
+  keep, held = None, None
+  val_fraction = data.get("val_fraction", 0.0)
+  if config.sampling_rate < 100 or data.get("kshot", 0) or val_fraction > 0:
+    labels = read_labels(b, s.train_split)
+    keep = train_subset(labels, rate=config.sampling_rate, shots=data.get("kshot", 0),
+                        seed=config.seed, num_classes=s.num_classes)
+    if val_fraction > 0:  # held out of the subset to choose the best checkpoint
+      keep = np.arange(len(labels)) if keep is None else np.asarray(keep)
+      rows, val_rows = splits.holdout_split(labels[keep], fraction=val_fraction,
+                                            seed=config.seed)
+      keep, held = keep[rows], keep[val_rows]
   size = config.image_size
   train = read_split(b, s.train_split, keep=keep, host=host, image_size=size)
+  val = None if held is None else read_split(b, s.train_split, keep=held, host=host,
+                                             image_size=size, name="validation")
   test = read_split(b, s.test_split, host=host, image_size=size)
   pool, fraction = train, input_lib.replay_fraction(config)
   if fraction > 0:
@@ -264,7 +272,8 @@ def load(config, *, two_views):
 
   return input_lib.Input(dataset=config.dataset, num_classes=s.num_classes,
                          image_shape=(size, size, 3), metric=s.metric, train=train,
-                         test=test, pool=pool, pool_is_replay=is_replay, stream=stream)
+                         test=test, pool=pool, pool_is_replay=is_replay, stream=stream,
+                         val=val)
 
 
 def _replay(config, fraction, host):

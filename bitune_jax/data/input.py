@@ -56,6 +56,7 @@ class Input:
   pool: Any
   pool_is_replay: np.ndarray  # [len(pool)] bool (this host's pool)
   stream: Callable[[int], Any]  # start_step -> iterator of local batches
+  val: Any = None  # held out of `train` to choose the best checkpoint (data.val_fraction)
 
   def train_batches(self, start_step=0):
     return self.stream(int(start_step))
@@ -83,6 +84,12 @@ def _load_digits(config, *, two_views):
   if config.data.get("kshot", 0):  # k labelled images per class
     keep = splits.kshot_subset(train_labels, shots=config.data.kshot, seed=config.seed)
     train_images, train_labels = train_images[keep], train_labels[keep]
+  val = None
+  if config.data.get("val_fraction", 0.0) > 0:  # held out to choose the best checkpoint
+    keep, held = splits.holdout_split(train_labels, fraction=config.data.val_fraction,
+                                      seed=config.seed)
+    val = ArraySplit(train_images[held], train_labels[held])
+    train_images, train_labels = train_images[keep], train_labels[keep]
   pool_images, pool_labels = train_images, train_labels
   fraction = replay_fraction(config)
   if fraction > 0:  # a fixed random fraction of digits 0-4, unlabelled
@@ -107,7 +114,7 @@ def _load_digits(config, *, two_views):
                train=ArraySplit(train_images, train_labels),
                test=ArraySplit(data["test_images"], data["test_labels"]),
                pool=ArraySplit(pool_images, pool_labels), pool_is_replay=is_replay,
-               stream=stream)
+               stream=stream, val=val)
 
 
 def _count(start):
