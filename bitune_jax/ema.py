@@ -6,10 +6,12 @@ the query encoder (`optax.ema` would start at zero and debias, which is not a ta
 network, so it is not used here).
 """
 
+from typing import Any, Callable, Optional
+
 import optax
 
 
-def ema_update(key_params, params, *, momentum):
+def ema_update(key_params: Any, params: Any, *, momentum: Any) -> Any:
   """Returns `momentum * key_params + (1 - momentum) * params`, leaf by leaf.
 
   Args:
@@ -21,7 +23,9 @@ def ema_update(key_params, params, *, momentum):
                                   step_size=1.0 - momentum)
 
 
-def momentum_schedule(base_momentum=0.999, *, total_steps=None, final_momentum=1.0):
+def momentum_schedule(base_momentum: float = 0.999, *,
+                      total_steps: Optional[int] = None,
+                      final_momentum: float = 1.0) -> Callable[[Any], Any]:
   """`step -> m`: constant, or a cosine ramp from `base_momentum` to `final_momentum`.
 
   The cosine ramp (BYOL's) is `1 - (1 - base) * (cos(pi * step / total) + 1) / 2` when

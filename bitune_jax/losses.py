@@ -29,22 +29,24 @@ The queue is read in its stored layout (no transpose of the largest array in the
 """
 
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _F32 = jnp.float32
 
 
 # --------------------------------------------------------------------------- helpers
-def l2_normalize(x, *, axis=-1, eps=1e-12):
+def l2_normalize(x: ArrayLike, *, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   """`x / max(||x||, eps)` along `axis` (PyTorch's `F.normalize`); safe gradient at 0."""
   sum_sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
   return x * jax.lax.rsqrt(jnp.maximum(sum_sq, eps * eps))
 
 
-def append_one_and_normalize(h):
+def append_one_and_normalize(h: ArrayLike) -> jax.Array:
   """`normalize([h, 1])`: the CCE's augmented feature. `h [..., F]` -> `[..., F+1]`.
 
   This is what a Bi-tuning key encoder enqueues into `queue_h` and what
@@ -68,7 +70,7 @@ def _check_rank(fn, name, x, rank):
     raise _shape_error(fn, f"{name} must have rank {rank}", **{name: x})
 
 
-def check_labels(fn, labels, batch, num_classes):
+def check_labels(fn: str, labels: ArrayLike, batch: int, num_classes: int) -> None:
   """Rank, dtype and length of `labels`; labels >= `num_classes` refused when concrete
   (the module's label rule)."""
   _check_rank(fn, "labels", labels, 1)
@@ -139,8 +141,10 @@ def _score_queue(scaled_query, queue):
 
 
 # --------------------------------------------------------------------------- Bi-tuning
-def categorical_contrastive_loss(*, z_query, z_key, queue_z, labels, temperature=0.07,
-                                 num_valid_classes=None):
+def categorical_contrastive_loss(*, z_query: ArrayLike, z_key: ArrayLike,
+                                 queue_z: ArrayLike, labels: ArrayLike,
+                                 temperature: float = 0.07,
+                                 num_valid_classes: Optional[int] = None) -> jax.Array:
   """Categorical contrastive loss (CCL) on the projector head, Bi-tuning Eq. (4).
 
   For query i of class c the candidates are its own key, then every queue slot
@@ -176,8 +180,10 @@ def categorical_contrastive_loss(*, z_query, z_key, queue_z, labels, temperature
                         num_valid=num_valid_classes)
 
 
-def contrastive_cross_entropy_loss(*, h_query, head_kernel, head_bias, queue_h, labels,
-                                   temperature=0.07, stop_gradient_head=True):
+def contrastive_cross_entropy_loss(*, h_query: ArrayLike, head_kernel: ArrayLike,
+                                   head_bias: ArrayLike, queue_h: ArrayLike,
+                                   labels: ArrayLike, temperature: float = 0.07,
+                                   stop_gradient_head: bool = True) -> jax.Array:
   """Contrastive cross-entropy (CCE) on the classifier head, Bi-tuning Eq. (3).
 
   For query i of class c, every candidate (the query itself, then every queue slot,
@@ -251,7 +257,8 @@ def _info_nce_parts(fn, query, keys, queue, temperature):
   return pos, jax.nn.logsumexp(neg, axis=0)  # [B]
 
 
-def info_nce_loss(*, query, key, queue, temperature=0.2):
+def info_nce_loss(*, query: ArrayLike, key: ArrayLike, queue: ArrayLike,
+                  temperature: float = 0.2) -> jax.Array:
   """MoCo's InfoNCE, Eq. (1): cross-entropy of the positive key among 1 + N candidates.
 
   Args:
@@ -269,7 +276,9 @@ def info_nce_loss(*, query, key, queue, temperature=0.2):
   return jnp.mean(jnp.logaddexp(pos, lse_neg) - pos)
 
 
-def mixed_info_nce_loss(*, query, key_a, key_b, lam, queue, temperature=0.2):
+def mixed_info_nce_loss(*, query: ArrayLike, key_a: ArrayLike, key_b: ArrayLike,
+                        lam: ArrayLike, queue: ArrayLike,
+                        temperature: float = 0.2) -> jax.Array:
   """InfoNCE of a CutMix-mixed query, unsupervised fine-tuning Eq. (6).
 
   `loss = lam * InfoNCE(q_m, k_a) + (1 - lam) * InfoNCE(q_m, k_b)`, each against the
@@ -298,7 +307,8 @@ def mixed_info_nce_loss(*, query, key_a, key_b, lam, queue, temperature=0.2):
 
 
 # --------------------------------------------------------------------------- Co-Tuning
-def co_tuning_loss(*, source_logits, relationship_targets):
+def co_tuning_loss(*, source_logits: ArrayLike,
+                   relationship_targets: ArrayLike) -> jax.Array:
   """Co-Tuning's soft cross-entropy of the source head: `mean_b -sum t log_softmax(s)`.
 
   Args:
@@ -318,7 +328,7 @@ def co_tuning_loss(*, source_logits, relationship_targets):
   return -jnp.mean(jnp.sum(relationship_targets.astype(_F32) * log_p, axis=-1))
 
 
-def cross_entropy_loss(*, logits, labels):
+def cross_entropy_loss(*, logits: ArrayLike, labels: ArrayLike) -> jax.Array:
   """Plain cross-entropy with integer labels, mean over the labelled queries.
 
   Args:

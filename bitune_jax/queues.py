@@ -11,14 +11,17 @@ which writes survive and sends the others out of bounds, where `mode='drop'` dis
 them. They run unchanged on a queue sharded over its first axis.
 """
 
+from typing import Any, Optional
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from bitune_jax.losses import check_labels, l2_normalize
 
 
-def inplace_update_compiler_options(backend=None):
+def inplace_update_compiler_options(backend: Optional[str] = None) -> dict:
   """`compiler_options` for a `jax.jit` that reads a donated queue and updates it.
 
   A step that scores against a queue and then enqueues into it (donated) should write
@@ -71,7 +74,8 @@ class ClassQueues:
     return self.keys.shape[1]
 
 
-def init_class_queues(rng, *, num_classes, size, dim, dtype=jnp.float32):
+def init_class_queues(rng: jax.Array, *, num_classes: int, size: int, dim: int,
+                      dtype: Any = jnp.float32) -> "ClassQueues":
   """`[num_classes, size, dim]` of L2-normalised random normals, pointers at 0."""
   if num_classes < 1 or size < 1 or dim < 1:
     raise ValueError(f"init_class_queues: num_classes, size and dim must be >= 1, got "
@@ -80,7 +84,8 @@ def init_class_queues(rng, *, num_classes, size, dim, dtype=jnp.float32):
                      ptr=jnp.zeros((num_classes,), jnp.int32))
 
 
-def class_write_positions(ptr, labels, *, size, valid=None):
+def class_write_positions(ptr: ArrayLike, labels: ArrayLike, *, size: int,
+                          valid: Optional[ArrayLike] = None) -> tuple:
   """Where `enqueue_by_class` writes each key: `(row [B], slot [B])`, all distinct.
 
   Key j goes to `(labels[j], (ptr[labels[j]] + rank_j) mod size)` if it is among the
@@ -101,7 +106,8 @@ def class_write_positions(ptr, labels, *, size, valid=None):
   return row, slot
 
 
-def enqueue_by_class(queues, *, keys, labels):
+def enqueue_by_class(queues: "ClassQueues", *, keys: ArrayLike,
+                     labels: ArrayLike) -> "ClassQueues":
   """Writes each key into its class's queue, as if one at a time in batch order.
 
   Key j of class c goes to slot `(ptr[c] + r_j) mod K`, where r_j is its rank among
@@ -149,7 +155,8 @@ class FifoQueue:
     return self.keys.shape[0]
 
 
-def init_fifo_queue(rng, *, size, dim, dtype=jnp.float32):
+def init_fifo_queue(rng: jax.Array, *, size: int, dim: int,
+                    dtype: Any = jnp.float32) -> "FifoQueue":
   """`[size, dim]` of L2-normalised random normals, pointer at 0."""
   if size < 1 or dim < 1:
     raise ValueError(f"init_fifo_queue: size and dim must be >= 1, got {size}, {dim}")
@@ -157,7 +164,7 @@ def init_fifo_queue(rng, *, size, dim, dtype=jnp.float32):
                    ptr=jnp.zeros((), jnp.int32))
 
 
-def enqueue_fifo(queue, *, keys):
+def enqueue_fifo(queue: "FifoQueue", *, keys: ArrayLike) -> "FifoQueue":
   """Replaces the B oldest keys by `keys [B, D]` (the last N of them if B > N)."""
   size, dim = queue.keys.shape
   if keys.ndim != 2 or keys.shape[1] != dim:
@@ -181,14 +188,16 @@ class MemoryBank:
     return self.keys.shape[0]
 
 
-def init_memory_bank(rng, *, size, dim, dtype=jnp.float32):
+def init_memory_bank(rng: jax.Array, *, size: int, dim: int,
+                     dtype: Any = jnp.float32) -> "MemoryBank":
   """`[size, dim]` of L2-normalised random normals."""
   if size < 1 or dim < 1:
     raise ValueError(f"init_memory_bank: size and dim must be >= 1, got {size}, {dim}")
   return MemoryBank(keys=_random_unit_keys(rng, (size, dim), dtype))
 
 
-def update_memory_bank(bank, *, indices, values, momentum=0.5, renormalize=True):
+def update_memory_bank(bank: "MemoryBank", *, indices: ArrayLike, values: ArrayLike,
+                       momentum: float = 0.5, renormalize: bool = True) -> "MemoryBank":
   """Bi-tuning Eq. (7): `z_i <- m z_i + (1 - m) z_q_i` for the batch's examples.
 
   Args:

@@ -1,7 +1,7 @@
 """Bi-tuning: CE + CCE (classifier head) + CCL (projector head) against per-class key
 queues filled by a momentum key encoder (Bi-tuning Eq. 5).
 
-Order within a step (DESIGN.md): EMA update of the key encoder, keys of the second
+Order within a step: EMA update of the key encoder, keys of the second
 view, losses against the queues as they were before this batch, then enqueue. The
 reference implementation computes the CCE against the queue AFTER this batch's keys
 were enqueued: `config.bituning.cce_after_enqueue=True` reproduces that.
