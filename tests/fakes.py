@@ -10,6 +10,7 @@ the mean colour of a decoded image (or crop), so a test can check labels against
   id to pick its classes (`coco_expected_ids`).
 """
 
+import contextlib
 import json
 import os
 
@@ -172,3 +173,33 @@ def make_coco(root, *, num_categories=72, images_per_category=2, seed=0):
       json.dump({"images": images, "annotations": annotations,
                  "categories": categories}, f)
   return root
+
+
+# --------------------------------------------------------------------------- tfds, configs
+@contextlib.contextmanager
+def mocked_tfds(monkeypatch, as_dataset_fn):
+  """tfds's `mock_data` reading examples from `as_dataset_fn`. The mock downloads
+  nothing, so there is no download host to reach first."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from bitune_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(datasets, "_unreachable_host", lambda urls: None)
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset_fn):
+    yield
+
+
+def tiny_config(method, **overrides):
+  """The shipped `configs/<method>.py:demo`, made tiny for tests (no source model,
+  16 px, batch 16, 6 steps, eval/log/checkpoint every 3); `overrides` set top-level
+  fields, or update a section when given a dict."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"bitune_jax.configs.{method}").get_config("demo")
+  config.init_from, config.image_size = "", 16
+  config.batch_size, config.eval_batch_size = 16, 64
+  config.total_steps = 6
+  config.log_every = config.eval_every = config.checkpoint_every = 3
+  for key, value in overrides.items():
+    if isinstance(value, dict):
+      config[key].update(value)
+    else:
+      config[key] = value
+  return config

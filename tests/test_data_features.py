@@ -27,7 +27,6 @@ import pytest
 import scipy.ndimage
 import scipy.stats
 import tensorflow as tf
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from bitune_jax import eval_main, train
@@ -37,6 +36,7 @@ from bitune_jax.data import input as input_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import bituning as bituning_config  # noqa: E402  pylint: disable=g-import-not-at-top
+import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
 import finetune as finetune_config  # noqa: E402  pylint: disable=g-import-not-at-top
 
 MEAN = np.array([0.485, 0.456, 0.406])
@@ -96,10 +96,7 @@ def fake_as_dataset(self, split, **kwargs):
 
 @pytest.fixture
 def mocked(monkeypatch):
-  from bitune_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  # tfds's mock downloads nothing: there is no download host to reach first.
-  monkeypatch.setattr(datasets, "_unreachable_host", lambda urls: None)
-  with tfds.testing.mock_data(as_dataset_fn=fake_as_dataset):
+  with fakes.mocked_tfds(monkeypatch, fake_as_dataset):
     yield
 
 

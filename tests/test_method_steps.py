@@ -15,41 +15,22 @@ forwards the wrong encoder, ignores the pointers or reads the wrong row shows.
 
 import dataclasses
 import functools
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fakes
 from bitune_jax import convert, models, sharding, train
 from bitune_jax.data import cutmix
 from bitune_jax.data import input as input_lib
 from bitune_jax.methods import common
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-4  # float32 step (8 devices) vs float64 reference on one device's forward
 
 
-def _config(name, **overrides):
-  """`configs/<name>.py:demo`, tiny; `overrides` of the method's section or the top."""
-  spec = importlib.util.spec_from_file_location(
-      f"_steps_config_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("demo")
-  config.init_from = ""
-  config.image_size = 16
-  config.batch_size = 16
-  config.eval_batch_size = 64
-  config.total_steps = 6
-  for key, value in overrides.items():
-    if isinstance(value, dict):
-      config[key].update(value)
-    else:
-      config[key] = value
-  return config
+_config = fakes.tiny_config  # `configs/<name>.py:demo`, tiny
 
 
 def _setup(config, monkeypatch, workdir=None):

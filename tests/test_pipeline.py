@@ -64,10 +64,7 @@ def fake_as_dataset(self, split, **kwargs):
 
 @pytest.fixture
 def mocked(monkeypatch):
-  from bitune_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  # tfds's mock downloads nothing: there is no download host to reach first.
-  monkeypatch.setattr(datasets, "_unreachable_host", lambda urls: None)
-  with tfds.testing.mock_data(as_dataset_fn=fake_as_dataset):
+  with fakes.mocked_tfds(monkeypatch, fake_as_dataset):
     yield
 
 

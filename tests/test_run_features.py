@@ -24,6 +24,7 @@ from bitune_jax.methods import common
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import bituning as bituning_config  # noqa: E402  pylint: disable=g-import-not-at-top
+import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
 import cotuning as cotuning_config  # noqa: E402  pylint: disable=g-import-not-at-top
 import finetune as finetune_config  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -33,20 +34,9 @@ CLASSES, PADDED, K = 5, 8, 4  # digits 5-9; queue rows on 8 devices; slots per c
 
 
 def _config(module, **overrides):
-  config = module.get_config("demo")
-  config.init_from = ""
-  config.seed = SEED
-  config.image_size = 16
-  config.batch_size = 16
-  config.eval_batch_size = 64
-  config.total_steps = 6
-  config.log_every = config.eval_every = config.checkpoint_every = 3
-  config.bituning.queue_size = K
-  for key, value in overrides.items():
-    if isinstance(value, dict):
-      config[key].update(value)
-    else:
-      config[key] = value
+  config = fakes.tiny_config(module.get_config("demo").method, seed=SEED, **overrides)
+  if "bituning" not in overrides or "queue_size" not in overrides["bituning"]:
+    config.bituning.queue_size = K
   return config
 
 

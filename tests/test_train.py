@@ -17,25 +17,11 @@ from bitune_jax.methods import bituning
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import bituning as bituning_config  # noqa: E402  pylint: disable=g-import-not-at-top
-import finetune as finetune_config  # noqa: E402  pylint: disable=g-import-not-at-top
+import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _config(method="bituning", **overrides):
-  module = bituning_config if method == "bituning" else finetune_config
-  config = module.get_config("demo")
-  config.init_from = ""
-  config.image_size = 16
-  config.batch_size = 16
-  config.eval_batch_size = 64
-  config.total_steps = 6
-  config.log_every = config.eval_every = config.checkpoint_every = 3
-  config.bituning.queue_size = 4
-  for key, value in overrides.items():
-    if isinstance(value, dict):
-      config[key].update(value)
-    else:
-      config[key] = value
-  return config
+  return fakes.tiny_config(method, **{"bituning": {"queue_size": 4}, **overrides})
 
 
 def _losses(config, mesh, steps=3):
@@ -278,3 +264,26 @@ def test_shipped_configs_run_from_anywhere_and_are_in_the_wheel(tmp_path):
   names = set(zipfile.ZipFile(wheel).namelist())
   shipped = {f"bitune_jax/configs/{n}" for n in os.listdir(os.path.join(ROOT, "configs"))}
   assert shipped <= names, shipped - names
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_the_same_command_resumes(tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  command = [sys.executable, "-m", "bitune_jax.main",
+             f"--config={ROOT}/configs/finetune.py:demo", f"--workdir={workdir}",
+             "--config.init_from=", "--config.image_size=16", "--config.batch_size=16",
+             "--config.total_steps=100000", "--config.checkpoint_every=2",
+             "--config.eval_every=100000", "--config.log_every=1"]
+  process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while not (workdir / "checkpoints" / "4").exists() and time.time() < deadline:
+    assert process.poll() is None, process.stderr.read()[-2000:]
+    time.sleep(0.2)
+  process.send_signal(signal.SIGINT)
+  _, err = process.communicate(timeout=120)
+  assert process.returncode == 130, err[-2000:]
+  last = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert err.splitlines()[-1] == (
+      f"bitune-train: interrupted; the last checkpoint is step {last} in "
+      f"{workdir}/checkpoints; the same command resumes")

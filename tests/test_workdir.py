@@ -3,28 +3,18 @@ kept, a finished run's summary stays, changes that break a resumed run are refus
 
 import json
 import math
-import os
 import re
-import sys
 
 import pytest
 
 from bitune_jax import methods, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import finetune as finetune_config  # noqa: E402  pylint: disable=g-import-not-at-top
+import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _config(**overrides):
-  config = finetune_config.get_config("demo")
-  config.init_from, config.image_size = "", 16
-  config.batch_size, config.eval_batch_size = 16, 64
-  config.total_steps = 4
-  config.log_every = config.eval_every = config.checkpoint_every = 2
-  for key, value in overrides.items():
-    config[key] = value
-  return config
+  defaults = {"log_every": 2, "eval_every": 2, "checkpoint_every": 2, "total_steps": 4}
+  return fakes.tiny_config("finetune", **{**defaults, **overrides})
 
 
 @pytest.fixture
