@@ -79,7 +79,9 @@ def _step(run, mesh, state, batch):
   before = jax.device_get(state)  # the step donates `state`
   state, metrics = run.train_step(state, sharding.global_batch(batch, mesh))
   metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  return before, state, metrics, jax.device_get(state)
+  after = jax.device_get(state)
+  assert int(after.step) == int(before.step) + 1  # the step counts itself
+  return before, state, metrics, after
 
 
 def _expected_ema(before, m):
