@@ -8,18 +8,21 @@ and a linear probe (`feature_metrics` runs all three).
 """
 
 import functools
+from typing import Dict, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.typing import ArrayLike
 
 
-def top1_accuracy(predictions, labels, mask):
+def top1_accuracy(predictions: ArrayLike, labels: ArrayLike, mask: ArrayLike) -> float:
   mask = np.asarray(mask, bool)
   return float(np.mean(np.asarray(predictions)[mask] == np.asarray(labels)[mask]))
 
 
-def mean_class_accuracy(predictions, labels, mask, num_classes):
+def mean_class_accuracy(predictions: ArrayLike, labels: ArrayLike, mask: ArrayLike,
+                        num_classes: int) -> float:
   """Mean over the classes present in `labels` of each class's accuracy."""
   mask = np.asarray(mask, bool)
   predictions, labels = np.asarray(predictions)[mask], np.asarray(labels)[mask]
@@ -29,7 +32,8 @@ def mean_class_accuracy(predictions, labels, mask, num_classes):
   return float(np.mean(correct[present] / counts[present]))
 
 
-def classification_metrics(predictions, labels, mask, num_classes):
+def classification_metrics(predictions: ArrayLike, labels: ArrayLike, mask: ArrayLike,
+                           num_classes: int) -> Dict[str, float]:
   return {"top1": top1_accuracy(predictions, labels, mask),
           "mean_class_acc": mean_class_accuracy(predictions, labels, mask, num_classes)}
 
@@ -88,8 +92,9 @@ def _topk_neighbours(queries, gallery, *, k):
   return jax.lax.top_k(sims, k)[1]  # top_k puts the lower index first on ties.
 
 
-def retrieval_topk_accuracy(query_features, query_labels, gallery_features,
-                            gallery_labels, *, k=5, chunk_size=1024):
+def retrieval_topk_accuracy(query_features: ArrayLike, query_labels: ArrayLike,
+                            gallery_features: ArrayLike, gallery_labels: ArrayLike, *,
+                            k: int = 5, chunk_size: int = 1024) -> float:
   """Top-k retrieval accuracy with cosine similarity.
 
   Every query (a test image) retrieves its k most cosine-similar gallery items (the
@@ -211,7 +216,8 @@ def _kmeans_runs(draws, x, *, num_iters):
   return labels[best], centers[best], inertia[best]
 
 
-def kmeans(features, *, num_clusters, seed=0, num_iters=100, num_init=4):
+def kmeans(features: ArrayLike, *, num_clusters: int, seed: int = 0, num_iters: int = 100,
+           num_init: int = 4) -> Tuple[np.ndarray, np.ndarray]:
   """K-means (Lloyd's algorithm, greedy k-means++ seeding), best of `num_init` runs.
 
   Operates on `features` as given (no normalisation; see `kmeans_bcubed_precision`
@@ -274,7 +280,7 @@ def _bcubed_counts(fn, assignments, labels):
   return counts.astype(np.float64), cluster_sizes, label_sizes
 
 
-def bcubed_precision(assignments, labels):
+def bcubed_precision(assignments: ArrayLike, labels: ArrayLike) -> float:
   """BCubed precision (Amigó et al., 2009) of a clustering against labels.
 
   The mean over items i of |{j in cluster(i): label(j) = label(i)}| / |cluster(i)|,
@@ -291,7 +297,7 @@ def bcubed_precision(assignments, labels):
   return float(np.sum(counts * counts / cluster_sizes) / np.sum(counts))
 
 
-def bcubed_recall(assignments, labels):
+def bcubed_recall(assignments: ArrayLike, labels: ArrayLike) -> float:
   """BCubed recall: mean over items of the share of their class in their cluster.
 
   Args:
@@ -305,13 +311,14 @@ def bcubed_recall(assignments, labels):
   return float(np.sum(counts * counts / label_sizes) / np.sum(counts))
 
 
-def bcubed_f1(assignments, labels):
+def bcubed_f1(assignments: ArrayLike, labels: ArrayLike) -> float:
   """Harmonic mean of BCubed precision and recall (`[N]` ids and `[N]` labels)."""
   p, r = bcubed_precision(assignments, labels), bcubed_recall(assignments, labels)
   return float(2.0 * p * r / (p + r))
 
 
-def kmeans_bcubed_precision(features, labels, *, num_clusters, seed=0):
+def kmeans_bcubed_precision(features: ArrayLike, labels: ArrayLike, *, num_clusters: int,
+                            seed: int = 0) -> float:
   """The clustering protocol: BCubed precision of k-means on L2-normalised features.
 
   Args:
@@ -331,8 +338,10 @@ def kmeans_bcubed_precision(features, labels, *, num_clusters, seed=0):
 
 
 # ----------------------------------------------------------------------- linear probe
-def linear_probe_accuracy(train_features, train_labels, test_features, test_labels,
-                          *, num_classes, l2=1.0, max_iters=1000):
+def linear_probe_accuracy(train_features: ArrayLike, train_labels: ArrayLike,
+                          test_features: ArrayLike, test_labels: ArrayLike, *,
+                          num_classes: int, l2: float = 1.0,
+                          max_iters: int = 1000) -> float:
   """Test top-1 of multinomial logistic regression on frozen features.
 
   Features are standardised with the training mean and std (constant features are
@@ -370,8 +379,9 @@ def linear_probe_accuracy(train_features, train_labels, test_features, test_labe
   return float(np.mean(predictions == test_labels))
 
 
-def feature_metrics(train_features, train_labels, test_features, test_labels, *,
-                    num_classes, seed=0, l2=1.0):
+def feature_metrics(train_features: ArrayLike, train_labels: ArrayLike,
+                    test_features: ArrayLike, test_labels: ArrayLike, *,
+                    num_classes: int, seed: int = 0, l2: float = 1.0) -> Dict[str, float]:
   """All feature protocols at once.
 
   Args:

@@ -9,11 +9,13 @@ Invalid inputs raise `ValueError`s that name the offending value or shape.
 """
 
 import functools
+from typing import Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from numpy.typing import ArrayLike
 
 DEFAULT_L2_GRID = tuple(float(10.0**e) for e in np.arange(-4.0, 4.25, 0.5))  # 17 values
 MIN_TEMPERATURE = 1e-2
@@ -149,7 +151,7 @@ def _fit_inverse_temperature(logits, labels, lo, hi, tol, *, max_iters):
 
 
 # --------------------------------------------------------------------------- public
-def probs_from_logits(logits, *, temperature=1.0):
+def probs_from_logits(logits: ArrayLike, *, temperature: float = 1.0) -> np.ndarray:
   """Softmax of `logits [N, C] / temperature` as a float32 NumPy array `[N, C]`."""
   if not np.isfinite(temperature) or temperature <= 0:
     raise _error("probs_from_logits", f"temperature must be > 0, got {temperature}")
@@ -157,7 +159,8 @@ def probs_from_logits(logits, *, temperature=1.0):
   return np.asarray(jax.nn.softmax(logits / temperature, axis=-1))
 
 
-def direct_relationship(*, source_probs, labels, num_classes):
+def direct_relationship(*, source_probs: ArrayLike, labels: ArrayLike,
+                        num_classes: int) -> np.ndarray:
   """Co-Tuning's direct relationship: R[t] = mean source distribution of class t.
 
   Args:
@@ -182,8 +185,10 @@ def direct_relationship(*, source_probs, labels, num_classes):
   return np.asarray(rel, np.float32)
 
 
-def calibrate_temperature(logits, labels, *, min_temperature=MIN_TEMPERATURE,
-                          max_temperature=MAX_TEMPERATURE, max_iters=200, tol=1e-7):
+def calibrate_temperature(logits: ArrayLike, labels: ArrayLike, *,
+                          min_temperature: float = MIN_TEMPERATURE,
+                          max_temperature: float = MAX_TEMPERATURE, max_iters: int = 200,
+                          tol: float = 1e-7) -> float:
   """Temperature scaling: `argmin_{t>0} mean CE(softmax(logits / t), labels)`.
 
   The NLL is convex in beta = 1/t, so the search runs over beta in
@@ -213,8 +218,9 @@ def calibrate_temperature(logits, labels, *, min_temperature=MIN_TEMPERATURE,
   return float(np.clip(1.0 / float(beta), min_temperature, max_temperature))
 
 
-def fit_logistic_regression(features, labels, *, num_classes, l2, max_iters=1000,
-                            tol=1e-7):
+def fit_logistic_regression(features: ArrayLike, labels: ArrayLike, *, num_classes: int,
+                            l2: float, max_iters: int = 1000,
+                            tol: float = 1e-7) -> np.ndarray:
   """Multinomial logistic regression without intercept, solved by L-BFGS.
 
   Minimises `sum_i CE(softmax(x_i @ W), y_i) + 0.5 * l2 * ||W||^2`, the objective of
@@ -261,8 +267,10 @@ def _select_l2(train_probs, train_labels, val_probs, val_labels, *, num_classes,
   return best, weights, np.asarray(accs), np.asarray(nlls)
 
 
-def reverse_relationship(*, train_probs, train_labels, val_probs, val_labels,
-                         num_classes, l2_grid=DEFAULT_L2_GRID, calibrate=True):
+def reverse_relationship(*, train_probs: ArrayLike, train_labels: ArrayLike,
+                         val_probs: ArrayLike, val_labels: ArrayLike, num_classes: int,
+                         l2_grid: Sequence[float] = DEFAULT_L2_GRID,
+                         calibrate: bool = True) -> Tuple[np.ndarray, dict]:
   """Co-Tuning's reverse relationship R[t, s] = p(y_s = s | y_t = t) via Bayes' rule.
 
   (a) fit p(y_t | source probs) = softmax(p_s @ W) on the train split for each l2 in

@@ -8,14 +8,14 @@ import pkgutil
 import re
 
 import bitune_jax
-from bitune_jax import ema, losses, queues
+from bitune_jax import ema, evaluate, losses, queues, relationship
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_public_functions_of_the_importable_modules_are_typed():
   missing = []
-  for module in (losses, queues, ema):
+  for module in (losses, queues, ema, evaluate, relationship):
     for name, fn in inspect.getmembers(module, inspect.isfunction):
       if name.startswith("_") or fn.__module__ != module.__name__:
         continue
