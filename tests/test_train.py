@@ -233,7 +233,11 @@ def test_nan_before_any_checkpoint_says_there_is_none(tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
 
 
-def test_no_init_from_on_a_real_dataset_warns_and_none_is_explicit(caplog):
+def test_no_init_from_on_a_real_dataset_warns_and_none_is_explicit(caplog, monkeypatch):
+  import logging  # pylint: disable=g-import-not-at-top
+  # The command-line console (bitune_jax.console) stops propagation: caplog listens at
+  # the root.
+  monkeypatch.setattr(logging.getLogger("bitune_jax"), "propagate", True)
   config = bituning_config.get_config("cub,resnet50,25")
   with caplog.at_level("WARNING", logger="bitune_jax"):
     assert train._load_pretrained(config, None) is None
