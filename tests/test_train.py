@@ -269,25 +269,3 @@ def test_shipped_configs_run_from_anywhere_and_are_in_the_wheel(tmp_path):
   shipped = {f"bitune_jax/configs/{n}" for n in os.listdir(os.path.join(ROOT, "configs"))}
   assert shipped <= names, shipped - names
 
-
-def test_ctrl_c_names_the_last_checkpoint_and_the_same_command_resumes(tmp_path):
-  import signal  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path / "run"
-  command = [sys.executable, "-m", "bitune_jax.main",
-             f"--config={ROOT}/configs/finetune.py:demo", f"--workdir={workdir}",
-             "--config.init_from=", "--config.image_size=16", "--config.batch_size=16",
-             "--config.total_steps=100000", "--config.checkpoint_every=2",
-             "--config.eval_every=100000", "--config.log_every=1"]
-  process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 240
-  while not (workdir / "checkpoints" / "4").exists() and time.time() < deadline:
-    assert process.poll() is None, process.stderr.read()[-2000:]
-    time.sleep(0.2)
-  process.send_signal(signal.SIGINT)
-  _, err = process.communicate(timeout=120)
-  assert process.returncode == 130, err[-2000:]
-  last = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-  assert err.splitlines()[-1] == (
-      f"bitune-train: interrupted; the last checkpoint is step {last} in "
-      f"{workdir}/checkpoints; the same command resumes")
