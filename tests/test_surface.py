@@ -8,14 +8,28 @@ import pkgutil
 import re
 
 import bitune_jax
+import bitune_jax.convert
+import bitune_jax.data
 from bitune_jax import ema, evaluate, losses, queues, relationship
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _modules_of(package):
+  """`package` and every module under it (subpackages included), imported."""
+  names = [package.__name__] + [
+      info.name for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+      if not info.name.endswith("__main__")]  # runs a command line when imported
+  return [importlib.import_module(name) for name in names]
+
+
 def test_public_functions_of_the_importable_modules_are_typed():
   missing = []
-  for module in (losses, queues, ema, evaluate, relationship):
+  modules = [losses, queues, ema, evaluate, relationship,
+             *_modules_of(bitune_jax.convert), *_modules_of(bitune_jax.data)]
+  assert {"bitune_jax.convert.reader", "bitune_jax.data.datasets",
+          "bitune_jax.data.builders.coco70"} <= {m.__name__ for m in modules}
+  for module in modules:
     for name, fn in inspect.getmembers(module, inspect.isfunction):
       if name.startswith("_") or fn.__module__ != module.__name__:
         continue

@@ -11,6 +11,9 @@ The reader never executes pickled code and does not need PyTorch (`reader.py`).
 `.npz` file (source sha256, arch, report) that `load_converted(DST)` reads back.
 """
 
+import os
+from typing import Any
+
 from bitune_jax.convert.mapping import ConversionError
 from bitune_jax.convert.output import load_converted, save_converted, sha256_of
 from bitune_jax.convert.reader import CheckpointError, UnsafeCheckpointError
@@ -22,7 +25,8 @@ __all__ = ["CheckpointError", "ConversionError", "UnsafeCheckpointError",
            "convert_checkpoint", "load_converted", "save_converted"]
 
 
-def convert_checkpoint(path, *, arch, allow_unused=False):
+def convert_checkpoint(path: str | os.PathLike, *, arch: str,
+                       allow_unused: bool = False) -> dict[str, Any]:
   """Reads and maps a checkpoint; see the module docstring for the result.
 
   Args:

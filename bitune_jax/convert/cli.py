@@ -4,6 +4,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Sequence
 
 from bitune_jax import models
 
@@ -36,7 +37,7 @@ def _check_destination(src, dst, overwrite):
   return None
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   refusal = _check_destination(args.src, args.dst, args.overwrite)
   if refusal:

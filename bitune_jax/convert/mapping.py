@@ -11,6 +11,8 @@ weight/bias -> params scale/bias, running_mean/var -> batch_stats mean/var.
 """
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +30,7 @@ class ConversionError(ValueError):
   """The checkpoint does not fit the requested architecture."""
 
 
-def find_state_dict(obj):
+def find_state_dict(obj: Any) -> tuple[dict[str, np.ndarray], list[str]]:
   """`(state_dict, dropped)`: the tensors of a checkpoint object, and what else it held.
 
   Accepts a flat state_dict or a dict holding one under `state_dict` / `model` (the
@@ -48,7 +50,8 @@ def find_state_dict(obj):
       f"'model'; top-level keys: {sorted(map(str, obj))[:10]}")
 
 
-def strip_prefix(state_dict):
+def strip_prefix(
+    state_dict: Mapping[str, np.ndarray]) -> tuple[str, dict[str, np.ndarray], list[str]]:
   """`(kind, tensors, dropped)`: detects MoCo and DataParallel prefixes.
 
   kind is 'moco' (keys under `[module.]encoder_q.`) or 'supervised'.
@@ -78,7 +81,7 @@ def _summarise(names, what):
   return [f"{len(names)} tensors of the {what} (e.g. {names[0]})"] if names else []
 
 
-def backbone_target(arch):
+def backbone_target(arch: str) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
   """Flat `{(collection, *path): ShapeDtypeStruct}` of `create_backbone(arch)`."""
   model = models.create_backbone(arch)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
@@ -86,7 +89,7 @@ def backbone_target(arch):
   return traverse_util.flatten_dict(dict(shapes))
 
 
-def flax_path(arch, module):
+def flax_path(arch: str, module: str) -> tuple[str, ...]:
   """torchvision module name -> Flax module path (tuple), e.g.
   'layer2.0.downsample.1' -> ('layer2_0', 'downsample_bn')."""
   if arch == "densenet121":
@@ -120,7 +123,9 @@ def _leaf(module_path, param, value, target):
   return ("unknown", *module_path, param), value
 
 
-def map_backbone(arch, tensors, *, allow_unused=False):
+def map_backbone(
+    arch: str, tensors: Mapping[str, np.ndarray], *, allow_unused: bool = False
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], list[str]]:
   """`(variables, heads, report_lines)` from prefix-stripped torchvision-style tensors.
 
   heads: the final Linear(s) left for the caller, `{torch module name: {param: array}}`.
@@ -174,7 +179,10 @@ def _problems(arch, missing, unexpected, mismatched):
           "MoCo checkpoint).")
 
 
-def map_heads(kind, heads, *, num_features):
+def map_heads(
+    kind: str, heads: dict[str, dict[str, np.ndarray]], *, num_features: int
+) -> tuple[str, dict[str, np.ndarray] | None, dict[str, dict[str, np.ndarray]] | None,
+           list[str]]:
   """`(source_head, projector, report_lines)` from the final Linear(s).
 
   Supervised: the classifier becomes the source head (Co-Tuning needs it). MoCo v1: its

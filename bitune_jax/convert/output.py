@@ -12,6 +12,8 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from flax import traverse_util
@@ -20,7 +22,7 @@ FORMAT_VERSION = 1
 _META = "__meta__"
 
 
-def sha256_of(path, chunk=1 << 22):
+def sha256_of(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
   digest = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(chunk), b""):
@@ -28,7 +30,9 @@ def sha256_of(path, chunk=1 << 22):
   return digest.hexdigest()
 
 
-def save_converted(result, dst, *, source=None, source_sha256=None):
+def save_converted(result: Mapping[str, Any], dst: str | os.PathLike, *,
+                   source: str | os.PathLike | None = None,
+                   source_sha256: str | None = None) -> str | os.PathLike:
   """Writes `result` (of `convert_checkpoint`) to `dst` atomically. Returns `dst`."""
   arrays = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(
       {k: v for k, v in result.items() if k != "report"}).items()}
@@ -51,7 +55,7 @@ def save_converted(result, dst, *, source=None, source_sha256=None):
   return dst
 
 
-def load_converted(path):
+def load_converted(path: str | os.PathLike) -> dict[str, Any]:
   """Reads what `save_converted` wrote: the same structure as `convert_checkpoint`'s
   result, with `report` extended by `source` and `source_sha256`. A missing, truncated
   or foreign file is a ValueError that says which and what to do."""

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import zipfile
+from typing import Any
 
 import numpy as np
 
@@ -173,7 +174,7 @@ def _sniff(head, size):
                         "torch zip or legacy file, safetensors or npz")
 
 
-def read_checkpoint(path):
+def read_checkpoint(path: str | os.PathLike) -> tuple[Any, str]:
   """Reads a checkpoint without executing pickled code and without PyTorch.
 
   Args:

@@ -17,6 +17,8 @@ Safety, in three layers:
 import io
 import pickle
 import pickletools
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import ml_dtypes
 import numpy as np
@@ -104,7 +106,7 @@ class _Namespace(dict):
 
 
 # ----------------------------------------------------------------------- replacements
-def int_tuple(value, what):
+def int_tuple(value: Any, what: str) -> tuple[int, ...]:
   if not isinstance(value, (tuple, list)) or any(type(v) is not int for v in value):
     raise CheckpointError(f"{what} must be a tuple of ints, got {value!r:.200}")
   return tuple(value)
@@ -243,7 +245,9 @@ def _check_opcode(name, arg, path, count):
     raise CheckpointError(f"corrupt pickle: memo index {arg}")  # huge one allocates GBs.
 
 
-def load_pickle(f, path, storages=None, legacy=False):
+def load_pickle(f: BinaryIO, path: str,
+                storages: dict[str, tuple[np.dtype, int]] | None = None,
+                legacy: bool = False) -> Any:
   """Checks the opcodes of the next pickle in `f`, then unpickles it safely."""
   start = f.tell()
   try:
@@ -289,7 +293,7 @@ def _tensor_array(t, fetch):
   return array != 0 if t.dtype.kind == "b" else array
 
 
-def to_plain(root, fetch):
+def to_plain(root: Any, fetch: Callable[[str], bytes | memoryview]) -> Any:
   """Placeholders -> arrays, dict subclasses -> dict; keeps sharing, rejects strangers."""
   memo, busy = {}, object()
   scalars = (str, bytes, bytearray, int, float, complex, bool, type(None))

@@ -9,13 +9,15 @@ zero-pad then crop back, no flips) is drawn per example and per view from
 
 import functools
 import math
+from collections.abc import Iterator
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 DEFAULT_PAD = 4
 
 
-def steps_per_epoch(n, batch_size):
+def steps_per_epoch(n: int, batch_size: int) -> int:
   """Number of batches covering `n` examples once: ceil(n / batch_size)."""
   if int(n) != n or n < 0:
     raise ValueError(f"n must be a non-negative integer, got {n}")
@@ -33,7 +35,8 @@ def _epoch_permutation(seed, epoch, n):
   return perm
 
 
-def stream_indices(n, *, step, batch_size, seed):
+def stream_indices(n: int, *, step: int, batch_size: int,
+                   seed: int | tuple[int, ...]) -> np.ndarray:
   """Example indices of batch `step`: positions [step*B, (step+1)*B) of the stream.
 
   Args:
@@ -54,7 +57,8 @@ def stream_indices(n, *, step, batch_size, seed):
   return out
 
 
-def translate(images, shifts, *, fill=0.0, index=None):
+def translate(images: np.ndarray, shifts: ArrayLike, *, fill: float = 0.0,
+              index: ArrayLike | None = None) -> np.ndarray:
   """Shifts each image by (dy, dx) pixels, filling the uncovered border with `fill`.
 
   `out[b, y, x] = images[b, y - dy, x - dx]` where that is inside the image: the same as
@@ -90,7 +94,8 @@ def translate(images, shifts, *, fill=0.0, index=None):
   return out
 
 
-def augment_shifts(batch_size, *, step, view, seed, pad=DEFAULT_PAD):
+def augment_shifts(batch_size: int, *, step: int, view: int, seed: int,
+                   pad: int = DEFAULT_PAD) -> np.ndarray:
   """The (dy, dx) shifts [B, 2] of one view of batch `step`, uniform in [-pad, pad]."""
   rng = np.random.default_rng([seed, step, view])
   return rng.integers(-pad, pad + 1, size=(batch_size, 2))
@@ -109,8 +114,9 @@ def _check_train_args(images, labels, step, batch_size, seed, pad):
       raise ValueError(f"{name} must be an integer >= {low}, got {value}")
 
 
-def train_batch(images, labels, *, step, batch_size, seed, two_views=True, augment=True,
-                pad=DEFAULT_PAD, fill=0.0):
+def train_batch(images: ArrayLike, labels: ArrayLike, *, step: int, batch_size: int,
+                seed: int, two_views: bool = True, augment: bool = True,
+                pad: int = DEFAULT_PAD, fill: float = 0.0) -> dict[str, np.ndarray]:
   """Training batch number `step`, a pure function of its arguments.
 
   Args:
@@ -145,7 +151,8 @@ def train_batch(images, labels, *, step, batch_size, seed, two_views=True, augme
   return batch
 
 
-def eval_batches(images, labels, *, batch_size):
+def eval_batches(images: ArrayLike, labels: ArrayLike, *,
+                 batch_size: int) -> Iterator[dict[str, np.ndarray]]:
   """All examples in order, in batches of `batch_size`; the last one padded, not dropped.
 
   Args:

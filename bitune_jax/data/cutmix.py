@@ -6,11 +6,15 @@ clipped to the image), and the returned lambda is the area of `q_a` that remains
 the weight of `q_a`'s key in Eq. (6) of the unsupervised fine-tuning paper.
 """
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
 
-def cutmix_boxes(rng, *, batch, height, width, alpha=1.0):
+def cutmix_boxes(
+    rng: jax.Array, *, batch: int, height: int, width: int, alpha: float = 1.0
+) -> tuple[tuple[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]:
   """Per-example boxes `(y0, y1, x0, x1)` (each `[B]` int32, half-open) and lambda `[B]`."""
   lam_rng, y_rng, x_rng = jax.random.split(rng, 3)
   lam = jax.random.beta(lam_rng, alpha, alpha, (batch,))
@@ -27,7 +31,7 @@ def cutmix_boxes(rng, *, batch, height, width, alpha=1.0):
   return (y0, y1, x0, x1), 1.0 - area / (height * width)
 
 
-def box_mask(boxes, *, height, width):
+def box_mask(boxes: Sequence[jax.Array], *, height: int, width: int) -> jax.Array:
   """`[B, H, W, 1]` float: 1 where the first image is kept, 0 inside the pasted box."""
   y0, y1, x0, x1 = (b[:, None, None] for b in boxes)
   ys = jnp.arange(height)[None, :, None]
@@ -36,7 +40,8 @@ def box_mask(boxes, *, height, width):
   return (~inside).astype(jnp.float32)[..., None]
 
 
-def cutmix(rng, images_a, images_b, *, alpha=1.0):
+def cutmix(rng: jax.Array, images_a: jax.Array, images_b: jax.Array, *,
+           alpha: float = 1.0) -> tuple[jax.Array, jax.Array]:
   """`(mixed [B, H, W, C], lam [B])`: boxes of `images_b` pasted into `images_a`."""
   batch, height, width, _ = images_a.shape
   boxes, lam = cutmix_boxes(rng, batch=batch, height=height, width=width, alpha=alpha)

@@ -15,11 +15,17 @@ fraction of a source dataset's training split (ImageNet by default) to the pool.
 import dataclasses
 import logging
 import time
+from typing import TYPE_CHECKING
 
+import ml_collections
 import numpy as np
 
 from bitune_jax.data import input as input_lib
 from bitune_jax.data import splits
+
+if TYPE_CHECKING:  # tensorflow is imported where it is used, not with this module
+  import tensorflow_datasets as tfds
+  from bitune_jax.data import pipeline
 
 log = logging.getLogger("bitune_jax")
 
@@ -52,14 +58,15 @@ SPECS = {
 }
 
 
-def spec(name):
+def spec(name: str) -> Spec:
   if name not in SPECS:
     raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(SPECS)}")
   return SPECS[name]
 
 
 # --------------------------------------------------------------------------- builders
-def builder(name, *, data_dir="", manual_dir=""):
+def builder(name: str, *, data_dir: str = "",
+            manual_dir: str = "") -> "tfds.core.DatasetBuilder":
   """The prepared tfds builder of dataset `name`. One not prepared yet in `data_dir` is
   prepared first, by process 0 while the others wait (downloaded by tfds, or built from
   `manual_dir`)."""
@@ -162,7 +169,7 @@ def _read(b, split, *, host, fields):
     offset += size if size is not None else seen
 
 
-def read_labels(b, split):
+def read_labels(b: "tfds.core.DatasetBuilder", split: str) -> np.ndarray:
   """Labels `[N]` int32 of the whole split, in order, on every host."""
   import jax  # pylint: disable=g-import-not-at-top
   host = (jax.process_index(), jax.process_count())
@@ -178,8 +185,10 @@ def read_labels(b, split):
   return np.concatenate([g[:n] for g, n in zip(gathered, sizes.reshape(-1))])
 
 
-def read_split(b, split, *, keep=None, host=(0, 1), image_size, unlabelled=False,
-               name=""):
+def read_split(b: "tfds.core.DatasetBuilder", split: str, *,
+               keep: np.ndarray | None = None, host: tuple[int, int] = (0, 1),
+               image_size: int, unlabelled: bool = False,
+               name: str = "") -> "pipeline.EncodedSplit":
   """This host's examples of `split` (those of the sorted global indices `keep`, or
   all) as an `EncodedSplit`, with progress in the log."""
   from bitune_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -218,7 +227,8 @@ def _allgather(value):
 
 
 # --------------------------------------------------------------------------- input
-def train_subset(labels, *, rate, shots, seed, num_classes):
+def train_subset(labels: np.ndarray, *, rate: float, shots: int, seed: int,
+                 num_classes: int) -> np.ndarray | None:
   """Sorted indices of the run's training examples: k-shot, or a sampling rate."""
   present = np.unique(labels)
   if len(present) != num_classes:
@@ -231,7 +241,7 @@ def train_subset(labels, *, rate, shots, seed, num_classes):
   return None
 
 
-def load(config, *, two_views):
+def load(config: ml_collections.ConfigDict, *, two_views: bool) -> input_lib.Input:
   """The `Input` of a tfds dataset for `config` (see the module docstring)."""
   import jax  # pylint: disable=g-import-not-at-top
   from bitune_jax.data import pipeline  # pylint: disable=g-import-not-at-top

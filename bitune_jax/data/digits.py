@@ -11,6 +11,7 @@ to 3 channels and normalised with the mean/std of all 1797 digits (`digits_mean_
 """
 
 import functools
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ def _raw_digits():
   return images, digits
 
 
-def digits_mean_std():
+def digits_mean_std() -> tuple[float, float]:
   """Mean and std of all 1797 digits scaled to [0, 1] (one value: the images are grey).
 
   Computed at the native 8x8 resolution, so they do not depend on `image_size` or `part`.
@@ -46,13 +47,13 @@ def digits_mean_std():
   return float(flat.mean()), float(flat.std())
 
 
-def digits_background():
+def digits_background() -> float:
   """The normalised value of a blank (0) pixel, e.g. a `fill` for translation padding."""
   mean, std = digits_mean_std()
   return -mean / std
 
 
-def resize_matrix(in_size, out_size):
+def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
   """Linear (triangle-kernel) resampling matrix [out_size, in_size], rows summing to 1.
 
   Half-pixel centres; when downsampling the kernel is widened by the scale (antialias),
@@ -76,7 +77,7 @@ def resize_matrix(in_size, out_size):
   return weights / weights.sum(axis=1, keepdims=True)
 
 
-def resize_images(images, size):
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
   """Bilinearly resizes grey images [N, h, w] to [N, size, size] (separable, numpy)."""
   rows = resize_matrix(images.shape[1], size).astype(np.float32)
   cols = resize_matrix(images.shape[2], size).astype(np.float32)
@@ -104,8 +105,8 @@ def _prepare(images, image_size, mean, std):
   return np.ascontiguousarray(np.repeat(normalised[..., None], 3, axis=-1))
 
 
-def load_digits_transfer(part, *, image_size=32, test_fraction=0.3, sampling_rate=100.0,
-                         seed=0):
+def load_digits_transfer(part: str, *, image_size: int = 32, test_fraction: float = 0.3,
+                         sampling_rate: float = 100.0, seed: int = 0) -> dict[str, Any]:
   """One side of the digits transfer task, as numpy arrays.
 
   Args:

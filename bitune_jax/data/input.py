@@ -20,8 +20,11 @@ and augment in tf.data (`bitune_jax.data.pipeline`).
 
 import collections
 import dataclasses
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable
 
+import jax
+import ml_collections
 import numpy as np
 
 from bitune_jax import sharding
@@ -35,10 +38,10 @@ class ArraySplit:
   labels: np.ndarray  # [N] int32
 
   @property
-  def num_examples(self):
+  def num_examples(self) -> int:
     return len(self.labels)
 
-  def batches(self, batch_size):
+  def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     start, stop = sharding.local_slice(batch_size)
     for batch in batches.eval_batches(self.images, self.labels, batch_size=batch_size):
       yield {k: v[start:stop] for k, v in batch.items()}
@@ -58,11 +61,11 @@ class Input:
   stream: Callable[[int], Any]  # start_step -> iterator of local batches
   val: Any = None  # held out of `train` to choose the best checkpoint (data.val_fraction)
 
-  def train_batches(self, start_step=0):
+  def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     return self.stream(int(start_step))
 
 
-def load(config, *, two_views):
+def load(config: ml_collections.ConfigDict, *, two_views: bool) -> Input:
   """The `Input` of `config.dataset` (`digits`, or a tfds dataset of
   `bitune_jax.data.datasets.SPECS`)."""
   if config.dataset == "digits":
@@ -71,7 +74,7 @@ def load(config, *, two_views):
   return datasets.load(config, two_views=two_views)
 
 
-def replay_fraction(config):
+def replay_fraction(config: ml_collections.ConfigDict) -> float:
   return config.unsup.replay_fraction if config.method == "unsup_finetune" else 0.0
 
 
@@ -123,7 +126,9 @@ def _count(start):
     start += 1
 
 
-def prefetch_to_device(local_batches, mesh, *, size=2):
+def prefetch_to_device(local_batches: Iterable[Mapping[str, np.ndarray]],
+                       mesh: jax.sharding.Mesh, *,
+                       size: int = 2) -> Iterator[dict[str, jax.Array]]:
   """Global arrays of the next `size` batches are built (and copied) ahead of the step
   that needs them."""
   queue = collections.deque()

@@ -11,6 +11,7 @@ uninterrupted run reads from step s on.
 
 import dataclasses
 import functools
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -30,12 +31,12 @@ class EncodedSplit:
   def __len__(self):
     return len(self.labels)
 
-  def batches(self, batch_size):
+  def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """This host's rows of padded global eval batches of `batch_size` (see `eval_batches`)."""
     return eval_batches(self, batch_size=batch_size)
 
 
-def concatenate(first, second):
+def concatenate(first: EncodedSplit, second: EncodedSplit) -> EncodedSplit:
   """`first` then `second` (e.g. a target split and replayed source examples)."""
   return EncodedSplit(np.concatenate([first.encoded, second.encoded]),
                       np.concatenate([first.labels, second.labels]),
@@ -51,13 +52,14 @@ def _options(threads=None):
   return options
 
 
-def local_batch_size(batch_size, process_count):
+def local_batch_size(batch_size: int, process_count: int) -> int:
   if batch_size % process_count:
     raise ValueError(f"batch size {batch_size} does not split over {process_count} hosts")
   return batch_size // process_count
 
 
-def eval_batches(split, *, batch_size, process_count=None):
+def eval_batches(split: EncodedSplit, *, batch_size: int,
+                 process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Evaluation view of every example of this host, in order, padded to whole batches.
 
   Every host yields `ceil(split.max_local / local)` batches of `local = batch_size /
@@ -85,7 +87,8 @@ def eval_batches(split, *, batch_size, process_count=None):
   return ds.as_numpy_iterator()
 
 
-def view_fn(kind, *, size, jitter=None):
+def view_fn(kind: str, *, size: int, jitter: Sequence[float] | None = None
+            ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
   """`fn(encoded, seed) -> image` for `kind` 'reference' or 'moco'."""
   if kind == "reference":
     return functools.partial(views.train_view, size=size, resize=views.eval_resize(size),
@@ -95,8 +98,10 @@ def view_fn(kind, *, size, jitter=None):
   raise ValueError(f"data.views must be 'reference' or 'moco', got {kind!r}")
 
 
-def train_stream(pool, *, start_step, batch_size, seed, view, two_views=True,
-                 host=(0, 1), threads=None):
+def train_stream(pool: EncodedSplit, *, start_step: int, batch_size: int, seed: int,
+                 view: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
+                 two_views: bool = True, host: tuple[int, int] = (0, 1),
+                 threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """This host's rows of training batches `start_step, start_step + 1, ...`.
 
   Args:

@@ -5,6 +5,7 @@ seed, independent of the host count unless said otherwise."""
 import math
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
 def _round_half_up(x):
@@ -12,7 +13,7 @@ def _round_half_up(x):
   return int(math.floor(x + 0.5 + 1e-9))
 
 
-def stratified_subset(labels, *, rate, seed):
+def stratified_subset(labels: ArrayLike, *, rate: float, seed: int) -> np.ndarray:
   """Indices of a per-class random subset keeping `rate` percent of every class.
 
   Class c keeps max(1, round_half_up(rate / 100 * n_c)) of its n_c examples: every class
@@ -46,7 +47,7 @@ def stratified_subset(labels, *, rate, seed):
   return np.sort(np.concatenate(keep)).astype(np.int64)
 
 
-def kshot_subset(labels, *, shots, seed):
+def kshot_subset(labels: np.ndarray, *, shots: int, seed: int) -> np.ndarray:
   """Sorted indices of `shots` examples per class (all of a smaller class), by seed."""
   if shots < 1:
     raise ValueError(f"shots must be >= 1, got {shots}")
@@ -56,7 +57,8 @@ def kshot_subset(labels, *, shots, seed):
   return np.sort(np.concatenate(chosen))
 
 
-def holdout_split(labels, *, fraction, seed):
+def holdout_split(labels: np.ndarray, *, fraction: float,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
   """`(train_idx, val_idx)`: a stratified held-out split; each class keeps >= 1 in train."""
   rng = np.random.default_rng(seed)
   train, val = [], []
@@ -68,14 +70,14 @@ def holdout_split(labels, *, fraction, seed):
   return np.sort(train), np.sort(val)
 
 
-def host_range(n, *, index, count):
+def host_range(n: int, *, index: int, count: int) -> tuple[int, int]:
   """`[lo, hi)` of the `index`-th of `count` near-equal contiguous parts of `range(n)`."""
   if not 0 <= index < count:
     raise ValueError(f"host index {index} is not in [0, {count})")
   return n * index // count, n * (index + 1) // count
 
 
-def replay_subset(n, *, fraction, seed):
+def replay_subset(n: int, *, fraction: float, seed: int) -> np.ndarray:
   """Sorted indices of a fixed random `fraction` of `n` source examples (at least one):
   the sparse source replay of unsupervised fine-tuning."""
   if not 0.0 < fraction <= 1.0:

@@ -23,6 +23,7 @@ ImageNet mean and std.
 """
 
 import math
+from collections.abc import Sequence
 
 import tensorflow as tf
 
@@ -31,12 +32,13 @@ STD_RGB = (0.229, 0.224, 0.225)
 DEFAULT_JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
 
 
-def eval_resize(size):
+def eval_resize(size: int) -> int:
   """The pre-crop side for `size` (256 for 224, the papers' ratio)."""
   return int(round(size * 256 / 224))
 
 
-def example_seed(seed, *parts):
+def example_seed(seed: int | Sequence[int] | tf.Tensor,
+                 *parts: int | tf.Tensor) -> tf.Tensor:
   """`[2]` int64 seed folding `seed` (int or `[2]`) with each of `parts` (scalars)."""
   seed = tf.cast(seed, tf.int64)
   if seed.shape.rank == 0:
@@ -46,14 +48,14 @@ def example_seed(seed, *parts):
   return seed
 
 
-def decode(encoded):
+def decode(encoded: tf.Tensor) -> tf.Tensor:
   """Encoded bytes (JPEG, PNG, ...) -> uint8 `[H, W, 3]`."""
   image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
   image.set_shape([None, None, 3])
   return image
 
 
-def normalize(image):
+def normalize(image: tf.Tensor) -> tf.Tensor:
   """float `[..., 3]` in [0, 1] -> (x - mean) / std, float32."""
   return (tf.cast(image, tf.float32) - MEAN_RGB) / STD_RGB
 
@@ -65,8 +67,11 @@ def _resize(image, height, width):
   return tf.clip_by_value(image, 0.0, 1.0)
 
 
-def random_resized_crop_box(seed, height, width, *, scale=(0.08, 1.0),
-                            ratio=(3 / 4, 4 / 3), attempts=10):
+def random_resized_crop_box(
+    seed: tf.Tensor, height: int | tf.Tensor, width: int | tf.Tensor, *,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    attempts: int = 10) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
   """`(y, x, h, w)` int32 of a random resized crop of a `height x width` image.
 
   torchvision's rule: for each attempt draw an area fraction U(scale) and a log-uniform
@@ -124,7 +129,8 @@ def _grayscale(image):
   return tf.reduce_sum(image * tf.constant([0.299, 0.587, 0.114]), -1, keepdims=True)
 
 
-def adjust_colour(image, factors, order):
+def adjust_colour(image: tf.Tensor, factors: tf.Tensor | Sequence[float],
+                  order: tf.Tensor | Sequence[int]) -> tf.Tensor:
   """Brightness, contrast, saturation (`factors[0:3]`) and hue shift (`factors[3]`)
   applied to float `[H, W, 3]` in [0, 1] in the order `order` (a permutation of 0..3
   naming those four), each clipped to [0, 1]: torchvision's ColorJitter given its draws.
@@ -144,7 +150,8 @@ def adjust_colour(image, factors, order):
   return image
 
 
-def jitter_draws(seed, strength=DEFAULT_JITTER):
+def jitter_draws(seed: tf.Tensor, strength: Sequence[float] = DEFAULT_JITTER
+                 ) -> tuple[tf.Tensor, tf.Tensor]:
   """`(factors [4], order [4])` of ColorJitter: brightness, contrast, saturation ~
   U[max(0, 1 - v), 1 + v], hue shift ~ U[-v, v], and a random order."""
   b, c, s, hue = strength
@@ -156,7 +163,8 @@ def jitter_draws(seed, strength=DEFAULT_JITTER):
   return tf.stack(factors), tf.cast(order, tf.int32)
 
 
-def color_jitter(image, seed, *, strength=DEFAULT_JITTER):
+def color_jitter(image: tf.Tensor, seed: tf.Tensor, *,
+                 strength: Sequence[float] = DEFAULT_JITTER) -> tf.Tensor:
   """torchvision's ColorJitter on float `[H, W, 3]` in [0, 1] (`jitter_draws`, then
   `adjust_colour`)."""
   factors, order = jitter_draws(seed, strength)
@@ -174,7 +182,8 @@ def _blur_matrix(size, kernel):
   return tf.einsum("nts,t->ns", tf.one_hot(index, size), kernel)
 
 
-def gaussian_blur(image, sigma, *, kernel_size):
+def gaussian_blur(image: tf.Tensor, sigma: float | tf.Tensor, *,
+                  kernel_size: int) -> tf.Tensor:
   """Separable Gaussian blur of `[H, W, C]` with reflected borders: `kernel_size` taps
   of a normalised Gaussian of `sigma`, as two matrix products (faster than a
   depthwise convolution on CPUs)."""
@@ -195,8 +204,9 @@ def _maybe(seed, probability, fn, image):
   return tf.cond(apply, lambda: fn(image), lambda: image)
 
 
-def train_view(encoded, seed, *, size=224, resize=256, scale=(0.08, 1.0),
-               jitter=None):
+def train_view(encoded: tf.Tensor, seed: tf.Tensor, *, size: int = 224,
+               resize: int = 256, scale: tuple[float, float] = (0.08, 1.0),
+               jitter: Sequence[float] | None = None) -> tf.Tensor:
   """The reference training view: resize, random resized crop, flip, optional jitter.
 
   Args:
@@ -221,8 +231,11 @@ def train_view(encoded, seed, *, size=224, resize=256, scale=(0.08, 1.0),
   return normalize(image)
 
 
-def moco_view(encoded, seed, *, size=224, scale=(0.2, 1.0), jitter=DEFAULT_JITTER,
-              jitter_p=0.8, grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0)):
+def moco_view(encoded: tf.Tensor, seed: tf.Tensor, *, size: int = 224,
+              scale: tuple[float, float] = (0.2, 1.0),
+              jitter: Sequence[float] = DEFAULT_JITTER, jitter_p: float = 0.8,
+              grayscale_p: float = 0.2, blur_p: float = 0.5,
+              blur_sigma: tuple[float, float] = (0.1, 2.0)) -> tf.Tensor:
   """A MoCo v2 view (see the module docstring); float32 `[size, size, 3]`."""
   image = decode(encoded) if encoded.dtype == tf.string else encoded
   seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 8))
@@ -239,7 +252,7 @@ def moco_view(encoded, seed, *, size=224, scale=(0.2, 1.0), jitter=DEFAULT_JITTE
   return normalize(image)
 
 
-def eval_view(encoded, *, size=224, resize=256):
+def eval_view(encoded: tf.Tensor, *, size: int = 224, resize: int = 256) -> tf.Tensor:
   """Resize to `resize x resize`, centre crop `size`; float32, normalised."""
   image = decode(encoded) if encoded.dtype == tf.string else encoded
   image = _resize(image, resize, resize)

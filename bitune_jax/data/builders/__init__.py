@@ -18,6 +18,8 @@ import os
 
 import tensorflow_datasets as tfds
 
+from etils import epath
+
 from bitune_jax.data.builders import coco70
 from bitune_jax.data.builders import fgvc_aircraft
 
@@ -25,7 +27,8 @@ _MODULES = {fgvc_aircraft.NAME: fgvc_aircraft, coco70.NAME: coco70}
 BUILDERS = {fgvc_aircraft.NAME: fgvc_aircraft.FgvcAircraft, coco70.NAME: coco70.Coco70}
 
 
-def prepare(name, *, data_dir, manual_dir):
+def prepare(name: str, *, data_dir: epath.PathLike | None,
+            manual_dir: epath.PathLike | None) -> tfds.core.DatasetBuilder:
   """Returns the `tfds.core.DatasetBuilder` of `name` in `data_dir`, prepared.
 
   `data_dir` None or "" means the tfds default ($TFDS_DATA_DIR as it was when tfds was

@@ -24,6 +24,8 @@ import collections
 import io
 import json
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import tensorflow_datasets as tfds
 from etils import epath
@@ -62,7 +64,7 @@ def _layout_error(problem):
       "Point the manual directory at it with --config.data.manual_dir=<manual_dir>.")
 
 
-def resolve_manual_dir(manual_dir):
+def resolve_manual_dir(manual_dir: epath.PathLike | None) -> epath.Path:
   """Returns the folder holding `annotations/`, `train2017/`, `val2017/`, or raises.
 
   Tries `<manual_dir>/coco70/` first, then `<manual_dir>` itself.
@@ -81,7 +83,10 @@ def resolve_manual_dir(manual_dir):
   raise _layout_error(f"no annotations/ folder in {manual_dir} or {manual_dir / NAME}")
 
 
-def read_annotations(path):
+def read_annotations(
+    path: epath.PathLike
+) -> tuple[dict[int, str], dict[int, str],
+           dict[int, list[tuple[int, int, tuple[float, float, float, float]]]]]:
   """Reads a COCO instances file, keeping only the boxes COCO-70 crops.
 
   Returns:
@@ -101,7 +106,9 @@ def read_annotations(path):
   return categories, file_names, dict(boxes)
 
 
-def select_classes(boxes, categories, num_classes=NUM_CLASSES):
+def select_classes(boxes: Mapping[int, Sequence[tuple[int, int, Any]]],
+                   categories: Mapping[int, str],
+                   num_classes: int = NUM_CLASSES) -> list[int]:
   """Category ids of the `num_classes` most frequent kept boxes, sorted by id.
 
   Ties in the count go to the smaller category id. Raises ValueError when fewer than
@@ -120,7 +127,8 @@ def select_classes(boxes, categories, num_classes=NUM_CLASSES):
   return chosen
 
 
-def padded_box(bbox, width, height, pad_fraction=PAD_FRACTION):
+def padded_box(bbox: Sequence[float], width: int, height: int,
+               pad_fraction: float = PAD_FRACTION) -> tuple[int, int, int, int]:
   """Pixel crop box (left, top, right, bottom) of a COCO bbox padded and clipped.
 
   The box [x, y, w, h] grows by `pad_fraction * w` left and right and `pad_fraction * h`

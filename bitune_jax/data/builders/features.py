@@ -3,7 +3,7 @@
 import tensorflow_datasets as tfds
 
 
-def classification_features(num_classes):
+def classification_features(num_classes: int) -> tfds.features.FeaturesDict:
   """`image` (JPEG), `label` (class names set at generation time), `image/filename`."""
   return tfds.features.FeaturesDict({
       "image": tfds.features.Image(encoding_format="jpeg"),

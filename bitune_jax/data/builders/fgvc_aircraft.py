@@ -20,6 +20,7 @@ copyright banner at the bottom of each image is NOT cropped away.
 """
 
 import os
+from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
 from etils import epath
@@ -58,7 +59,7 @@ def _layout_error(problem):
       "Point the manual directory at it with --config.data.manual_dir=<manual_dir>.")
 
 
-def resolve_manual_dir(manual_dir):
+def resolve_manual_dir(manual_dir: epath.PathLike | None) -> epath.Path:
   """Returns the folder holding `fgvc-aircraft-2013b/`, or raises a clear ValueError.
 
   Tries `<manual_dir>/fgvc_aircraft/` first, then `<manual_dir>` itself.
@@ -77,7 +78,7 @@ def resolve_manual_dir(manual_dir):
   raise _layout_error(f"no {ARCHIVE_DIR}/ folder in {manual_dir} or {manual_dir / NAME}")
 
 
-def read_variants(path):
+def read_variants(path: epath.PathLike) -> list[str]:
   """Returns the variant names of variants.txt in file order; exactly 100, unique."""
   path = epath.Path(path)
   names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -88,7 +89,7 @@ def read_variants(path):
   return names
 
 
-def read_split(path, names):
+def read_split(path: epath.PathLike, names: Sequence[str]) -> list[tuple[str, int]]:
   """Returns [(image id, label)] of a split file; an unknown variant raises ValueError."""
   path = epath.Path(path)
   index = {name: k for k, name in enumerate(names)}
