@@ -1,10 +1,20 @@
-"""Orbax checkpoints of the train state: the latest (async, for resume) and the best
-by the dataset's test metric. Restores onto `ShapeDtypeStruct`s that carry the state's shardings."""
+"""Orbax checkpoints of the train state: the latest two (async, for resume) and the
+best by the selection metric. Restores onto `ShapeDtypeStruct`s that carry the state's
+shardings, so a checkpoint written by any number of processes restores on any other.
 
+A checkpoint is written to a temporary folder and renamed when complete, so a process
+killed while writing leaves the previous ones intact (the temporary folder is removed at
+the next start); a checkpoint that cannot be read is reported and the one before it is
+used.
+"""
+
+import logging
 import os
 
 import jax
 import orbax.checkpoint as ocp
+
+log = logging.getLogger("bitune_jax")
 
 
 def score(metrics):
@@ -13,19 +23,25 @@ def score(metrics):
   return metrics.get("score", metrics.get("top1", metrics.get("linear_probe_top1", 0.0)))
 
 
+def _options(name, **kwargs):
+  # Each manager its own barrier names: both save the same step from every process.
+  return ocp.CheckpointManagerOptions(
+      create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix=name), **kwargs)
+
+
 class Checkpoints:
-  """`workdir/checkpoints` (latest) and `workdir/best` (highest `_score`)."""
+  """`workdir/checkpoints` (the latest two) and `workdir/best` (highest `score`)."""
 
   def __init__(self, workdir):
     workdir = workdir if "://" in str(workdir) else os.path.abspath(workdir)
     self.directory = os.path.join(workdir, "checkpoints")
-    self._latest = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-        max_to_keep=1, create=True, enable_async_checkpointing=True))
+    self._latest = ocp.CheckpointManager(self.directory,
+                                         options=_options("latest", max_to_keep=2))
     self._best = ocp.CheckpointManager(
         os.path.join(workdir, "best"),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, best_fn=score, best_mode="max",
-            enable_async_checkpointing=True))
+        options=_options("best", max_to_keep=1, best_fn=score, best_mode="max"))
 
   def latest_step(self):
     return self._latest.latest_step()
@@ -36,14 +52,46 @@ class Checkpoints:
 
   def restore(self, abstract_state, shardings, which="latest"):
     """The latest (or best) state, placed with `shardings`; None when there is none."""
-    manager = self._latest if which == "latest" else self._best
-    step = manager.latest_step() if which == "latest" else manager.best_step()
-    if step is None:
-      return None
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract_state, shardings)
-    return manager.restore(step, args=ocp.args.StandardRestore(target))
+    if which != "latest":
+      step = self._best.best_step()
+      return None if step is None else self._best.restore(
+          step, args=ocp.args.StandardRestore(target))
+    steps = sorted(self._latest.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        return self._latest.restore(step, args=ocp.args.StandardRestore(target))
+      except ValueError:
+        raise  # the checkpoint is sound but holds another run (a changed config)
+      except Exception as e:  # pylint: disable=broad-except
+        path = os.path.join(self.directory, str(step))
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if i + 1 == len(steps):
+          raise ValueError(f"checkpoint {path} cannot be read ({why}) and there is "
+                           "none before it") from e
+        aside = self._set_aside(step)
+        log.error("checkpoint %s cannot be read (%s); moved to %s, resuming from step "
+                  "%d instead", path, why, aside, steps[i + 1])
+    return None
+
+  def _set_aside(self, step):
+    """Moves an unreadable checkpoint out of the manager's sight (kept, not deleted),
+    so that the step is written afresh when the run gets there again."""
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    source = epath.Path(self.directory) / str(step)
+    aside = epath.Path(self.directory + "-unreadable") / str(step)
+    if jax.process_index() == 0:
+      aside.parent.mkdir(parents=True, exist_ok=True)
+      if aside.exists():
+        aside.rmtree()
+      source.rename(aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    self._latest.reload()
+    return aside
 
   def save(self, step, state):
     if step != self._latest.latest_step():

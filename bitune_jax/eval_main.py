@@ -52,13 +52,9 @@ def _restore(workdir, config, which):
 
 
 def _write_record(workdir, name, record):
-  import jax
-  folder = os.path.join(workdir, "evals")
-  os.makedirs(folder, exist_ok=True)
-  path = os.path.join(folder, f"{name}.json")
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(record, f, indent=2)
+  from bitune_jax import files
+  path = os.path.join(workdir, "evals", f"{name}.json")
+  files.write_once(path, json.dumps(record, indent=2))  # process 0, whole
   return path
 
 
@@ -91,7 +87,7 @@ def kshot_transfer(workdir, *, shots=(1, 2, 4, 8), total_steps=100, seed=0,
     raise ValueError(f"kshot_steps must be >= 1, got {total_steps}")
   import jax
   import ml_collections
-  from bitune_jax import convert, train
+  from bitune_jax import convert, files, train
   config = _load_config(workdir)
   _, state, _ = _restore(workdir, config, which)
   step = int(state.step)
@@ -99,12 +95,13 @@ def kshot_transfer(workdir, *, shots=(1, 2, 4, 8), total_steps=100, seed=0,
   os.makedirs(folder, exist_ok=True)
   params, stats = jax.device_get((state.params, state.batch_stats))
   backbone = os.path.join(folder, "backbone.npz")
-  convert.save_converted({"backbone": {"params": params["backbone"],
-                                       "batch_stats": stats["backbone"]},
-                          "report": {"format": "bitune_jax", "arch": config.arch,
-                                     "kind": config.method,
-                                     "notes": [f"{workdir} {which} step {step}"],
-                                     "dropped": []}}, backbone)
+  if jax.process_index() == 0:  # one writer; the others wait below, then read it
+    convert.save_converted({"backbone": {"params": params["backbone"],
+                                         "batch_stats": stats["backbone"]},
+                            "report": {"format": "bitune_jax", "arch": config.arch,
+                                       "kind": config.method,
+                                       "notes": [f"{workdir} {which} step {step}"],
+                                       "dropped": []}}, backbone)
   results = {}
   for k in shots:
     run = ml_collections.ConfigDict(json.loads(config.to_json()))
@@ -117,6 +114,7 @@ def kshot_transfer(workdir, *, shots=(1, 2, 4, 8), total_steps=100, seed=0,
     run_dir = os.path.join(folder, name)
     if os.path.exists(run_dir) and jax.process_index() == 0:
       shutil.rmtree(run_dir)  # run what was asked, not an earlier run's result
+    files.sync(f"k-shot {name} ready")  # the backbone written, the old run removed
     _, summary = train.train_and_evaluate(run, run_dir)
     results[f"kshot_{k}_top1"] = summary["top1"]
     _write_record(workdir, f"{which}-step{step}-kshot{k}-steps{total_steps}-seed{seed}",
@@ -153,9 +151,20 @@ def main(argv=None):
                            "for each k listed (e.g. 1,2,4,8) and report each test top-1")
   parser.add_argument("--kshot_steps", type=int, default=100,
                       help="training steps of each k-shot run (default: 100)")
+  parser.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                      help="process 0's address, to run as one of several processes "
+                           "(jax.distributed; with --num_processes and --process_id)")
+  parser.add_argument("--num_processes", type=int, default=None,
+                      help="how many processes run this command")
+  parser.add_argument("--process_id", type=int, default=None,
+                      help="this process's index in [0, num_processes)")
   args = parser.parse_args(argv)
   try:
     workdir = os.path.abspath(args.workdir)
+    from bitune_jax import sharding
+    sharding.initialize_multihost(
+        bool(_load_config(workdir).get("multi_host", False)),
+        args.coordinator_address, args.num_processes, args.process_id)
     shots = _parse_shots(args.kshot, args.kshot_steps) if args.kshot else None
     metrics = evaluate_workdir(workdir, which=args.which)
     if shots:
@@ -163,7 +172,9 @@ def main(argv=None):
                                     which=args.which))
   except ValueError as e:
     parser.exit(2, f"bitune-eval: error: {e}\n")
-  print(json.dumps(metrics, indent=2))
+  import jax
+  if jax.process_index() == 0:  # process 0 reports for all
+    print(json.dumps(metrics, indent=2))
   return 0
 
 

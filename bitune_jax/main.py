@@ -19,6 +19,10 @@ flags.DEFINE_string("workdir", None, "Logs, checkpoints and summary.json go here
 flags.DEFINE_bool("verbose", False, "Show the traceback of an error.")
 flags.DEFINE_bool("print_config", False,
                   "Print the resolved config (every field, defaults included) and exit.")
+flags.DEFINE_string("coordinator_address", None,
+                    "HOST:PORT of process 0, for several processes (jax.distributed).")
+flags.DEFINE_integer("num_processes", None, "How many processes run this command.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(["config"])
 
 HELP = """usage: bitune-train --config FILE[:ARG] --workdir DIR [--config.FIELD=VALUE ...]
@@ -32,6 +36,10 @@ Trains, evaluates and checkpoints one run; a run started again in the same DIR r
                         a misspelt field is an error. --print_config lists them all.
   --workdir DIR         config.json, launches/, checkpoints/, best/, summary.json and
                         TensorBoard events go here (a local path or gs://...)
+  --coordinator_address HOST:PORT --num_processes N --process_id I
+                        one of N processes (jax.distributed; on CPU over gloo, so N
+                        processes also run on one machine). --config.multi_host=True
+                        without them detects the cluster (TPU pod, SLURM)
   --print_config        print the resolved config, every field with its value, and exit
   --verbose             show the traceback of an error (errors are one line otherwise)
   --helpfull            every absl flag (logging, multi-process)
@@ -105,8 +113,16 @@ def main(argv):
     print(flags.FLAGS.config, end="")
     return
   # Imported after flag parsing so that --help is quick.
-  from bitune_jax import console, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  import jax
+  from bitune_jax import console, sharding, stopping, train
   console.setup()  # our progress lines; orbax, clu, absl only from warnings up
+  f = flags.FLAGS
+  try:
+    sharding.initialize_multihost(f.config.multi_host, f.coordinator_address,
+                                  f.num_processes, f.process_id)
+  except ValueError as e:
+    _fail(str(e))
   workdir = flags.FLAGS.workdir  # a local path or a URL (gs://...) on a TPU pod
   if not workdir:
     _fail("--workdir is required (where checkpoints and summary.json go)")
@@ -123,6 +139,9 @@ def main(argv):
       raise
     print(f"bitune-train: {e}", file=sys.stderr)
     sys.exit(1)
+  except stopping.Stopped as e:  # SIGTERM (preemption) or Ctrl-C: saved, resumable
+    print(f"bitune-train: {e}", file=sys.stderr)
+    sys.exit(128 + e.signum)
   except KeyboardInterrupt:
     step = _last_checkpoint(workdir)
     where = (f"the last checkpoint is step {step} in {workdir}/checkpoints"
@@ -130,6 +149,8 @@ def main(argv):
     print(f"bitune-train: interrupted; {where}; the same command resumes",
           file=sys.stderr)
     sys.exit(130)
+  if jax.process_index() > 0:  # process 0 reports for all
+    return
   print(json.dumps(summary, indent=2))
   if "top1" in summary:
     print(f"test top-1 {summary['top1']:.4f}, mean per-class accuracy "

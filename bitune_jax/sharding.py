@@ -19,13 +19,30 @@ log = logging.getLogger("bitune_jax")
 DATA = "data"
 
 
-def initialize_multihost(enabled):
-  """`jax.distributed.initialize()` (cluster auto-detection on TPU pods / SLURM)."""
-  if enabled:
-    jax.distributed.initialize()
-    log.info("multi-host: process %d of %d, %d local devices of %d",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count())
+def initialize_multihost(enabled: bool, coordinator_address: str | None = None,
+                         num_processes: int | None = None,
+                         process_id: int | None = None) -> None:
+  """`jax.distributed.initialize()` before anything touches the devices.
+
+  With `coordinator_address` (and `num_processes`, `process_id`) the processes are the
+  ones named; with only `enabled` the cluster is detected (TPU pods, SLURM, ...). CPU
+  processes exchange collectives over gloo, so that several processes also run on one
+  machine (each with its own `--xla_force_host_platform_device_count`).
+  """
+  given = (coordinator_address, num_processes, process_id)
+  if not enabled and all(v is None for v in given):
+    return
+  if coordinator_address is not None and (num_processes is None or process_id is None):
+    raise ValueError("--coordinator_address needs --num_processes and --process_id")
+  if num_processes is not None and process_id is not None and not (
+      0 <= process_id < num_processes):
+    raise ValueError(f"--process_id={process_id} must be in [0, {num_processes})")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if jax.distributed.is_initialized():
+    return
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  log.info("multi-host: process %d of %d, %d local devices of %d", jax.process_index(),
+           jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def make_mesh(devices=None):

@@ -19,8 +19,8 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from bitune_jax import checkpoint, config_base, convert, evaluate, methods, queues
-from bitune_jax import sharding
+from bitune_jax import checkpoint, config_base, convert, evaluate, files, methods, queues
+from bitune_jax import sharding, stopping
 from bitune_jax.data import input as input_lib
 from bitune_jax.methods import common
 
@@ -93,8 +93,9 @@ def _record_config(config, workdir, step, changes):
   number = len(list(launches.glob("launch-*.json")))
   record = {"start_step": step, "changes": {k: list(v) for k, v in changes.items()},
             "config": json.loads(config.to_json_best_effort())}
-  (launches / f"launch-{number:03d}.json").write_text(json.dumps(record, indent=2))
-  (root / "config.json").write_text(config.to_json_best_effort(indent=2))
+  files.write_atomically(launches / f"launch-{number:03d}.json",
+                         json.dumps(record, indent=2))
+  files.write_atomically(root / "config.json", config.to_json_best_effort(indent=2))
   if changes and step > 0:
     log.info("resumed at step %d with changes: %s", step, ", ".join(
         f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
@@ -292,7 +293,9 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
     return state, json.loads(summary_path.read_text())
   metrics, eval_metrics, start = None, {}, time.perf_counter()
   profiler = _Profiler(workdir, first, config.get("profile_steps", 0))
+  signals = stopping.StopSignals()  # SIGTERM (preemption), Ctrl-C: save, then stop
   try:
+    signals.install()
     for step, batch in zip(range(first + 1, total + 1),
                            _train_batches(run, mesh, first)):
       profiler.before(step)
@@ -319,12 +322,16 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
           writer.write_scalars(step, {f"val_{k}": v for k, v in selection.items()})
           log.info("step %d  validation score %.4f", step, checkpoint.score(selection))
         ckpts.save_best(step, state, selection)
-      if checkpointing:
+      stop = signals.should_stop(step)  # asked of every process at every step
+      if checkpointing or stop:
         ckpts.save(step, state)
+      if stop and step < total:  # every process stops at this same step
+        raise stopping.Stopped(step, signals.signum, ckpts.directory)
     if not eval_metrics:  # resumed at the end: evaluate what was restored
       eval_metrics = run_eval(run, state, config, mesh)
     best_step = ckpts.best_step()
   finally:
+    signals.restore()
     profiler.stop()
     ckpts.close()
     writer.flush()
@@ -339,8 +346,7 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
              "best_checkpoint": {"step": best_step,
                                  "chosen_on": "test" if run.data.val is None
                                               else "validation"}}
-  if jax.process_index() == 0:
-    summary_path.write_text(json.dumps(summary, indent=2))
+  files.write_once(summary_path, json.dumps(summary, indent=2))
   return state, summary
 
 
@@ -384,7 +390,7 @@ def _demo_pretrained(config, workdir):
   """Supervised pre-training on digits 0-4 by this pipeline, exported like a converted
   checkpoint (once per workdir), so the demo enters through the same init path."""
   path = os.path.join(workdir, "pretrained", "digits_source.npz")
-  if os.path.exists(path):
+  if os.path.exists(path):  # written by process 0 of an earlier start (whole)
     return path
   pre = config.copy_and_resolve_references()
   with pre.unlocked():
@@ -400,6 +406,8 @@ def _demo_pretrained(config, workdir):
             "report": {"format": "bitune_jax", "arch": config.arch,
                        "kind": "supervised", "notes": [f"digits 0-4, {summary}"],
                        "dropped": []}}
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  convert.save_converted(result, path, source="digits 0-4 pre-training")
+  if jax.process_index() == 0:  # one writer; the others wait for it, then read it
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    convert.save_converted(result, path, source="digits 0-4 pre-training")
+  files.sync("demo source model written")
   return path

@@ -14,6 +14,7 @@ cached or given relationship computed from another checkpoint is refused.
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import logging
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from bitune_jax import losses, relationship
+from bitune_jax import files, losses, relationship
 from bitune_jax.data import splits
 from bitune_jax.methods import common
 
@@ -112,6 +113,7 @@ def prepare(state, *, model, config, data, mesh, workdir, pretrained):
   given = config.cotuning.relationship_file
   path = (epath.Path(given) if given else
           epath.Path(workdir or ".") / "relationship" / f"{_cache_key(config, sha)}.npz")
+  files.sync("relationship cache looked up")  # every process sees the same files
   if path.exists():
     matrix = _load(path, sha)
     log.info("Co-Tuning relationship loaded from %s", path)
@@ -125,11 +127,11 @@ def prepare(state, *, model, config, data, mesh, workdir, pretrained):
                                         cfg=config.cotuning, seed=config.seed)
     log.info("Co-Tuning %s relationship from %d images %s", config.cotuning.relationship,
              len(logits), {k: v for k, v in info.items() if np.ndim(v) == 0})
-    if workdir is not None and jax.process_index() == 0:
-      path.parent.mkdir(parents=True, exist_ok=True)
+    if workdir is not None:  # every process computed the same R; process 0 keeps it
       meta = json.dumps({"checkpoint_sha256": sha, "checkpoint": pretrained["path"]})
-      with path.open("wb") as f:
-        np.savez(f, relationship=matrix, meta=np.frombuffer(meta.encode(), np.uint8))
+      buffer = io.BytesIO()
+      np.savez(buffer, relationship=matrix, meta=np.frombuffer(meta.encode(), np.uint8))
+      files.write_once(path, buffer.getvalue())
   expected = (config.num_classes, config.cotuning.source_classes)
   if matrix.shape != expected:
     raise ValueError(f"relationship {path} has shape {matrix.shape}, expected {expected}")
