@@ -67,7 +67,8 @@ class Checkpoints:
         raise  # the checkpoint is sound but holds another run (a changed config)
       except Exception as e:  # pylint: disable=broad-except
         path = os.path.join(self.directory, str(step))
-        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        why = str(e).splitlines()[0].split(" See full TensorStore details")[0]
+        why = f"{type(e).__name__}: {why[:200]}"
         if i + 1 == len(steps):
           raise ValueError(f"checkpoint {path} cannot be read ({why}) and there is "
                            "none before it") from e

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from bitune_jax.data import builders, datasets, pipeline, splits, views
+from bitune_jax.data import datasets, pipeline, splits, views
 from bitune_jax.data import input as input_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,24 +165,34 @@ def test_stream_resumes_exactly_and_views_are_seeded(kind):
     assert [label_of(x) for x in batch["image_k"]] == list(batch["label"])
 
 
-def test_hosts_read_disjoint_shards_that_make_up_the_split(tmp_path):
-  archive = fakes.make_fgvc_aircraft(str(tmp_path / "manual"), per_split=2)
-  b = builders.prepare("fgvc_aircraft", data_dir=str(tmp_path / "tfds"),
-                       manual_dir=archive)
-  labels = datasets.read_labels(b, "train+validation")
-  assert len(labels) == 400
-  keep = splits.stratified_subset(labels, rate=50, seed=0)
-  whole = datasets.read_split(b, "train+validation", keep=keep, image_size=SIZE)
-  parts = [datasets.read_split(b, "train+validation", keep=keep, host=(h, 3),
-                               image_size=SIZE) for h in range(3)]
-  assert sum(len(p) for p in parts) == len(whole) == len(keep) == 200
-  assert sorted(e for p in parts for e in p.encoded) == sorted(whole.encoded)
-  for h, part in enumerate(parts):  # each host only its contiguous ranges
-    ranges = [splits.host_range(n, index=h, count=3) for n in (200, 200)]
-    assert len(part) <= sum(hi - lo for lo, hi in ranges)
-    np.testing.assert_array_equal(
-        [fakes.colour_class(views.decode(e).numpy().reshape(-1, 3).mean(0))
-         for e in part.encoded[:5]], part.labels[:5])
+@pytest.mark.parametrize("hosts", [2, 4])
+def test_hosts_take_their_rows_of_the_same_global_batches(hosts):
+  """Training and evaluation batches do not depend on the host count: host h's rows of
+  step s are rows [h * B/H, (h+1) * B/H) of the one-host batch, the same images, the
+  same augmentations. This is what lets 2 processes train as 1 and a checkpoint resume
+  on any number of hosts."""
+  pool = _pool(n=21)
+  view = pipeline.view_fn("moco", size=SIZE)
+  one = [b for _, b in zip(range(4), pipeline.train_stream(
+      pool, start_step=3, batch_size=8, seed=5, view=view))]
+  parts = [[b for _, b in zip(range(4), pipeline.train_stream(
+      pool, start_step=3, batch_size=8, seed=5, view=view, host=(h, hosts)))]
+           for h in range(hosts)]
+  for step, batch in enumerate(one):
+    for key in batch:
+      np.testing.assert_array_equal(
+          np.concatenate([part[step][key] for part in parts]), batch[key])
+  one = list(pipeline.eval_batches(pool, batch_size=8, process_count=1))
+  parts = [list(pipeline.eval_batches(pool, batch_size=8, process_count=hosts,
+                                      process_index=h)) for h in range(hosts)]
+  assert len(one) == 3 and all(len(p) == 3 for p in parts)  # 21 rows padded to 24
+  for i, batch in enumerate(one):
+    for key in batch:
+      np.testing.assert_array_equal(
+          np.concatenate([part[i][key] for part in parts]), batch[key])
+  assert one[-1]["mask"].tolist() == [1] * 5 + [0] * 3
+  np.testing.assert_array_equal(np.concatenate([b["label"] for b in one])[:21],
+                                pool.labels)
 
 
 def test_global_batches_are_sharded_and_prefetched(mocked):

@@ -5,16 +5,18 @@ Training on `train_split` (a sampling-rate or k-shot subset of it, stratified by
 every class present), testing on `test_split`. The metric the papers report:
 mean per-class accuracy for Aircraft, Pets, Caltech-101 and Flowers, top-1 otherwise.
 
-Reading: each host reads a contiguous part of every split (tfds slicing, so only its own
-files) and keeps the run's examples in it as encoded bytes; the sampling-rate subset is
-chosen from the labels of the whole split (read once, gathered over hosts), so it does
-not depend on the host count. Replay (unsupervised fine-tuning) adds a fixed random
+Reading: every host reads the whole of each split and keeps the run's examples as
+encoded bytes (the papers' training sets are a few thousand images: megabytes to a few
+GB). Each host then takes its rows of the same global batches (`pipeline`), so a run's
+numbers do not depend on how its devices are split into processes, and a checkpoint
+resumes on any number of hosts with the same batches. Replay (unsupervised fine-tuning) adds a fixed random
 fraction of a source dataset's training split (ImageNet by default) to the pool.
 """
 
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import ml_collections
@@ -146,21 +148,15 @@ def _components(b, split):
   return out
 
 
-def _read(b, split, *, host, fields):
-  """Yields numpy batches (`tfds_index`, `fields`) of this host's part of `split`."""
+def _read(b: "tfds.core.DatasetBuilder", split: str, *,
+          fields: tuple[str, ...]) -> Iterator[dict[str, np.ndarray]]:
+  """Yields numpy batches (`tfds_index`, `fields`) of the whole of `split`, in order."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  index, count = host
   offset = 0
-  for part, part_offset, size in _components(b, split):
-    if count > 1 and (size is None or part_offset is None):
-      raise ValueError(f"{b.name} split {part!r} has no example count: cannot shard it "
-                       "over hosts")
-    lo, hi = splits.host_range(size, index=index, count=count) if count > 1 else (0, None)
-    sliced = f"{part}[{lo}:{hi}]" if count > 1 else part
-    ds = b.as_dataset(split=sliced, shuffle_files=False,
+  for part, _, size in _components(b, split):
+    ds = b.as_dataset(split=part, shuffle_files=False,
                       decoders={"image": tfds.decode.SkipDecoding()})
-    base = offset + lo
-    ds = ds.enumerate().map(lambda i, ex, base=base: dict(
+    ds = ds.enumerate().map(lambda i, ex, base=offset: dict(
         {k: ex[k] for k in fields}, tfds_index=i + base))
     seen = 0
     for batch in ds.batch(1024).prefetch(2).as_numpy_iterator():
@@ -170,31 +166,20 @@ def _read(b, split, *, host, fields):
 
 
 def read_labels(b: "tfds.core.DatasetBuilder", split: str) -> np.ndarray:
-  """Labels `[N]` int32 of the whole split, in order, on every host."""
-  import jax  # pylint: disable=g-import-not-at-top
-  host = (jax.process_index(), jax.process_count())
-  labels = [batch["label"] for batch in _read(b, split, host=host, fields=("label",))]
-  local = np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32)
-  if host[1] == 1:
-    return local
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  sizes = multihost_utils.process_allgather(np.array([len(local)]))
-  padded = np.full(int(sizes.max()), -1, np.int32)
-  padded[:len(local)] = local
-  gathered = multihost_utils.process_allgather(padded)
-  return np.concatenate([g[:n] for g, n in zip(gathered, sizes.reshape(-1))])
+  """Labels `[N]` int32 of the whole split, in order."""
+  labels = [batch["label"] for batch in _read(b, split, fields=("label",))]
+  return np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32)
 
 
 def read_split(b: "tfds.core.DatasetBuilder", split: str, *,
-               keep: np.ndarray | None = None, host: tuple[int, int] = (0, 1),
-               image_size: int, unlabelled: bool = False,
-               name: str = "") -> "pipeline.EncodedSplit":
-  """This host's examples of `split` (those of the sorted global indices `keep`, or
-  all) as an `EncodedSplit`, with progress in the log."""
+               keep: np.ndarray | None = None, image_size: int,
+               unlabelled: bool = False, name: str = "") -> "pipeline.EncodedSplit":
+  """The examples of `split` (those of the sorted indices `keep`, or all) as an
+  `EncodedSplit`, with progress in the log."""
   from bitune_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   encoded, labels, start, shown = [], [], time.perf_counter(), time.perf_counter()
   fields = ("image",) if unlabelled else ("image", "label")
-  for batch in _read(b, split, host=host, fields=fields):
+  for batch in _read(b, split, fields=fields):
     chosen = (np.ones(len(batch["tfds_index"]), bool) if keep is None else
               np.isin(batch["tfds_index"], keep))
     encoded.extend(batch["image"][chosen])
@@ -205,25 +190,10 @@ def read_split(b: "tfds.core.DatasetBuilder", split: str, *,
       log.info("reading %s %s: %d examples kept (%.0f s)", name or b.name, split,
                len(encoded), shown - start)
   labels = np.concatenate(labels) if labels else np.zeros(0, np.int32)
-  total = len(keep) if keep is not None else _global_count(len(labels), host)
-  most = len(labels) if host[1] == 1 else _max_over_hosts(len(labels))
-  log.info("%s %s: %d examples on this host (%d in all), %.0f s", name or b.name, split,
-           len(labels), total, time.perf_counter() - start)
-  return pipeline.EncodedSplit(np.array(encoded, dtype=object), labels, total, most,
-                               image_size)
-
-
-def _global_count(local, host):
-  return local if host[1] == 1 else int(_allgather(local).sum())
-
-
-def _max_over_hosts(local):
-  return int(_allgather(local).max())
-
-
-def _allgather(value):
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(np.array([value])))
+  log.info("%s %s: %d examples, %.0f s", name or b.name, split, len(labels),
+           time.perf_counter() - start)
+  return pipeline.EncodedSplit(np.array(encoded, dtype=object), labels, len(labels),
+                               len(labels), image_size)
 
 
 # --------------------------------------------------------------------------- input
@@ -246,7 +216,6 @@ def load(config: ml_collections.ConfigDict, *, two_views: bool) -> input_lib.Inp
   import jax  # pylint: disable=g-import-not-at-top
   from bitune_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   s, data = spec(config.dataset), config.data
-  host = (jax.process_index(), jax.process_count())
   b = builder(config.dataset, data_dir=data.data_dir, manual_dir=data.manual_dir)
   classes = b.info.features["label"].num_classes
   if classes != s.num_classes:
@@ -263,13 +232,13 @@ def load(config: ml_collections.ConfigDict, *, two_views: bool) -> input_lib.Inp
                                             seed=config.seed)
       keep, held = keep[rows], keep[val_rows]
   size = config.image_size
-  train = read_split(b, s.train_split, keep=keep, host=host, image_size=size)
-  val = None if held is None else read_split(b, s.train_split, keep=held, host=host,
+  train = read_split(b, s.train_split, keep=keep, image_size=size)
+  val = None if held is None else read_split(b, s.train_split, keep=held,
                                              image_size=size, name="validation")
-  test = read_split(b, s.test_split, host=host, image_size=size)
+  test = read_split(b, s.test_split, image_size=size)
   pool, fraction = train, input_lib.replay_fraction(config)
   if fraction > 0:
-    pool = pipeline.concatenate(train, _replay(config, fraction, host))
+    pool = pipeline.concatenate(train, _replay(config, fraction))
   is_replay = np.arange(len(pool)) >= len(train)
   view = pipeline.view_fn(data.views, size=size,
                           jitter=tuple(data.jitter) if data.color_jitter else None)
@@ -277,7 +246,8 @@ def load(config: ml_collections.ConfigDict, *, two_views: bool) -> input_lib.Inp
   def stream(start_step):
     return pipeline.train_stream(pool, start_step=start_step,
                                  batch_size=config.batch_size, seed=config.seed,
-                                 view=view, two_views=two_views, host=host,
+                                 view=view, two_views=two_views,
+                                 host=(jax.process_index(), jax.process_count()),
                                  threads=data.get("threads", 0) or None)
 
   return input_lib.Input(dataset=config.dataset, num_classes=s.num_classes,
@@ -286,7 +256,7 @@ def load(config: ml_collections.ConfigDict, *, two_views: bool) -> input_lib.Inp
                          val=val)
 
 
-def _replay(config, fraction, host):
+def _replay(config, fraction):
   """A fixed random `fraction` of the replay source's training split, unlabelled."""
   data = config.data
   source = spec(data.replay_source)
@@ -300,5 +270,5 @@ def _replay(config, fraction, host):
   chosen = splits.replay_subset(total, fraction=fraction, seed=config.seed)
   log.info("replay: %d of %d %s images (%.0f%%)", len(chosen), total, data.replay_source,
            100 * fraction)
-  return read_split(b, source.train_split, keep=chosen, host=host,
-                    image_size=config.image_size, unlabelled=True, name="replay")
+  return read_split(b, source.train_split, keep=chosen, image_size=config.image_size,
+                    unlabelled=True, name="replay")

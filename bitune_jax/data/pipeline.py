@@ -1,12 +1,14 @@
 """tf.data over encoded images held in memory: training streams and evaluation batches.
 
-A host keeps its share of a split as encoded bytes (`EncodedSplit`), so an epoch reads
-no files and any step's batch is at hand: batch `step` is positions
-`[step * b, (step + 1) * b)` of this host's endless stream of per-epoch permutations
-(`batches.stream_indices`, seeded by (seed, host)), decoded and augmented in parallel
-by tf.data. Each example's views are seeded by (seed, host, step, row, view): the two
-views of an image differ, and a run resumed at step s reads exactly the batches an
-uninterrupted run reads from step s on.
+Every host keeps a split as encoded bytes (`EncodedSplit`), so an epoch reads no files
+and any step's batch is at hand: global batch `step` is positions `[step * B, (step +
+1) * B)` of one endless stream of per-epoch permutations (`batches.stream_indices`,
+seeded by the run's seed), and each host decodes and augments (tf.data, in parallel)
+only its rows of it. Each example's views are seeded by (seed, step, row of the global
+batch, view): the two views of an image differ, the global batch is the same for any
+number of hosts, and a run resumed at step s reads exactly the batches an uninterrupted
+run reads from step s on. Evaluation batches are likewise the global padded batches,
+each host taking its rows.
 """
 
 import dataclasses
@@ -21,11 +23,11 @@ from bitune_jax.data import batches, views
 
 @dataclasses.dataclass
 class EncodedSplit:
-  """This host's examples of a split: encoded images and labels, in memory."""
+  """A split's examples, encoded images and labels, in memory (on every host)."""
   encoded: np.ndarray  # [n] object (bytes)
   labels: np.ndarray  # [n] int32 (-1: unlabelled)
-  num_examples: int  # over all hosts
-  max_local: int  # the most examples any host holds (equal batch counts)
+  num_examples: int  # n
+  max_local: int  # n (kept for readers of older code: every host holds the split)
   image_size: int  # side of the evaluation view
 
   def __len__(self):
@@ -59,23 +61,30 @@ def local_batch_size(batch_size: int, process_count: int) -> int:
 
 
 def eval_batches(split: EncodedSplit, *, batch_size: int,
-                 process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """Evaluation view of every example of this host, in order, padded to whole batches.
+                 process_count: int | None = None,
+                 process_index: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """This host's rows of the evaluation view of every example, in order, padded to
+  whole global batches.
 
-  Every host yields `ceil(split.max_local / local)` batches of `local = batch_size /
-  hosts` rows: `image` [local, S, S, 3] float32, `label` [local] int32, `mask` [local]
-  float32 (0 for padding).
+  The global batches are `ceil(n / batch_size)` batches of `batch_size` rows; each host
+  yields rows `[i * local, (i + 1) * local)` of each (`local = batch_size / hosts`):
+  `image` [local, S, S, 3] float32, `label` [local] int32, `mask` [local] float32 (0 for
+  padding).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  local = local_batch_size(batch_size, process_count or jax.process_count())
-  count = -(-split.max_local // local) * local
-  pad = count - len(split)
-  if len(split) == 0 and pad:
-    raise ValueError("a host holds no example of a split; use fewer hosts")
-  filler = np.full(pad, split.encoded[0] if len(split) else b"", object)
-  encoded = np.concatenate([split.encoded, filler]).astype(object)
-  labels = np.concatenate([split.labels, np.zeros(pad, np.int32)]).astype(np.int32)
-  mask = np.concatenate([np.ones(len(split), np.float32), np.zeros(pad, np.float32)])
+  count = jax.process_count() if process_count is None else process_count
+  index = jax.process_index() if process_index is None else process_index
+  local = local_batch_size(batch_size, count)
+  if len(split) == 0:
+    raise ValueError("the split holds no example")
+  padded = -(-len(split) // batch_size) * batch_size
+  rows = (np.arange(padded).reshape(-1, batch_size)[:, index * local:(index + 1) * local]
+          .reshape(-1))
+  real = rows < len(split)
+  rows = np.where(real, rows, 0)  # padding: the first example, masked out
+  encoded = split.encoded[rows].astype(object)
+  labels = np.where(real, split.labels[rows], 0).astype(np.int32)
+  mask = real.astype(np.float32)
   view = functools.partial(views.eval_view, size=split.image_size,
                            resize=views.eval_resize(split.image_size))
   ds = tf.data.Dataset.from_tensor_slices(
@@ -121,16 +130,17 @@ def train_stream(pool: EncodedSplit, *, start_step: int, batch_size: int, seed: 
   index, count = host
   local = local_batch_size(batch_size, count)
   if len(pool) == 0:
-    raise ValueError("no training examples on this host")
+    raise ValueError("no training examples")
   encoded, labels = pool.encoded.astype(object), pool.labels.astype(np.int32)
+  rows = np.arange(index * local, (index + 1) * local)  # this host's rows
 
   def positions():
     step = int(start_step)
     while True:
-      idx = batches.stream_indices(len(labels), step=step, batch_size=local,
-                                   seed=(int(seed), index))
+      idx = batches.stream_indices(len(labels), step=step, batch_size=batch_size,
+                                   seed=(int(seed), 0))[rows]
       yield {"encoded": encoded[idx], "label": labels[idx],
-             "step": np.full(local, step, np.int64), "row": np.arange(local)}
+             "step": np.full(local, step, np.int64), "row": rows}
       step += 1
 
   signature = {"encoded": tf.TensorSpec([local], tf.string),
@@ -142,7 +152,7 @@ def train_stream(pool: EncodedSplit, *, start_step: int, batch_size: int, seed: 
   def augment(ex):
     image, out = views.decode(ex["encoded"]), {"label": ex["label"]}  # decoded once
     for number, name in enumerate(names):
-      out[name] = view(image, views.example_seed(seed, index, ex["step"], ex["row"],
+      out[name] = view(image, views.example_seed(seed, 0, ex["step"], ex["row"],
                                                  number))
     return out
 

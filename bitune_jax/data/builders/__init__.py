@@ -14,6 +14,7 @@ append the dataset name), so the builders resolve both layouts themselves
 (`resolve_manual_dir`), and `prepare` does so before generating anything.
 """
 
+import logging
 import os
 
 import tensorflow_datasets as tfds
@@ -44,6 +45,8 @@ def prepare(name: str, *, data_dir: epath.PathLike | None,
   if builder.is_prepared():
     return builder
   root = _MODULES[name].resolve_manual_dir(manual_dir)
+  logging.getLogger("bitune_jax").info("preparing tfds %s in %s from %s", name,
+                                       builder.data_dir, root)
   config = tfds.download.DownloadConfig(manual_dir=root, try_download_gcs=False)
   builder.download_and_prepare(download_config=config)
   return builder

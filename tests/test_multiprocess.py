@@ -1,0 +1,325 @@
+"""Several processes, for real: `bitune-train` launched as 2 processes x 4 CPU devices
+(jax.distributed over localhost, gloo collectives) against 1 process x 8 devices, on the
+digits demo from one converted checkpoint; SIGTERM (preemption) and kill -9 survived.
+
+The reference runs in this process (8 devices); the others are real processes. Numbers
+are compared step by step from their TensorBoard scalars, and final states leaf by leaf.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+
+import numpy as np
+import pytest
+
+import processes
+from bitune_jax import train
+
+TOTAL = 8
+# The runs are short and their numbers stable: training starts from a pre-trained
+# (converted) checkpoint, as fine-tuning does. From random weights at a high rate the
+# same float differences grow chaotically within a few steps.
+BASE = {"image_size": 16, "batch_size": 16, "eval_batch_size": 64,
+        "total_steps": TOTAL, "log_every": 1, "eval_every": 4, "checkpoint_every": 3}
+CONFIG_FILES = {"bituning": "bituning.py:demo", "cotuning": "cotuning.py:demo",
+                "unsup_finetune": "unsup_finetune.py:demo"}
+LOSSES = {"bituning": ("loss", "ce", "cce", "ccl"), "cotuning": ("loss", "ce", "co_tuning"),
+          "unsup_finetune": ("loss",)}
+LAYOUT_RTOL = 1e-5  # 2 x 4 devices against 1 x 8: the same sums in another order
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+  """A converted checkpoint (a few steps of supervised pre-training on digits 0-4, in
+  the converter's format): every run here starts from it."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  folder = tmp_path_factory.mktemp("source")
+  config = importlib.import_module("bitune_jax.configs.bituning").get_config("demo")
+  config.image_size, config.batch_size, config.eval_batch_size = 16, 16, 64
+  config.pretrain.total_steps = 6
+  return train._demo_pretrained(config, str(folder))  # pylint: disable=protected-access
+
+
+def _overrides(source, **more):
+  return dict(BASE, init_from=source, **more)
+
+
+def _config(method, overrides, arg="demo"):
+  """The config `processes.config_flags(f"{method}.py:{arg}", overrides)` gives."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"bitune_jax.configs.{method}").get_config(arg)
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _reference(method, overrides, workdir):
+  """1 process x 8 devices (this one): the run's scalars and summary."""
+  _, summary = train.train_and_evaluate(_config(method, overrides), str(workdir))
+  return processes.scalars(workdir), summary
+
+
+def _train(method, overrides, workdir, *, processes_=1, devices=8):
+  return processes.launch(processes.config_flags(CONFIG_FILES[method], overrides)
+                          + ["--workdir", str(workdir)], str(workdir) + "-logs",
+                          processes=processes_, devices=devices)
+
+
+def _assert_same_steps(got, want, tags, steps, rtol):
+  for tag in tags:
+    for step in steps:
+      assert got[tag][step] == pytest.approx(want[tag][step], rel=rtol, abs=1e-7), (
+          tag, step)
+
+
+def _assert_same_eval(got, want, keys):
+  for key in keys:
+    assert got[key] == pytest.approx(want[key], abs=1e-6), key
+
+
+@pytest.fixture(scope="module")
+def bituning_reference(source, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("bituning-1x8")
+  scalars, summary = _reference("bituning", _overrides(source), workdir)
+  return workdir, scalars, summary
+
+
+# --------------------------------------------------------------------------- layouts
+@pytest.mark.parametrize("method", ["bituning", "cotuning", "unsup_finetune"])
+def test_two_processes_give_the_numbers_of_one(method, source, bituning_reference,
+                                               tmp_path):
+  """2 processes x 4 devices = 1 x 8: every loss term at every step, the evaluation,
+  the final state. Co-Tuning's relationship comes from outputs gathered over both
+  processes; unsupervised fine-tuning shuffles BatchNorm groups across them."""
+  overrides = _overrides(source)
+  if method == "bituning":
+    ref_dir, want, ref_summary = bituning_reference
+  else:
+    ref_dir = tmp_path / "1x8"
+    want, ref_summary = _reference(method, overrides, ref_dir)
+  run = _train(method, overrides, tmp_path / "2x4", processes_=2, devices=4)
+  assert run.wait() == [0, 0], run.log(0)[-3000:] + run.log(1)[-3000:]
+  got = processes.scalars(tmp_path / "2x4")
+  _assert_same_steps(got, want, LOSSES[method], range(1, TOTAL + 1), LAYOUT_RTOL)
+  summary = json.loads((tmp_path / "2x4" / "summary.json").read_text())
+  _assert_same_eval(summary, ref_summary, [k for k, v in ref_summary.items()
+                                           if isinstance(v, float)])
+  mine, theirs = (processes.final_state(d, TOTAL) for d in (tmp_path / "2x4", ref_dir))
+  np.testing.assert_allclose(_flat(mine["params"]), _flat(theirs["params"]),
+                             rtol=1e-4, atol=1e-6)
+  # One writer: process 0 wrote the records, whole; process 1 printed no summary.
+  assert "summary in" in run.log(0) and "summary in" not in run.log(1)
+  assert len(list((tmp_path / "2x4" / "launches").glob("launch-*.json"))) == 1
+  if method == "bituning":  # bitune-eval as 2 processes: the numbers of the run
+    run = processes.launch(["--workdir", str(tmp_path / "2x4")], str(tmp_path / "eval"),
+                           processes=2, devices=4, module="bitune_jax.eval_main")
+    assert run.wait() == [0, 0], run.log(0)[-3000:] + run.log(1)[-3000:]
+    record = json.loads((tmp_path / "2x4" / "evals" / f"latest-step{TOTAL}.json")
+                        .read_text())
+    _assert_same_eval(record, ref_summary, ["top1", "mean_class_acc"])
+  if method == "cotuning":
+    (cache,) = (tmp_path / "2x4" / "relationship").glob("*.npz")
+    (ref_cache,) = (ref_dir / "relationship").glob("*.npz")
+    np.testing.assert_allclose(np.load(cache)["relationship"],
+                               np.load(ref_cache)["relationship"], atol=1e-6)
+
+
+def test_two_processes_on_a_tfds_dataset_prepared_once(source, tmp_path):
+  """Aircraft as tfds builds it from the official archive layout (a fake one): process
+  0 prepares it while process 1 waits; 2 x 4 devices then train and evaluate as 1 x 8."""
+  import fakes  # pylint: disable=g-import-not-at-top
+  archive = fakes.make_fgvc_aircraft(str(tmp_path / "manual"), per_split=1)
+  overrides = {"data.manual_dir": archive, "data.data_dir": str(tmp_path / "tfds"),
+               "init_from": source, "image_size": 32, "batch_size": 16,
+               "eval_batch_size": 64, "total_steps": 3, "log_every": 1}
+  run = processes.launch(
+      processes.config_flags("finetune.py:aircraft,resnet_small,100", overrides)
+      + ["--workdir", str(tmp_path / "2x4")], str(tmp_path / "logs"), processes=2,
+      devices=4)
+  assert run.wait() == [0, 0], run.log(0)[-3000:] + run.log(1)[-3000:]
+  assert "preparing tfds fgvc_aircraft" in run.log(0)
+  assert "preparing" not in run.log(1)
+  _, want = _reference_of(_config("finetune", overrides, "aircraft,resnet_small,100"),
+                          tmp_path / "1x8")
+  got = processes.scalars(tmp_path / "2x4")
+  _assert_same_steps(got, processes.scalars(tmp_path / "1x8"), ("loss",), (1, 2, 3),
+                     LAYOUT_RTOL)
+  summary = json.loads((tmp_path / "2x4" / "summary.json").read_text())
+  _assert_same_eval(summary, want, ["top1", "mean_class_acc"])
+
+
+def _reference_of(config, workdir):
+  return train.train_and_evaluate(config, str(workdir))
+
+
+def _flat(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+# --------------------------------------------------------------------------- preemption
+def _preempt(method, overrides, workdir, *, processes_, devices, target=0, after=2):
+  """Starts a run, sends SIGTERM to process `target` once step `after` is logged, and
+  checks that every process stopped at the same step, saved it and said so."""
+  run = _train(method, overrides, workdir, processes_=processes_, devices=devices)
+  run.wait_for(rf"step {after}/{TOTAL}", i=target)
+  run.signal(signal.SIGTERM, i=target)
+  codes = run.wait(timeout=300)
+  assert codes == [128 + signal.SIGTERM] * processes_, run.log(0)[-3000:]
+  stops = {int(re.search(r"stopped by SIGTERM at step (\d+); its checkpoint is saved in "
+                         r"(\S+); the same command resumes", run.log(i))[1])
+           for i in range(processes_)}
+  assert len(stops) == 1, stops  # every process at the same step
+  (step,) = stops
+  assert after <= step < TOTAL
+  # Periodic checkpoints are off in these runs: the one there is the stop's own.
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(step)]
+  assert not (workdir / "summary.json").exists()
+  return step
+
+
+def test_sigterm_stops_saves_and_resumes_bitwise_one_process(source, bituning_reference,
+                                                             tmp_path):
+  """One process: SIGTERM mid-run saves the step it reached (not only the periodic
+  checkpoint); the same command resumes there and ends bitwise equal to the run that
+  was never stopped. The stopped run, resumed by 2 processes instead, ends where the
+  uninterrupted run ends (elastic resume 1 -> 2)."""
+  ref_dir, want, _ = bituning_reference
+  overrides, workdir = _overrides(source, checkpoint_every=100), tmp_path / "run"
+  step = _preempt("bituning", overrides, workdir, processes_=1, devices=8)
+  shutil.copytree(workdir, tmp_path / "elastic")
+  run = _train("bituning", overrides, workdir)
+  assert run.wait() == [0], run.log()[-3000:]
+  assert f"resumed from {workdir}/checkpoints at step {step}" in run.log()
+  got = processes.scalars(workdir)
+  _assert_same_steps(got, want, LOSSES["bituning"], range(1, TOTAL + 1), 0.0)
+  mine, theirs = (processes.final_state(d, TOTAL) for d in (workdir, ref_dir))
+  np.testing.assert_array_equal(_flat(mine), _flat(theirs))
+
+  _resume_elsewhere(tmp_path / "elastic", overrides, step, bituning_reference,
+                    processes_=2, devices=4)
+
+
+def test_sigterm_to_one_of_two_processes(source, bituning_reference, tmp_path):
+  """SIGTERM to process 1 only: both stop at one step and save it; resumed by the same
+  2 processes the run ends bitwise equal to an uninterrupted 2-process run; resumed by
+  1 process x 8 devices (elastic 2 -> 1) it ends where the 1-process run ends."""
+  overrides = _overrides(source, checkpoint_every=100)
+  straight = _train("bituning", overrides, tmp_path / "straight", processes_=2,
+                    devices=4)
+  step = _preempt("bituning", overrides, tmp_path / "run", processes_=2, devices=4,
+                  target=1)
+  assert straight.wait() == [0, 0], straight.log(0)[-3000:]
+  shutil.copytree(tmp_path / "run", tmp_path / "elastic")
+  run = _train("bituning", overrides, tmp_path / "run", processes_=2, devices=4)
+  assert run.wait() == [0, 0], run.log(0)[-3000:]
+  mine, theirs = (processes.final_state(tmp_path / d, TOTAL) for d in ("run", "straight"))
+  np.testing.assert_array_equal(_flat(mine), _flat(theirs))
+
+  _resume_elsewhere(tmp_path / "elastic", overrides, step, bituning_reference,
+                    processes_=1, devices=8)
+
+
+def _resume_elsewhere(workdir, overrides, step, reference, *, processes_, devices):
+  """Resumes the run stopped at `step` in `workdir` on another process layout: it
+  starts at `step` and ends where the 1 x 8 reference ends."""
+  _, want, ref_summary = reference
+  run = _train("bituning", overrides, workdir, processes_=processes_, devices=devices)
+  assert run.wait() == [0] * processes_, run.log(0)[-3000:]
+  assert f"at step {step}" in run.log(0)
+  _assert_same_steps(processes.scalars(workdir), want, LOSSES["bituning"],
+                     range(step + 1, TOTAL + 1), LAYOUT_RTOL)
+  summary = json.loads((workdir / "summary.json").read_text())
+  _assert_same_eval(summary, ref_summary, ["top1", "mean_class_acc"])
+
+
+# --------------------------------------------------------------------------- kill -9
+def test_kill_9_while_a_checkpoint_is_written(source, bituning_reference, tmp_path):
+  """kill -9 right after a checkpoint step is logged (its asynchronous write under way,
+  or just done): the next start resumes from the last complete checkpoint and ends
+  bitwise equal to the uninterrupted run."""
+  ref_dir, want, _ = bituning_reference
+  overrides, workdir = _overrides(source), tmp_path / "run"
+  run = _train("bituning", overrides, workdir)
+  run.wait_for(rf"step 6/{TOTAL}")
+  run.kill()
+  complete = sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
+  assert complete and complete[-1] in (3, 6), os.listdir(workdir / "checkpoints")
+  run = _train("bituning", overrides, workdir)
+  assert run.wait() == [0], run.log()[-3000:]
+  assert f"at step {complete[-1]}" in run.log()
+  assert not [n for n in os.listdir(workdir / "checkpoints") if "tmp" in n]
+  mine, theirs = (processes.final_state(d, TOTAL) for d in (workdir, ref_dir))
+  np.testing.assert_array_equal(_flat(mine), _flat(theirs))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_unreadable_checkpoint_is_named_and_the_one_before_it_used(tmp_path, caplog):
+  """The newest checkpoint's array files truncated (a disk that lost them): the run
+  names it, sets it aside (kept, in checkpoints-unreadable/) and resumes from the one
+  before it; the step is written afresh when the run reaches it again."""
+  import fakes  # pylint: disable=g-import-not-at-top
+  config = fakes.tiny_config("finetune")  # checkpoints at 3 and 6
+  train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]  # two kept
+  truncated = list((tmp_path / "checkpoints" / "6").glob("default/ocdbt.process_0/d/*"))
+  assert truncated
+  for f in truncated:
+    with open(f, "r+b") as handle:
+      handle.truncate(10)
+  config.total_steps = 9
+  with caplog.at_level("INFO", logger="bitune_jax"):
+    _, summary = train.train_and_evaluate(config, str(tmp_path))
+  assert re.search(rf"checkpoint {tmp_path}/checkpoints/6 cannot be read \(.+\); moved "
+                   rf"to {tmp_path}/checkpoints-unreadable/6, resuming from step 3 "
+                   "instead", caplog.text), caplog.text
+  assert "resumed from" in caplog.text and "at step 3" in caplog.text
+  assert summary["step"] == 9
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["6", "9"]
+  assert os.listdir(tmp_path / "checkpoints-unreadable") == ["6"]
+  processes.final_state(tmp_path, 6)  # the new step 6 reads
+
+
+def test_ctrl_c_saves_the_step_and_the_same_command_resumes(tmp_path):
+  """Ctrl-C once the run is training: one line naming the step, its checkpoint saved,
+  exit code 130; the same command then finishes the run from there."""
+  args = processes.config_flags("finetune.py:demo", dict(
+      BASE, init_from="", total_steps=40, checkpoint_every=100)) + [
+          "--workdir", str(tmp_path / "run")]
+  run = processes.launch(args, str(tmp_path / "logs"))
+  run.wait_for(r"step 2/40")
+  run.signal(signal.SIGINT)
+  assert run.wait(timeout=300) == [130], run.log()[-3000:]
+  stopped = re.search(r"bitune-train: stopped by Ctrl-C \(SIGINT\) at step (\d+); its "
+                      rf"checkpoint is saved in {tmp_path}/run/checkpoints; the same "
+                      "command resumes\n", run.log())
+  assert stopped, run.log()[-3000:]
+  assert "Traceback" not in run.log()
+  step = int(stopped[1])
+  assert 2 <= step < 40 and os.listdir(tmp_path / "run" / "checkpoints") == [str(step)]
+  run = processes.launch(args, str(tmp_path / "logs"))
+  assert run.wait() == [0], run.log()[-3000:]
+  assert f"at step {step}" in run.log()
+  assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 40
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--coordinator_address=localhost:1"],
+     "--coordinator_address needs --num_processes and --process_id"),
+    (["--coordinator_address=localhost:1", "--num_processes=2", "--process_id=2"],
+     "--process_id=2 must be in [0, 2)"),
+])
+def test_process_flags_are_checked(flags, message, tmp_path):
+  args = processes.config_flags("bituning.py:demo", {}) + [
+      "--workdir", str(tmp_path / "run")] + flags
+  run = processes.launch(args, str(tmp_path / "logs"))
+  assert run.wait(timeout=120) == [2]
+  assert run.log().strip().endswith(f"bitune-train: error: {message}"), run.log()[-2000:]
+  assert not (tmp_path / "run").exists()
