@@ -50,13 +50,13 @@ def finished_run(tmp_path_factory):
 
 
 def _restore(directory):
-  """The single checkpoint in `directory` (a `checkpoints/` or `best/` folder), read
+  """The newest checkpoint in `directory` (a `checkpoints/` or `best/` folder), read
   by orbax without any target: `(step, {field: numpy tree})`."""
   steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit())
-  assert len(steps) == 1, (directory, steps)
-  tree = ocp.StandardCheckpointer().restore(os.path.join(directory, str(steps[0]),
+  assert steps, directory
+  tree = ocp.StandardCheckpointer().restore(os.path.join(directory, str(steps[-1]),
                                                          "default"))
-  return steps[0], jax.device_get(tree)
+  return steps[-1], jax.device_get(tree)
 
 
 def _test_split(config):
