@@ -203,3 +203,22 @@ def tiny_config(method, **overrides):
     else:
       config[key] = value
   return config
+
+
+@contextlib.contextmanager
+def our_log(level="INFO"):
+  """The records the `bitune_jax` logger emits inside the block, at `level` and up,
+  heard by a handler of its own (whatever the console or pytest did to propagation)."""
+  import logging  # pylint: disable=g-import-not-at-top
+  records = []
+  handler = logging.Handler(level)
+  handler.emit = records.append
+  logger = logging.getLogger("bitune_jax")
+  old_level = logger.level
+  logger.addHandler(handler)
+  logger.setLevel(min(logging.getLevelName(level), logger.getEffectiveLevel()))
+  try:
+    yield records
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)

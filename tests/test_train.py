@@ -233,23 +233,18 @@ def test_nan_before_any_checkpoint_says_there_is_none(tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
 
 
-def test_no_init_from_on_a_real_dataset_warns_and_none_is_explicit(caplog, monkeypatch):
-  import logging  # pylint: disable=g-import-not-at-top
-  # The command-line console (bitune_jax.console) stops propagation: caplog listens at
-  # the root.
-  monkeypatch.setattr(logging.getLogger("bitune_jax"), "propagate", True)
+def test_no_init_from_on_a_real_dataset_warns_and_none_is_explicit():
   config = bituning_config.get_config("cub,resnet50,25")
-  with caplog.at_level("WARNING", logger="bitune_jax"):
+  with fakes.our_log("WARNING") as records:
     assert train._load_pretrained(config, None) is None
-  assert [r.getMessage() for r in caplog.records] == [
+  assert [r.getMessage() for r in records] == [
       "no init_from: bituning starts from RANDOM weights on cub. Give a bitune-convert "
       "output (--config.init_from=FILE.npz), or --config.init_from=none to say that "
       "this is meant."]
-  caplog.clear()
   config.init_from = "none"
-  with caplog.at_level("WARNING", logger="bitune_jax"):
+  with fakes.our_log("WARNING") as records:
     assert train._load_pretrained(config, None) is None
-  assert not caplog.records
+  assert not records
 
 
 def test_shipped_configs_run_from_anywhere_and_are_in_the_wheel(tmp_path):
