@@ -8,15 +8,17 @@ interrupted conversion never leaves a partial file behind. Read with
 """
 
 import hashlib
+import io
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from flax import traverse_util
+
+from bitune_jax import files
 
 FORMAT_VERSION = 1
 _META = "__meta__"
@@ -40,18 +42,9 @@ def save_converted(result: Mapping[str, Any], dst: str | os.PathLike, *,
           "source": None if source is None else os.path.abspath(source),
           "source_sha256": source_sha256, "report": result["report"]}
   arrays[_META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-  folder = os.path.dirname(os.path.abspath(dst))
-  fd, tmp = tempfile.mkstemp(prefix=".bitune-convert-", suffix=".tmp", dir=folder)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, dst)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  files.write_atomically(dst, buffer.getvalue())
   return dst
 
 
