@@ -1,7 +1,8 @@
 """Image views in JAX, made on the accelerator inside `jax.jit` from a uint8 cache.
 
-The host-side views (`bitune_jax.data.views`, tf.data) decode and resize every image
-on every step. These functions make the same reference views from a uint8 cache of
+The host-side TensorFlow views these replace (tf.data, formerly
+`bitune_jax.data.views`) decoded and resized every image on every step. These
+functions make the same reference views from a uint8 cache of
 images already resized to `S x S` (`S = eval_resize(size)`, 256 for 224 crops: the
 reference's `Resize((256, 256))` before `RandomResizedCrop(224)`), as pure, jittable
 and vmappable JAX functions, so the cache can live on the devices and the views be
@@ -17,25 +18,67 @@ drawn inside the training step.
   scaled by the shrink factor, sampled at pixel centres, weights renormalised, only
   pixels of the box taken, as torchvision crops before it resizes), as two matrix
   products with `[size, S]` weight matrices built for the (traced) box.
-* `reference_train_view`: crop box, crop-and-resize, horizontal flip with p 0.5,
-  ImageNet normalisation. `eval_view`: the centre `size x size` of the cache image.
+* `reference_train_view`: crop box, crop-and-resize, horizontal flip with p 0.5 (or
+  none), optional colour jitter, ImageNet normalisation. `eval_view`: the centre
+  `size x size` of the cache image.
+* Colour and blur, torchvision's semantics in float32: `adjust_colour` / `jitter_draws`
+  / `color_jitter` (ColorJitter: brightness, contrast, saturation, hue in a random
+  order, each clipped to [0, 1]; the hue rotated through HSV), `grayscale` (ITU-R
+  601-2 luma), `gaussian_blur` (separable, reflected borders, two matrix products).
+* `moco_view` (MoCo v2): random resized crop of area 0.2-1 drawn in the ORIGINAL
+  image's pixels (`moco_box`: `crop_box` on its `hw`, then mapped onto the `S x S`
+  cache), resampled to `size`, colour jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale
+  p 0.2, Gaussian blur (sigma 0.1-2, `blur_kernel_size(size)` taps: 23 at 224) p 0.5,
+  horizontal flip p 0.5, normalisation: the former host-side `moco_view`, which
+  cropped the original image, up to the resampling through the cache.
 * `view_key` / `batch_views`: every random choice comes from a key folding the run
   seed with the step, the example's row in the global batch and the view number, so
   the pixels depend only on (seed, step, global row, view): not on the number of
   devices nor on how the batch is sharded, and a resumed run redraws the same views.
 
+The MoCo cache side, `S = moco_side(size)` = 384 for 224 (`round(size * 384 / 224)`).
+A MoCo crop may be as small as 45% of the original's side, so its view resolves the
+original's pixels (a 500-pixel-wide image: 224 output pixels across 224 original
+ones); a cache of `S` squeezes the whole image into `S` pixels and then upsamples its
+crop. Measured by `bench/moco_side.py` (64 synthetic 500 x 375 photo-like images, 16
+MoCo boxes each; the view from the cache vs the box of the original resized by PIL;
+mean and 99th percentile absolute error in /255, and the mean's excess over a 1024
+cache's, which is what no side removes: the cache's own bilinear interpolation blurs
+texture finer than its pixels):
+
+    S     texture: mean  p99  excess | i.i.d. noise: mean  p99  excess | bytes/image
+    224            3.83 13.6   2.38  |               5.01 18.6   2.45  |   150,528
+    256            3.38 12.2   1.94  |               4.67 17.7   2.12  |   196,608
+    320            2.71  9.96  1.27  |               4.04 16.0   1.49  |   307,200
+    384            2.26  8.39  0.82  |               3.51 14.3   0.96  |   442,368
+    448            2.01  7.38  0.57  |               3.18 13.0   0.63  |   602,112
+    512            1.84  6.72  0.40  |               2.96 12.0   0.41  |   786,432
+    640            1.66  5.89  0.21  |               2.76 11.1   0.21  | 1,228,800
+    1024           1.44  4.99  0     |               2.56 10.2   0     | 3,145,728
+
+(texture: a smooth colour field plus random fields of 2-32 pixel cells; i.i.d. noise
+of std 12 per pixel, a worst case.) No side brings the mean under 1/255 (even 1024
+leaves 1.4/255), and the returns diminish while the bytes grow: the mean gains 0.67,
+0.45, 0.25, 0.17 /255 per 64 pixels from 256 to 512. The rule is the smallest side
+whose excess is under 1/255: 384 on both textures (442 kB per image, 2.25 times the
+256 cache of the reference views).
+
 Outputs are float32, normalised with the ImageNet mean and std (`MEAN_RGB`,
-`STD_RGB`, the same as `bitune_jax.data.views`, repeated here so that this module
-does not import TensorFlow).
+`STD_RGB`, the same as the host-side evaluation batches of `bitune_jax.data.pipeline`,
+repeated here so that the two modules do not import each other).
 """
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 MEAN_RGB = (0.485, 0.456, 0.406)
 STD_RGB = (0.229, 0.224, 0.225)
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2
+DEFAULT_JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+JITTER_FOLD = 2  # reference views: the jitter key is jax.random.fold_in(key, 2)
 
 
 def normalize(image: jax.Array) -> jax.Array:
@@ -116,18 +159,171 @@ def crop_and_resize(image_u8: jax.Array, top: int | jax.Array, left: int | jax.A
   return jnp.clip(out, 0.0, 1.0)
 
 
+# ---------------------------------------------------------------------- colour
+
+
+def grayscale(image: jax.Array) -> jax.Array:
+  """ITU-R 601-2 luma of float `[H, W, 3]`: `[H, W, 1]` (0.299 R + 0.587 G + 0.114 B,
+  PIL's "L" and torchvision's coefficients)."""
+  luma = jnp.asarray(LUMA, jnp.float32)
+  return jnp.sum(image * luma, axis=-1, keepdims=True)
+
+
+def _rotate_hue(image, shift):
+  """float `[H, W, 3]` in [0, 1] with its hue rotated by `shift` turns (RGB -> HSV ->
+  RGB; saturation and value kept)."""
+  r, g, b = image[..., 0], image[..., 1], image[..., 2]
+  value = jnp.max(image, axis=-1)
+  chroma = value - jnp.min(image, axis=-1)  # = saturation * value
+  safe = jnp.where(chroma > 0, chroma, 1.0)
+  # Hue in sixths of the circle: the sector of the largest channel, then the offset.
+  sixths = jnp.where(value == r, (g - b) / safe,
+                     jnp.where(value == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+  sixths = jnp.where(chroma > 0, sixths, 0.0)
+  sixths = jnp.mod(sixths + 6.0 * shift, 6.0)
+  # Back to RGB: channel n (R, G, B: n = 5, 3, 1) is v - c * clip(min(k, 4 - k), 0, 1)
+  # with k = (n + sixths) mod 6.
+  k = jnp.mod(jnp.asarray([5.0, 3.0, 1.0]) + sixths[..., None], 6.0)
+  return value[..., None] - chroma[..., None] * jnp.clip(jnp.minimum(k, 4.0 - k), 0, 1)
+
+
+def adjust_colour(image: jax.Array, factors: jax.Array, order: jax.Array) -> jax.Array:
+  """torchvision's ColorJitter given its draws, on float `[H, W, 3]` in [0, 1].
+
+  Args:
+    image: float `[H, W, 3]` in [0, 1].
+    factors: `[4]`: brightness, contrast and saturation factors, hue shift (turns).
+    order: int `[4]`, a permutation of 0..3 (may be traced): op `order[i]` is applied
+      i-th. Op 0, brightness: `f0 * x`; 1, contrast: `f1 * x + (1 - f1) *
+      mean(grayscale(x))`; 2, saturation: `f2 * x + (1 - f2) * grayscale(x)`; 3, hue:
+      the hue rotated by `f3` of the colour circle. Each result is clipped to [0, 1].
+
+  Returns:
+    float32 `[H, W, 3]` in [0, 1].
+  """
+  factors = jnp.asarray(factors, jnp.float32)
+  ops = [
+      lambda x: factors[0] * x,
+      lambda x: factors[1] * x + (1 - factors[1]) * jnp.mean(grayscale(x)),
+      lambda x: factors[2] * x + (1 - factors[2]) * grayscale(x),
+      lambda x: _rotate_hue(x, factors[3]),
+  ]
+  ops = [lambda x, op=op: jnp.clip(op(x), 0.0, 1.0) for op in ops]
+  image = image.astype(jnp.float32)
+  for i in range(4):  # under vmap the switch computes all four and selects
+    image = jax.lax.switch(order[i], ops, image)
+  return image
+
+
+def jitter_draws(key: jax.Array, strength: Sequence[float] = DEFAULT_JITTER
+                 ) -> tuple[jax.Array, jax.Array]:
+  """`(factors [4] float32, order [4] int32)` of ColorJitter with `strength` (b, c, s,
+  h): brightness, contrast, saturation ~ U[max(0, 1 - v), 1 + v], hue shift ~ U[-h, h],
+  the order a uniformly random permutation of 0..3 (keys `jax.random.split(key, 5)`:
+  one per factor, then the order)."""
+  keys = jax.random.split(key, 5)
+  bounds = [(max(0.0, 1 - v), 1 + v) for v in strength[:3]]
+  bounds.append((-strength[3], strength[3]))
+  factors = jnp.stack([jax.random.uniform(k, (), jnp.float32, low, high)
+                       for k, (low, high) in zip(keys[:4], bounds)])
+  order = jax.random.permutation(keys[4], 4).astype(jnp.int32)
+  return factors, order
+
+
+def color_jitter(image: jax.Array, key: jax.Array, *,
+                 strength: Sequence[float] = DEFAULT_JITTER) -> jax.Array:
+  """torchvision's ColorJitter on float `[H, W, 3]` in [0, 1]: `jitter_draws(key,
+  strength)`, then `adjust_colour`."""
+  factors, order = jitter_draws(key, strength)
+  return adjust_colour(image, factors, order)
+
+
+# ------------------------------------------------------------------------ blur
+
+
+def _blur_band(length, sigma, kernel_size):
+  """`[length, length + kernel_size - 1]` float32: row i holds the normalised Gaussian
+  taps at columns i .. i + kernel_size - 1 (of the axis padded by kernel_size // 2)."""
+  radius = kernel_size // 2
+  taps = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  kernel = jnp.exp(-0.5 * jnp.square(taps / sigma))
+  kernel = kernel / jnp.sum(kernel)
+  offset = jnp.arange(length + 2 * radius)[None, :] - jnp.arange(length)[:, None]
+  inside = (offset >= 0) & (offset <= 2 * radius)
+  return jnp.where(inside, kernel[jnp.clip(offset, 0, 2 * radius)], 0.0)
+
+
+def gaussian_blur(image: jax.Array, sigma: float | jax.Array, *,
+                  kernel_size: int) -> jax.Array:
+  """Separable Gaussian blur of float `[H, W, C]` with reflected borders.
+
+  `kernel_size` (odd, static) taps of a Gaussian of `sigma` (may be traced), normalised
+  to sum 1, as torchvision's `gaussian_blur`; the borders are reflected without
+  repeating the edge pixel (`d c b | a b c d | c b a`, torch's and NumPy's "reflect",
+  SciPy's "mirror"), as often as needed for images smaller than the kernel. Two matrix
+  products (`[H, H + k - 1]` and `[W, W + k - 1]` bands) of the reflect-padded image.
+
+  Returns:
+    float32 `[H, W, C]`.
+  """
+  if kernel_size % 2 != 1:
+    raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+  radius = kernel_size // 2
+  height, width = image.shape[0], image.shape[1]
+  sigma = jnp.asarray(sigma, jnp.float32)
+  pad = ((radius, radius), (radius, radius), (0, 0))
+  padded = jnp.pad(image.astype(jnp.float32), pad, mode="reflect")
+  rows = _blur_band(height, sigma, kernel_size)
+  cols = _blur_band(width, sigma, kernel_size)
+  out = jnp.einsum("ih,hwc->iwc", rows, padded, precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum("jw,iwc->ijc", cols, out, precision=jax.lax.Precision.HIGHEST)
+
+
+def blur_kernel_size(size: int) -> int:
+  """Taps of the MoCo v2 / SimCLR blur of a `size` view: about a tenth of the side, odd,
+  at least 3 (23 at 224, as MoCo v2's former host-side view)."""
+  return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
+def _maybe(key, probability, fn, image):
+  """`fn(image)` with `probability` (`jax.random.bernoulli(key, probability)`), else
+  `image`; both are computed, one is selected."""
+  return jnp.where(jax.random.bernoulli(key, probability), fn(image), image)
+
+
+# ----------------------------------------------------------------------- views
+
+
 def reference_train_view(image_u8: jax.Array, key: jax.Array, *, size: int,
                          scale: tuple[float, float] = (0.08, 1.0),
-                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> jax.Array:
+                         ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                         flip: bool = True,
+                         jitter: Sequence[float] | None = None) -> jax.Array:
   """The reference training view of uint8 `[S, S, 3]`: random resized crop (`crop_box`
   on the `S x S` image, `crop_and_resize` to `size`), horizontal flip with p 0.5,
-  normalisation; float32 `[size, size, 3]`."""
+  optional colour jitter, normalisation; float32 `[size, size, 3]`.
+
+  Args:
+    image_u8: uint8 `[S, S, 3]` cache image.
+    key: the view's key: crop and flip keys are `jax.random.split(key)`, the jitter
+      key is `jax.random.fold_in(key, JITTER_FOLD)` (so the jitter leaves the crop
+      and flip of a view unchanged).
+    size: output side (static).
+    scale: area range of the crop.
+    ratio: aspect (w / h) range of the crop.
+    flip: False: never flip.
+    jitter: None, or (brightness, contrast, saturation, hue) strengths of
+      `color_jitter`, applied after the flip (as the former host-side train view).
+  """
   crop_key, flip_key = jax.random.split(key)
   side_h, side_w = image_u8.shape[0], image_u8.shape[1]
   top, left, h, w = crop_box(crop_key, side_h, side_w, scale=scale, ratio=ratio)
   image = crop_and_resize(image_u8, top, left, h, w, size=size)
-  flip = jax.random.bernoulli(flip_key, 0.5)
-  image = jnp.where(flip, image[:, ::-1], image)
+  if flip:
+    image = _maybe(flip_key, 0.5, lambda x: x[:, ::-1], image)
+  if jitter is not None:
+    image = color_jitter(image, jax.random.fold_in(key, JITTER_FOLD),
+                         strength=tuple(jitter))
   return normalize(image)
 
 
@@ -138,6 +334,92 @@ def eval_view(image_u8: jax.Array, *, size: int) -> jax.Array:
   left = (image_u8.shape[1] - size) // 2
   crop = image_u8[top:top + size, left:left + size]
   return normalize(crop.astype(jnp.float32) / 255.0)
+
+
+def moco_side(size: int) -> int:
+  """The side `S` of the uint8 cache that MoCo views of `size` are cut from: 384 for
+  224 (`round(size * 384 / 224)`), the smallest side measured whose error exceeds that
+  of a 1024 cache by under 1/255 (`bench/moco_side.py`; the module docstring)."""
+  return int(round(size * 384 / 224))
+
+
+def moco_box(key: jax.Array, hw: jax.Array, side: int, *,
+             scale: tuple[float, float] = (0.2, 1.0),
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)
+             ) -> tuple[jax.Array, jax.Array]:
+  """The MoCo crop of an image of original size `hw`, on its `side x side` cache.
+
+  Args:
+    key: the crop's key (`crop_box`'s).
+    hw: int `[2]` (height, width) of the original image (may be traced).
+    side: the cache's side `S` (static).
+    scale: area range of the crop, as a fraction of the original image.
+    ratio: aspect (w / h) range, in the original image's pixels.
+
+  Returns:
+    `(original, cache)`, int32 `[4]` boxes (top, left, h, w): `crop_box` on the
+    original `height x width`, and that box mapped onto the cache (rows times
+    `S / height`, columns times `S / width`, both ends rounded; at least one pixel,
+    inside the cache).
+  """
+  hw = jnp.asarray(hw, jnp.int32)
+  box = jnp.stack(crop_box(key, hw[0], hw[1], scale=scale, ratio=ratio))
+  factor = side / hw.astype(jnp.float32)  # [2]: cache pixels per original pixel
+
+  def to_cache(v, axis):
+    return jnp.round(v.astype(jnp.float32) * factor[axis]).astype(jnp.int32)
+
+  starts, ends = [], []
+  for axis in range(2):
+    start = jnp.minimum(to_cache(box[axis], axis), side - 1)
+    end = jnp.clip(to_cache(box[axis] + box[axis + 2], axis), start + 1, side)
+    starts.append(start)
+    ends.append(end)
+  cache = jnp.stack([starts[0], starts[1], ends[0] - starts[0], ends[1] - starts[1]])
+  return box, cache
+
+
+def moco_view(image_u8: jax.Array, hw: jax.Array, key: jax.Array, *, size: int,
+              scale: tuple[float, float] = (0.2, 1.0),
+              ratio: tuple[float, float] = (3 / 4, 4 / 3),
+              jitter: Sequence[float] = DEFAULT_JITTER, jitter_p: float = 0.8,
+              grayscale_p: float = 0.2, blur_p: float = 0.5,
+              blur_sigma: tuple[float, float] = (0.1, 2.0),
+              flip: bool = True) -> jax.Array:
+  """A MoCo v2 view of an image from its uint8 `[S, S, 3]` cache.
+
+  Random resized crop (`moco_box`: area `scale` of the original `hw` image, aspect in
+  its pixels) resampled to `size`, colour jitter with p `jitter_p`, grayscale
+  (replicated to 3 channels) with p `grayscale_p`, Gaussian blur of sigma ~
+  U(blur_sigma) with `blur_kernel_size(size)` taps with p `blur_p`, horizontal flip
+  with p 0.5 (never if not `flip`), normalisation. The keys are `jax.random.split(key,
+  7)`: crop, jitter or not, jitter draws, grayscale or not, sigma, blur or not, flip or
+  not (each yes / no is `jax.random.bernoulli(k, p)`).
+
+  Args:
+    image_u8: uint8 `[S, S, 3]`, the original image resized to `S x S`.
+    hw: int `[2]`, the original (height, width) (may be traced).
+    key: the view's key.
+    size: output side (static).
+    scale, ratio, jitter, jitter_p, grayscale_p, blur_p, blur_sigma, flip: as above
+      (static).
+
+  Returns:
+    float32 `[size, size, 3]`, normalised.
+  """
+  keys = jax.random.split(key, 7)
+  _, box = moco_box(keys[0], hw, image_u8.shape[0], scale=scale, ratio=ratio)
+  image = crop_and_resize(image_u8, box[0], box[1], box[2], box[3], size=size)
+  image = _maybe(keys[1], jitter_p,
+                 lambda x: color_jitter(x, keys[2], strength=tuple(jitter)), image)
+  image = _maybe(keys[3], grayscale_p,
+                 lambda x: jnp.broadcast_to(grayscale(x), x.shape), image)
+  sigma = jax.random.uniform(keys[4], (), jnp.float32, blur_sigma[0], blur_sigma[1])
+  image = _maybe(keys[5], blur_p, lambda x: gaussian_blur(
+      x, sigma, kernel_size=blur_kernel_size(size)), image)
+  if flip:
+    image = _maybe(keys[6], 0.5, lambda x: x[:, ::-1], image)
+  return normalize(image)
 
 
 def view_key(seed: int | jax.Array, step: int | jax.Array, row: int | jax.Array,
@@ -151,10 +433,44 @@ def view_key(seed: int | jax.Array, step: int | jax.Array, row: int | jax.Array,
 
 
 def batch_views(images_u8: jax.Array, *, seed: int | jax.Array, step: int | jax.Array,
-                rows: jax.Array, view: int, size: int) -> jax.Array:
-  """`reference_train_view` of each uint8 `[B, S, S, 3]` image with its own key
-  `view_key(seed, step, rows[b], view)` (`rows`: `[B]` rows in the global batch);
-  float32 `[B, size, size, 3]`."""
-  def one(image, row):
-    return reference_train_view(image, view_key(seed, step, row, view), size=size)
-  return jax.vmap(one)(images_u8, rows)
+                rows: jax.Array, view: int, size: int, kind: str = "reference",
+                hw: jax.Array | None = None, scale: tuple[float, float] | None = None,
+                flip: bool = True,
+                jitter: Sequence[float] | None = None) -> jax.Array:
+  """A view of each uint8 `[B, S, S, 3]` image, each with its own key
+  `view_key(seed, step, rows[b], view)`.
+
+  Args:
+    images_u8: uint8 `[B, S, S, 3]` cache images.
+    seed, step: the run's seed and the step (may be traced).
+    rows: int `[B]`, each image's row in the global batch.
+    view: the view number (0, 1: query, key).
+    size: output side (static).
+    kind: "reference" (`reference_train_view`) or "moco" (`moco_view`).
+    hw: int `[B, 2]` original (height, width) of each image: needed by "moco", unused
+      by "reference".
+    scale: area range of the crop; None: the kind's default ((0.08, 1) reference,
+      (0.2, 1) moco).
+    flip: False: never flip.
+    jitter: colour jitter strengths (b, c, s, h). Reference: None, no jitter. MoCo:
+      None, `DEFAULT_JITTER` (applied with p 0.8).
+
+  Returns:
+    float32 `[B, size, size, 3]`, normalised.
+  """
+  if kind not in ("reference", "moco"):
+    raise ValueError(f"kind must be 'reference' or 'moco', got {kind!r}")
+  if kind == "moco" and hw is None:
+    raise ValueError("moco views need the original image sizes hw [B, 2]")
+  if kind == "reference":
+    options = dict(size=size, scale=scale or (0.08, 1.0), flip=flip, jitter=jitter)
+
+    def one(image, row):
+      return reference_train_view(image, view_key(seed, step, row, view), **options)
+    return jax.vmap(one)(images_u8, rows)
+  options = dict(size=size, scale=scale or (0.2, 1.0), flip=flip,
+                 jitter=DEFAULT_JITTER if jitter is None else jitter)
+
+  def one_moco(image, image_hw, row):
+    return moco_view(image, image_hw, view_key(seed, step, row, view), **options)
+  return jax.vmap(one_moco)(images_u8, jnp.asarray(hw, jnp.int32), rows)
