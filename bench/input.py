@@ -1,98 +1,163 @@
-"""Benchmark: the two-view 224 input pipeline per CPU core against what the train step
-consumes, measured in one run.
+"""Benchmark: the input path, host side and device side, against the train step it feeds,
+measured in one run.
 
-The pipeline is the real one (`bitune_jax.data.pipeline.train_stream`): encoded JPEGs in
-memory (synthetic 500x375 photos-like images, the size of a CUB image), decoded and
-augmented twice per example (query and key views) in tf.data, batched. It runs once
-with one tf.data thread (images per second per core) and once with all cores, for the
-reference views (Bi-tuning) and the MoCo v2 views (unsupervised fine-tuning: colour
-jitter, grayscale, blur). The train step is the real jitted Bi-tuning step on this
-machine's devices (`bench/step.py`), fed a synthetic on-device batch.
+The path is the real one (`bitune_jax.data`): synthetic photo-like JPEGs of 500x375 (the
+size of a CUB image) are decoded and resized once into the uint8 cache (`data.cache`, S
+= 256 for the reference views at 224, `device_views.moco_side(224)` = 384 for MoCo v2);
+then, per step, the host only gathers its rows of the global batch from the memory-mapped
+cache and puts them on the devices (`pipeline.train_stream`, `sharding.global_batch`),
+and the two views of each example are made inside the jitted Bi-tuning step
+(`pipeline.make_views`).
 
-  python bench/input.py                        # ResNet-50 step, batch 16
-  python bench/input.py --arch resnet18 --batch 32 --seconds 10
+Printed, for each view kind ('reference': the papers' fine-tuning views; 'moco': MoCo v2's,
+for unsupervised fine-tuning):
+* the cache build rate (images/s, all cores; once per dataset);
+* host: two-view examples/s on one core in steady state (gather + device put);
+* device: the views' share of the Bi-tuning step that makes them: the views compiled
+  alone over the full step with views (ResNet-18, 112 px, batch 32 on CPU; with `--gpu`
+  ResNet-50, 224 px, bf16, `--gpu_batch`).
 
-The last line is `ratio=<x>`: pipeline images/s on all cores over step images/s.
-For an accelerator, divide its step's images/s (bench/step.py --gpu) by the per-core
-rate printed here: that many host cores keep it fed.
+  python bench/input.py              # CPU
+  python bench/input.py --gpu        # on a GPU machine
+
+The last line is `host_per_core=<examples/s> device_share=<fraction>`, the worse of the
+two view kinds. Goals: at least 2,000 examples/s per host core, at most 3% of the step.
 """
 
 import argparse
 import os
 import sys
+import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step as step_bench  # noqa: E402  pylint: disable=g-import-not-at-top
 
-from bitune_jax.data import pipeline  # noqa: E402
+from bitune_jax import methods, queues, sharding, train  # noqa: E402
+from bitune_jax.data import cache, device_views, pipeline  # noqa: E402
+from bitune_jax.methods import common  # noqa: E402
 
 
 def _photos(count, seed=0, size=(375, 500)):
   """Encoded JPEGs (quality 90) of smooth random colour fields with fine texture."""
+  import io  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(count):
-    coarse = rng.uniform(0, 255, (12, 16, 3)).astype(np.float32)
-    image = tf.image.resize(coarse[None], size, method="bicubic")[0].numpy()
-    image += rng.normal(0, 12, image.shape)
-    out.append(tf.io.encode_jpeg(np.clip(image, 0, 255).astype(np.uint8),
-                                 quality=90).numpy())
-  return np.array(out, dtype=object)
+    coarse = Image.fromarray(rng.uniform(0, 255, (12, 16, 3)).astype(np.uint8))
+    image = np.asarray(coarse.resize(size[::-1], Image.BICUBIC), np.float32)
+    image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+    out.append(buffer.getvalue())
+  return out
 
 
-def pipeline_rate(encoded, *, kind, threads, batch, seconds, size=224):
-  """Examples (two views each) per second of the training stream."""
-  pool = pipeline.EncodedSplit(encoded, np.zeros(len(encoded), np.int32), len(encoded),
-                               len(encoded), size)
+def build_cache(encoded, side, directory):
+  start = time.perf_counter()
+  c = cache.load({"bench": "input", "n": len(encoded)}, encoded, side=side,
+                 directory=directory, name=f"bench-{side}")
+  rate = len(encoded) / (time.perf_counter() - start)
+  return pipeline.Split(c.images, c.hw, np.zeros(len(c), np.int32), 224), rate
+
+
+def host_rate(pool, *, batch, seconds, mesh):
+  """Two-view examples/s of this host's work on one core: the rows of a step gathered
+  from the memory-mapped cache and put on the devices."""
   stream = pipeline.train_stream(pool, start_step=0, batch_size=batch, seed=0,
-                                 view=pipeline.view_fn(kind, size=size), threads=threads)
-  for _ in range(3):  # warm up (tracing, thread pools)
-    next(stream)
+                                 process_count=1, process_index=0)
+  for _ in range(3):  # warm up: page cache, allocator
+    jax.block_until_ready(sharding.global_batch(next(stream), mesh))
   start, count = time.perf_counter(), 0
   while time.perf_counter() - start < seconds:
-    count += len(next(stream)["label"])
+    jax.block_until_ready(sharding.global_batch(next(stream), mesh))
+    count += batch
   return count / (time.perf_counter() - start)
 
 
-def step_rate(arch, size, batch, reps):
-  run, _ = step_bench._compiled_step(  # pylint: disable=protected-access
-      step_bench._config(arch, size, batch, "bituning", False))  # pylint: disable=protected-access
-  times = sorted(run() for _ in range(reps))
-  return batch / times[len(times) // 2]
+def _timer(fn, *args):
+  def run():
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+  run()
+  return run
+
+
+def device_share(kind, *, arch, size, batch, bf16, reps):
+  """`(views seconds, step-with-views seconds)`: medians of paired timings."""
+  config = step_bench._config(arch, size, batch, "bituning", bf16)  # pylint: disable=protected-access
+  config.data.views = kind
+  method = methods.get("bituning")
+  mesh = sharding.make_mesh()
+  model = method.build_model(config, config.num_classes)
+  tx = common.make_optimizer(config)
+  init = lambda rng: method.init_state(  # noqa: E731
+      rng, jnp.zeros((1, size, size, 3)), model=model, tx=tx, config=config)
+  shardings = method.state_shardings(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh,
+                                     config)
+  state = [jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))]
+  side = (device_views.moco_side(size) if kind == "moco" else pipeline.eval_resize(size))
+  rng = np.random.default_rng(0)
+  host = {"image_u8": rng.integers(0, 256, (batch, side, side, 3), dtype=np.uint8),
+          "hw": np.tile([375, 500], (batch, 1)).astype(np.int32),
+          "label": rng.integers(0, config.num_classes, batch).astype(np.int32)}
+  data = sharding.global_batch(host, mesh)
+  views = pipeline.make_views(pipeline.ViewSpec(kind=kind, size=size, seed=0,
+                                                two_views=True))
+  step = jax.jit(train.with_views(method.make_train_step(model, tx, config), views),
+                 in_shardings=(shardings, None), donate_argnums=0,
+                 compiler_options=queues.inplace_update_compiler_options())
+  compiled = step.lower(state[0], data).compile()
+
+  def full():
+    start = time.perf_counter()
+    state[0], metrics = compiled(state[0], data)
+    jax.block_until_ready((state[0], metrics))
+    return time.perf_counter() - start
+
+  full()
+  alone = _timer(jax.jit(views), data, jnp.int32(3))
+  times = step_bench._paired_times({"views": alone, "full": full}, reps)  # pylint: disable=protected-access
+  return float(np.median(times["views"])), float(np.median(times["full"]))
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--arch", default="resnet50")
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--reps", type=int, default=3)
-  parser.add_argument("--seconds", type=float, default=15.0)
+  parser.add_argument("--gpu", action="store_true",
+                      help="ResNet-50, 224 px, bf16 on the accelerator")
+  parser.add_argument("--gpu_batch", type=int, default=256)
   parser.add_argument("--images", type=int, default=256)
+  parser.add_argument("--batch", type=int, default=48, help="host batch (rows per step)")
+  parser.add_argument("--seconds", type=float, default=5.0)
+  parser.add_argument("--reps", type=int, default=6)
   args = parser.parse_args()
-  cores = os.cpu_count()
+  mesh = sharding.make_mesh()
+  arch, size, batch = (("resnet50", 224, args.gpu_batch) if args.gpu else
+                       ("resnet18", 112, 32))
   encoded = _photos(args.images)
   print(f"{len(encoded)} JPEGs of 500x375, {np.mean([len(e) for e in encoded]) / 1e3:.0f} "
-        f"kB on average; {cores} CPU cores; tensorflow {tf.__version__}", flush=True)
-  rates = {}
-  for kind in ("reference", "moco"):
-    for threads in (1, cores):
-      rates[kind, threads] = pipeline_rate(encoded, kind=kind, threads=threads,
-                                           batch=48, seconds=args.seconds)
-      print(f"{kind:9s} views, {threads} thread(s): {rates[kind, threads]:7.1f} "
-            f"examples/s (two 224 views each), "
-            f"{rates[kind, threads] / threads:6.1f} per core", flush=True)
-  consumed = step_rate(args.arch, 224, args.batch, args.reps)
-  print(f"Bi-tuning step, {args.arch} 224px batch {args.batch}: {consumed:.2f} examples/s "
-        f"on this machine's devices", flush=True)
-  ratio = rates["reference", cores] / consumed
-  print(f"reference pipeline on {cores} cores / step: {ratio:.1f}x; MoCo views: "
-        f"{rates['moco', cores] / consumed:.1f}x; per core, reference "
-        f"{rates['reference', 1]:.1f}/s, MoCo {rates['moco', 1]:.1f}/s")
-  print(f"ratio={ratio:.2f}")
+        f"kB on average; {os.cpu_count()} CPU cores; {jax.device_count()} "
+        f"{jax.devices()[0].platform} device(s)", flush=True)
+  host, share = {}, {}
+  with tempfile.TemporaryDirectory() as directory:
+    for kind, side in (("reference", pipeline.eval_resize(224)),
+                       ("moco", device_views.moco_side(224))):
+      pool, built = build_cache(encoded, side, directory)
+      host[kind] = host_rate(pool, batch=args.batch, seconds=args.seconds, mesh=mesh)
+      views, full = device_share(kind, arch=arch, size=size, batch=batch, bf16=args.gpu,
+                                 reps=args.reps)
+      share[kind] = views / full
+      print(f"{kind:9s} views: cache {side}x{side} built at {built:6.0f} images/s; host "
+            f"{host[kind]:8.0f} two-view examples/s on one core; device: views "
+            f"{views * 1e3:7.2f} ms of a {full * 1e3:8.1f} ms {arch} {size}px batch "
+            f"{batch} Bi-tuning step = {100 * share[kind]:.1f}%", flush=True)
+  print(f"host_per_core={min(host.values()):.0f} device_share={max(share.values()):.4f}")
 
 
 if __name__ == "__main__":

@@ -89,13 +89,20 @@ def base_config(arg, method):
   config.profile_steps = 0  # > 0: a jax.profiler trace of that many steps in the workdir
   # kshot > 0: k labelled images per class (k-shot transfer), instead of sampling_rate.
   # views: 'reference' (resize, random resized crop, flip[, colour jitter]) or 'moco'.
+  # crop_scale: the area range of the random crop; () is the views' default
+  # ((0.08, 1) reference, (0.2, 1) moco). flip: random horizontal flips.
+  # cache_dir: where the decoded uint8 caches live ('' : $BITUNE_JAX_CACHE_DIR, else
+  # DATA_DIR/bitune_jax_cache, else ~/.cache/bitune_jax; 'none': in memory only).
+  # cache_side: S of the cache (0: 256 / 224 of image_size; the MoCo views' own rule).
+  # threads: threads that build a cache (0: one per core).
   # replay_source: the dataset replayed by unsupervised fine-tuning (tfds datasets).
   # val_fraction > 0: that stratified fraction of the training images is held out, and
   # the best checkpoint is chosen on it (else on the test split, which flatters it).
   config.data = ml_collections.ConfigDict(dict(
       data_dir="", manual_dir="", kshot=0, views="reference", color_jitter=False,
       jitter=(0.4, 0.4, 0.4, 0.1), replay_source="imagenet", replay_manual_dir="",
-      threads=0, val_fraction=0.0))
+      threads=0, val_fraction=0.0, crop_scale=(), flip=True, cache_dir="",
+      cache_side=0))
   if arg == "demo":
     _demo(config)
   return config
@@ -114,6 +121,8 @@ def _demo(config):
   config.init_from = "demo:digits_source"
   config.pretrain = ml_collections.ConfigDict(dict(total_steps=400, lr=0.1))
   config.cotuning.source_classes = 5  # the demo's source model: digits 0-4
+  config.data.crop_scale = (0.5, 1.0)  # a digit keeps its shape: crops of half or more,
+  config.data.flip = False  # and no mirror images
 
 
 def validate(config):
@@ -176,6 +185,13 @@ def _validate_data(config):
   data = config.data
   if data.views not in ("reference", "moco"):
     raise ValueError(f"data.views must be 'reference' or 'moco', got {data.views!r}")
+  scale = tuple(data.crop_scale)
+  if scale and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+    raise ValueError(f"data.crop_scale must be () or (low, high) with 0 < low <= high "
+                     f"<= 1, got {scale}")
+  if data.cache_side and data.cache_side < config.image_size:
+    raise ValueError(f"data.cache_side {data.cache_side} is smaller than image_size "
+                     f"{config.image_size}")
   if int(data.kshot) != data.kshot or data.kshot < 0:
     raise ValueError(f"data.kshot must be a non-negative integer, got {data.kshot}")
   replay = config.method == "unsup_finetune" and config.unsup.replay_fraction > 0

@@ -21,10 +21,10 @@ def preprocessing(config):
   """How the model's eval-mode inputs are made (see `bitune_jax.inference`)."""
   if config.dataset == "digits":
     return {"kind": "digits", "image_size": config.image_size}
-  from bitune_jax.data import views
+  from bitune_jax.data import pipeline
   return {"kind": "imagenet", "image_size": config.image_size,
-          "resize": views.eval_resize(config.image_size),
-          "mean": list(views.MEAN_RGB), "std": list(views.STD_RGB)}
+          "resize": pipeline.eval_resize(config.image_size),
+          "mean": list(pipeline.MEAN_RGB), "std": list(pipeline.STD_RGB)}
 
 
 def export_workdir(workdir, out, *, which="final", overwrite=False):

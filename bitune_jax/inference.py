@@ -61,23 +61,19 @@ def _decode(image):
 
 
 def _preprocess_one(image, spec):
+  """One decoded image -> the evaluation view a run makes of it (`data.pipeline`): the
+  cache's PIL bilinear resize to S x S in uint8, the centre crop, normalisation."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  from bitune_jax.data import cache, digits  # pylint: disable=g-import-not-at-top
   size = spec["image_size"]
+  image = np.asarray(image)
   if image.ndim == 2:
     image = np.repeat(image[..., None], 3, axis=-1)
-  if spec["kind"] == "digits":  # grey 8x8 in [0, 1] (16 levels), as scikit-learn's
-    from bitune_jax.data import digits  # pylint: disable=g-import-not-at-top
-    grey = Image.fromarray(image.astype(np.uint8)).convert("L").resize(
-        (8, 8), Image.BOX)  # area averaging
-    mean, std = digits.digits_mean_std()
-    small = np.asarray(grey, np.float32)[None] / 255.0
-    return digits._prepare(small, size, mean, std)[0]  # pylint: disable=protected-access
-  resize = spec["resize"]  # bilinear, antialiased, in float (no 8-bit rounding)
-  pixels = np.stack([np.asarray(Image.fromarray(image[..., c].astype(np.float32),
-                                                mode="F").resize((resize, resize),
-                                                                 Image.BILINEAR))
-                     for c in range(3)], axis=-1)
-  pixels = np.clip(pixels / 255.0, 0.0, 1.0)
-  offset = (resize - size) // 2
-  crop = pixels[offset:offset + size, offset:offset + size]
-  return ((crop - np.asarray(spec["mean"])) / np.asarray(spec["std"])).astype(np.float32)
+  if spec["kind"] == "digits":  # grey 8x8, as scikit-learn's (area averaging)
+    grey = Image.fromarray(image.astype(np.uint8)).convert("L").resize((8, 8), Image.BOX)
+    return digits.eval_images(np.asarray(grey)[None], size)[0]
+  resized = cache.resize_image(image.astype(np.uint8), spec["resize"])[None]
+  offset = (spec["resize"] - size) // 2
+  crop = resized[:, offset:offset + size, offset:offset + size].astype(np.float32) / 255
+  return ((crop[0] - np.asarray(spec["mean"], np.float32)) /
+          np.asarray(spec["std"], np.float32)).astype(np.float32)

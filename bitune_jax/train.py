@@ -33,11 +33,19 @@ def _train_batches(run, mesh, start_step):
   return input_lib.prefetch_to_device(run.data.train_batches(start_step), mesh)
 
 
+def with_views(step_fn, views):
+  """`step(state, batch)` whose batch holds the uint8 cache images: the step's training
+  views are made on the device first (`Input.views`, keyed by the step being taken)."""
+  def step(state, batch):
+    return step_fn(state, views(batch, state.step))
+  return step
+
+
 # --------------------------------------------------------------------------- state
 # What a resumed run may change: how long it runs and how often it reports. Any other
 # change would make the checkpoint and `config.json` describe different runs.
 RESUMABLE = ("total_steps", "eval_every", "log_every", "checkpoint_every",
-             "eval_batch_size", "data.threads", "profile_steps")
+             "eval_batch_size", "data.threads", "data.cache_dir", "profile_steps")
 _IDENTITY = ("method", "arch", "num_classes", "dataset")
 
 
@@ -210,6 +218,7 @@ class Setup:
   train_step: Any  # jitted, state donated
   eval_step: Any
   config_changes: dict = dataclasses.field(default_factory=dict)  # vs config.json
+  method_step: Any = None  # the method's step on views (float images), not jitted
 
 
 def setup(config, mesh, workdir=None, ckpts=None):
@@ -232,12 +241,14 @@ def setup(config, mesh, workdir=None, ckpts=None):
   state, shardings = create_state(config, method, model, tx, mesh, data, workdir, ckpts)
   common.log_learning_rates(config, state.params)
   rep = sharding.replicated(mesh)
-  train_step = jax.jit(method.make_train_step(model, tx, config),
+  method_step = method.make_train_step(model, tx, config)
+  train_step = jax.jit(with_views(method_step, data.views),
                        in_shardings=(shardings, None), out_shardings=(shardings, rep),
                        donate_argnums=0,
                        compiler_options=queues.inplace_update_compiler_options())
   eval_step = jax.jit(common.EvalStep(model), out_shardings=rep)
-  return Setup(method, data, model, state, shardings, train_step, eval_step, changes)
+  return Setup(method, data, model, state, shardings, train_step, eval_step, changes,
+               method_step)
 
 
 def train_and_evaluate(config, workdir):

@@ -10,6 +10,11 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The decoded-image caches of the runs the tests make go to a folder of this session
+# (inherited by the processes the tests start), not to ~/.cache.
+if not os.environ.get("BITUNE_JAX_CACHE_DIR"):
+  import tempfile  # pylint: disable=g-import-not-at-top
+  os.environ["BITUNE_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="bitune-test-cache-")
 
 # The PyTorch reference implementations used for parity live in third_party/.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "third_party"))

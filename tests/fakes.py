@@ -222,3 +222,14 @@ def our_log(level="INFO"):
   finally:
     logger.removeHandler(handler)
     logger.setLevel(old_level)
+
+
+def view_batches(run, start_step=0):
+  """The run's host training batches from `start_step` on, each with the views its
+  train step makes of it (`image_q`, `image_k` or `image`, float32, keys from (seed,
+  step, row, view)) added: for tests that read the views or feed a method's step
+  directly. The run's own step recomputes the same views from `image_u8`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  views = jax.jit(run.data.views)
+  for step, batch in enumerate(run.data.train_batches(start_step), start_step):
+    yield dict(batch, **jax.device_get(views(batch, step)))

@@ -48,3 +48,14 @@ def check_feature_metrics(metrics, train, test, num_classes):
   assert abs(metrics["linear_probe_top1"] - probe) <= one, (metrics, probe)
   kmeans = evaluate.kmeans_bcubed_precision(train_f, train_y, num_clusters=num_classes)
   assert abs(metrics["kmeans_bcubed_precision"] - kmeans) <= 0.02, (metrics, kmeans)
+
+
+def eval_images(split):
+  """A split's evaluation view, worked out here: the centre `size x size` of each
+  uint8 cache image (offset (S - size) // 2), in [0, 1], minus the ImageNet mean, over
+  its std. float32 `[N, size, size, 3]`."""
+  side, size = split.images.shape[1], split.size
+  top = (side - size) // 2
+  crop = np.asarray(split.images)[:, top:top + size, top:top + size] / 255.0
+  mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+  return ((crop - mean) / std).astype(np.float32)

@@ -10,6 +10,8 @@ import pytest
 
 from bitune_jax import convert, models, relationship, sharding, train
 from bitune_jax.methods import cotuning
+import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
+import outside  # noqa: E402  pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -54,7 +56,7 @@ def test_trains_with_the_relationship_of_its_checkpoint(tmp_path):
   # Independently: the source model's eval-mode softmax, averaged per target class.
   loaded = convert.load_converted(ckpt)
   feats = models.create_backbone("resnet_small").apply(
-      loaded["backbone"], jnp.asarray(run.data.train.images), train=False)
+      loaded["backbone"], jnp.asarray(outside.eval_images(run.data.train)), train=False)
   logits = np.asarray(feats) @ loaded["source_head"]["kernel"] + loaded["source_head"]["bias"]
   expected = relationship.direct_relationship(
       source_probs=np.asarray(jax.nn.softmax(logits)), labels=run.data.train.labels,
@@ -62,7 +64,7 @@ def test_trains_with_the_relationship_of_its_checkpoint(tmp_path):
   np.testing.assert_allclose(matrix, expected, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(matrix.sum(1), 1.0, rtol=1e-5)
   state = run.state
-  for _, batch in zip(range(3), run.data.train_batches(0)):
+  for _, batch in zip(range(3), fakes.view_batches(run)):
     state, metrics = run.train_step(state, sharding.global_batch(batch, mesh))
   metrics = jax.device_get(metrics)
   # The terms' values against NumPy: tests/test_method_steps.py.

@@ -1,17 +1,13 @@
-"""Tests of bitune_jax.data: the digits transfer task and the step-indexed batches."""
+"""Tests of bitune_jax.data: the digits transfer task and the step-indexed example order."""
 
 import functools
 import subprocess
 import sys
-import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitune_jax.data import batches
-from bitune_jax.data import digits
+from bitune_jax.data import digits, pipeline
 
 # Per-digit counts of sklearn's digits, and the 30% test split of each class worked out
 # by hand: test = round_half_up(0.3 * n), e.g. 0.3 * 182 = 54.6 -> 55.
@@ -50,28 +46,28 @@ def test_dataset_counts_and_split_sizes():
   assert expected_train == TARGET_TRAIN
 
 
-def test_shapes_dtypes_and_normalisation():
+def test_shapes_dtypes_and_the_eval_view():
   data = _load("target", size=32)
   assert data["train_images"].shape == (627, 32, 32, 3)
   assert data["test_images"].shape == (269, 32, 32, 3)
   assert data["train_images"].dtype == np.float32 and data["train_labels"].dtype == np.int32
   assert data["test_images"].dtype == np.float32 and data["test_labels"].dtype == np.int32
-  np.testing.assert_array_equal(data["train_images"][..., 0], data["train_images"][..., 2])
-  # At 8x8 (identity resize), all 1797 digits together have mean 0 and std 1.
-  everything = np.concatenate([_load(p)[k] for p in ("source", "target")
-                               for k in ("train_images", "test_images")])
-  assert everything.shape == (1797, 8, 8, 3)
-  assert abs(everything.mean()) < 1e-5 and abs(everything.std() - 1.0) < 1e-5
-  mean, std = digits.digits_mean_std()
-  assert everything.min() == pytest.approx(digits.digits_background(), abs=1e-5)
-  assert everything.max() == pytest.approx((1.0 - mean) / std, abs=1e-5)
-
-
-@pytest.mark.parametrize("size", [4, 8, 13, 32, 224])
-def test_resize_matches_jax_bilinear(size):
-  images = np.random.default_rng(size).random((3, 8, 8)).astype(np.float32)
-  expected = jax.image.resize(jnp.asarray(images), (3, size, size), "bilinear")
-  np.testing.assert_allclose(digits.resize_images(images, size), expected, atol=2e-6)
+  np.testing.assert_allclose(data["train_images"][..., 0] * 0.229 + 0.485,
+                             data["train_images"][..., 2] * 0.225 + 0.406, atol=1e-6)
+  # The uint8 digits are sklearn's 0..16 levels scaled to 0..255.
+  raw = digits.raw_uint8()
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  np.testing.assert_array_equal(raw, np.round(load_digits().images / 16 * 255))
+  # The eval view by hand: PIL bilinear resize of the grey digit to 37 x 37
+  # (round(32 * 256 / 224)), its centre 32 x 32 (offset 2), normalised.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rows = digits.transfer_indices("target")["test_rows"][:5]
+  for got, image in zip(data["test_images"][:5], raw[rows]):
+    big = np.asarray(Image.fromarray(image).convert("RGB").resize((37, 37),
+                                                                  Image.BILINEAR))
+    crop = big[2:34, 2:34] / 255.0
+    expected = (crop - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 def test_target_relabelled_and_disjoint_from_source():
@@ -144,104 +140,25 @@ def test_stratified_subset_bad_arguments():
     digits.stratified_subset(np.zeros((2, 2), int), rate=50, seed=0)
 
 
-# ----------------------------------------------------------------------------- batches
-
-
-def _id_images(n, size=12, channels=3):
-  """Images with no zero pixel, and labels equal to the example index (an id)."""
-  rng = np.random.default_rng(n)
-  images = rng.uniform(1.0, 2.0, (n, size, size, channels)).astype(np.float32)
-  return images, np.arange(n, dtype=np.int32)
-
-
+# ----------------------------------------------------------------------------- order
 def test_steps_per_epoch():
-  assert batches.steps_per_epoch(10, 5) == 2
-  assert batches.steps_per_epoch(11, 5) == 3
-  assert batches.steps_per_epoch(3, 8) == 1
-  assert batches.steps_per_epoch(0, 8) == 0
-  with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
-    batches.steps_per_epoch(10, 0)
-
-
-def test_train_batch_shapes_and_views():
-  images, labels = _id_images(20)
-  batch = batches.train_batch(images, labels, step=3, batch_size=8, seed=1)
-  assert sorted(batch) == ["image_k", "image_q", "label"]
-  assert batch["image_q"].shape == batch["image_k"].shape == (8, 12, 12, 3)
-  assert batch["label"].dtype == np.int32 and batch["label"].shape == (8,)
-  single = batches.train_batch(images, labels, step=3, batch_size=8, seed=1, two_views=False)
-  assert sorted(single) == ["image", "label"]
-  np.testing.assert_array_equal(single["image"], batch["image_q"])
-  plain = batches.train_batch(images, labels, step=3, batch_size=8, seed=1, augment=False)
-  np.testing.assert_array_equal(plain["image_q"], images[plain["label"]])
-  np.testing.assert_array_equal(plain["image_k"], images[plain["label"]])
-
-
-def _recover_shift(view, source, pad=4):
-  """The unique (dy, dx) with view == source shifted by it (zeros where uncovered)."""
-  found = []
-  for dy in range(-pad, pad + 1):
-    for dx in range(-pad, pad + 1):
-      shifted = np.roll(source, (dy, dx), axis=(0, 1))
-      # Interior: where the shifted-back pixel exists; outside it, the zero padding.
-      inside = np.zeros(source.shape[:2], bool)
-      inside[max(dy, 0):source.shape[0] + min(dy, 0),
-             max(dx, 0):source.shape[1] + min(dx, 0)] = True
-      if (np.array_equal(view[inside], shifted[inside]) and
-          not np.any(view[~inside])):
-        found.append((dy, dx))
-  assert len(found) == 1, found
-  return found[0]
-
-
-def test_views_are_translations_of_the_same_image():
-  images, labels = _id_images(40)
-  batch = batches.train_batch(images, labels, step=2, batch_size=16, seed=4)
-  shifts_q, shifts_k = [], []
-  for b, example in enumerate(batch["label"]):
-    shifts_q.append(_recover_shift(batch["image_q"][b], images[example]))
-    shifts_k.append(_recover_shift(batch["image_k"][b], images[example]))
-  assert shifts_q != shifts_k  # The two views are augmented independently.
-  assert len(set(shifts_q)) > 4  # Per example, not one shift for the whole batch.
-  assert not np.array_equal(batch["image_q"], batch["image_k"])
-  expected = batches.augment_shifts(16, step=2, view=0, seed=4).tolist()
-  assert [list(s) for s in shifts_q] == expected
-
-
-def test_translate_fill_and_full_shift():
-  images = np.ones((2, 4, 4, 1), np.float32)
-  out = batches.translate(images, np.array([[1, -2], [4, 0]]), fill=-3.0)
-  assert out[0, 0].ravel().tolist() == [-3.0] * 4
-  assert out[0, 1:, :2].ravel().tolist() == [1.0] * 6 and out[0, :, 2:].max() == -3.0
-  assert np.all(out[1] == -3.0)
-
-
-def test_train_batch_deterministic_and_order_independent():
-  images, labels = _id_images(30)
-  kwargs = dict(batch_size=7, seed=11)
-  first = [batches.train_batch(images, labels, step=s, **kwargs) for s in range(12)]
-  reverse = [batches.train_batch(images, labels, step=s, **kwargs) for s in reversed(range(12))]
-  for a, b in zip(first, reversed(reverse)):
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key])
-  other_seed = batches.train_batch(images, labels, step=0, batch_size=7, seed=12)
-  assert not np.array_equal(other_seed["label"], first[0]["label"])
+  assert pipeline.steps_per_epoch(10, 5) == 2
+  assert pipeline.steps_per_epoch(11, 5) == 3
+  assert pipeline.steps_per_epoch(3, 8) == 1
+  assert pipeline.steps_per_epoch(0, 8) == 0
+  with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+    pipeline.steps_per_epoch(10, 0)
 
 
 _RESUME_SCRIPT = """
 import hashlib, sys
-import numpy as np
-from bitune_jax.data import batches
+from bitune_jax.data import pipeline
 
 def digest(steps):
-  rng = np.random.default_rng(0)
-  images = rng.standard_normal((50, 16, 16, 3)).astype(np.float32)
-  labels = np.arange(50, dtype=np.int32)
   result = hashlib.sha256()
   for step in steps:
-    batch = batches.train_batch(images, labels, step=step, batch_size=12, seed=9)
-    for key in sorted(batch):
-      result.update(batch[key].tobytes())
+    result.update(pipeline.stream_indices(50, step=step, batch_size=12,
+                                          seed=(9, 0)).tobytes())
   return result.hexdigest()
 
 if __name__ == "__main__":
@@ -265,13 +182,11 @@ def test_resume_in_new_process_gives_same_batches(tmp_path):
 
 @pytest.mark.parametrize("n,batch_size", [(24, 6), (24, 24), (25, 1)])
 def test_each_example_once_per_epoch(n, batch_size):
-  images, labels = _id_images(n)
-  per_epoch = batches.steps_per_epoch(n, batch_size)
+  per_epoch = pipeline.steps_per_epoch(n, batch_size)
   for epoch in range(3):
     seen = np.concatenate([
-        batches.train_batch(images, labels, step=epoch * per_epoch + s,
-                            batch_size=batch_size, seed=2, augment=False)["label"]
-        for s in range(per_epoch)])
+        pipeline.stream_indices(n, step=epoch * per_epoch + s, batch_size=batch_size,
+                                seed=2) for s in range(per_epoch)])
     assert sorted(seen.tolist()) == list(range(n))
     perm = np.random.default_rng([2, epoch]).permutation(n)
     np.testing.assert_array_equal(seen, perm)
@@ -279,62 +194,7 @@ def test_each_example_once_per_epoch(n, batch_size):
 
 @pytest.mark.parametrize("n,batch_size,step", [(10, 4, 2), (10, 4, 7), (5, 12, 0), (5, 12, 3)])
 def test_stream_crosses_epoch_boundaries(n, batch_size, step):
-  images, labels = _id_images(n)
-  stream = np.concatenate([np.random.default_rng([6, e]).permutation(n) for e in range(20)])
-  batch = batches.train_batch(images, labels, step=step, batch_size=batch_size, seed=6,
-                              two_views=False)
-  np.testing.assert_array_equal(batch["label"], stream[step * batch_size:
-                                                       (step + 1) * batch_size])
-  assert batch["image"].shape[0] == batch_size
-
-
-def test_train_batch_speed():
-  images = np.random.default_rng(0).standard_normal((600, 32, 32, 3)).astype(np.float32)
-  labels = np.zeros((600,), np.int32)
-  times = []
-  for step in range(30):
-    start = time.perf_counter()
-    batches.train_batch(images, labels, step=step, batch_size=32, seed=0)
-    times.append(time.perf_counter() - start)
-  assert np.median(times) < 5e-3, times
-
-
-@pytest.mark.parametrize("n,batch_size", [(10, 4), (8, 4), (3, 5)])
-def test_eval_batches_padding_and_mask(n, batch_size):
-  images, labels = _id_images(n)
-  labels = labels + 1  # So that padding (label 0) is distinguishable.
-  out = list(batches.eval_batches(images, labels, batch_size=batch_size))
-  assert len(out) == batches.steps_per_epoch(n, batch_size)
-  mask = np.concatenate([b["mask"] for b in out])
-  assert mask.sum() == n and mask.tolist() == [1.0] * n + [0.0] * (len(mask) - n)
-  label = np.concatenate([b["label"] for b in out])
-  np.testing.assert_array_equal(label[:n], labels)
-  assert not label[n:].any() and label.dtype == np.int32
-  image = np.concatenate([b["image"] for b in out])
-  np.testing.assert_array_equal(image[:n], images)
-  assert not image[n:].any()
-  assert all(b["image"].shape == (batch_size, 12, 12, 3) for b in out)
-
-
-@pytest.mark.parametrize("kwargs, needle", [
-    (dict(step=-1), "step must be an integer >= 0, got -1"),
-    (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
-    (dict(seed=-2), "seed must be an integer >= 0, got -2"),
-    (dict(pad=-1), "pad must be an integer >= 0, got -1"),
-    (dict(labels_len=3), "5 images but 3 labels"),
-    (dict(n=0), "no training examples")])
-def test_train_batch_bad_arguments(kwargs, needle):
-  images, labels = _id_images(kwargs.pop("n", 5))
-  labels = labels[:kwargs.pop("labels_len", len(labels))]
-  args = dict(step=0, batch_size=2, seed=0)
-  args.update(kwargs)
-  with pytest.raises(ValueError, match=needle):
-    batches.train_batch(images, labels, **args)
-
-
-def test_eval_batches_bad_arguments():
-  images, labels = _id_images(5)
-  with pytest.raises(ValueError, match="5 images but 4 labels"):
-    batches.eval_batches(images, labels[:4], batch_size=2)
-  with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
-    batches.eval_batches(images, labels, batch_size=0)
+  stream = np.concatenate([np.random.default_rng([6, 0, e]).permutation(n)
+                           for e in range(20)])
+  idx = pipeline.stream_indices(n, step=step, batch_size=batch_size, seed=(6, 0))
+  np.testing.assert_array_equal(idx, stream[step * batch_size:(step + 1) * batch_size])

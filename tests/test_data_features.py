@@ -2,10 +2,11 @@
 view's blur and jitter probabilities, sampling-rate subsets nested across rates on a
 tfds dataset, and `bitune-eval --kshot` on the command line.
 
-Complements test_views.py (the view functions against PIL/NumPy/scipy, grayscale
+Complements test_device_views.py (the view functions against PIL/NumPy/scipy, grayscale
 frequency) and test_pipeline.py (per-class counts, resumable streams): here each feature
-is reached the way a run reaches it (config -> `input_lib.load` -> stream, or the view
-the config names) and checked against what it must do to the pixels.
+is reached the way a run reaches it (config -> `input_lib.load` -> stream -> the views
+the train step makes, `Input.views`, or the view the config names) and checked against
+what it must do to the pixels.
 
 Tolerances:
 * Colours: a constant-colour PNG stays constant through decode, crop, flip and resize
@@ -21,6 +22,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -30,7 +32,7 @@ import tensorflow as tf
 from PIL import Image
 
 from bitune_jax import eval_main, train
-from bitune_jax.data import pipeline, views
+from bitune_jax.data import cache, pipeline
 from bitune_jax.data import input as input_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,8 +117,10 @@ def _views_of(config, steps):
   of `steps` training batches: the mean colour of each view and its largest deviation
   from that mean (0 for a constant view)."""
   data = input_lib.load(config, two_views=True)
+  views = jax.jit(data.views)
   colours, labels, spread = [], [], []
-  for _, batch in zip(range(steps), data.train_batches(0)):
+  for step, batch in zip(range(steps), data.train_batches(0)):
+    batch = jax.device_get(views(batch, step))
     for name in ("image_q", "image_k"):
       x = _unnormalise(batch[name]).reshape(len(batch["label"]), -1, 3)
       mean = x.mean(1)
@@ -196,12 +200,17 @@ MOCO_SIZE = 8  # output side: a 3-tap blur kernel (max(3, int(0.1 * 8) // 2 * 2 
 
 
 def _moco_views(image, seed):
-  """`N_MOCO` un-normalised MoCo views (the view `data.views='moco'` selects) of
-  `image`, seeded by (seed, i)."""
-  view = pipeline.view_fn("moco", size=MOCO_SIZE)
-  fn = tf.function(lambda s: view(tf.constant(image), s))
-  return np.stack([_unnormalise(fn(views.example_seed(seed, i)).numpy())
-                   for i in range(N_MOCO)])
+  """`N_MOCO` un-normalised MoCo views (the views `data.views='moco'` selects, as the
+  train step makes them) of a square `image`, cached at its own side (so the cache
+  image is the image), rows 0..N_MOCO-1 of one batch."""
+  side = image.shape[0]
+  assert image.shape[1] == side
+  images = np.broadcast_to(cache.resize_image(image, side), (N_MOCO, side, side, 3))
+  batch = {"image_u8": images, "hw": np.full((N_MOCO, 2), side, np.int32),
+           "label": np.zeros(N_MOCO, np.int32)}
+  spec = pipeline.ViewSpec(kind="moco", size=MOCO_SIZE, seed=seed, two_views=False)
+  out = jax.jit(pipeline.make_views(spec))(batch, 0)["image"]
+  return _unnormalise(jax.device_get(out))
 
 
 @pytest.mark.parametrize("seed", [11])
@@ -211,7 +220,7 @@ def test_moco_colour_jitter_probability(seed):
   jittered; any other colour was. 800 views: within 4 standard deviations of 0.8 (a
   jittered colour that lands within 1e-4 of one of those two has probability < 1e-3)."""
   colour = np.array([150, 90, 120], np.uint8)
-  out = _moco_views(np.tile(colour, (20, 26, 1)), seed)
+  out = _moco_views(np.tile(colour, (20, 20, 1)), seed)
   assert np.abs(out - out[:, :1, :1]).max() < COLOUR_TOL, seed  # constant views
   got = out[:, 0, 0]
   c = colour / 255.0
@@ -270,7 +279,7 @@ def test_moco_blur_probability(seed):
   side weight exp(-0.5 / sigma^2) is float noise. So the detected frequency lies in
   [0.5 * P(sigma >= 0.3), 0.5] = [0.447, 0.5], tested within 4 standard deviations."""
   rng = np.random.default_rng(seed)
-  grey = rng.integers(77, 141, (10, 13)).astype(np.uint8)  # levels in [0.3, 0.55]
+  grey = rng.integers(77, 141, (10, 10)).astype(np.uint8)  # levels in [0.3, 0.55]
   refs = _moco_crop_references(grey, MOCO_SIZE)
   out = _moco_views(np.repeat(grey[..., None], 3, -1), seed)
   assert np.abs(out - out.mean(-1, keepdims=True)).max() < COLOUR_TOL, seed  # stays grey
@@ -302,12 +311,14 @@ def test_sampling_rate_subsets_are_nested_with_exact_counts(mocked, seed):
   class c keeps max(1, round_half_up(rate * n_c / 100)) examples at each rate, and the
   examples kept at 15% are among those at 30%, those at 50% and those at 75%, class by
   class; the subset depends on the seed."""
-  encoded, labels = mock_split("train")
-  index = {e: i for i, e in enumerate(encoded)}
+  _, labels = mock_split("train")
+  # Example i of the mock is (12 + i % 28) x (12 + i // 28) pixels: its original size,
+  # which the cache keeps, names it.
+  index = {(12 + i % 28, 12 + i // 28): i for i in range(len(labels))}
   chosen = {}
   for rate in (15, 30, 50, 75, 100):
     data = input_lib.load(_pets_config(rate, seed=seed), two_views=False)
-    ids = np.array([index[e] for e in data.train.encoded])
+    ids = np.array([index[tuple(hw)] for hw in data.train.hw.tolist()])
     np.testing.assert_array_equal(labels[ids], data.train.labels)  # labels travel along
     assert len(set(ids)) == len(ids), (seed, rate)
     counts = np.bincount(data.train.labels, minlength=NUM_CLASSES)
@@ -321,7 +332,7 @@ def test_sampling_rate_subsets_are_nested_with_exact_counts(mocked, seed):
     assert not missing, (seed, low, high, missing)
   assert chosen[15] < chosen[30] < chosen[50] < chosen[75]  # strictly larger counts here
   other = input_lib.load(_pets_config(50, seed=seed + 1), two_views=False)
-  assert {index[e] for e in other.train.encoded} != chosen[50], seed
+  assert {index[tuple(hw)] for hw in other.train.hw.tolist()} != chosen[50], seed
 
 
 # --------------------------------------------------------------- bitune-eval --kshot

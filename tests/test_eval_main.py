@@ -29,7 +29,7 @@ def test_evaluates_a_workdir_checkpoint(tmp_path, capsys):
   data = input_lib.load(config, two_views=False)
   model = methods.get("finetune").build_model(config, 5)
   train_out, test_out = (
-      outside.eval_outputs(model, state.params, state.batch_stats, split.images)
+      outside.eval_outputs(model, state.params, state.batch_stats, outside.eval_images(split))
       for split in (data.train, data.test))
   top1, mean_class = outside.top1_and_mean_class(test_out["logits"], data.test.labels)
   assert metrics["top1"] == pytest.approx(top1, abs=1.01 / len(data.test.labels))

@@ -39,14 +39,14 @@ def test_exported_model_classifies_the_test_set_as_the_run_did(trained, tmp_path
                                                              "image_size": 16}
   model = inference.load(str(out))
   data = input_lib.load(config, two_views=False)
-  got = model(data.test.images)
+  got = model(outside.eval_images(data.test))
   assert got["logits"].shape == (269, 5) and got["features"].shape[0] == 269
   top1, mean_class = outside.top1_and_mean_class(got["logits"], data.test.labels)
   assert top1 == pytest.approx(summary["top1"], abs=1.01 / 269)
   assert mean_class == pytest.approx(summary["mean_class_acc"], abs=0.01)
   # The same logits as the trained state's own eval-mode outputs.
   own = outside.eval_outputs(train_model(config), state.params, state.batch_stats,
-                             data.test.images[:32])
+                             outside.eval_images(data.test)[:32])
   np.testing.assert_allclose(got["logits"][:32], own["logits"], rtol=1e-4, atol=1e-4)
 
 
@@ -60,18 +60,22 @@ def test_image_files_are_preprocessed_as_in_training(trained, tmp_path):
   out = tmp_path / "model.npz"
   export.export_workdir(str(workdir), str(out), which="best")
   model = inference.load(str(out))
-  raw = digits._raw_digits()[0][:6]  # pylint: disable=protected-access  [6, 8, 8] in [0, 1]
+  raw = digits.raw_uint8()[:6]  # [6, 8, 8] uint8
   files = []
   for i, image in enumerate(raw):
     path = tmp_path / f"digit{i}.png"
-    Image.fromarray(np.round(image * 255).astype(np.uint8)).resize((64, 64),
-                                                                   Image.NEAREST).save(path)
+    Image.fromarray(image).resize((64, 64), Image.NEAREST).save(path)
     files.append(str(path))
-  mean, std = digits.digits_mean_std()
-  expected = digits._prepare(raw, 16, mean, std)  # pylint: disable=protected-access
+  # The run's evaluation view, by hand: PIL's bilinear resize of the grey digit to
+  # S = round(16 * 256 / 224) = 18, its centre 16 x 16, ImageNet normalisation.
+  side = 18
+  resized = np.stack([np.asarray(Image.fromarray(x).convert("RGB").resize(
+      (side, side), Image.BILINEAR)) for x in raw])
+  crop = resized[:, 1:17, 1:17].astype(np.float64) / 255
+  expected = ((crop - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]).astype(np.float32)
   got = model.preprocess(files)
   assert got.shape == (6, 16, 16, 3)
-  np.testing.assert_allclose(got, expected, atol=0.02 / std)  # 8-bit PNG rounding
+  np.testing.assert_allclose(got, expected, atol=1e-5)  # area averaging of a x8 upscale
   np.testing.assert_array_equal(model(got)["logits"].argmax(-1),
                                 model(expected)["logits"].argmax(-1))
 
@@ -109,17 +113,17 @@ def test_command_line_refuses_to_overwrite(trained, tmp_path):
 
 
 def test_imagenet_preprocessing_is_the_eval_view(rng):
-  """For the tfds datasets: resize, centre crop and normalise as the training
-  pipeline's eval view (TensorFlow) does, from a decoded image of any size."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from bitune_jax.data import views  # pylint: disable=g-import-not-at-top
+  """For the tfds datasets: the cache's resize to S x S (PIL bilinear, uint8), centre
+  crop and normalisation, from a decoded image of any size."""
   config = finetune_config.get_config("cub,resnet18,25")
   config.image_size = 64
   model = inference.Model(report={"preprocessing": export.preprocessing(config)},
                           apply=None)
   image = rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)
   got = model.preprocess([image])[0]
-  expected = views.eval_view(tf.constant(image), size=64,
-                             resize=views.eval_resize(64)).numpy()
+  side = 73  # round(64 * 256 / 224)
+  resized = np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR))
+  crop = resized[4:68, 4:68].astype(np.float64) / 255
+  expected = (crop - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
   assert got.shape == expected.shape == (64, 64, 3)
-  np.testing.assert_allclose(got, expected, atol=2e-3)  # PIL vs TF antialiased bilinear
+  np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -15,6 +15,7 @@ import torch
 
 from bitune_jax import sharding, train
 from bitune_jax.methods import bituning, common
+import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -198,7 +199,7 @@ def test_key_encoder_momentum_in_real_bituning_steps(bituning_run, cosine):
         run.model, common.make_optimizer(config), config), donate_argnums=0)
   state = jax.device_put(initial, run.state_shardings)
   fitted = []
-  for t, batch in zip(range(3), run.data.train_batches(0)):
+  for t, batch in zip(range(3), fakes.view_batches(run)):
     key, query = jax.device_get((state.key_params, state.params))
     if t == 0:  # the key encoder starts as a copy of the query encoder
       for a, b in zip(jax.tree.leaves(key), jax.tree.leaves(query)):

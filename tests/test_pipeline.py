@@ -3,6 +3,7 @@ nothing is downloaded), sampling-rate and k-shot splits, labels that match pixel
 through decoding and augmentation, resumable seeded streams, host shards, source replay
 and the aircraft command line on a fake copy of the official archive."""
 
+import io
 import json
 import os
 import re
@@ -15,7 +16,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from bitune_jax.data import datasets, pipeline, splits, views
+from PIL import Image
+
+from bitune_jax.data import cache, datasets, pipeline, splits
 from bitune_jax.data import input as input_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +29,7 @@ import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
 import unsup_finetune as unsup_config  # noqa: E402  pylint: disable=g-import-not-at-top
 
 SIZE = 16  # view side in these tests
+SIDE = 18  # the cache side for it: round(16 * 256 / 224)
 PER_CLASS = {"train": 4, "validation": 1, "test": 2}  # mock examples per class
 
 
@@ -36,7 +40,7 @@ def colour(k):
 
 def label_of(image):
   """The class whose colour is nearest the mean colour of a normalised view."""
-  rgb = (image.reshape(-1, 3).mean(0) * views.STD_RGB + views.MEAN_RGB) * 255
+  rgb = (image.reshape(-1, 3).mean(0) * pipeline.STD_RGB + pipeline.MEAN_RGB) * 255
   level = np.clip(np.round(rgb / 51), 0, 5).astype(int)
   return int(level[0] + 6 * level[1] + 36 * level[2])
 
@@ -93,6 +97,9 @@ def test_every_tfds_dataset_of_the_configs_loads(mocked, name):
   test_per_class = PER_CLASS["validation" if spec.test_split == "validation" else "test"]
   assert data.test.num_examples == test_per_class * spec.num_classes
   batch = next(data.train_batches(0))
+  assert batch["image_u8"].shape == (8, SIDE, SIDE, 3)
+  assert batch["image_u8"].dtype == np.uint8
+  batch = _views(data, batch, step=0)
   assert batch["image_q"].shape == batch["image_k"].shape == (8, SIZE, SIZE, 3)
   for i, label in enumerate(batch["label"]):  # pixels and labels travel together
     assert label_of(batch["image_q"][i]) == label_of(batch["image_k"][i]) == label
@@ -115,8 +122,12 @@ def test_eval_batches_cover_the_split_once_in_the_eval_view(mocked):
     seen += real.sum()
   encoded, expected = mock_examples(47, "test")
   assert seen == len(encoded) and labels == list(expected)  # in order, once each
-  first = views.eval_view(tf.constant(encoded[0]), size=SIZE, resize=views.eval_resize(SIZE))
-  np.testing.assert_allclose(next(data.test.batches(16))["image"][0], first, atol=1e-6)
+  # The eval view by hand: PIL decodes, resizes to SIDE x SIDE (bilinear), centre crop.
+  image = Image.open(io.BytesIO(encoded[0])).convert("RGB").resize((SIDE, SIDE),
+                                                                    Image.BILINEAR)
+  crop = np.asarray(image)[1:1 + SIZE, 1:1 + SIZE] / 255.0
+  first = (crop - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+  np.testing.assert_allclose(next(data.test.batches(16))["image"][0], first, atol=1e-5)
 
 
 def test_kshot_and_sampling_rates_by_class(mocked):
@@ -127,7 +138,8 @@ def test_kshot_and_sampling_rates_by_class(mocked):
   data = input_lib.load(_config("pets", kshot=2), two_views=False)
   assert np.bincount(data.train.labels).tolist() == [2] * 37
   again = input_lib.load(_config("pets", kshot=2), two_views=False)
-  assert list(again.train.encoded) == list(data.train.encoded)  # deterministic by seed
+  np.testing.assert_array_equal(again.train.images, data.train.images)  # by seed
+  np.testing.assert_array_equal(again.train.labels, data.train.labels)
 
 
 def test_missing_class_is_refused():
@@ -139,16 +151,24 @@ def test_missing_class_is_refused():
 # --------------------------------------------------------------------------- stream
 def _pool(n=21, size=SIZE):
   encoded, labels = mock_examples(n, "validation")
-  return pipeline.EncodedSplit(np.array(encoded, object), labels.astype(np.int32), n, n,
-                               size)
+  c = cache.load({"test": "pool", "n": n}, encoded, side=pipeline.eval_resize(size),
+                 directory="")
+  return pipeline.Split(c.images, c.hw, labels.astype(np.int32), size)
+
+
+def _views(data_or_spec, batch, *, step):
+  """The device views of a host batch, as the train step makes them."""
+  views = (data_or_spec.views if hasattr(data_or_spec, "views") else
+           pipeline.make_views(data_or_spec))
+  return jax.device_get(jax.jit(views)(batch, step))
 
 
 @pytest.mark.parametrize("kind", ["reference", "moco"])
 def test_stream_resumes_exactly_and_views_are_seeded(kind):
   pool = _pool()
-  view = pipeline.view_fn(kind, size=SIZE)
+  spec = pipeline.ViewSpec(kind=kind, size=SIZE, seed=0, two_views=True)
   stream = lambda start, seed=0: pipeline.train_stream(  # noqa: E731
-      pool, start_step=start, batch_size=8, seed=seed, view=view)
+      pool, start_step=start, batch_size=8, seed=seed)
   straight = [b for _, b in zip(range(5), stream(0))]
   resumed = [b for _, b in zip(range(2), stream(3))]
   for a, b in zip(straight[3:], resumed):
@@ -157,10 +177,13 @@ def test_stream_resumes_exactly_and_views_are_seeded(kind):
   # One epoch (21 examples) then the next: every example once per epoch.
   labels = np.concatenate([b["label"] for b in straight])
   np.testing.assert_array_equal(np.sort(labels[:21]), np.arange(21))
-  other = next(stream(0, seed=1))
-  assert not np.array_equal(other["image_q"], straight[0]["image_q"])
-  batch = straight[0]
+  batch = _views(spec, straight[0], step=0)
+  other = _views(pipeline.ViewSpec(kind=kind, size=SIZE, seed=1, two_views=True),
+                 straight[0], step=0)
+  assert not np.array_equal(other["image_q"], batch["image_q"])
   assert not np.array_equal(batch["image_q"], batch["image_k"])
+  later = _views(spec, straight[0], step=1)  # the same images at another step
+  assert not np.array_equal(later["image_q"], batch["image_q"])
   if kind == "reference":  # flat colours survive the reference views
     assert [label_of(x) for x in batch["image_k"]] == list(batch["label"])
 
@@ -168,15 +191,14 @@ def test_stream_resumes_exactly_and_views_are_seeded(kind):
 @pytest.mark.parametrize("hosts", [2, 4])
 def test_hosts_take_their_rows_of_the_same_global_batches(hosts):
   """Training and evaluation batches do not depend on the host count: host h's rows of
-  step s are rows [h * B/H, (h+1) * B/H) of the one-host batch, the same images, the
-  same augmentations. This is what lets 2 processes train as 1 and a checkpoint resume
-  on any number of hosts."""
+  step s are rows [h * B/H, (h+1) * B/H) of the one-host batch, the same images (and
+  the views are drawn in the step from the global row). This is what lets 2 processes
+  train as 1 and a checkpoint resume on any number of hosts."""
   pool = _pool(n=21)
-  view = pipeline.view_fn("moco", size=SIZE)
   one = [b for _, b in zip(range(4), pipeline.train_stream(
-      pool, start_step=3, batch_size=8, seed=5, view=view))]
+      pool, start_step=3, batch_size=8, seed=5, process_count=1, process_index=0))]
   parts = [[b for _, b in zip(range(4), pipeline.train_stream(
-      pool, start_step=3, batch_size=8, seed=5, view=view, host=(h, hosts)))]
+      pool, start_step=3, batch_size=8, seed=5, process_count=hosts, process_index=h))]
            for h in range(hosts)]
   for step, batch in enumerate(one):
     for key in batch:
@@ -203,9 +225,21 @@ def test_global_batches_are_sharded_and_prefetched(mocked):
   ahead = [b for _, b in zip(range(3), input_lib.prefetch_to_device(
       data.train_batches(0), mesh))]
   for a, b in zip(local, ahead):
-    assert isinstance(b["image_q"], jax.Array)
-    assert len(b["image_q"].sharding.device_set) == 8
-    np.testing.assert_array_equal(np.asarray(b["image_q"]), a["image_q"])
+    assert isinstance(b["image_u8"], jax.Array)
+    assert len(b["image_u8"].sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(b["image_u8"]), a["image_u8"])
+
+
+def test_an_input_error_reaches_the_loop():
+  """An error while the thread gathers a batch is raised where the batch is read."""
+  def broken():
+    yield {"label": np.zeros(8, np.int32)}
+    raise OSError("disk gone")
+  from bitune_jax import sharding  # pylint: disable=g-import-not-at-top
+  batches = input_lib.prefetch_to_device(broken(), sharding.make_mesh(), size=1)
+  next(batches)
+  with pytest.raises(OSError, match="disk gone"):
+    next(batches)
 
 
 # --------------------------------------------------------------------------- replay
@@ -222,7 +256,12 @@ def test_source_replay_joins_the_pool_unlabelled(mocked):
   assert (labels == -1).mean() == pytest.approx(replay / (target + replay), abs=0.05)
   encoded, _ = mock_examples(100, "train")
   chosen = splits.replay_subset(400, fraction=0.1, seed=config.seed)
-  assert list(data.pool.encoded[target:]) == [encoded[i] for i in chosen]
+  rows = np.arange(target, target + replay)
+  side = input_lib.cache_side(config)  # the MoCo views' cache side
+  assert data.pool.take(rows)["image_u8"].shape[1:] == (side, side, 3)
+  expected = np.stack([np.asarray(Image.open(io.BytesIO(encoded[i])).convert("RGB").resize(
+      (side, side), Image.BILINEAR)) for i in chosen])
+  np.testing.assert_array_equal(data.pool.take(rows)["image_u8"], expected)
 
 
 # --------------------------------------------------------------------------- cli

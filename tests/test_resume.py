@@ -173,7 +173,7 @@ def test_only_the_remaining_steps_run_on_their_batches(resumed_run):
   assert sorted(got) == sorted(batch_s)
   for key in batch_s:
     np.testing.assert_array_equal(got[key], batch_s[key], err_msg=key)
-  assert not np.array_equal(batch_s["image_q"], batch_0["image_q"])
+  assert not np.array_equal(batch_s["image_u8"], batch_0["image_u8"])
   # The first run's batch of step 4 was the same batch 3 (the lost step is redone).
   for key in batch_s:
     np.testing.assert_array_equal(resumed_run["first"].calls[EVERY]["batch"][key],

@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import bituning as bituning_config  # noqa: E402  pylint: disable=g-import-not-at-top
 import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
+import outside  # noqa: E402  pylint: disable=g-import-not-at-top
 import cotuning as cotuning_config  # noqa: E402  pylint: disable=g-import-not-at-top
 import finetune as finetune_config  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -103,7 +104,7 @@ def bituning_run(ckpt):
   shared = (_aliased(state.params, state.key_params)
             + _aliased(state.batch_stats, state.key_batch_stats))
   states, metrics, local = [jax.device_get(state)], [], []
-  for _, batch in zip(range(2), run.data.train_batches(0)):
+  for _, batch in zip(range(2), fakes.view_batches(run)):
     state, m = run.train_step(state, sharding.global_batch(batch, mesh))
     states.append(jax.device_get(state))
     metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
@@ -250,7 +251,7 @@ def test_cosine_schedule_is_the_learning_rate_applied():
   mu, wd, lr, total = config.momentum, config.weight_decay, config.lr, config.total_steps
   step_lr = [config.lr * (config.decay_factor if t >= int(0.7 * total) else 1.0)
              for t in range(total)]
-  for t, batch in zip(range(4), run.data.train_batches(0)):
+  for t, batch in zip(range(4), fakes.view_batches(run)):
     before = jax.device_get(state)
     state, _ = run.train_step(state, sharding.global_batch(batch, mesh))
     after = np.asarray(state.params["head"]["dense"]["bias"], np.float64)
@@ -306,7 +307,7 @@ def test_cotuning_reverse_relationship_holdout_and_calibrate(tmp_path, ckpt):
   # The source model's eval-mode softmax on the training images, from the file.
   loaded = convert.load_converted(ckpt)
   feats = models.create_backbone("resnet_small").apply(
-      loaded["backbone"], jnp.asarray(run.data.train.images), train=False)
+      loaded["backbone"], jnp.asarray(outside.eval_images(run.data.train)), train=False)
   logits = np.asarray(feats, np.float64) @ loaded["source_head"]["kernel"] + \
       loaded["source_head"]["bias"]
   probs = np.exp(logits - logits.max(1, keepdims=True))

@@ -11,9 +11,10 @@ import pytest
 
 import outside
 from bitune_jax import sharding, train
-from bitune_jax.data import batches, cutmix
+from bitune_jax.data import cutmix, pipeline
 from bitune_jax.data import input as input_lib
 from bitune_jax.methods import common, unsup_finetune
+import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
 import unsup_finetune as unsup_config  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -74,7 +75,7 @@ def test_source_replay_fraction_is_honoured():
   replay = int(data.pool_is_replay.sum())
   assert replay == round(0.1 * 631)  # 10% of the digits 0-4 training split
   assert data.pool.num_examples == target + replay
-  seen = [batches.stream_indices(data.pool.num_examples, step=s, batch_size=16, seed=0)
+  seen = [pipeline.stream_indices(data.pool.num_examples, step=s, batch_size=16, seed=(0, 0))
           for s in range(60)]
   share = data.pool_is_replay[np.concatenate(seen)].mean()
   assert share == pytest.approx(replay / (target + replay), abs=0.03)
@@ -107,7 +108,7 @@ def test_trains_on_eight_devices(use_cutmix):
   mesh = sharding.make_mesh()
   run = train.setup(config, mesh)
   state = run.state
-  for _, batch in zip(range(3), run.data.train_batches(0)):
+  for _, batch in zip(range(3), fakes.view_batches(run)):
     before = jax.device_get(state)
     state, metrics = run.train_step(state, sharding.global_batch(batch, mesh))
   metrics = jax.device_get(metrics)
@@ -132,7 +133,7 @@ def test_loop_evaluates_features(tmp_path):
   data = input_lib.load(config, two_views=True)
   model = unsup_finetune.build_model(config, 5)
   train_f, test_f = (
-      outside.eval_outputs(model, state.params, state.batch_stats, split.images)["features"]
+      outside.eval_outputs(model, state.params, state.batch_stats, outside.eval_images(split))["features"]
       for split in (data.train, data.test))
   outside.check_feature_metrics(summary, (train_f, data.train.labels),
                                 (test_f, data.test.labels), num_classes=5)

@@ -128,7 +128,8 @@ def test_best_checkpoint_chosen_on_a_held_out_validation_split(tmp_path, monkeyp
   chosen, real_save_best = {}, checkpoint.Checkpoints.save_best
 
   def save_best(ckpts, step, state, metrics):
-    out = outside.eval_outputs(model, state.params, state.batch_stats, data.val.images)
+    out = outside.eval_outputs(model, state.params, state.batch_stats,
+                                 outside.eval_images(data.val))
     chosen[step] = (metrics["top1"], outside.top1_and_mean_class(out["logits"],
                                                                  data.val.labels)[0])
     return real_save_best(ckpts, step, state, metrics)

@@ -5,12 +5,13 @@ Training on `train_split` (a sampling-rate or k-shot subset of it, stratified by
 every class present), testing on `test_split`. The metric the papers report:
 mean per-class accuracy for Aircraft, Pets, Caltech-101 and Flowers, top-1 otherwise.
 
-Reading: every host reads the whole of each split and keeps the run's examples as
-encoded bytes (the papers' training sets are a few thousand images: megabytes to a few
-GB). Each host then takes its rows of the same global batches (`pipeline`), so a run's
-numbers do not depend on how its devices are split into processes, and a checkpoint
-resumes on any number of hosts with the same batches. Replay (unsupervised fine-tuning) adds a fixed random
-fraction of a source dataset's training split (ImageNet by default) to the pool.
+Reading: every host reads the whole of each split a run uses, once, into the uint8
+cache (`bitune_jax.data.cache`: decoded and resized to S x S, memory-mapped by later
+runs; the papers' training sets are a few thousand images). Each host then takes its
+rows of the same global batches (`pipeline`), so a run's numbers do not depend on how
+its devices are split into processes, and a checkpoint resumes on any number of hosts
+with the same batches. Replay (unsupervised fine-tuning) adds a fixed random fraction of
+a source dataset's training split (ImageNet by default) to the pool.
 """
 
 import dataclasses
@@ -171,12 +172,11 @@ def read_labels(b: "tfds.core.DatasetBuilder", split: str) -> np.ndarray:
   return np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32)
 
 
-def read_split(b: "tfds.core.DatasetBuilder", split: str, *,
-               keep: np.ndarray | None = None, image_size: int,
-               unlabelled: bool = False, name: str = "") -> "pipeline.EncodedSplit":
-  """The examples of `split` (those of the sorted indices `keep`, or all) as an
-  `EncodedSplit`, with progress in the log."""
-  from bitune_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+def read_encoded(b: "tfds.core.DatasetBuilder", split: str, *,
+                 keep: np.ndarray | None = None, unlabelled: bool = False,
+                 name: str = "") -> tuple[list[bytes], np.ndarray]:
+  """`(encoded images, labels [n] int32)` of `split` (the sorted indices `keep`, or all),
+  in order, with progress in the log."""
   encoded, labels, start, shown = [], [], time.perf_counter(), time.perf_counter()
   fields = ("image",) if unlabelled else ("image", "label")
   for batch in _read(b, split, fields=fields):
@@ -192,8 +192,25 @@ def read_split(b: "tfds.core.DatasetBuilder", split: str, *,
   labels = np.concatenate(labels) if labels else np.zeros(0, np.int32)
   log.info("%s %s: %d examples, %.0f s", name or b.name, split, len(labels),
            time.perf_counter() - start)
-  return pipeline.EncodedSplit(np.array(encoded, dtype=object), labels, len(labels),
-                               len(labels), image_size)
+  return encoded, labels
+
+
+def read_split(config: ml_collections.ConfigDict, b: "tfds.core.DatasetBuilder",
+               split: str, *, keep: np.ndarray | None = None, unlabelled: bool = False,
+               name: str = "") -> "pipeline.Split":
+  """The examples of `split` (those of the sorted indices `keep`, or all) through the
+  uint8 cache (`input.cached_split`): read and decoded once, memory-mapped after."""
+  encoded, labels = read_encoded(b, split, keep=keep, unlabelled=unlabelled, name=name)
+  key = {"dataset": config.dataset if not unlabelled else config.data.replay_source,
+         "tfds": b.info.full_name, "split": split,
+         "rows": "all" if keep is None else _rows_key(keep)}
+  return input_lib.cached_split(config, key, encoded, labels,
+                                name=f"{b.name}-{name or split}".replace("+", "_"))
+
+
+def _rows_key(rows):
+  from bitune_jax.data import cache  # pylint: disable=g-import-not-at-top
+  return cache.rows_key(np.asarray(rows, np.int64))
 
 
 # --------------------------------------------------------------------------- input
@@ -213,7 +230,6 @@ def train_subset(labels: np.ndarray, *, rate: float, shots: int, seed: int,
 
 def load(config: ml_collections.ConfigDict, *, two_views: bool) -> input_lib.Input:
   """The `Input` of a tfds dataset for `config` (see the module docstring)."""
-  import jax  # pylint: disable=g-import-not-at-top
   from bitune_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   s, data = spec(config.dataset), config.data
   b = builder(config.dataset, data_dir=data.data_dir, manual_dir=data.manual_dir)
@@ -231,29 +247,16 @@ def load(config: ml_collections.ConfigDict, *, two_views: bool) -> input_lib.Inp
       rows, val_rows = splits.holdout_split(labels[keep], fraction=val_fraction,
                                             seed=config.seed)
       keep, held = keep[rows], keep[val_rows]
-  size = config.image_size
-  train = read_split(b, s.train_split, keep=keep, image_size=size)
-  val = None if held is None else read_split(b, s.train_split, keep=held,
-                                             image_size=size, name="validation")
-  test = read_split(b, s.test_split, image_size=size)
+  train = read_split(config, b, s.train_split, keep=keep)
+  val = None if held is None else read_split(config, b, s.train_split, keep=held,
+                                             name="validation")
+  test = read_split(config, b, s.test_split)
   pool, fraction = train, input_lib.replay_fraction(config)
   if fraction > 0:
-    pool = pipeline.concatenate(train, _replay(config, fraction))
+    pool = pipeline.Concatenated(train, _replay(config, fraction))
   is_replay = np.arange(len(pool)) >= len(train)
-  view = pipeline.view_fn(data.views, size=size,
-                          jitter=tuple(data.jitter) if data.color_jitter else None)
-
-  def stream(start_step):
-    return pipeline.train_stream(pool, start_step=start_step,
-                                 batch_size=config.batch_size, seed=config.seed,
-                                 view=view, two_views=two_views,
-                                 host=(jax.process_index(), jax.process_count()),
-                                 threads=data.get("threads", 0) or None)
-
-  return input_lib.Input(dataset=config.dataset, num_classes=s.num_classes,
-                         image_shape=(size, size, 3), metric=s.metric, train=train,
-                         test=test, pool=pool, pool_is_replay=is_replay, stream=stream,
-                         val=val)
+  return input_lib._input(config, config.dataset, s.num_classes, s.metric, train,  # pylint: disable=protected-access
+                          test, pool, is_replay, val, two_views=two_views)
 
 
 def _replay(config, fraction):
@@ -270,5 +273,5 @@ def _replay(config, fraction):
   chosen = splits.replay_subset(total, fraction=fraction, seed=config.seed)
   log.info("replay: %d of %d %s images (%.0f%%)", len(chosen), total, data.replay_source,
            100 * fraction)
-  return read_split(b, source.train_split, keep=chosen, image_size=config.image_size,
-                    unlabelled=True, name="replay")
+  return read_split(config, b, source.train_split, keep=chosen, unlabelled=True,
+                    name="replay")

@@ -1,57 +1,83 @@
-"""tf.data over encoded images held in memory: training streams and evaluation batches.
+"""One input path for every dataset: uint8 cache images on the host, views on the device.
 
-Every host keeps a split as encoded bytes (`EncodedSplit`), so an epoch reads no files
-and any step's batch is at hand: global batch `step` is positions `[step * B, (step +
-1) * B)` of one endless stream of per-epoch permutations (`batches.stream_indices`,
-seeded by the run's seed), and each host decodes and augments (tf.data, in parallel)
-only its rows of it. Each example's views are seeded by (seed, step, row of the global
-batch, view): the two views of an image differ, the global batch is the same for any
-number of hosts, and a run resumed at step s reads exactly the batches an uninterrupted
-run reads from step s on. Evaluation batches are likewise the global padded batches,
-each host taking its rows.
+Every split a run reads (the digits, a tfds dataset, a custom builder's, replayed source
+images, a k-shot or sampling-rate subset) is decoded and resized once into a uint8
+cache `[N, S, S, 3]` (`bitune_jax.data.cache`), held on every host (memory-mapped).
+The host's only work per step is to gather its rows of the global batch from it:
+
+* training: global batch `step` is positions `[step * B, (step + 1) * B)` of one endless
+  stream of per-epoch permutations (`stream_indices`, seeded by the run's seed); each
+  host takes rows `[i * B / hosts, (i + 1) * B / hosts)` and ships them as uint8
+  (`image_u8`, with each image's original `hw`). The views are made inside the jitted
+  train step (`make_views`, `bitune_jax.data.device_views`), each example's from keys
+  folded from (seed, step, its row in the global batch, view): the pixels do not depend
+  on the number of devices or hosts, and a resumed run makes the same views.
+* evaluation: the global padded batches of the split in order, each host taking its
+  rows, in the evaluation view (the centre `size x size` of the cache image, cut and
+  normalised here: no resampling, so it is cheap on the host).
 """
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
 
-from bitune_jax.data import batches, views
+if TYPE_CHECKING:
+  import ml_collections
 
-
-@dataclasses.dataclass
-class EncodedSplit:
-  """A split's examples, encoded images and labels, in memory (on every host)."""
-  encoded: np.ndarray  # [n] object (bytes)
-  labels: np.ndarray  # [n] int32 (-1: unlabelled)
-  num_examples: int  # n
-  max_local: int  # n (kept for readers of older code: every host holds the split)
-  image_size: int  # side of the evaluation view
-
-  def __len__(self):
-    return len(self.labels)
-
-  def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """This host's rows of padded global eval batches of `batch_size` (see `eval_batches`)."""
-    return eval_batches(self, batch_size=batch_size)
+MEAN_RGB = (0.485, 0.456, 0.406)
+STD_RGB = (0.229, 0.224, 0.225)
 
 
-def concatenate(first: EncodedSplit, second: EncodedSplit) -> EncodedSplit:
-  """`first` then `second` (e.g. a target split and replayed source examples)."""
-  return EncodedSplit(np.concatenate([first.encoded, second.encoded]),
-                      np.concatenate([first.labels, second.labels]),
-                      first.num_examples + second.num_examples,
-                      first.max_local + second.max_local, first.image_size)
+def eval_resize(size: int) -> int:
+  """The cache side S for views of `size` (256 for 224, the papers' ratio)."""
+  return int(round(size * 256 / 224))
 
 
-def _options(threads=None):
-  options = tf.data.Options()
-  options.deterministic = True
-  if threads:
-    options.threading.private_threadpool_size = threads
-  return options
+# --------------------------------------------------------------------------- order
+def steps_per_epoch(n: int, batch_size: int) -> int:
+  """Number of batches covering `n` examples once: ceil(n / batch_size)."""
+  if int(n) != n or n < 0:
+    raise ValueError(f"n must be a non-negative integer, got {n}")
+  if int(batch_size) != batch_size or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+  return math.ceil(int(n) / int(batch_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_permutation(seed, epoch, n):
+  """Read-only permutation of range(n) for one epoch (cached: consecutive steps share it)."""
+  entropy = list(seed) if isinstance(seed, tuple) else [seed]
+  perm = np.random.default_rng(entropy + [epoch]).permutation(n)
+  perm.flags.writeable = False
+  return perm
+
+
+def stream_indices(n: int, *, step: int, batch_size: int,
+                   seed: int | tuple[int, ...]) -> np.ndarray:
+  """Example indices of batch `step`: positions [step*B, (step+1)*B) of the stream, an
+  endless concatenation of per-epoch permutations (epoch e:
+  `np.random.default_rng([*seed, e]).permutation(n)`).
+
+  Args:
+    n: number of examples (>= 1).
+    step: non-negative batch number.
+    batch_size: B (>= 1; may exceed n, the batch then spans several epochs).
+    seed: non-negative integer, or a tuple of them.
+
+  Returns:
+    int64 indices [B] into the examples.
+  """
+  positions = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+  epochs, offsets = np.divmod(positions, n)
+  out = np.empty_like(positions)
+  for epoch in np.unique(epochs):
+    sel = epochs == epoch
+    out[sel] = _epoch_permutation(seed, int(epoch), n)[offsets[sel]]
+  return out
 
 
 def local_batch_size(batch_size: int, process_count: int) -> int:
@@ -60,103 +86,194 @@ def local_batch_size(batch_size: int, process_count: int) -> int:
   return batch_size // process_count
 
 
-def eval_batches(split: EncodedSplit, *, batch_size: int,
-                 process_count: int | None = None,
+def _host(process_count, process_index):
+  import jax  # pylint: disable=g-import-not-at-top
+  return (jax.process_count() if process_count is None else process_count,
+          jax.process_index() if process_index is None else process_index)
+
+
+# --------------------------------------------------------------------------- splits
+@dataclasses.dataclass
+class Split:
+  """A split's cache images and labels (the whole split, on every host)."""
+  images: np.ndarray  # [N, S, S, 3] uint8 (a read-only memory map, or in memory)
+  hw: np.ndarray  # [N, 2] int32: each image's original (height, width)
+  labels: np.ndarray  # [N] int32 (-1: unlabelled)
+  size: int  # side of the views (the evaluation view is the centre size x size)
+
+  def __post_init__(self):
+    if not len(self.images) == len(self.hw) == len(self.labels):
+      raise ValueError(f"{len(self.images)} images, {len(self.hw)} sizes and "
+                       f"{len(self.labels)} labels")
+    if self.images.shape[1] < self.size or self.images.shape[2] < self.size:
+      raise ValueError(f"cache images of {self.images.shape[1:3]} are smaller than the "
+                       f"view side {self.size}")
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.labels)
+
+  def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """`image_u8` [n, S, S, 3], `hw` [n, 2] and `label` [n] of `rows` (a copy)."""
+    rows = np.asarray(rows)
+    return {"image_u8": np.asarray(self.images[rows]), "hw": self.hw[rows],
+            "label": self.labels[rows]}
+
+  def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """This host's rows of padded global evaluation batches (see `eval_batches`)."""
+    return eval_batches(self, batch_size=batch_size)
+
+
+@dataclasses.dataclass
+class Concatenated:
+  """`first` then `second` (a target split and replayed source images), not copied."""
+  first: Split
+  second: Split
+
+  def __len__(self) -> int:
+    return len(self.first) + len(self.second)
+
+  @property
+  def num_examples(self) -> int:
+    return len(self)
+
+  @property
+  def labels(self) -> np.ndarray:
+    return np.concatenate([self.first.labels, self.second.labels])
+
+  def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    rows = np.asarray(rows)
+    split = rows >= len(self.first)
+    one, two = self.first.take(rows[~split]), self.second.take(rows[split] - len(self.first))
+    out = {}
+    for key in one:
+      value = np.empty((len(rows),) + one[key].shape[1:], one[key].dtype)
+      value[~split], value[split] = one[key], two[key]
+      out[key] = value
+    return out
+
+
+def eval_view(images_u8: np.ndarray, size: int) -> np.ndarray:
+  """The centre `size x size` of uint8 `[n, S, S, 3]` (top = left = (S - size) // 2),
+  float32, normalised with the ImageNet mean and std."""
+  top = (images_u8.shape[1] - size) // 2
+  left = (images_u8.shape[2] - size) // 2
+  crop = images_u8[:, top:top + size, left:left + size].astype(np.float32) / 255.0
+  return ((crop - np.asarray(MEAN_RGB, np.float32)) /
+          np.asarray(STD_RGB, np.float32)).astype(np.float32)
+
+
+def eval_batches(split: Split, *, batch_size: int, process_count: int | None = None,
                  process_index: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """This host's rows of the evaluation view of every example, in order, padded to
   whole global batches.
 
   The global batches are `ceil(n / batch_size)` batches of `batch_size` rows; each host
   yields rows `[i * local, (i + 1) * local)` of each (`local = batch_size / hosts`):
-  `image` [local, S, S, 3] float32, `label` [local] int32, `mask` [local] float32 (0 for
-  padding).
+  `image` [local, size, size, 3] float32, `label` [local] int32, `mask` [local] float32
+  (0 for padding).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  count = jax.process_count() if process_count is None else process_count
-  index = jax.process_index() if process_index is None else process_index
+  count, index = _host(process_count, process_index)
   local = local_batch_size(batch_size, count)
   if len(split) == 0:
     raise ValueError("the split holds no example")
-  padded = -(-len(split) // batch_size) * batch_size
-  rows = (np.arange(padded).reshape(-1, batch_size)[:, index * local:(index + 1) * local]
-          .reshape(-1))
-  real = rows < len(split)
-  rows = np.where(real, rows, 0)  # padding: the first example, masked out
-  encoded = split.encoded[rows].astype(object)
-  labels = np.where(real, split.labels[rows], 0).astype(np.int32)
-  mask = real.astype(np.float32)
-  view = functools.partial(views.eval_view, size=split.image_size,
-                           resize=views.eval_resize(split.image_size))
-  ds = tf.data.Dataset.from_tensor_slices(
-      {"encoded": encoded, "label": labels, "mask": mask})
-  ds = ds.map(lambda ex: {"image": view(ex["encoded"]), "label": ex["label"],
-                          "mask": ex["mask"]},
-              num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(local).prefetch(2).with_options(_options())
-  return ds.as_numpy_iterator()
+  return _eval_batches(split, batch_size, local, index)
 
 
-def view_fn(kind: str, *, size: int, jitter: Sequence[float] | None = None
-            ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-  """`fn(encoded, seed) -> image` for `kind` 'reference' or 'moco'."""
-  if kind == "reference":
-    return functools.partial(views.train_view, size=size, resize=views.eval_resize(size),
-                             jitter=jitter)
-  if kind == "moco":
-    return functools.partial(views.moco_view, size=size)
-  raise ValueError(f"data.views must be 'reference' or 'moco', got {kind!r}")
+def _eval_batches(split, batch_size, local, index):
+  for start in range(0, len(split), batch_size):
+    rows = np.arange(start + index * local, start + (index + 1) * local)
+    real = rows < len(split)
+    rows = np.where(real, rows, 0)  # padding: the first example, masked out
+    batch = split.take(rows)
+    yield {"image": eval_view(batch["image_u8"], split.size),
+           "label": np.where(real, batch["label"], 0).astype(np.int32),
+           "mask": real.astype(np.float32)}
 
 
-def train_stream(pool: EncodedSplit, *, start_step: int, batch_size: int, seed: int,
-                 view: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
-                 two_views: bool = True, host: tuple[int, int] = (0, 1),
-                 threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+# --------------------------------------------------------------------------- training
+def train_stream(pool: Split | Concatenated, *, start_step: int, batch_size: int,
+                 seed: int, process_count: int | None = None,
+                 process_index: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """This host's rows of training batches `start_step, start_step + 1, ...`.
 
   Args:
-    pool: this host's `EncodedSplit` to draw from.
+    pool: what the run trains on (`Split`, or `Concatenated` with replayed images).
     start_step: the first batch's step.
     batch_size: the global batch size (each host yields batch_size / hosts rows).
-    seed: the run's seed (order and views).
-    view: `fn(encoded, seed [2]) -> float32 image` (`view_fn`).
-    two_views: yield `image_q`, `image_k` (two views); else `image`.
-    host: (process index, process count).
-    threads: tf.data private thread pool size (default: tf.data's).
+    seed: the run's seed (the order; the views are seeded in the step).
+    process_count, process_index: the host layout (default: JAX's).
 
   Returns:
-    An iterator of numpy dicts: `image_q`, `image_k` (or `image`) [b, S, S, 3] float32
-    and `label` [b] int32.
+    An iterator of numpy dicts: `image_u8` [b, S, S, 3] uint8, `hw` [b, 2] int32 and
+    `label` [b] int32 (-1 for replayed images).
   """
-  index, count = host
+  count, index = _host(process_count, process_index)
   local = local_batch_size(batch_size, count)
   if len(pool) == 0:
     raise ValueError("no training examples")
-  encoded, labels = pool.encoded.astype(object), pool.labels.astype(np.int32)
-  rows = np.arange(index * local, (index + 1) * local)  # this host's rows
+  return _train_stream(pool, int(start_step), batch_size, int(seed), local, index)
 
-  def positions():
-    step = int(start_step)
-    while True:
-      idx = batches.stream_indices(len(labels), step=step, batch_size=batch_size,
-                                   seed=(int(seed), 0))[rows]
-      yield {"encoded": encoded[idx], "label": labels[idx],
-             "step": np.full(local, step, np.int64), "row": rows}
-      step += 1
 
-  signature = {"encoded": tf.TensorSpec([local], tf.string),
-               "label": tf.TensorSpec([local], tf.int32),
-               "step": tf.TensorSpec([local], tf.int64),
-               "row": tf.TensorSpec([local], tf.int64)}
-  names = ("image_q", "image_k") if two_views else ("image",)
+def _train_stream(pool, step, batch_size, seed, local, index):
+  rows = slice(index * local, (index + 1) * local)  # this host's rows
+  while True:
+    idx = stream_indices(len(pool), step=step, batch_size=batch_size, seed=(seed, 0))
+    yield pool.take(idx[rows])
+    step += 1
 
-  def augment(ex):
-    image, out = views.decode(ex["encoded"]), {"label": ex["label"]}  # decoded once
+
+# --------------------------------------------------------------------------- views
+@dataclasses.dataclass(frozen=True)
+class ViewSpec:
+  """How a run's training views are made (from `config.data`; see `make_views`)."""
+  kind: str  # 'reference' or 'moco'
+  size: int
+  seed: int
+  two_views: bool
+  scale: tuple[float, float] | None = None  # None: the kind's default
+  flip: bool = True
+  jitter: tuple[float, float, float, float] | None = None  # reference views only
+
+
+def make_views(spec: ViewSpec) -> Callable[[dict, "object"], dict]:
+  """`views(batch, step) -> batch`, a JAX function for inside the jitted train step: the
+  uint8 `image_u8` (and `hw`) of a global batch become float32 `image_q`, `image_k`
+  (two views) or `image` (one), view v of row r drawn from
+  `device_views.view_key(seed, step, r, v)`; the other entries are passed through."""
+  from bitune_jax.data import device_views  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  names = ("image_q", "image_k") if spec.two_views else ("image",)
+  options = dict(size=spec.size, kind=spec.kind, flip=spec.flip)
+  if spec.scale is not None:
+    options["scale"] = tuple(spec.scale)
+  if spec.jitter is not None:
+    options["jitter"] = tuple(spec.jitter)
+
+  def views(batch, step):
+    out = {k: v for k, v in batch.items() if k not in ("image_u8", "hw")}
+    rows = jnp.arange(batch["image_u8"].shape[0])  # rows of the global batch (jit)
     for number, name in enumerate(names):
-      out[name] = view(image, views.example_seed(seed, 0, ex["step"], ex["row"],
-                                                 number))
+      out[name] = device_views.batch_views(batch["image_u8"], hw=batch["hw"],
+                                           seed=spec.seed, step=step, rows=rows,
+                                           view=number, **options)
     return out
 
-  ds = tf.data.Dataset.from_generator(positions, output_signature=signature)
-  ds = ds.unbatch().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(local, drop_remainder=True).prefetch(2).with_options(_options(threads))
-  return ds.as_numpy_iterator()
+  return views
+
+
+def view_spec(config: "ml_collections.ConfigDict", *, two_views: bool, kinds: Sequence[str] = ("reference", "moco")
+              ) -> ViewSpec:
+  """The `ViewSpec` of `config` (`data.views`, `data.crop_scale`, `data.flip`,
+  `data.color_jitter` / `data.jitter`)."""
+  data = config.data
+  if data.views not in kinds:
+    raise ValueError(f"data.views must be one of {', '.join(kinds)}, got {data.views!r}")
+  scale = tuple(data.get("crop_scale", ())) or None
+  jitter = tuple(data.jitter) if data.color_jitter and data.views == "reference" else None
+  return ViewSpec(kind=data.views, size=config.image_size, seed=int(config.seed),
+                  two_views=two_views, scale=scale, flip=bool(data.get("flip", True)),
+                  jitter=jitter)
