@@ -202,16 +202,30 @@ def adjust_colour(image: jax.Array, factors: jax.Array, order: jax.Array) -> jax
     float32 `[H, W, 3]` in [0, 1].
   """
   factors = jnp.asarray(factors, jnp.float32)
-  ops = [
-      lambda x: factors[0] * x,
-      lambda x: factors[1] * x + (1 - factors[1]) * jnp.mean(grayscale(x)),
-      lambda x: factors[2] * x + (1 - factors[2]) * grayscale(x),
-      lambda x: _rotate_hue(x, factors[3]),
-  ]
-  ops = [lambda x, op=op: jnp.clip(op(x), 0.0, 1.0) for op in ops]
+  order = jnp.asarray(order, jnp.int32)
+
+  one, zero = jnp.float32(1), jnp.float32(0)
+
+  def cheap(x, op, active):
+    """Op `op` (0 brightness, 1 contrast, 2 saturation) if `active`, as one affine map
+    `a * x + b * grey(x) + c * mean(grey(x))` with scalars picked per op (a select of
+    three images per position would cost three times the memory traffic), clipped."""
+    a = jnp.where(active, factors[jnp.minimum(op, 2)], one)
+    b = jnp.where(active & (op == 2), 1 - factors[2], zero)
+    c = jnp.where(active & (op == 1), 1 - factors[1], zero)
+    grey = grayscale(x)
+    return jnp.clip(a * x + b * grey + c * jnp.mean(grey), 0.0, 1.0)
+
+  # The hue rotation (the costly op) is computed once, at its place in the order: the
+  # cheap ops before it, the hue, the cheap ops after it. (A switch per position would,
+  # under vmap, compute all four ops at all four positions.)
+  hue_at = jnp.argmax(order == 3)
   image = image.astype(jnp.float32)
-  for i in range(4):  # under vmap the switch computes all four and selects
-    image = jax.lax.switch(order[i], ops, image)
+  for i in range(4):
+    image = cheap(image, order[i], (i < hue_at) & (order[i] != 3))
+  image = jnp.clip(_rotate_hue(image, factors[3]), 0.0, 1.0)
+  for i in range(4):
+    image = cheap(image, order[i], (i > hue_at) & (order[i] != 3))
   return image
 
 
