@@ -144,7 +144,8 @@ def _resize_weights(start, length, size, side):
 
 
 def crop_and_resize(image_u8: jax.Array, top: int | jax.Array, left: int | jax.Array,
-                    h: int | jax.Array, w: int | jax.Array, *, size: int) -> jax.Array:
+                    h: int | jax.Array, w: int | jax.Array, *, size: int,
+                    mirror: bool | jax.Array = False) -> jax.Array:
   """Box `[top, top + h) x [left, left + w)` of uint8 `[S, S, 3]` resampled to float32
   `[size, size, 3]` in [0, 1]: bilinear, antialiased when shrinking (as PIL's bilinear
   resize of the cropped box). The box may be traced; `S` and `size` are static."""
@@ -152,6 +153,7 @@ def crop_and_resize(image_u8: jax.Array, top: int | jax.Array, left: int | jax.A
                          image_u8.shape[0])
   cols = _resize_weights(jnp.asarray(left, jnp.int32), jnp.asarray(w, jnp.int32), size,
                          image_u8.shape[1])
+  cols = jnp.where(mirror, cols[::-1], cols)  # mirrored output columns: a flip, for free
   image = image_u8.astype(jnp.float32) / 255.0
   # HIGHEST: accelerators otherwise multiply float32 at reduced (bf16 / tf32) precision.
   out = jnp.einsum("ih,hwc->iwc", rows, image, precision=jax.lax.Precision.HIGHEST)
@@ -188,7 +190,13 @@ def _rotate_hue(image, shift):
 
 
 def adjust_colour(image: jax.Array, factors: jax.Array, order: jax.Array) -> jax.Array:
-  """torchvision's ColorJitter given its draws, on float `[H, W, 3]` in [0, 1].
+  """torchvision's ColorJitter given its draws (see `_adjust_colour`)."""
+  return _adjust_colour(image, factors, order, active=True)
+
+
+def _adjust_colour(image, factors, order, *, active):
+  """torchvision's ColorJitter given its draws, on float `[H, W, 3]` in [0, 1], where
+  `active` (may be traced); else the image unchanged.
 
   Args:
     image: float `[H, W, 3]` in [0, 1].
@@ -203,16 +211,18 @@ def adjust_colour(image: jax.Array, factors: jax.Array, order: jax.Array) -> jax
   """
   factors = jnp.asarray(factors, jnp.float32)
   order = jnp.asarray(order, jnp.int32)
-
   one, zero = jnp.float32(1), jnp.float32(0)
+  jittering = jnp.asarray(active)  # False: the image itself (every map the identity)
 
-  def cheap(x, op, active):
-    """Op `op` (0 brightness, 1 contrast, 2 saturation) if `active`, as one affine map
-    `a * x + b * grey(x) + c * mean(grey(x))` with scalars picked per op (a select of
-    three images per position would cost three times the memory traffic), clipped."""
-    a = jnp.where(active, factors[jnp.minimum(op, 2)], one)
-    b = jnp.where(active & (op == 2), 1 - factors[2], zero)
-    c = jnp.where(active & (op == 1), 1 - factors[1], zero)
+  def cheap(x, op, here):
+    """Op `op` (0 brightness, 1 contrast, 2 saturation) if `here` (and jittering), as
+    one affine map `a * x + b * grey(x) + c * mean(grey(x))` with scalars picked per op
+    (a select of three images per position would cost three times the memory
+    traffic), clipped; else the identity map."""
+    on = here & jittering
+    a = jnp.where(on, factors[jnp.minimum(op, 2)], one)
+    b = jnp.where(on & (op == 2), 1 - factors[2], zero)
+    c = jnp.where(on & (op == 1), 1 - factors[1], zero)
     grey = grayscale(x)
     return jnp.clip(a * x + b * grey + c * jnp.mean(grey), 0.0, 1.0)
 
@@ -223,7 +233,7 @@ def adjust_colour(image: jax.Array, factors: jax.Array, order: jax.Array) -> jax
   image = image.astype(jnp.float32)
   for i in range(4):
     image = cheap(image, order[i], (i < hue_at) & (order[i] != 3))
-  image = jnp.clip(_rotate_hue(image, factors[3]), 0.0, 1.0)
+  image = jnp.where(jittering, jnp.clip(_rotate_hue(image, factors[3]), 0.0, 1.0), image)
   for i in range(4):
     image = cheap(image, order[i], (i > hue_at) & (order[i] != 3))
   return image
@@ -267,8 +277,11 @@ def _blur_band(length, sigma, kernel_size):
   return jnp.where(inside, kernel[jnp.clip(offset, 0, 2 * radius)], 0.0)
 
 
+_NO_BLUR = 1e-3  # a sigma whose normalised taps are exactly (0, ..., 1, ..., 0)
+
+
 def gaussian_blur(image: jax.Array, sigma: float | jax.Array, *,
-                  kernel_size: int) -> jax.Array:
+                  kernel_size: int, apply: bool | jax.Array = True) -> jax.Array:
   """Separable Gaussian blur of float `[H, W, C]` with reflected borders.
 
   `kernel_size` (odd, static) taps of a Gaussian of `sigma` (may be traced), normalised
@@ -276,6 +289,8 @@ def gaussian_blur(image: jax.Array, sigma: float | jax.Array, *,
   repeating the edge pixel (`d c b | a b c d | c b a`, torch's and NumPy's "reflect",
   SciPy's "mirror"), as often as needed for images smaller than the kernel. Two matrix
   products (`[H, H + k - 1]` and `[W, W + k - 1]` bands) of the reflect-padded image.
+
+  `apply` (may be traced) False gives the image itself, through the same products.
 
   Returns:
     float32 `[H, W, C]`.
@@ -289,6 +304,9 @@ def gaussian_blur(image: jax.Array, sigma: float | jax.Array, *,
   padded = jnp.pad(image.astype(jnp.float32), pad, mode="reflect")
   rows = _blur_band(height, sigma, kernel_size)
   cols = _blur_band(width, sigma, kernel_size)
+  if apply is not True:  # a traced decision: the bands of the identity where not
+    rows = jnp.where(apply, rows, _blur_band(height, _NO_BLUR, kernel_size))
+    cols = jnp.where(apply, cols, _blur_band(width, _NO_BLUR, kernel_size))
   out = jnp.einsum("ih,hwc->iwc", rows, padded, precision=jax.lax.Precision.HIGHEST)
   return jnp.einsum("jw,iwc->ijc", cols, out, precision=jax.lax.Precision.HIGHEST)
 
@@ -423,16 +441,21 @@ def moco_view(image_u8: jax.Array, hw: jax.Array, key: jax.Array, *, size: int,
   """
   keys = jax.random.split(key, 7)
   _, box = moco_box(keys[0], hw, image_u8.shape[0], scale=scale, ratio=ratio)
-  image = crop_and_resize(image_u8, box[0], box[1], box[2], box[3], size=size)
-  image = _maybe(keys[1], jitter_p,
-                 lambda x: color_jitter(x, keys[2], strength=tuple(jitter)), image)
-  image = _maybe(keys[3], grayscale_p,
-                 lambda x: jnp.broadcast_to(grayscale(x), x.shape), image)
+  # The flip is drawn last but made first, by the crop's weights: jitter, grayscale and
+  # the (symmetric, reflect-bordered) blur commute with it. The decisions pick small
+  # things (factors, band matrices) rather than whole images, so nothing is computed
+  # twice.
+  mirror = jax.random.bernoulli(keys[6], 0.5) if flip else False
+  image = crop_and_resize(image_u8, box[0], box[1], box[2], box[3], size=size,
+                          mirror=mirror)
+  jittered = jax.random.bernoulli(keys[1], jitter_p)
+  factors, order = jitter_draws(keys[2], tuple(jitter))
+  image = _adjust_colour(image, factors, order, active=jittered)
+  grey = jax.random.bernoulli(keys[3], grayscale_p)
+  image = jnp.where(grey, jnp.broadcast_to(grayscale(image), image.shape), image)
   sigma = jax.random.uniform(keys[4], (), jnp.float32, blur_sigma[0], blur_sigma[1])
-  image = _maybe(keys[5], blur_p, lambda x: gaussian_blur(
-      x, sigma, kernel_size=blur_kernel_size(size)), image)
-  if flip:
-    image = _maybe(keys[6], 0.5, lambda x: x[:, ::-1], image)
+  image = gaussian_blur(image, sigma, kernel_size=blur_kernel_size(size),
+                        apply=jax.random.bernoulli(keys[5], blur_p))
   return normalize(image)
 
 
