@@ -231,11 +231,11 @@ def _adjust_colour(image, factors, order, *, active):
   # under vmap, compute all four ops at all four positions.)
   hue_at = jnp.argmax(order == 3)
   image = image.astype(jnp.float32)
-  for i in range(4):
-    image = cheap(image, order[i], (i < hue_at) & (order[i] != 3))
+  for i in range(3):  # positions 0..2 can come before the hue
+    image = cheap(image, order[i], i < hue_at)
   image = jnp.where(jittering, jnp.clip(_rotate_hue(image, factors[3]), 0.0, 1.0), image)
-  for i in range(4):
-    image = cheap(image, order[i], (i > hue_at) & (order[i] != 3))
+  for i in range(1, 4):  # positions 1..3 can come after it
+    image = cheap(image, order[i], i > hue_at)
   return image
 
 
