@@ -42,6 +42,13 @@ class Checkpoints:
     self._best = ocp.CheckpointManager(
         os.path.join(workdir, "best"),
         options=_options("best", max_to_keep=1, best_fn=score, best_mode="max"))
+    for manager in (self._latest, self._best):
+      # Orbax removes the temporary folders of unfinished saves in a thread: finish it
+      # now, so that the folders are clean before a restore, and a failed start can
+      # remove the folders it made without the thread tripping over them.
+      cleanup = getattr(manager, "_cleanup_tmp_directory_future", None)
+      if cleanup is not None:
+        cleanup.result()
 
   def latest_step(self):
     return self._latest.latest_step()

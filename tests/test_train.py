@@ -198,6 +198,20 @@ def test_command_line_errors_are_one_line_and_leave_nothing(tmp_path):
       f"bitune-train: error: {tmp_path}/missing.npz: no such file (give a bitune-convert "
       "output .npz)")
   assert sorted(os.listdir(tmp_path)) == []
+  # A config error found at once, right after the checkpoint folders were made: orbax's
+  # cleanup of them must be over before they are removed (it was a thread that then
+  # failed on them, with a traceback, in 2 of 3 such starts).
+  for _ in range(2):
+    run = subprocess.run(
+        [sys.executable, "-m", "bitune_jax.main",
+         f"--config={ROOT}/configs/bituning.py:demo", f"--workdir={workdir}",
+         "--config.data.crop_scale=(0.0,1.0)"],
+        capture_output=True, text=True, check=False, cwd=tmp_path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.splitlines()[-1] == (
+        "bitune-train: error: data.crop_scale must be () or (low, high) with 0 < low <= "
+        "high <= 1, got (0.0, 1.0)")
+    assert sorted(os.listdir(tmp_path)) == []
 
 
 def test_help_and_print_config(tmp_path):
