@@ -64,8 +64,8 @@ whose excess is under 1/255: 384 on both textures (442 kB per image, 2.25 times 
 256 cache of the reference views).
 
 Outputs are float32, normalised with the ImageNet mean and std (`MEAN_RGB`,
-`STD_RGB`, the same as the host-side evaluation batches of `bitune_jax.data.pipeline`,
-repeated here so that the two modules do not import each other).
+`STD_RGB`, defined once in `bitune_jax.data.pipeline`, which imports this module only
+inside `make_views`).
 """
 
 import math
@@ -74,8 +74,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-MEAN_RGB = (0.485, 0.456, 0.406)
-STD_RGB = (0.229, 0.224, 0.225)
+from bitune_jax.data.pipeline import MEAN_RGB, STD_RGB
+
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2
 DEFAULT_JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
 JITTER_FOLD = 2  # reference views: the jitter key is jax.random.fold_in(key, 2)

@@ -81,7 +81,7 @@ def cache_side(config: ml_collections.ConfigDict) -> int:
   from bitune_jax.data import device_views  # pylint: disable=g-import-not-at-top
   if config.data.get("cache_side", 0):
     return int(config.data.cache_side)
-  if config.data.views == "moco" and hasattr(device_views, "moco_side"):
+  if config.data.views == "moco":
     return int(device_views.moco_side(config.image_size))
   return pipeline.eval_resize(config.image_size)
 
