@@ -16,15 +16,16 @@ drawn inside the training step.
 * `crop_and_resize`: the box resampled to `size x size`, bilinear with antialiasing
   when shrinking (PIL's and torchvision's `antialias=True` triangle filter: support
   scaled by the shrink factor, sampled at pixel centres, weights renormalised, only
-  pixels of the box taken, as torchvision crops before it resizes), as two matrix
-  products with `[size, S]` weight matrices built for the (traced) box.
+  pixels of the box taken, as torchvision crops before it resizes): the rows as
+  weighted sums of the few cache rows under each output row's triangle, the columns
+  as a product with a `[size, S]` weight matrix built for the (traced) box.
 * `reference_train_view`: crop box, crop-and-resize, horizontal flip with p 0.5 (or
   none), optional colour jitter, ImageNet normalisation. `eval_view`: the centre
   `size x size` of the cache image.
 * Colour and blur, torchvision's semantics in float32: `adjust_colour` / `jitter_draws`
   / `color_jitter` (ColorJitter: brightness, contrast, saturation, hue in a random
   order, each clipped to [0, 1]; the hue rotated through HSV), `grayscale` (ITU-R
-  601-2 luma), `gaussian_blur` (separable, reflected borders, two matrix products).
+  601-2 luma), `gaussian_blur` (separable, reflected borders, sums of shifted slices).
 * `moco_view` (MoCo v2): random resized crop of area 0.2-1 drawn in the ORIGINAL
   image's pixels (`moco_box`: `crop_box` on its `hw`, then mapped onto the `S x S`
   cache), resampled to `size`, colour jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale
@@ -62,6 +63,22 @@ leaves 1.4/255), and the returns diminish while the bytes grow: the mean gains 0
 0.45, 0.25, 0.17 /255 per 64 pixels from 256 to 512. The rule is the smallest side
 whose excess is under 1/255: 384 on both textures (442 kB per image, 2.25 times the
 256 cache of the reference views).
+
+Inside, the views keep the channels first (`[3, H, W]`: every colour op is a pass
+over three contiguous planes) and end with one transpose. The MoCo views of
+`bench/input.py` (2 x 32 views of 112 from a 192 cache, 2 CPU cores) went from about
+129 ms to 30 ms through these choices, each of which XLA's CPU backend rewards:
+* rows resampled by gathered taps rather than a `[size, S]` product (12 vs 35 ms);
+* the colour passes and the blur's two passes run as `fori_loop`s, whose carries are
+  stored once: left unrolled, XLA fuses the chain and computes each earlier pass
+  again for every later one that reads it (the channel-mixing colour passes 3x over,
+  the blur's first pass once per tap of the second); `optimization_barrier` does not
+  stop it, as the CPU backend removes barriers before fusion;
+* the hue's remainder as a floor and its three channels as one broadcast expression
+  (a float remainder, or three stacked channels with a per-example shift, ran 5-8x
+  slower);
+* the blur as sums of shifted slices, not band-matrix products.
+On accelerators these are neutral or better (fewer flops, no change in layout).
 
 Outputs are float32, normalised with the ImageNet mean and std (`MEAN_RGB`,
 `STD_RGB`, defined once in `bitune_jax.data.pipeline`, which imports this module only
@@ -143,22 +160,70 @@ def _resize_weights(start, length, size, side):
   return weights / jnp.sum(weights, axis=1, keepdims=True)
 
 
+def _resize_taps(start, length, size, side):
+  """The nonzero part of `_resize_weights`: `(index, weights)`, int32 and float32
+  `[size, T]`, output pixel i being `sum_t weights[i, t] * x[index[i, t]]`.
+
+  A box of an axis of `side` pixels is at most `side` long, so the triangle's support
+  spans fewer than `2 * max(side / size, 1) + 1` pixels: T = that, rounded up, plus one
+  (a first tap that may fall just outside the support, at zero weight).
+  """
+  taps = math.ceil(2 * max(side / size, 1.0)) + 2
+  length_f = length.astype(jnp.float32)
+  factor = length_f / size
+  support_scale = jnp.maximum(factor, 1.0)
+  centre = start.astype(jnp.float32) + (jnp.arange(size, dtype=jnp.float32) + 0.5) * factor
+  # The first pixel whose centre can be inside the support, or the box's first pixel.
+  first = jnp.maximum(jnp.floor(centre - support_scale - 0.5).astype(jnp.int32), start)
+  pixel = first[:, None] + jnp.arange(taps)[None, :]
+  distance = (pixel.astype(jnp.float32) + 0.5) - centre[:, None]
+  weights = jnp.maximum(1.0 - jnp.abs(distance) / support_scale, 0.0)
+  weights = jnp.where(pixel < start + length, weights, 0.0)
+  weights = weights / jnp.sum(weights, axis=1, keepdims=True)
+  return jnp.clip(pixel, 0, side - 1), weights
+
+
+def _crop_and_resize_planes(image_u8, top, left, h, w, *, size, mirror=False):
+  """`crop_and_resize` with channels first: float32 `[3, size, size]` in [0, 1].
+
+  Rows: each output row is a weighted sum of the few cache rows under its triangle
+  (`_resize_taps`: whole rows gathered, ~T * size * S * 3 multiply-adds instead of a
+  `[size, S]` matrix product's size * S * S * 3, the costlier of the two passes).
+  Columns: a `[size, S]` weight matrix product.
+  """
+  index, weights = _resize_taps(jnp.asarray(top, jnp.int32), jnp.asarray(h, jnp.int32),
+                                size, image_u8.shape[0])
+  cols = _resize_weights(jnp.asarray(left, jnp.int32), jnp.asarray(w, jnp.int32), size,
+                         image_u8.shape[1])
+  cols = jnp.where(mirror, cols[::-1], cols)  # mirrored output columns: a flip, for free
+  planes_u8 = _channels_first(image_u8)
+  rows = sum(weights[None, :, t, None] * planes_u8[:, index[:, t]].astype(jnp.float32)
+             for t in range(index.shape[1]))  # [3, size, S], in 0..255
+  # The operands in this order make the product's natural layout [3, size, size]: a
+  # transposed result would be copied by every elementwise op after it.
+  # HIGHEST: accelerators otherwise multiply float32 at reduced (bf16 / tf32) precision.
+  out = jnp.einsum("ciw,jw->cij", rows, cols / 255.0,
+                   precision=jax.lax.Precision.HIGHEST)
+  return jnp.clip(out, 0.0, 1.0)
+
+
 def crop_and_resize(image_u8: jax.Array, top: int | jax.Array, left: int | jax.Array,
                     h: int | jax.Array, w: int | jax.Array, *, size: int,
                     mirror: bool | jax.Array = False) -> jax.Array:
   """Box `[top, top + h) x [left, left + w)` of uint8 `[S, S, 3]` resampled to float32
   `[size, size, 3]` in [0, 1]: bilinear, antialiased when shrinking (as PIL's bilinear
-  resize of the cropped box). The box may be traced; `S` and `size` are static."""
-  rows = _resize_weights(jnp.asarray(top, jnp.int32), jnp.asarray(h, jnp.int32), size,
-                         image_u8.shape[0])
-  cols = _resize_weights(jnp.asarray(left, jnp.int32), jnp.asarray(w, jnp.int32), size,
-                         image_u8.shape[1])
-  cols = jnp.where(mirror, cols[::-1], cols)  # mirrored output columns: a flip, for free
-  image = image_u8.astype(jnp.float32) / 255.0
-  # HIGHEST: accelerators otherwise multiply float32 at reduced (bf16 / tf32) precision.
-  out = jnp.einsum("ih,hwc->iwc", rows, image, precision=jax.lax.Precision.HIGHEST)
-  out = jnp.einsum("jw,iwc->ijc", cols, out, precision=jax.lax.Precision.HIGHEST)
-  return jnp.clip(out, 0.0, 1.0)
+  resize of the cropped box). The box may be traced; `S` and `size` are static.
+  `mirror` (may be traced): the result flipped left-right, by the weights."""
+  return _channels_last(_crop_and_resize_planes(image_u8, top, left, h, w, size=size,
+                                                mirror=mirror))
+
+
+def _channels_first(image):
+  return jnp.transpose(image, (2, 0, 1))
+
+
+def _channels_last(planes):
+  return jnp.transpose(planes, (1, 2, 0))
 
 
 # ---------------------------------------------------------------------- colour
@@ -171,72 +236,102 @@ def grayscale(image: jax.Array) -> jax.Array:
   return jnp.sum(image * luma, axis=-1, keepdims=True)
 
 
-def _rotate_hue(image, shift):
-  """float `[H, W, 3]` in [0, 1] with its hue rotated by `shift` turns (RGB -> HSV ->
+def _grey_planes(planes):
+  """`grayscale` of `[3, H, W]`: `[1, H, W]`."""
+  return (LUMA[0] * planes[0] + LUMA[1] * planes[1] + LUMA[2] * planes[2])[None]
+
+
+def _rotate_hue(planes, shift):
+  """float `[3, H, W]` in [0, 1] with its hue rotated by `shift` turns (RGB -> HSV ->
   RGB; saturation and value kept)."""
-  r, g, b = image[..., 0], image[..., 1], image[..., 2]
-  value = jnp.max(image, axis=-1)
-  chroma = value - jnp.min(image, axis=-1)  # = saturation * value
-  safe = jnp.where(chroma > 0, chroma, 1.0)
-  # Hue in sixths of the circle: the sector of the largest channel, then the offset.
-  sixths = jnp.where(value == r, (g - b) / safe,
-                     jnp.where(value == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-  sixths = jnp.where(chroma > 0, sixths, 0.0)
-  sixths = jnp.mod(sixths + 6.0 * shift, 6.0)
+  r, g, b = planes[0], planes[1], planes[2]
+  value = jnp.maximum(jnp.maximum(r, g), b)
+  chroma = value - jnp.minimum(jnp.minimum(r, g), b)  # = saturation * value
+  inverse = jnp.where(chroma > 0, 1.0 / jnp.where(chroma > 0, chroma, 1.0), 0.0)
+  # Hue in sixths of the circle: the sector of the largest channel, then the offset (0
+  # for a grey pixel); then rotated.
+  sixths = jnp.where(value == r, (g - b) * inverse,
+                     jnp.where(value == g, 2.0 + (b - r) * inverse,
+                               4.0 + (r - g) * inverse)) + 6.0 * shift
   # Back to RGB: channel n (R, G, B: n = 5, 3, 1) is v - c * clip(min(k, 4 - k), 0, 1)
-  # with k = (n + sixths) mod 6.
-  k = jnp.mod(jnp.asarray([5.0, 3.0, 1.0]) + sixths[..., None], 6.0)
-  return value[..., None] - chroma[..., None] * jnp.clip(jnp.minimum(k, 4.0 - k), 0, 1)
+  # with k = (n + sixths) mod 6. (Written with a floor, not a float remainder, and for
+  # the three channels at once, not stacked: XLA's CPU backend runs both forms 5-8x
+  # slower.)
+  k = jnp.asarray([5.0, 3.0, 1.0], jnp.float32)[:, None, None] + sixths[None]
+  k = k - 6.0 * jnp.floor(k * (1.0 / 6.0))
+  return value[None] - chroma[None] * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
 def adjust_colour(image: jax.Array, factors: jax.Array, order: jax.Array) -> jax.Array:
-  """torchvision's ColorJitter given its draws (see `_adjust_colour`)."""
-  return _adjust_colour(image, factors, order, active=True)
+  """torchvision's ColorJitter given its draws, on float `[H, W, 3]` in [0, 1] (see
+  `_adjust_colour`)."""
+  return _channels_last(_adjust_colour(_channels_first(image), factors, order,
+                                       active=True))
 
 
-def _adjust_colour(image, factors, order, *, active):
-  """torchvision's ColorJitter given its draws, on float `[H, W, 3]` in [0, 1], where
-  `active` (may be traced); else the image unchanged.
+def _affine_passes(planes, coefficients):
+  """`x <- clip(a x + b grey(x) + c mean(grey(x)), 0, 1)` for each row (a, b, c) of
+  float `[n, 3]` in turn, on float `[3, H, W]`.
+
+  A loop, so that each pass's result is stored once: the passes mix the channels, and
+  XLA's CPU backend, left to fuse the unrolled chain, computes every earlier pass again
+  for each later one that reads it (7 passes then ran 3x slower than alone).
+  """
+  def one(i, x):
+    a, b, c = coefficients[i, 0], coefficients[i, 1], coefficients[i, 2]
+    grey = _grey_planes(x)
+    return jnp.clip(a * x + b * grey + c * jnp.mean(grey), 0.0, 1.0)
+  return jax.lax.fori_loop(0, coefficients.shape[0], one, planes)
+
+
+def _adjust_colour(planes, factors, order, *, active, grey=False):
+  """torchvision's ColorJitter given its draws, on float `[3, H, W]` in [0, 1] (channels
+  first: every op is then a pass over three contiguous planes), where `active` (may be
+  traced); else the image unchanged. Then, where `grey` (may be traced), the grayscale
+  (ITU-R 601-2 luma in all three channels).
 
   Args:
-    image: float `[H, W, 3]` in [0, 1].
+    planes: float `[3, H, W]` in [0, 1].
     factors: `[4]`: brightness, contrast and saturation factors, hue shift (turns).
     order: int `[4]`, a permutation of 0..3 (may be traced): op `order[i]` is applied
       i-th. Op 0, brightness: `f0 * x`; 1, contrast: `f1 * x + (1 - f1) *
       mean(grayscale(x))`; 2, saturation: `f2 * x + (1 - f2) * grayscale(x)`; 3, hue:
       the hue rotated by `f3` of the colour circle. Each result is clipped to [0, 1].
+    active: jitter or not.
+    grey: grayscale after the jitter or not.
 
   Returns:
-    float32 `[H, W, 3]` in [0, 1].
+    float32 `[3, H, W]` in [0, 1].
   """
   factors = jnp.asarray(factors, jnp.float32)
   order = jnp.asarray(order, jnp.int32)
   one, zero = jnp.float32(1), jnp.float32(0)
   jittering = jnp.asarray(active)  # False: the image itself (every map the identity)
 
-  def cheap(x, op, here):
-    """Op `op` (0 brightness, 1 contrast, 2 saturation) if `here` (and jittering), as
-    one affine map `a * x + b * grey(x) + c * mean(grey(x))` with scalars picked per op
-    (a select of three images per position would cost three times the memory
-    traffic), clipped; else the identity map."""
+  def cheap(op, here):
+    """(a, b, c) of op `op` (0 brightness, 1 contrast, 2 saturation) if `here` (and
+    jittering), else of the identity: the scalars are picked per op, not the images (a
+    select of three images per position would cost three times the memory traffic)."""
     on = here & jittering
     a = jnp.where(on, factors[jnp.minimum(op, 2)], one)
     b = jnp.where(on & (op == 2), 1 - factors[2], zero)
     c = jnp.where(on & (op == 1), 1 - factors[1], zero)
-    grey = grayscale(x)
-    return jnp.clip(a * x + b * grey + c * jnp.mean(grey), 0.0, 1.0)
+    return jnp.stack([a, b, c])
 
   # The hue rotation (the costly op) is computed once, at its place in the order: the
   # cheap ops before it, the hue, the cheap ops after it. (A switch per position would,
   # under vmap, compute all four ops at all four positions.)
   hue_at = jnp.argmax(order == 3)
-  image = image.astype(jnp.float32)
-  for i in range(3):  # positions 0..2 can come before the hue
-    image = cheap(image, order[i], i < hue_at)
-  image = jnp.where(jittering, jnp.clip(_rotate_hue(image, factors[3]), 0.0, 1.0), image)
-  for i in range(1, 4):  # positions 1..3 can come after it
-    image = cheap(image, order[i], i > hue_at)
-  return image
+  before = jnp.stack([cheap(order[i], i < hue_at) for i in range(3)])  # positions 0..2
+  after = [cheap(order[i], i > hue_at) for i in range(1, 4)]  # positions 1..3
+  # The grayscale is the saturation with factor 0: grey(x) in every channel.
+  greying = jnp.asarray(grey)
+  after.append(jnp.stack([jnp.where(greying, zero, one), jnp.where(greying, one, zero),
+                          zero]))
+  planes = _affine_passes(planes.astype(jnp.float32), before)
+  planes = jnp.where(jittering, jnp.clip(_rotate_hue(planes, factors[3]), 0.0, 1.0),
+                     planes)
+  return _affine_passes(planes, jnp.stack(after))
 
 
 def jitter_draws(key: jax.Array, strength: Sequence[float] = DEFAULT_JITTER
@@ -265,19 +360,43 @@ def color_jitter(image: jax.Array, key: jax.Array, *,
 # ------------------------------------------------------------------------ blur
 
 
-def _blur_band(length, sigma, kernel_size):
-  """`[length, length + kernel_size - 1]` float32: row i holds the normalised Gaussian
-  taps at columns i .. i + kernel_size - 1 (of the axis padded by kernel_size // 2)."""
+def _blur_taps(sigma, kernel_size):
+  """`[kernel_size]` float32: the Gaussian of `sigma` sampled at -r..r, normalised."""
   radius = kernel_size // 2
   taps = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
   kernel = jnp.exp(-0.5 * jnp.square(taps / sigma))
-  kernel = kernel / jnp.sum(kernel)
-  offset = jnp.arange(length + 2 * radius)[None, :] - jnp.arange(length)[:, None]
-  inside = (offset >= 0) & (offset <= 2 * radius)
-  return jnp.where(inside, kernel[jnp.clip(offset, 0, 2 * radius)], 0.0)
+  return kernel / jnp.sum(kernel)
 
 
 _NO_BLUR = 1e-3  # a sigma whose normalised taps are exactly (0, ..., 1, ..., 0)
+
+
+def _blur_planes(planes, sigma, *, kernel_size, apply=True):
+  """`gaussian_blur` of float `[C, H, W]` (channels first)."""
+  if kernel_size % 2 != 1:
+    raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+  radius = kernel_size // 2
+  height, width = planes.shape[1], planes.shape[2]
+  sigma = jnp.asarray(sigma, jnp.float32)
+  if apply is not True:  # a traced decision: the taps of the identity where not
+    sigma = jnp.where(apply, sigma, _NO_BLUR)
+  kernel = _blur_taps(sigma, kernel_size)
+
+  def along_rows(x):
+    """The blur of `[C, n, m]` along its n axis: a sum of k shifted slices of the
+    reflect-padded image (k multiply-adds per pixel, rather than a band-matrix
+    product's n + k - 1)."""
+    padded = jnp.pad(x, ((0, 0), (radius, radius), (0, 0)), mode="reflect")
+    return sum(kernel[t] * padded[:, t:t + x.shape[1]] for t in range(kernel_size))
+
+  planes = planes.astype(jnp.float32)
+  if height != width:
+    return jnp.swapaxes(along_rows(jnp.swapaxes(along_rows(planes), 1, 2)), 1, 2)
+  # Square: the two passes as a loop of (blur the rows, transpose), so that the first
+  # pass is stored once; XLA's CPU backend, left to fuse them, computes the first again
+  # for each of the k taps of the second (5x slower).
+  return jax.lax.fori_loop(
+      0, 2, lambda _, x: jnp.swapaxes(along_rows(x), 1, 2), planes)
 
 
 def gaussian_blur(image: jax.Array, sigma: float | jax.Array, *,
@@ -287,40 +406,21 @@ def gaussian_blur(image: jax.Array, sigma: float | jax.Array, *,
   `kernel_size` (odd, static) taps of a Gaussian of `sigma` (may be traced), normalised
   to sum 1, as torchvision's `gaussian_blur`; the borders are reflected without
   repeating the edge pixel (`d c b | a b c d | c b a`, torch's and NumPy's "reflect",
-  SciPy's "mirror"), as often as needed for images smaller than the kernel. Two matrix
-  products (`[H, H + k - 1]` and `[W, W + k - 1]` bands) of the reflect-padded image.
+  SciPy's "mirror"), as often as needed for images smaller than the kernel.
 
-  `apply` (may be traced) False gives the image itself, through the same products.
+  `apply` (may be traced) False gives the image itself (taps (0, ..., 1, ..., 0)).
 
   Returns:
     float32 `[H, W, C]`.
   """
-  if kernel_size % 2 != 1:
-    raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-  radius = kernel_size // 2
-  height, width = image.shape[0], image.shape[1]
-  sigma = jnp.asarray(sigma, jnp.float32)
-  pad = ((radius, radius), (radius, radius), (0, 0))
-  padded = jnp.pad(image.astype(jnp.float32), pad, mode="reflect")
-  rows = _blur_band(height, sigma, kernel_size)
-  cols = _blur_band(width, sigma, kernel_size)
-  if apply is not True:  # a traced decision: the bands of the identity where not
-    rows = jnp.where(apply, rows, _blur_band(height, _NO_BLUR, kernel_size))
-    cols = jnp.where(apply, cols, _blur_band(width, _NO_BLUR, kernel_size))
-  out = jnp.einsum("ih,hwc->iwc", rows, padded, precision=jax.lax.Precision.HIGHEST)
-  return jnp.einsum("jw,iwc->ijc", cols, out, precision=jax.lax.Precision.HIGHEST)
+  return _channels_last(_blur_planes(_channels_first(image), sigma,
+                                     kernel_size=kernel_size, apply=apply))
 
 
 def blur_kernel_size(size: int) -> int:
   """Taps of the MoCo v2 / SimCLR blur of a `size` view: about a tenth of the side, odd,
   at least 3 (23 at 224, as MoCo v2's former host-side view)."""
   return max(3, int(0.1 * size) // 2 * 2 + 1)
-
-
-def _maybe(key, probability, fn, image):
-  """`fn(image)` with `probability` (`jax.random.bernoulli(key, probability)`), else
-  `image`; both are computed, one is selected."""
-  return jnp.where(jax.random.bernoulli(key, probability), fn(image), image)
 
 
 # ----------------------------------------------------------------------- views
@@ -350,13 +450,13 @@ def reference_train_view(image_u8: jax.Array, key: jax.Array, *, size: int,
   crop_key, flip_key = jax.random.split(key)
   side_h, side_w = image_u8.shape[0], image_u8.shape[1]
   top, left, h, w = crop_box(crop_key, side_h, side_w, scale=scale, ratio=ratio)
-  image = crop_and_resize(image_u8, top, left, h, w, size=size)
-  if flip:
-    image = _maybe(flip_key, 0.5, lambda x: x[:, ::-1], image)
+  # The flip (p 0.5) is made by the crop's weights.
+  mirror = jax.random.bernoulli(flip_key, 0.5) if flip else False
+  planes = _crop_and_resize_planes(image_u8, top, left, h, w, size=size, mirror=mirror)
   if jitter is not None:
-    image = color_jitter(image, jax.random.fold_in(key, JITTER_FOLD),
-                         strength=tuple(jitter))
-  return normalize(image)
+    factors, order = jitter_draws(jax.random.fold_in(key, JITTER_FOLD), tuple(jitter))
+    planes = _adjust_colour(planes, factors, order, active=True)
+  return normalize(_channels_last(planes))
 
 
 def eval_view(image_u8: jax.Array, *, size: int) -> jax.Array:
@@ -446,17 +546,16 @@ def moco_view(image_u8: jax.Array, hw: jax.Array, key: jax.Array, *, size: int,
   # things (factors, band matrices) rather than whole images, so nothing is computed
   # twice.
   mirror = jax.random.bernoulli(keys[6], 0.5) if flip else False
-  image = crop_and_resize(image_u8, box[0], box[1], box[2], box[3], size=size,
-                          mirror=mirror)
+  planes = _crop_and_resize_planes(image_u8, box[0], box[1], box[2], box[3], size=size,
+                                   mirror=mirror)
   jittered = jax.random.bernoulli(keys[1], jitter_p)
   factors, order = jitter_draws(keys[2], tuple(jitter))
-  image = _adjust_colour(image, factors, order, active=jittered)
-  grey = jax.random.bernoulli(keys[3], grayscale_p)
-  image = jnp.where(grey, jnp.broadcast_to(grayscale(image), image.shape), image)
+  planes = _adjust_colour(planes, factors, order, active=jittered,
+                          grey=jax.random.bernoulli(keys[3], grayscale_p))
   sigma = jax.random.uniform(keys[4], (), jnp.float32, blur_sigma[0], blur_sigma[1])
-  image = gaussian_blur(image, sigma, kernel_size=blur_kernel_size(size),
+  planes = _blur_planes(planes, sigma, kernel_size=blur_kernel_size(size),
                         apply=jax.random.bernoulli(keys[5], blur_p))
-  return normalize(image)
+  return normalize(_channels_last(planes))
 
 
 def view_key(seed: int | jax.Array, step: int | jax.Array, row: int | jax.Array,
