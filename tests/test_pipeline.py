@@ -264,6 +264,35 @@ def test_source_replay_joins_the_pool_unlabelled(mocked):
   np.testing.assert_array_equal(data.pool.take(rows)["image_u8"], expected)
 
 
+def test_a_second_run_maps_its_caches_without_reading_the_images(mocked, monkeypatch,
+                                                                  tmp_path):
+  """Second load of the same run (a k-shot subset, the test split, replay): the caches
+  are memory-mapped and no image is read from tfds; the examples are the same. A cache
+  of other rows (another seed) is built, reading its images."""
+  config = _config("pets", module=unsup_config, replay_source="cifar100", kshot=2,
+                   cache_dir=str(tmp_path))
+  config.unsup.replay_fraction = 0.1
+  reads = []
+  read_encoded = datasets.read_encoded
+
+  def counted(b, split, **kwargs):
+    reads.append((b.name, split))
+    return read_encoded(b, split, **kwargs)
+  monkeypatch.setattr(datasets, "read_encoded", counted)
+  first = input_lib.load(config, two_views=True)
+  assert len(reads) == 3, reads  # the k-shot training subset, the test split, replay
+  del reads[:]
+  again = input_lib.load(config, two_views=True)
+  assert reads == []
+  for a, b in ((first.pool, again.pool), (first.test, again.test)):
+    rows = np.arange(len(a))
+    for field in ("image_u8", "hw", "label"):
+      np.testing.assert_array_equal(a.take(rows)[field], b.take(rows)[field])
+  config.seed += 1  # other k-shot rows and replay rows: built, the test split mapped
+  input_lib.load(config, two_views=True)
+  assert sorted(reads) == [("cifar100", "train"), ("oxford_iiit_pet", "train")], reads
+
+
 # --------------------------------------------------------------------------- cli
 @pytest.mark.slow
 def test_aircraft_command_line_on_the_official_layout(tmp_path):

@@ -14,8 +14,10 @@ with the same batches. Replay (unsupervised fine-tuning) adds a fixed random fra
 a source dataset's training split (ImageNet by default) to the pool.
 """
 
+import collections.abc
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -195,12 +197,45 @@ def read_encoded(b: "tfds.core.DatasetBuilder", split: str, *,
   return encoded, labels
 
 
+class _Deferred(collections.abc.Sequence):
+  """The encoded images of a split, read from tfds on first use only: a cache that is
+  already built is memory-mapped without reading them (a second run reads only the
+  labels). The labels read with the images must be those the cache was keyed with."""
+
+  def __init__(self, labels, read):
+    self._labels, self._read, self._items = labels, read, None
+    self._lock = threading.Lock()
+
+  def __len__(self):
+    return len(self._labels)
+
+  def __getitem__(self, index):
+    with self._lock:
+      if self._items is None:
+        items, labels = self._read()
+        if len(items) != len(self._labels) or not np.array_equal(labels, self._labels):
+          raise ValueError(f"the split changed while it was read: {len(items)} images "
+                           f"and their labels do not match the {len(self._labels)} "
+                           "labels read before")
+        self._items = items
+    return self._items[index]
+
+
 def read_split(config: ml_collections.ConfigDict, b: "tfds.core.DatasetBuilder",
                split: str, *, keep: np.ndarray | None = None, unlabelled: bool = False,
                name: str = "") -> "pipeline.Split":
   """The examples of `split` (those of the sorted indices `keep`, or all) through the
-  uint8 cache (`input.cached_split`): read and decoded once, memory-mapped after."""
-  encoded, labels = read_encoded(b, split, keep=keep, unlabelled=unlabelled, name=name)
+  uint8 cache (`input.cached_split`): read and decoded once, memory-mapped after (the
+  images are then not read again: only the labels, or the count if `unlabelled`)."""
+  if unlabelled:
+    total = sum(len(batch["tfds_index"]) for batch in _read(b, split, fields=()))
+    labels = np.full(total if keep is None else len(keep), -1, np.int32)
+  else:
+    labels = read_labels(b, split)
+    if keep is not None:
+      labels = labels[np.asarray(keep)]
+  encoded = _Deferred(labels, lambda: read_encoded(b, split, keep=keep,
+                                                   unlabelled=unlabelled, name=name))
   key = {"dataset": config.dataset if not unlabelled else config.data.replay_source,
          "tfds": b.info.full_name, "split": split,
          "rows": "all" if keep is None else _rows_key(keep)}
