@@ -66,7 +66,7 @@ def base_config(arg, method):
 
   config.bituning = ml_collections.ConfigDict(dict(
       queue_size=queue_size_for_rate(rate), projector_dim=128, temperature=0.07,
-      trade_off=1.0, ema_momentum=0.999, ema_cosine=False, cce_after_enqueue=False))
+      trade_off=1.0, ema_momentum=0.999, ema_cosine=False, cce_after_enqueue=True))
 
   config.cotuning = ml_collections.ConfigDict(dict(
       trade_off=2.3, relationship="reverse", calibrate=True, source_temperature=1.0,
@@ -80,6 +80,11 @@ def base_config(arg, method):
   # a bitune-convert output (.npz), 'demo:digits_source', or 'none' (random weights,
   # on purpose: no warning)
   config.init_from = ""
+  # The new classifier's initialisation: '' is the method's reference one (Bi-tuning:
+  # N(0, 0.01) weights and zero bias; every other method: PyTorch's nn.Linear
+  # default), or 'torch', 'normal_0.01', 'lecun' (Flax's default). Projectors start as
+  # PyTorch's nn.Linear.
+  config.head_init = ""
   config.bf16 = False
   config.shard_queues = True
   config.multi_host = False
@@ -133,6 +138,9 @@ def validate(config):
   if config.arch not in models.ARCHS:
     raise ValueError(f"unknown arch {config.arch!r}; expected one of "
                      f"{', '.join(models.ARCHS)}")
+  if config.get("head_init", "") not in ("",) + models.HEAD_INITS:
+    raise ValueError(f"head_init must be '' (the method's reference) or one of "
+                     f"{', '.join(models.HEAD_INITS)}, got {config.head_init!r}")
   if not 0 < config.sampling_rate <= 100:
     raise ValueError(f"sampling_rate must be in (0, 100], got {config.sampling_rate}")
   if config.method == "bituning" and config.bituning.queue_size < 1:

@@ -1,10 +1,10 @@
 """Bi-tuning: CE + CCE (classifier head) + CCL (projector head) against per-class key
 queues filled by a momentum key encoder (Bi-tuning Eq. 5).
 
-Order within a step: EMA update of the key encoder, keys of the second
-view, losses against the queues as they were before this batch, then enqueue. The
-reference implementation computes the CCE against the queue AFTER this batch's keys
-were enqueued: `config.bituning.cce_after_enqueue=True` reproduces that.
+Order within a step: EMA update of the key encoder, keys of the second view, the CCL
+against the queues as they were before this batch, the CCE against the queue AFTER
+this batch's keys were enqueued (as the reference implementation;
+`config.bituning.cce_after_enqueue=False`: before, like the CCL), then enqueue.
 """
 
 import dataclasses
@@ -30,7 +30,8 @@ class StepConfig:
 
 
 def build_model(config, num_classes):
-  return common.build_network(config, num_classes, projector=True)
+  return common.build_network(config, num_classes, projector=True,
+                              reference_init="normal_0.01")
 
 
 def queue_classes(num_classes, config):

@@ -63,6 +63,7 @@ class Network(nn.Module):
   projector_hidden: Optional[int] = None
   source_classes: Optional[int] = None  # the pre-trained classifier (Co-Tuning)
   dtype: Any = jnp.float32
+  head_init: str = "torch"  # the classifier's (`models.heads`); projectors: "torch"
 
   @nn.compact
   def __call__(self, images, train=False):
@@ -70,7 +71,7 @@ class Network(nn.Module):
         images, train=train)
     out = {"features": features,
            "logits": models.Classifier(self.num_classes, dtype=self.dtype,
-                                       name="head")(features)}
+                                       head_init=self.head_init, name="head")(features)}
     if self.projector_dim:
       out["projection"] = models.Projector(self.projector_dim, self.projector_hidden,
                                            dtype=self.dtype, name="projector")(features)
@@ -81,11 +82,19 @@ class Network(nn.Module):
     return out
 
 
-def build_network(config, num_classes, *, projector=False, source_classes=None):
+def head_init(config, reference="torch"):
+  """The classifier's initialisation: `config.head_init`, or where that is empty the
+  method's `reference` one (Bi-tuning's "normal_0.01", the others' "torch")."""
+  return config.get("head_init", "") or reference
+
+
+def build_network(config, num_classes, *, projector=False, source_classes=None,
+                  reference_init="torch"):
   dtype = jnp.bfloat16 if config.get("bf16", False) else jnp.float32
   return Network(arch=config.arch, num_classes=num_classes,
                  projector_dim=config.bituning.projector_dim if projector else None,
-                 source_classes=source_classes, dtype=dtype)
+                 source_classes=source_classes, dtype=dtype,
+                 head_init=head_init(config, reference_init))
 
 
 def init_variables(model, rng, sample_images):

@@ -44,7 +44,8 @@ def build_model(config, num_classes):
   dtype = jnp.bfloat16 if config.get("bf16", False) else jnp.float32
   return common.Network(arch=config.arch, num_classes=num_classes,
                         projector_dim=config.unsup.projector_dim,
-                        projector_hidden=width if config.unsup.mlp else None, dtype=dtype)
+                        projector_hidden=width if config.unsup.mlp else None, dtype=dtype,
+                        head_init=common.head_init(config))
 
 
 def init_state(rng, sample_images, *, model, tx, config):

@@ -8,11 +8,12 @@
 import jax.numpy as jnp
 
 from bitune_jax.models import densenet, resnet
-from bitune_jax.models.heads import Classifier, Projector
+from bitune_jax.models.heads import HEAD_INITS, Classifier, Projector
 
 ARCHS = tuple(resnet.STAGES) + ("densenet121",) + tuple(resnet.SMALL)
 
-__all__ = ["ARCHS", "Classifier", "Projector", "create_backbone", "num_features"]
+__all__ = ["ARCHS", "HEAD_INITS", "Classifier", "Projector", "create_backbone",
+           "num_features"]
 
 
 def create_backbone(arch, *, dtype=jnp.float32, **module_kwargs):
