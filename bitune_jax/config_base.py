@@ -66,7 +66,10 @@ def base_config(arg, method):
 
   config.bituning = ml_collections.ConfigDict(dict(
       queue_size=queue_size_for_rate(rate), projector_dim=128, temperature=0.07,
-      trade_off=1.0, ema_momentum=0.999, ema_cosine=False, cce_after_enqueue=True))
+      trade_off=1.0, ema_momentum=0.999, ema_cosine=False, cce_after_enqueue=True,
+      # The loss: ce_weight * CE + trade_off * (cce_weight * CCE + ccl_weight * CCL); a
+      # term of weight 0 is not computed (Table 5's ablations).
+      ce_weight=1.0, cce_weight=1.0, ccl_weight=1.0))
 
   config.cotuning = ml_collections.ConfigDict(dict(
       trade_off=2.3, relationship="reverse", calibrate=True, source_temperature=1.0,
@@ -143,6 +146,10 @@ def validate(config):
                      f"{', '.join(models.HEAD_INITS)}, got {config.head_init!r}")
   if not 0 < config.sampling_rate <= 100:
     raise ValueError(f"sampling_rate must be in (0, 100], got {config.sampling_rate}")
+  if config.method == "bituning" and not any(
+      config.bituning.get(f"{t}_weight", 1.0) > 0 for t in ("ce", "cce", "ccl")):
+    raise ValueError("bituning.ce_weight, cce_weight and ccl_weight are all 0: nothing "
+                     "to train")
   if config.method == "bituning" and config.bituning.queue_size < 1:
     raise ValueError(f"bituning.queue_size (K) must be >= 1, got "
                      f"{config.bituning.queue_size}")
@@ -164,6 +171,8 @@ _RULES = {
     "lr": _POSITIVE, "momentum": _MOMENTUM, "weight_decay": _NON_NEGATIVE,
     "decay_factor": ("in (0, 1]", lambda v: 0 < v <= 1),
     "bituning.temperature": _POSITIVE, "bituning.trade_off": _NON_NEGATIVE,
+    "bituning.ce_weight": _NON_NEGATIVE, "bituning.cce_weight": _NON_NEGATIVE,
+    "bituning.ccl_weight": _NON_NEGATIVE,
     "bituning.ema_momentum": _EMA,
     "cotuning.trade_off": _NON_NEGATIVE, "cotuning.source_temperature": _POSITIVE,
     "cotuning.holdout_fraction": _FRACTION,

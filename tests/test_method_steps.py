@@ -158,11 +158,14 @@ def _bituning_terms(xp, *, out, kernel, bias, z_key, queue_h, queue_z, labels, t
   w_hat = stop(_normalize(xp, xp.concatenate([kernel[:, labels].T, bias[labels][:, None]],
                                              axis=1)))  # [B, F+1]
   h_hat = _normalize(xp, xp.concatenate([out["features"], xp.ones((batch, 1))], axis=1))
-  cce = _class_kl(xp, own=xp.sum(h_hat * w_hat, axis=1) / tau,
-                  slots=xp.einsum("bx,ckx->bck", w_hat, queue_h) / tau, labels=labels)
-  z_q = _normalize(xp, out["projection"])
-  ccl = _class_kl(xp, own=xp.sum(z_q * z_key, axis=1) / tau,
-                  slots=xp.einsum("bd,ckd->bck", z_q, queue_z) / tau, labels=labels)
+  cce = ccl = None  # None: a term without its queue
+  if queue_h is not None:
+    cce = _class_kl(xp, own=xp.sum(h_hat * w_hat, axis=1) / tau,
+                    slots=xp.einsum("bx,ckx->bck", w_hat, queue_h) / tau, labels=labels)
+  if queue_z is not None:
+    z_q = _normalize(xp, out["projection"])
+    ccl = _class_kl(xp, own=xp.sum(z_q * z_key, axis=1) / tau,
+                    slots=xp.einsum("bd,ckd->bck", z_q, queue_z) / tau, labels=labels)
   return ce, cce, ccl
 
 
@@ -193,15 +196,24 @@ BITUNING = [  # every temperature, trade-off, queue order and queue layout appea
          cce_after_enqueue=False, queue_size=3, ema_momentum=0.99),  # 7 rows
     dict(seed=2, classes=3, shard_queues=True, temperature=0.5, trade_off=0.3,
          cce_after_enqueue=True, queue_size=5, ema_momentum=0.999),  # 3 in 8 rows
+    # Loss weights (Table 5's ablations): a zero-weight term and what only it needs
+    # (its queue; for the CCL, the projector) are absent.
+    dict(seed=3, classes=5, shard_queues=True, temperature=0.1, trade_off=0.7,
+         cce_after_enqueue=True, queue_size=4, ema_momentum=0.99, ce_weight=0.5,
+         cce_weight=0.0, ccl_weight=2.0),
+    dict(seed=4, classes=5, shard_queues=False, temperature=0.07, trade_off=1.0,
+         cce_after_enqueue=False, queue_size=3, ema_momentum=0.999, ce_weight=0.0,
+         cce_weight=1.5, ccl_weight=0.0),
 ]
+WEIGHTS = ("ce_weight", "cce_weight", "ccl_weight")
 
 
 def _bituning_run(case, monkeypatch):
   config = _config("bituning", num_classes=case["classes"],
                    shard_queues=case["shard_queues"],
-                   bituning={k: case[k] for k in ("temperature", "trade_off",
-                                                  "cce_after_enqueue", "queue_size",
-                                                  "ema_momentum")})
+                   bituning={k: case.get(k, 1.0) for k in (
+                       "temperature", "trade_off", "cce_after_enqueue", "queue_size",
+                       "ema_momentum") + WEIGHTS})
   mesh, run = _setup(config, monkeypatch)
   rng = np.random.default_rng(case["seed"])
   state = _perturbed(run, rng)
@@ -249,6 +261,8 @@ def _check_update(config, before, after, grads, msg):
     assert np.all(excess <= 0), (
         f"{msg} update {jax.tree_util.keystr(path)}: off by up to {np.max(excess):.3g} "
         f"beyond the bound, update scale {np.max(np.abs(step)):.3g}")
+  if "projector" not in grads:
+    return
   # CE alone leaves the projector's gradient at zero: its update would differ from
   # the full loss's far beyond the bound above.
   no_aux = dict(grads, projector=jax.tree.map(np.zeros_like, grads["projector"]))
@@ -264,12 +278,21 @@ def test_bituning_step_matches_numpy(case, monkeypatch):
       case, monkeypatch)
   seed, classes, size = case["seed"], case["classes"], case["queue_size"]
   tau, trade_off, labels = case["temperature"], case["trade_off"], batch["label"]
+  w_ce, w_cce, w_ccl = (case.get(k, 1.0) for k in WEIGHTS)
   msg = f"seed {seed}"
-  assert before.extras["queue_h"].keys.shape[0] == (
-      8 if case["shard_queues"] else classes), msg
+  used = {"queue_h": w_cce > 0, "queue_z": w_ccl > 0}
+  queue_names = [name for name, on in used.items() if on]
+  assert sorted(before.extras) == queue_names, msg  # only the queues in use
+  assert ("projector" in before.params) == (w_ccl > 0), msg
+  assert sorted(metrics) == sorted(
+      ["loss", "train_accuracy"] + [t for t, w in zip(("ce", "cce", "ccl"),
+                                                      (w_ce, w_cce, w_ccl)) if w > 0]), msg
+  for name in queue_names:
+    assert before.extras[name].keys.shape[0] == (
+        8 if case["shard_queues"] else classes), msg
   # Step 1 moved each class's pointer by its count in the first batch, mod K.
   first_counts = np.bincount(first_batch["label"], minlength=classes)
-  for name in ("queue_h", "queue_z"):
+  for name in queue_names:
     np.testing.assert_array_equal(
         before.extras[name].ptr[:classes],
         (first.extras[name].ptr[:classes] + first_counts) % size, err_msg=f"{msg} {name}")
@@ -282,36 +305,49 @@ def test_bituning_step_matches_numpy(case, monkeypatch):
                                 batch["image_k"])
   _assert_tree_close(after.key_batch_stats, key_stats, rtol=1e-4, atol=1e-5,
                      what=f"{msg} key_batch_stats")
-  h_k = _normalize(np, np.concatenate([key_out["features"], np.ones((16, 1))], 1))
-  z_k = _normalize(np, key_out["projection"])
-  enqueued = _check_enqueue(before, after, {"queue_h": h_k, "queue_z": z_k}, labels,
-                            classes=classes, size=size, msg=msg)
+  keys = {}
+  if used["queue_h"]:
+    keys["queue_h"] = _normalize(np, np.concatenate([key_out["features"],
+                                                     np.ones((16, 1))], 1))
+  if used["queue_z"]:
+    keys["queue_z"] = z_k = _normalize(np, key_out["projection"])
+  else:
+    z_k = None
+  enqueued = _check_enqueue(before, after, keys, labels, classes=classes, size=size,
+                            msg=msg)
 
   # The loss terms from the query's outputs: CCL against the queue before this batch,
   # CCE before or after this batch's keys were enqueued.
   out, stats = _forward(run.model, before.params, before.batch_stats, batch["image_q"])
   _assert_tree_close(after.batch_stats, stats, rtol=1e-4, atol=1e-5,
                      what=f"{msg} batch_stats")
-  queue_h = np.float64(enqueued["queue_h"] if case["cce_after_enqueue"]
-                       else before.extras["queue_h"].keys[:classes])
-  queue_z = np.float64(before.extras["queue_z"].keys[:classes])
+  queue_h = queue_z = None
+  if used["queue_h"]:
+    queue_h = np.float64(enqueued["queue_h"] if case["cce_after_enqueue"]
+                         else before.extras["queue_h"].keys[:classes])
+  if used["queue_z"]:
+    queue_z = np.float64(before.extras["queue_z"].keys[:classes])
   head = jax.tree.map(np.float64, before.params["head"]["dense"])
   ce, cce, ccl = _bituning_terms(np, out=out, kernel=head["kernel"], bias=head["bias"],
                                  z_key=z_k, queue_h=queue_h, queue_z=queue_z,
                                  labels=labels, tau=tau)
+
+  def total(ce, cce, ccl):
+    return (w_ce * ce + trade_off * ((w_cce * cce if cce is not None else 0)
+                                     + (w_ccl * ccl if ccl is not None else 0)))
   for name, value in (("ce", ce), ("cce", cce), ("ccl", ccl),
-                      ("loss", ce + trade_off * (cce + ccl))):
-    np.testing.assert_allclose(metrics[name], value, rtol=RTOL, err_msg=f"{msg} {name}")
+                      ("loss", total(ce, cce, ccl))):
+    if name in metrics:
+      np.testing.assert_allclose(metrics[name], value, rtol=RTOL, err_msg=f"{msg} {name}")
 
   # The update: the gradient of an independent jnp transliteration of the total.
   def loss_fn(params, images):
     out, _ = common.forward(run.model, params, before.batch_stats, images, train=True)
     dense = params["head"]["dense"]
-    ce, cce, ccl = _bituning_terms(
-        jnp, out=out, kernel=dense["kernel"], bias=dense["bias"], z_key=jnp.float32(z_k),
-        queue_h=jnp.float32(queue_h), queue_z=jnp.float32(queue_z), labels=labels,
-        tau=tau)
-    return ce + trade_off * (cce + ccl)
+    as_jnp = lambda x: None if x is None else jnp.float32(x)  # noqa: E731
+    return total(*_bituning_terms(
+        jnp, out=out, kernel=dense["kernel"], bias=dense["bias"], z_key=as_jnp(z_k),
+        queue_h=as_jnp(queue_h), queue_z=as_jnp(queue_z), labels=labels, tau=tau))
   # The images sharded as the step's are: float32 sums in the same order. (BatchNorm
   # gradients cancel heavily in the stem: on one device they differ by up to ~2% of
   # the update there.)

@@ -5,6 +5,12 @@ Order within a step: EMA update of the key encoder, keys of the second view, the
 against the queues as they were before this batch, the CCE against the queue AFTER
 this batch's keys were enqueued (as the reference implementation;
 `config.bituning.cce_after_enqueue=False`: before, like the CCL), then enqueue.
+
+The loss is `ce_weight * CE + trade_off * (cce_weight * CCE + ccl_weight * CCL)`
+(`config.bituning.*`; all 1 by default, Eq. 5). A term of weight 0 is not computed and
+what only it needs is not built (the loss ablations of Bi-tuning Table 5): without
+the CCE, no `queue_h`; without the CCL, no projector, no `queue_z`; without both, no
+key encoder.
 """
 
 import dataclasses
@@ -27,10 +33,20 @@ class StepConfig:
   trade_off: float
   cce_after_enqueue: bool
   momentum: Callable  # step -> key-encoder momentum
+  ce_weight: float = 1.0
+  cce_weight: float = 1.0
+  ccl_weight: float = 1.0
+
+
+def terms(config):
+  """The loss terms of weight > 0, of ("ce", "cce", "ccl")."""
+  b = config.bituning
+  return tuple(name for name in ("ce", "cce", "ccl")
+               if b.get(f"{name}_weight", 1.0) > 0)
 
 
 def build_model(config, num_classes):
-  return common.build_network(config, num_classes, projector=True,
+  return common.build_network(config, num_classes, projector="ccl" in terms(config),
                               reference_init="normal_0.01")
 
 
@@ -55,14 +71,17 @@ def init_state(rng, sample_images, *, model, tx, config):
   num_classes = model.num_classes
   feat = params["head"]["dense"]["kernel"].shape[0]
   padded = queue_classes(num_classes, config)
-  extras = {
-      "queue_h": _padded_queues(queue_rng_h, num_classes, padded,
-                                config.bituning.queue_size, feat + 1),
-      "queue_z": _padded_queues(queue_rng_z, num_classes, padded,
-                                config.bituning.queue_size, config.bituning.projector_dim),
-  }
+  used, extras = terms(config), {}
+  if "cce" in used:
+    extras["queue_h"] = _padded_queues(queue_rng_h, num_classes, padded,
+                                       config.bituning.queue_size, feat + 1)
+  if "ccl" in used:
+    extras["queue_z"] = _padded_queues(queue_rng_z, num_classes, padded,
+                                       config.bituning.queue_size,
+                                       config.bituning.projector_dim)
   # The key encoder starts as a copy of the query encoder.
-  return common.new_state(rng, params, batch_stats, tx, key_encoder=True, extras=extras)
+  return common.new_state(rng, params, batch_stats, tx, key_encoder=bool(extras),
+                          extras=extras)
 
 
 def state_shardings(abstract_state, mesh, config):
@@ -80,41 +99,53 @@ def state_shardings(abstract_state, mesh, config):
 def train_step(state, batch, *, model, tx, cfg):
   """`batch`: image_q, image_k [B, H, W, 3] (two views), label [B]."""
   labels = batch["label"]
-  key_params = ema.ema_update(state.key_params, state.params,
-                              momentum=cfg.momentum(state.step))
-  key_out, key_batch_stats = common.forward(model, key_params, state.key_batch_stats,
-                                            batch["image_k"], train=True)
-  h_k = jax.lax.stop_gradient(losses.append_one_and_normalize(key_out["features"]))
-  z_k = jax.lax.stop_gradient(losses.l2_normalize(key_out["projection"]))
-  queue_h = queues.enqueue_by_class(state.extras["queue_h"], keys=h_k, labels=labels)
-  queue_z = state.extras["queue_z"]
-  cce_queue = queue_h if cfg.cce_after_enqueue else state.extras["queue_h"]
+  extras = dict(state.extras)
+  key_params, key_batch_stats = state.key_params, state.key_batch_stats
+  use_cce, use_ccl = cfg.cce_weight > 0, cfg.ccl_weight > 0
+  if use_cce or use_ccl:
+    key_params = ema.ema_update(state.key_params, state.params,
+                                momentum=cfg.momentum(state.step))
+    key_out, key_batch_stats = common.forward(model, key_params, state.key_batch_stats,
+                                              batch["image_k"], train=True)
+  if use_cce:
+    h_k = jax.lax.stop_gradient(losses.append_one_and_normalize(key_out["features"]))
+    extras["queue_h"] = queues.enqueue_by_class(state.extras["queue_h"], keys=h_k,
+                                                labels=labels)
+    cce_queue = extras["queue_h"] if cfg.cce_after_enqueue else state.extras["queue_h"]
+  if use_ccl:
+    z_k = jax.lax.stop_gradient(losses.l2_normalize(key_out["projection"]))
 
   def loss_fn(params):
     out, batch_stats = common.forward(model, params, state.batch_stats, batch["image_q"],
                                       train=True)
-    ce = common.ce_loss(out, labels)
-    cce = losses.contrastive_cross_entropy_loss(
-        h_query=out["features"], head_kernel=params["head"]["dense"]["kernel"],
-        head_bias=params["head"]["dense"]["bias"], queue_h=cce_queue.keys,
-        labels=labels, temperature=cfg.temperature)  # Eq. (3)
-    ccl = losses.categorical_contrastive_loss(
-        z_query=losses.l2_normalize(out["projection"]), z_key=z_k, queue_z=queue_z.keys,
-        labels=labels, temperature=cfg.temperature,
-        num_valid_classes=model.num_classes)  # Eq. (4)
-    loss = ce + cfg.trade_off * (cce + ccl)  # Eq. (5)
-    metrics = {"ce": ce, "cce": cce, "ccl": ccl,
-               "train_accuracy": common.accuracy(out["logits"], labels)}
-    return loss, (batch_stats, metrics)
+    metrics = {"train_accuracy": common.accuracy(out["logits"], labels)}
+    loss = 0.0
+    if cfg.ce_weight > 0:
+      metrics["ce"] = common.ce_loss(out, labels)
+      loss += cfg.ce_weight * metrics["ce"]
+    if use_cce:
+      metrics["cce"] = losses.contrastive_cross_entropy_loss(
+          h_query=out["features"], head_kernel=params["head"]["dense"]["kernel"],
+          head_bias=params["head"]["dense"]["bias"], queue_h=cce_queue.keys,
+          labels=labels, temperature=cfg.temperature)  # Eq. (3)
+      loss += cfg.trade_off * cfg.cce_weight * metrics["cce"]
+    if use_ccl:
+      metrics["ccl"] = losses.categorical_contrastive_loss(
+          z_query=losses.l2_normalize(out["projection"]), z_key=z_k,
+          queue_z=state.extras["queue_z"].keys, labels=labels,
+          temperature=cfg.temperature, num_valid_classes=model.num_classes)  # Eq. (4)
+      loss += cfg.trade_off * cfg.ccl_weight * metrics["ccl"]
+    return loss, (batch_stats, metrics)  # Eq. (5)
 
   (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
   params, opt_state = common.apply_gradients(state, grads, tx)
-  queue_z = queues.enqueue_by_class(queue_z, keys=z_k, labels=labels)
+  if use_ccl:
+    extras["queue_z"] = queues.enqueue_by_class(state.extras["queue_z"], keys=z_k,
+                                                labels=labels)
   state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                         opt_state=opt_state, key_params=key_params,
-                        key_batch_stats=key_batch_stats,
-                        extras={"queue_h": queue_h, "queue_z": queue_z})
+                        key_batch_stats=key_batch_stats, extras=extras)
   return state, dict(metrics, loss=loss)
 
 
@@ -122,6 +153,9 @@ def make_train_step(model, tx, config):
   cfg = StepConfig(
       temperature=config.bituning.temperature, trade_off=config.bituning.trade_off,
       cce_after_enqueue=config.bituning.cce_after_enqueue,
+      ce_weight=config.bituning.get("ce_weight", 1.0),
+      cce_weight=config.bituning.get("cce_weight", 1.0),
+      ccl_weight=config.bituning.get("ccl_weight", 1.0),
       momentum=ema.momentum_schedule(
           config.bituning.ema_momentum,
           total_steps=config.total_steps if config.bituning.ema_cosine else None))
