@@ -193,6 +193,8 @@ def _validate_values(config):
     section, _, name = field.rpartition(".")
     if section and section not in config:
       continue
+    if name not in (config[section] if section else config):
+      continue  # a run's config written before the field existed: its default holds
     value = (config[section] if section else config)[name]
     if not ok(value):
       raise ValueError(f"{field} must be {rule}, got {value}: it cannot train")

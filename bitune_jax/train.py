@@ -60,12 +60,20 @@ def _flat(tree, prefix=""):
   return out
 
 
+# Fields added after runs were recorded without them: the value that describes how
+# those runs trained (a resumed one then says so, e.g. --config.head_init=lecun).
+LEGACY = {"head_init": "lecun", "bituning.ce_weight": 1.0, "bituning.cce_weight": 1.0,
+          "bituning.ccl_weight": 1.0}
+
+
 def config_changes(config, workdir):
   """`{field: (recorded, now)}` between `workdir/config.json` and `config`."""
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
     return {}
   saved = _flat(json.loads(path.read_text()))
+  for field, value in LEGACY.items():
+    saved.setdefault(field, value)
   now = _flat(json.loads(config.to_json_best_effort()))
   return {k: (saved.get(k), now.get(k)) for k in sorted(saved.keys() | now.keys())
           if saved.get(k) != now.get(k)}

@@ -75,6 +75,26 @@ def test_resume_with_more_steps_is_recorded_and_other_changes_are_refused(
   assert second["start_step"] == 4 and second["changes"] == {"total_steps": [4, 6]}
 
 
+def test_a_run_recorded_before_new_fields_resumes_with_the_values_it_trained_with(
+    tmp_path, step_counter):
+  """A config.json written before `head_init` and the Bi-tuning loss weights existed:
+  the run started its head as Flax's default (lecun), so resuming it needs
+  `head_init=lecun`; the weights' defaults (1) are what it trained with."""
+  train.train_and_evaluate(_config(), str(tmp_path))
+  path = tmp_path / "config.json"
+  old = _json(path)
+  del old["head_init"]
+  for name in ("ce_weight", "cce_weight", "ccl_weight"):
+    del old["bituning"][name]
+  path.write_text(json.dumps(old))
+  with pytest.raises(ValueError, match=re.escape("head_init='lecun' (now '')")):
+    train.train_and_evaluate(_config(total_steps=6), str(tmp_path))
+  assert step_counter == [0, 1, 2, 3]
+  _, summary = train.train_and_evaluate(_config(total_steps=6, head_init="lecun"),
+                                        str(tmp_path))
+  assert step_counter == [0, 1, 2, 3, 4, 5] and summary["step"] == 6
+
+
 def test_a_failed_start_records_nothing(tmp_path):
   with pytest.raises(Exception, match="missing.npz"):
     train.train_and_evaluate(_config(init_from=str(tmp_path / "missing.npz")),
