@@ -293,3 +293,94 @@ def test_load_converted_names_what_is_wrong_with_a_file(tmp_path):
     with pytest.raises(ValueError, match=f"^{tmp_path / name}:? {needle}") as info:
       convert.load_converted(str(tmp_path / name))
     assert "allow_pickle" not in str(info.value)
+
+
+# ------------------------------------------------------------ other pre-trained sources
+def _write_safetensors(tensors, path):
+  """A safetensors file written from its specification (little-endian u64 header
+  length, JSON header of dtype / shape / data_offsets, the raw data)."""
+  import json  # pylint: disable=g-import-not-at-top
+  header, blobs, offset = {}, [], 0
+  for name, value in tensors.items():
+    data = np.ascontiguousarray(value, np.float32).tobytes()
+    header[name] = {"dtype": "F32", "shape": list(value.shape),
+                    "data_offsets": [offset, offset + len(data)]}
+    blobs.append(data)
+    offset += len(data)
+  text = json.dumps(header).encode()
+  with open(path, "wb") as f:
+    f.write(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+  return str(path)
+
+
+def _numpy_state_dict(model):
+  return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def test_simclr_v1_wide_checkpoint(tmp_path):
+  """SimCLR v1 ResNet-50 (2x) as the widely used PyTorch conversion of the official TF
+  checkpoints saves it (`{'state_dict': ...}`, torchvision names, every width doubled,
+  the stem's too; `fc` its supervised linear head): features and logits within 1e-4."""
+  model = _random_model("resnet50x2", seed=5)
+  path = _save({"state_dict": model.state_dict()}, tmp_path / "ResNet50_2x.pth", "zip")
+  result = convert.convert_checkpoint(path, arch="resnet50x2")
+  assert result["report"]["kind"] == "supervised"
+  assert result["source_head"]["kernel"].shape == (4096, 1000)
+  images = _images(size=32)
+  with torch.no_grad():
+    expected = model.forward_features(torch.from_numpy(images)).numpy()
+    logits = model(torch.from_numpy(images)).numpy()
+  features = _flax_features("resnet50x2", result["backbone"], images)
+  _close(features, expected)
+  head = result["source_head"]
+  _close(np.asarray(features) @ head["kernel"] + head["bias"], logits)
+  # The 2x file on the 1x arch: a clear error naming the mismatch.
+  with pytest.raises(convert.ConversionError, match="shape mismatches"):
+    convert.convert_checkpoint(path, arch="resnet50")
+
+
+def test_simclr_v1_4x_maps_every_tensor_by_shape():
+  """ResNet-50 (4x), 375M parameters: too large to write in a test, so its layout is
+  checked by shapes: every tensor of the reference model's state_dict (on torch's meta
+  device) has its place in `resnet50x4`, and every variable is filled."""
+  from bitune_jax.convert import mapping  # pylint: disable=g-import-not-at-top
+  with torch.device("meta"):
+    model = torch_models.resnet50x4()
+  target = mapping.backbone_target("resnet50x4")
+  filled = set()
+  for name, value in model.state_dict().items():
+    module, _, param = name.rpartition(".")
+    if module == "fc" or param == "num_batches_tracked":
+      continue
+    path = mapping.flax_path("resnet50x4", module)
+    leaf = {"weight": "scale" if ("params", *path, "scale") in target else "kernel",
+            "bias": "bias", "running_mean": "mean", "running_var": "var"}[param]
+    key = ("batch_stats" if param.startswith("running") else "params", *path, leaf)
+    shape = tuple(value.shape)
+    shape = (shape[2], shape[3], shape[1], shape[0]) if len(shape) == 4 else shape
+    assert tuple(target[key].shape) == shape, name
+    filled.add(key)
+  assert filled == set(target)
+
+
+@pytest.mark.parametrize("source", ["dino", "barlow_twins", "timm"])
+def test_headless_and_timm_resnet50_checkpoints(tmp_path, source):
+  """DINO's and Barlow Twins' ResNet-50 files are torchvision state_dicts without `fc`
+  (their `fc` is an Identity); timm's `resnet50` `.safetensors` has torchvision's
+  names and its 1000-way `fc`. Each converts completely; features within 1e-4."""
+  model = _random_model("resnet50", seed=6)
+  tensors = _numpy_state_dict(model)
+  if source == "timm":  # timm files hold no BatchNorm step counters
+    tensors = {k: v for k, v in tensors.items() if "num_batches_tracked" not in k}
+    path = _write_safetensors(tensors, tmp_path / "model.safetensors")
+  else:
+    tensors = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    path = _save(tensors, tmp_path / f"{source}_resnet50.pth", "zip")
+  result = convert.convert_checkpoint(path, arch="resnet50")
+  assert ("source_head" in result) == (source == "timm")
+  if source != "timm":
+    assert any("headless" in n for n in result["report"]["notes"])
+  images = _images()
+  with torch.no_grad():
+    expected = model.forward_features(torch.from_numpy(images)).numpy()
+  _close(_flax_features("resnet50", result["backbone"], images), expected)

@@ -12,6 +12,8 @@ from bitune_jax import models
 PARAMS = {"resnet18": 11_689_512 - 513_000, "resnet34": 21_797_672 - 513_000,
           "resnet50": 25_557_032 - 2_049_000, "resnet101": 44_549_160 - 2_049_000,
           "resnet152": 60_192_808 - 2_049_000, "densenet121": 7_978_856 - 1_025_000,
+          # SimCLR v1's wider ResNet-50s (its paper: 94M and 375M parameters).
+          "resnet50x2": 93_907_072, "resnet50x4": 375_378_176,
           # 3x3x3x16 stem + BN, stages of 2 BasicBlocks at 16/32/64 (1x1 downsamples).
           "resnet_small": 432 + 32 + 2 * (2 * (2304 + 32)) + (4608 + 64 + 9216 + 64
                                                                + 512 + 64 + 9216 + 64

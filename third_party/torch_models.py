@@ -89,21 +89,22 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
   """torchvision's ResNet: stem, layer1..layer4, global average pool, `fc`."""
 
-  def __init__(self, block, layers, num_classes=1000, arch="resnet"):
+  def __init__(self, block, layers, num_classes=1000, arch="resnet", width_mult=1):
     super().__init__()
     self.arch = arch
-    self.inplanes = 64
-    self.conv1 = _conv(3, 64, 7, stride=2)
-    self.bn1 = nn.BatchNorm2d(64)
+    w = width_mult  # SimCLR v1's wider ResNets: every width (the stem's too) times w
+    self.inplanes = 64 * w
+    self.conv1 = _conv(3, 64 * w, 7, stride=2)
+    self.bn1 = nn.BatchNorm2d(64 * w)
     self.relu = nn.ReLU(inplace=True)
     self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-    self.layer1 = self._make_layer(block, 64, layers[0])
-    self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-    self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-    self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+    self.layer1 = self._make_layer(block, 64 * w, layers[0])
+    self.layer2 = self._make_layer(block, 128 * w, layers[1], stride=2)
+    self.layer3 = self._make_layer(block, 256 * w, layers[2], stride=2)
+    self.layer4 = self._make_layer(block, 512 * w, layers[3], stride=2)
     self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-    self.fc = nn.Linear(512 * block.expansion, num_classes)
-    self.num_features = 512 * block.expansion
+    self.fc = nn.Linear(512 * block.expansion * w, num_classes)
+    self.num_features = 512 * block.expansion * w
     for m in self.modules():  # torchvision's initialisation
       if isinstance(m, nn.Conv2d):
         nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -155,6 +156,15 @@ def resnet101(num_classes=1000):
 
 def resnet152(num_classes=1000):
   return ResNet(Bottleneck, [3, 8, 36, 3], num_classes, arch="resnet152")
+
+
+def resnet50x2(num_classes=1000):
+  """SimCLR v1 ResNet-50 (2x), as its PyTorch conversion defines it (`width_mult`)."""
+  return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, arch="resnet50x2", width_mult=2)
+
+
+def resnet50x4(num_classes=1000):
+  return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, arch="resnet50x4", width_mult=4)
 
 
 # --------------------------------------------------------------------------- DenseNet

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from bitune_jax.models import densenet, resnet
 from bitune_jax.models.heads import HEAD_INITS, Classifier, Projector
 
-ARCHS = tuple(resnet.STAGES) + ("densenet121",) + tuple(resnet.SMALL)
+ARCHS = (tuple(resnet.STAGES) + tuple(resnet.WIDE) + ("densenet121",)
+         + tuple(resnet.SMALL))
 
 __all__ = ["ARCHS", "HEAD_INITS", "Classifier", "Projector", "create_backbone",
            "num_features"]
@@ -26,8 +27,9 @@ def create_backbone(arch, *, dtype=jnp.float32, **module_kwargs):
                          **module_kwargs)
   if arch == "densenet121":
     return densenet.DenseNet(dtype=dtype, **module_kwargs)
-  if arch in resnet.SMALL:
-    return resnet.ResNet(**resnet.SMALL[arch], dtype=dtype, **module_kwargs)
+  if arch in resnet.SMALL or arch in resnet.WIDE:
+    kwargs = resnet.SMALL.get(arch) or resnet.WIDE[arch]
+    return resnet.ResNet(**kwargs, dtype=dtype, **module_kwargs)
   raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
 
 

@@ -110,6 +110,11 @@ STAGES = {
     "resnet152": ((3, 8, 36, 3), Bottleneck),
 }
 
+# SimCLR v1's wider ResNet-50s: every width (the stem's included) times 2 or 4, as the
+# official TF checkpoints and their PyTorch conversion (torchvision names).
+WIDE = {"resnet50x2": dict(stage_sizes=(3, 4, 6, 3), block=Bottleneck, base_width=128),
+        "resnet50x4": dict(stage_sizes=(3, 4, 6, 3), block=Bottleneck, base_width=256)}
+
 # Sized for 32x32 inputs (the offline demo): CIFAR-style stem, 16/32/64 channels.
 SMALL = {"resnet_small": dict(stage_sizes=(2, 2, 2), block=BasicBlock, base_width=16,
                               small_inputs=True)}
