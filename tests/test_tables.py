@@ -1,0 +1,74 @@
+"""The papers' tables (`configs/tables/`): every spec loads, names a real dataset,
+method and checkpoint, and every runnable row's config builds and validates; rows that
+cannot run yet say why."""
+
+import glob
+import os
+
+import pytest
+
+from bitune_jax import tables
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPECS = sorted(glob.glob(os.path.join(ROOT, "configs", "tables", "*.py")))
+
+
+def test_there_is_a_spec_per_table_of_the_papers():
+  names = {os.path.basename(p)[:-3] for p in SPECS}
+  expected = ({f"bituning_table{i}" for i in range(1, 7)}
+              | {f"cotuning_table{i}" for i in (2, 3)}
+              | {f"unsup_table{i}" for i in range(1, 7)})
+  assert expected <= names, sorted(expected - names)
+
+
+@pytest.mark.parametrize("path", SPECS, ids=os.path.basename)
+def test_every_row_builds_and_validates(path):
+  table = tables.load(path)
+  assert table.rows and table.columns
+  for row in table.rows:
+    assert row.numbers, (table.name, row.label)  # each row carries the paper's numbers
+    for mean, std in row.numbers.values():
+      assert 0 <= mean <= 100 and (std is None or 0 <= std < 20), (table.name, row.label)
+  for cell in tables.cells(table, runnable_only=False):
+    if cell.row.missing or not cell.row.config:
+      with pytest.raises(ValueError):
+        tables.build_config(cell)
+      continue
+    config = tables.build_config(cell, seed=1)
+    assert config.dataset == cell.column.dataset and config.arch == cell.row.arch
+    assert config.method == cell.row.config and config.seed == 1
+    for key, value in cell.overrides.items():
+      node = config
+      for part in key.split("."):
+        node = node[part]
+      assert node == value, (table.name, cell.row.label, key)
+
+
+def test_bituning_table5_rows_are_the_loss_ablations():
+  table = tables.load(os.path.join(ROOT, "configs", "tables", "bituning_table5.py"))
+  weights = {r.label: tuple(r.overrides[f"bituning.{t}_weight"] for t in ("ce", "cce",
+                                                                          "ccl"))
+             for r in table.rows}
+  assert weights == {"CE": (1, 0, 0), "CE + CCE": (1, 1, 0), "CE + CCL": (1, 0, 1),
+                     "CCE + CCL": (0, 1, 1), "CE + CCE + CCL": (1, 1, 1)}
+  cell = [c for c in tables.cells(table) if c.row.label == "CE + CCL"
+          and c.column.rate == 50][0]
+  assert cell.paper == (60.77, 0.31)
+  config = tables.build_config(cell)
+  assert (config.sampling_rate, config.bituning.cce_weight) == (50, 0.0)
+
+
+def test_a_malformed_spec_is_refused(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("from bitune_jax.tables import Column, Row, Table\n"
+                 "TABLE = Table('bi-tuning', 9, 't', 'm', (Column('A', 'nowhere'),), ())\n")
+  with pytest.raises(ValueError, match="unknown dataset 'nowhere'"):
+    tables.load(str(bad))
+  bad.write_text("from bitune_jax.tables import Column, Row, Table\n"
+                 "TABLE = Table('bi-tuning', 9, 't', 'm', (Column('A', 'cub'),),\n"
+                 "  (Row('r', 'bituning', 'resnet50', 'supervised_resnet50',\n"
+                 "       {'B': (1.0, None)}),))\n")
+  with pytest.raises(ValueError, match="numbers for no column"):
+    tables.load(str(bad))
+  with pytest.raises(ValueError, match="no table spec"):
+    tables.load(str(tmp_path / "missing.py"))
