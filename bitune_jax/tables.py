@@ -147,7 +147,8 @@ def cells(table: Table, *, runnable_only: bool = True) -> list[Cell]:
           if c.label in r.numbers and (not runnable_only or not r.missing)]
 
 
-def _set(config, dotted, value):
+def set_field(config, dotted: str, value: Any) -> None:
+  """`config.<dotted> = value` for an existing field (else an error naming it)."""
   *path, last = dotted.split(".")
   node = config
   for part in path:
@@ -168,7 +169,7 @@ def build_config(cell: Cell, *, seed: int = 0):
   module = importlib.import_module(f"bitune_jax.configs.{cell.row.config}")
   config = module.get_config(cell.arg)
   for key, value in cell.overrides.items():
-    _set(config, key, value)
+    set_field(config, key, value)
   config.seed = seed
   config_base.validate(config)
   return config
