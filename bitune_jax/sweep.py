@@ -114,8 +114,9 @@ def cells_from_grid(methods, datasets, rates, arch, seeds, extra) -> list[Cell]:
   return out
 
 
-def build_config(run: Run, checkpoints):
-  """The validated config of `run` (`checkpoints`: name -> converted file)."""
+def build_config(run: Run, checkpoints, source=""):
+  """The validated config of `run` (`checkpoints`: name -> converted file; `source`:
+  the shared digits source model, for the demo's `demo:digits_source`)."""
   import importlib  # pylint: disable=g-import-not-at-top
   from bitune_jax import config_base  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"bitune_jax.configs.{run.config}").get_config(run.arg)
@@ -123,9 +124,20 @@ def build_config(run: Run, checkpoints):
     tables.set_field(config, key, value)
   if run.checkpoint:
     config.init_from = "none" if run.checkpoint == "none" else checkpoints[run.checkpoint]
+  if source and config.init_from == "demo:digits_source":
+    config.init_from = source
   config.seed = run.seed
   config_base.validate(config)
   return config
+
+
+def _digits_source(workdir, run, checkpoints):
+  """The demo's source model (supervised on digits 0-4), pre-trained once for the
+  whole sweep in `DIR/source` and shared by its digits runs (as `bitune_jax.compare`
+  did), instead of once per run."""
+  from bitune_jax import train  # pylint: disable=g-import-not-at-top
+  return train._demo_pretrained(build_config(run, checkpoints),  # pylint: disable=protected-access
+                                os.path.join(workdir, "source"))
 
 
 def command(run: Run, workdir, checkpoints) -> str:
@@ -239,11 +251,15 @@ def run_all(workdir, cells, checkpoints, *, kshot_steps=100):
   failures = {}
   done = skipped = 0
   spent, start = [], time.perf_counter()
+  source = ""
   for i, (run, ks) in enumerate(shots.items()):
     folder = os.path.join(workdir, "runs", run.name)
     began = time.perf_counter()
     try:
       config = build_config(run, checkpoints)
+      if config.init_from == "demo:digits_source":
+        source = source or _digits_source(workdir, run, checkpoints)
+        config = build_config(run, checkpoints, source)
       results = _results(workdir, run)
       if _finished(results, config, ks):
         skipped += 1

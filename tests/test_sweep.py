@@ -12,8 +12,8 @@ import pytest
 from bitune_jax import sweep, train
 
 TINY = ["--set", "total_steps=3", "--set", "eval_every=3", "--set", "checkpoint_every=3",
-        "--set", "log_every=3", "--set", "init_from=none", "--set", "image_size=16",
-        "--set", "batch_size=16"]
+        "--set", "log_every=3", "--set", "pretrain.total_steps=3", "--set",
+        "image_size=16", "--set", "batch_size=16"]
 
 
 def _csv(workdir):
@@ -32,6 +32,8 @@ def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatc
   trained = []
 
   def flaky(config, workdir):
+    if os.path.basename(workdir) == "pretrain":  # the shared source model
+      return real(config, workdir)
     trained.append(os.path.basename(workdir))
     if len(trained) == 2 and not os.environ.get("SWEEP_AGAIN"):
       raise RuntimeError("out of memory (on purpose)")
@@ -61,6 +63,13 @@ def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatc
     assert row["paper_mean"] == "" and row["difference"] == ""
   text = (tmp_path / "results.md").read_text()
   assert "| finetune | digits 50% |" in text
+  # One source model (digits 0-4) pre-trained for the whole sweep, every run from it.
+  source = str(tmp_path / "source" / "pretrained" / "digits_source.npz")
+  runs = sorted((tmp_path / "runs").iterdir())
+  assert len(runs) == 4 and os.path.exists(source)
+  for run in runs:
+    assert json.loads((run / "config.json").read_text())["init_from"] == source
+    assert not (run / "pretrain").exists()
 
 
 def _digest(rate):
