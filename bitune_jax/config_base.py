@@ -183,6 +183,9 @@ _RULES = {
     "gpt_star.temperature": _POSITIVE, "gpt_star.trade_off": _NON_NEGATIVE,
     "gpt_star.ema_momentum": _EMA, "l2sp.alpha": _NON_NEGATIVE,
     "l2sp.beta": _NON_NEGATIVE, "bss.eta": _NON_NEGATIVE,
+    "delta.alpha": _NON_NEGATIVE, "delta.beta": _NON_NEGATIVE,
+    "delta.attention_temperature": _POSITIVE, "delta.attention_l2": _POSITIVE,
+    "delta.attention_batches": ("an integer >= 1", lambda v: int(v) == v and v >= 1),
     "center_loss.trade_off": _NON_NEGATIVE, "center_loss.alpha": _NON_NEGATIVE,
 }
 

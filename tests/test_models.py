@@ -157,8 +157,8 @@ def test_heads_start_as_the_reference_heads(init):
     models.Classifier(3, head_init="xavier").init(jax.random.PRNGKey(0), features)
 
 
-@pytest.mark.parametrize("method", ["finetune", "bituning", "cotuning", "l2sp", "bss",
-                                    "center_loss", "gpt_star", "unsup_finetune"])
+@pytest.mark.parametrize("method", ["finetune", "bituning", "cotuning", "delta", "l2sp",
+                                    "bss", "center_loss", "gpt_star", "unsup_finetune"])
 def test_each_method_starts_its_classifier_as_its_reference(method):
   """Bi-tuning's classifier N(0, 0.01) with a zero bias, every other method's PyTorch's
   nn.Linear default; `head_init` overrides it."""

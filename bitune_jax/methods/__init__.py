@@ -8,12 +8,12 @@ optionally `check_pretrained(pretrained, config)` (before anything compiles) and
 `prepare(state, ...) -> state` (once, before training, not on resume).
 """
 
-from bitune_jax.methods import (bituning, bss, center_loss, cotuning, finetune, gpt_star,
-                                l2sp, unsup_finetune)
+from bitune_jax.methods import (bituning, bss, center_loss, cotuning, delta, finetune,
+                                gpt_star, l2sp, unsup_finetune)
 
 METHODS = {"bituning": bituning, "bss": bss, "center_loss": center_loss,
-           "cotuning": cotuning, "finetune": finetune, "gpt_star": gpt_star,
-           "l2sp": l2sp, "unsup_finetune": unsup_finetune}
+           "cotuning": cotuning, "delta": delta, "finetune": finetune,
+           "gpt_star": gpt_star, "l2sp": l2sp, "unsup_finetune": unsup_finetune}
 
 
 def get(name):

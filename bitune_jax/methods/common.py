@@ -66,9 +66,16 @@ class Network(nn.Module):
   head_init: str = "torch"  # the classifier's (`models.heads`); projectors: "torch"
 
   @nn.compact
-  def __call__(self, images, train=False):
-    features = models.create_backbone(self.arch, dtype=self.dtype, name="backbone")(
-        images, train=train)
+  def __call__(self, images, train=False, stages=False, channel_scale=None):
+    """`stages`: also `out["stages"]`, the backbone's stage outputs (`layer1`.. for a
+    ResNet, `denseblock1`.. for a DenseNet); `channel_scale`: see the backbones."""
+    backbone = models.create_backbone(self.arch, dtype=self.dtype, name="backbone")
+    maps = None
+    if stages or channel_scale:
+      features, maps = backbone(images, train=train, return_stages=True,
+                                channel_scale=channel_scale)
+    else:
+      features = backbone(images, train=train)
     out = {"features": features,
            "logits": models.Classifier(self.num_classes, dtype=self.dtype,
                                        head_init=self.head_init, name="head")(features)}
@@ -79,6 +86,8 @@ class Network(nn.Module):
       out["source_logits"] = nn.Dense(
           self.source_classes, dtype=self.dtype, param_dtype=jnp.float32,
           name="source_head")(features).astype(jnp.float32)
+    if stages:
+      out["stages"] = {k: v for k, v in maps.items() if k != "stem"}
     return out
 
 

@@ -72,7 +72,17 @@ class DenseNet(nn.Module):
     return channels
 
   @nn.compact
-  def __call__(self, images, train=False):
+  def __call__(self, images, train=False, return_stages=False, channel_scale=None):
+    """Pooled features `[B, F]`; with `return_stages`, also the feature maps after each
+    dense block (`denseblock4`: after the final BatchNorm and ReLU). `channel_scale`:
+    `{stage: [C]}` multipliers of those maps' channels (DELTA's channel attention)."""
+    stages = {}
+
+    def stage(name, x):
+      if channel_scale and name in channel_scale:
+        x = x * channel_scale[name].astype(x.dtype)
+      stages[name] = x
+      return x
     x = images.astype(self.dtype)
     x = layers.conv(self.num_init_features, 7, stride=2, padding=3, dtype=self.dtype,
                     name="conv0")(x)
@@ -82,7 +92,10 @@ class DenseNet(nn.Module):
       x = DenseBlock(num_layers, self.growth_rate, self.bn_size, dtype=self.dtype,
                      name=f"denseblock{i + 1}")(x, train)
       if i < len(self.block_config) - 1:
+        x = stage(f"denseblock{i + 1}", x)
         x = Transition(x.shape[-1] // 2, dtype=self.dtype,
                        name=f"transition{i + 1}")(x, train)
     x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="norm5")(x))
-    return layers.global_avg_pool(x)
+    x = stage(f"denseblock{len(self.block_config)}", x)
+    features = layers.global_avg_pool(x)
+    return (features, stages) if return_stages else features

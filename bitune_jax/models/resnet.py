@@ -81,7 +81,10 @@ class ResNet(nn.Module):
     return self.base_width * 2 ** (len(self.stage_sizes) - 1) * self.block.expansion
 
   @nn.compact
-  def __call__(self, images, train=False, return_stages=False):
+  def __call__(self, images, train=False, return_stages=False, channel_scale=None):
+    """Pooled features `[B, F]`; with `return_stages`, also `{stem, layer1, ...}` feature
+    maps. `channel_scale`: `{stage: [C]}` multipliers of a stage's output channels
+    before the rest of the network reads it (DELTA's channel attention zeroes one)."""
     x = images.astype(self.dtype)
     if self.small_inputs:
       x = layers.conv(self.base_width, 3, padding=1, dtype=self.dtype, name="conv1")(x)
@@ -97,6 +100,8 @@ class ResNet(nn.Module):
         stride = 2 if i > 0 and j == 0 else 1
         x = self.block(self.base_width * 2 ** i, stride=stride, dtype=self.dtype,
                        name=f"layer{i + 1}_{j}")(x, train)
+      if channel_scale and f"layer{i + 1}" in channel_scale:
+        x = x * channel_scale[f"layer{i + 1}"].astype(x.dtype)
       stages[f"layer{i + 1}"] = x
     features = layers.global_avg_pool(x)
     return (features, stages) if return_stages else features

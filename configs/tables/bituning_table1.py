@@ -5,7 +5,8 @@ transcribed from `papers/bi-tuning.txt`.
 The caption names the representation: "Top-1 accuracy on various datasets using
 ResNet-50 by supervised pre-training." (Section 5.1: "Results are averaged over 5
 trials."). Each method appears once per dataset block in the paper; here it is one row
-whose numbers cover the columns of all three datasets. DELTA is not implemented here.
+whose numbers cover the columns of all three datasets. DELTA runs with
+`configs/delta.py`.
 """
 
 from bitune_jax.tables import Column, Row, Table
@@ -40,8 +41,7 @@ TABLE = Table(
         _row("DELTA (Li et al., 2019)", "delta",
              [(62.89, 0.11), (74.35, 0.28), (79.18, 0.24), (81.33, 0.24)],
              [(58.74, 0.23), (76.53, 0.08), (84.53, 0.29), (86.01, 0.37)],
-             [(53.71, 0.30), (68.51, 0.24), (76.51, 0.55), (80.34, 0.14)],
-             missing="DELTA is not implemented yet (issue 12, item 1)"),
+             [(53.71, 0.30), (68.51, 0.24), (76.51, 0.55), (80.34, 0.14)]),
         _row("BSS (Chen et al., 2019)", "bss",
              [(64.69, 0.31), (74.96, 0.21), (78.91, 0.15), (81.52, 0.11)],
              [(59.74, 0.14), (76.78, 0.16), (85.06, 0.13), (87.64, 0.21)],

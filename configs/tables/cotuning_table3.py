@@ -12,8 +12,8 @@ to "indian elephant", "african elephant", "tusker"). Numbers are mean ± std as
 printed.
 
 Transcription notes: the slides print "L ² -SP" (a superscript split by the text
-extraction); the row is labelled "L2-SP (Li et al., 2018)". DELTA is not implemented
-yet.
+extraction); the row is labelled "L2-SP (Li et al., 2018)". DELTA runs with
+`configs/delta.py`.
 """
 
 from bitune_jax.tables import Column, Row, Table
@@ -40,8 +40,7 @@ TABLE = Table(
         _row("L2-SP (Li et al., 2018)", "l2sp",
              [(77.53, 0.47), (80.67, 0.29), (83.07, 0.39), (84.78, 0.16)]),
         _row("DELTA (Li et al., 2019)", "delta",
-             [(76.94, 0.37), (79.72, 0.24), (82.00, 0.52), (84.66, 0.08)],
-             missing="DELTA is not implemented yet (issue 12, item 1)"),
+             [(76.94, 0.37), (79.72, 0.24), (82.00, 0.52), (84.66, 0.08)]),
         _row("BSS (Chen et al., 2019)", "bss",
              [(77.39, 0.15), (80.74, 0.22), (82.75, 0.59), (84.71, 0.13)]),
         _row("Co-Tuning", "cotuning",
