@@ -80,8 +80,11 @@ def _assert_same_steps(got, want, tags, steps, rtol):
 
 
 def _assert_same_eval(got, want, keys):
+  """Accuracies (counts over the test set) to 1e-6; a loss, like every step's, to
+  LAYOUT_RTOL (measured: 8e-7 relative on Co-Tuning's final train loss)."""
   for key in keys:
-    assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    tolerance = dict(rel=LAYOUT_RTOL) if "loss" in key else dict(abs=1e-6)
+    assert got[key] == pytest.approx(want[key], **tolerance), key
 
 
 @pytest.fixture(scope="module")
