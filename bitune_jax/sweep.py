@@ -17,7 +17,10 @@ a shape do not compile again.
 
 `DIR/results.md` and `DIR/results.csv` are written after every run, and by `--report`
 at any time: each cell's mean ± sample std over the seeds that exist, their number,
-the paper's number where the spec has one, and the difference.
+the paper's number where the spec has one, and the difference. `DIR/plots/` holds
+each table's accuracy against the sampling rate (or k), with the paper's points, and
+each finished run's training curves (`plots/curves/<run>.png`, from its TensorBoard
+events).
 """
 
 import argparse
@@ -74,6 +77,8 @@ class Cell:
   kshot: int
   paper: tuple[float, float | None] | None
   runs: tuple[Run, ...]  # one per seed
+  dataset: str = ""
+  x: float = 0.0  # the sampling rate (%), or k: the x axis of the plots
 
 
 def _value(text):
@@ -93,7 +98,8 @@ def cells_from_spec(table: tables.Table, seeds, extra) -> list[Cell]:
     runs = tuple(Run(cell.row.config, cell.arg, overrides, cell.row.checkpoint, s)
                  for s in seeds)
     out.append(Cell(table.name, cell.row.label, cell.column.label, cell.column.eval,
-                    cell.column.kshot, cell.paper, runs))
+                    cell.column.kshot, cell.paper, runs, cell.column.dataset,
+                    float(cell.column.kshot or cell.column.rate)))
   return out
 
 
@@ -110,7 +116,8 @@ def cells_from_grid(methods, datasets, rates, arch, seeds, extra) -> list[Cell]:
           arg = f"{dataset},{arch},{rate:g}"
         runs = tuple(Run(method, arg, tuple(sorted(overrides.items())), "", s)
                      for s in seeds)
-        out.append(Cell("grid", method, f"{dataset} {rate:g}%", "", 0, None, runs))
+        out.append(Cell("grid", method, f"{dataset} {rate:g}%", "", 0, None, runs,
+                        dataset, float(rate)))
   return out
 
 
@@ -226,7 +233,34 @@ def report(workdir, cells) -> str:
   text = "\n".join(line for line in lines if line is not None) + "\n"
   _write(os.path.join(workdir, "results.csv"), buffer.getvalue())
   _write(os.path.join(workdir, "results.md"), text)
+  _plots(workdir, cells, rows)
   return text
+
+
+def _slug(text):
+  return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
+
+
+def _plots(workdir, cells, rows):
+  """`DIR/plots/<table>.png` (accuracy against the rate or k, the paper's beside it)
+  and `DIR/plots/curves/<run>.png` for each finished run without an up-to-date one."""
+  from bitune_jax import plots  # pylint: disable=g-import-not-at-top
+  folder = os.path.join(workdir, "plots")
+  by_table = {}
+  for cell, mean, std, _, pm, ps, _ in rows:
+    by_table.setdefault(cell.table, []).append(
+        (cell.dataset, cell.row, cell.x, mean, std, pm, ps))
+  for table, points in by_table.items():
+    plots.accuracy_vs_rate(points, os.path.join(folder, f"{_slug(table)}.png"),
+                           title=table, metric="test metric (%), mean ± std over seeds")
+  for run in {r for c in cells for r in c.runs}:
+    run_dir = os.path.join(workdir, "runs", run.name)
+    summary = os.path.join(run_dir, "summary.json")
+    target = os.path.join(folder, "curves", f"{run.name}.png")
+    if os.path.exists(summary) and (not os.path.exists(target) or os.path.getmtime(
+        target) < os.path.getmtime(summary)) and any(
+            n.startswith("events.out.tfevents") for n in os.listdir(run_dir)):
+      plots.training_curves(run_dir, target, title=run.name)
 
 
 def _write(path, text):

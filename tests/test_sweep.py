@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from bitune_jax import sweep, train
+from bitune_jax import plots, sweep, train
 
 TINY = ["--set", "total_steps=3", "--set", "eval_every=3", "--set", "checkpoint_every=3",
         "--set", "log_every=3", "--set", "pretrain.total_steps=3", "--set",
@@ -70,6 +70,15 @@ def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatc
   for run in runs:
     assert json.loads((run / "config.json").read_text())["init_from"] == source
     assert not (run / "pretrain").exists()
+  # Plots: the grid's accuracy against the rate, and each run's curves.
+  assert (tmp_path / "plots" / "grid.png").read_bytes()[:4] == b"\x89PNG"
+  curves = sorted((tmp_path / "plots" / "curves").iterdir())
+  assert [p.stem for p in curves] == [r.name for r in runs]
+  data = plots.training_curves(str(runs[0]), str(tmp_path / "again.png"))
+  summary = json.loads((runs[0] / "summary.json").read_text())
+  assert data["test"]["test_top1"][-1] == (3, pytest.approx(summary["top1"], abs=1e-6))
+  assert [s for s, _ in data["losses"]["loss"]][-1] == 3
+  assert "lr/backbone" not in data["losses"]
 
 
 def _digest(rate):
@@ -127,6 +136,7 @@ def test_spec_report_carries_the_papers_numbers_and_differences(tmp_path, capsys
   assert (bt["seeds"], bt["std"]) == ("1", "") and float(bt["difference"]) == pytest.approx(-2.0)
   assert "| Fine-tuning | Digits 50% | 92.00 ± 1.00 | 3 | 90.00 ± 0.50 | +2.00 |" in out
   assert "| Bi-tuning | Digits 50% | 90.00 | 1 | 92.00 ± 0.25 | -2.00 |" in out
+  assert (workdir / "plots" / "bi_tuning_table_99.png").read_bytes()[:4] == b"\x89PNG"
   # Training would need the Bi-tuning row's checkpoint: named, before anything runs.
   with pytest.raises(SystemExit):
     sweep.main(argv)
@@ -148,3 +158,17 @@ def test_print_commands_one_line_per_run(tmp_path, capsys):
   assert all(line.startswith("bitune-train --config configs/") for line in lines)
   assert sorted(line.split("--config.seed=")[1].split()[0] for line in lines) == [
       "0", "0", "0", "1", "1", "1"]
+
+
+def test_accuracy_against_rate_draws_ours_and_the_papers(tmp_path):
+  points = [("cub", "Bi-tuning", 50.0, 70.0, 1.0, 66.9, 0.1),
+            ("cub", "Bi-tuning", 25.0, 50.0, None, 47.7, 0.4),
+            ("cub", "CE", 25.0, None, None, 38.6, 0.1),  # not run yet: the paper's only
+            ("cars", "CE", 100.0, 80.0, 0.5, None, None)]
+  path = tmp_path / "p" / "rates.png"
+  data = plots.accuracy_vs_rate(points, str(path), title="t", metric="top-1 (%)")
+  assert data == {"cub": {"Bi-tuning": [(25.0, 50.0, None, 47.7, 0.4),
+                                        (50.0, 70.0, 1.0, 66.9, 0.1)],
+                          "CE": [(25.0, None, None, 38.6, 0.1)]},
+                  "cars": {"CE": [(100.0, 80.0, 0.5, None, None)]}}
+  assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5000

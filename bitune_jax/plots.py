@@ -1,0 +1,136 @@
+"""Figures of a sweep (PNG, matplotlib): accuracy against the sampling rate (or k) and
+each run's training curves, read from what the runs wrote.
+
+Each function returns the data it drew (so tests check numbers, not pixels) and writes
+one PNG.
+"""
+
+import collections
+import os
+
+_TEST_PREFIX = "test_"
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")  # files only, no display
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def accuracy_vs_rate(points, path, *, title, metric):
+  """One panel per dataset: each row's mean ± std against the sampling rate (or k),
+  and the paper's number beside it (hollow markers, dashed) where known.
+
+  Args:
+    points: iterable of `(dataset, row, x, mean, std, paper_mean, paper_std)`; `x` the
+      rate in % (or k); `mean` / `paper_mean` None where unknown; `std` None for one
+      seed.
+    path: the PNG to write.
+    title: the figure's title.
+    metric: the y axis' label, e.g. "test top-1 (%)".
+
+  Returns:
+    `{dataset: {row: [(x, mean, std, paper_mean, paper_std), ...] sorted by x}}`.
+  """
+  data = collections.defaultdict(lambda: collections.defaultdict(list))
+  for dataset, row, x, mean, std, paper_mean, paper_std in points:
+    data[dataset][row].append((x, mean, std, paper_mean, paper_std))
+  data = {d: {r: sorted(v, key=lambda p: p[0]) for r, v in rows.items()}
+          for d, rows in data.items()}
+  plt = _pyplot()
+  count = max(len(data), 1)
+  fig, axes = plt.subplots(1, count, figsize=(5 * count, 4), squeeze=False)
+  colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for ax, (dataset, rows) in zip(axes[0], sorted(data.items())):
+    for i, (row, values) in enumerate(rows.items()):
+      colour = colours[i % len(colours)]
+      ours = [(x, m, s or 0.0) for x, m, s, _, _ in values if m is not None]
+      if ours:
+        xs, ms, ss = zip(*ours)
+        ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, color=colour, label=row)
+      paper = [(x, m, s or 0.0) for x, _, _, m, s in values if m is not None]
+      if paper:
+        xs, ms, ss = zip(*paper)
+        ax.errorbar(xs, ms, yerr=ss, marker="o", markerfacecolor="none", capsize=3,
+                    linestyle="--", color=colour, label=f"{row} (paper)")
+    ax.set_title(dataset)
+    ax.set_xlabel("sampling rate (%) or k")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  _save(fig, path)
+  plt.close(fig)
+  return data
+
+
+def read_scalars(run_dir):
+  """`{tag: [(step, value), ...]}` of a run's TensorBoard events (scalars written
+  through clu's metric writers, stored as tensors)."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(run_dir, size_guidance={"scalars": 0,
+                                                                   "tensors": 0})
+  acc.Reload()
+  out = {}
+  for tag in acc.Tags()["tensors"]:
+    values = [(e.step, float(np.asarray(_tensor(e.tensor_proto)))) for e in acc.Tensors(tag)]
+    out[tag] = sorted(values)
+  for tag in acc.Tags()["scalars"]:
+    out[tag] = sorted((e.step, float(e.value)) for e in acc.Scalars(tag))
+  return out
+
+
+def _tensor(proto):
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+  return tensor_util.make_ndarray(proto)
+
+
+def training_curves(run_dir, path, *, title=""):
+  """The run's loss terms (left) and test metrics (right) against the step.
+
+  Returns:
+    `{"losses": {tag: [(step, value)]}, "test": {tag: [(step, value)]}}`.
+  """
+  scalars = read_scalars(run_dir)
+  skip = ("lr/", "steps_per_sec", "uptime", "train_accuracy")
+  # test_score repeats the dataset's own metric (top-1 or mean per-class): not drawn.
+  test = {k: v for k, v in scalars.items()
+          if k.startswith(_TEST_PREFIX) and k != "test_score"}
+  train = {k: v for k, v in scalars.items()
+           if k not in test and not k.startswith(skip)}
+  plt = _pyplot()
+  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+  for tag, values in sorted(train.items()):
+    steps, ys = zip(*values)
+    left.plot(steps, ys, label=tag)
+  if train and all(v > 0 for vs in train.values() for _, v in vs):
+    spread = max(v for vs in train.values() for _, v in vs) / max(
+        min(v for vs in train.values() for _, v in vs), 1e-12)
+    if spread > 100:
+      left.set_yscale("log")
+  left.set_xlabel("step")
+  left.set_ylabel("training loss terms")
+  left.grid(alpha=0.3)
+  left.legend(fontsize=8)
+  for tag, values in sorted(test.items()):
+    steps, ys = zip(*values)
+    right.plot(steps, [100 * y for y in ys], marker="o", label=tag[len(_TEST_PREFIX):])
+  right.set_xlabel("step")
+  right.set_ylabel("test metric (%)")
+  right.grid(alpha=0.3)
+  right.legend(fontsize=8)
+  fig.suptitle(title or os.path.basename(os.path.normpath(run_dir)))
+  fig.tight_layout()
+  _save(fig, path)
+  plt.close(fig)
+  return {"losses": train, "test": test}
+
+
+def _save(fig, path):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=110)
+  os.replace(tmp, path)
