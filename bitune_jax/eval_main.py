@@ -58,8 +58,9 @@ def _write_record(workdir, name, record):
   return path
 
 
-def evaluate_workdir(workdir, *, which="latest"):
-  """The protocols on the `which` checkpoint; recorded in `evals/{which}-step{S}.json`."""
+def evaluate_workdir(workdir, *, which="latest", tsne=False):
+  """The protocols on the `which` checkpoint; recorded in `evals/{which}-step{S}.json`.
+  `tsne`: also a t-SNE of the test features, `plots/tsne-{which}-step{S}.png`."""
   from bitune_jax import train
   config = _load_config(workdir)
   run, state, mesh = _restore(workdir, config, which)
@@ -70,6 +71,18 @@ def evaluate_workdir(workdir, *, which="latest"):
   if not getattr(run.method, "FEATURE_EVAL", False):  # a classifier to evaluate
     metrics.update(train.run_eval(run, state, config, mesh))
   metrics.update(train.feature_eval(run, state, config, mesh))
+  if tsne:
+    import jax
+    from bitune_jax import plots
+    features, labels = train.extract_features(run, state, run.data.test,
+                                              batch_size=config.eval_batch_size,
+                                              mesh=mesh)
+    path = os.path.join(workdir, "plots", f"tsne-{which}-step{metrics['step']}.png")
+    if jax.process_index() == 0:
+      plots.tsne(features, labels, path, seed=config.seed,
+                 title=f"{config.method} on {config.dataset}: test features, step "
+                       f"{metrics['step']}")
+    metrics["tsne"] = path
   _write_record(workdir, f"{which}-step{metrics['step']}", metrics)
   return metrics
 
@@ -151,6 +164,9 @@ def main(argv=None):
                            "for each k listed (e.g. 1,2,4,8) and report each test top-1")
   parser.add_argument("--kshot_steps", type=int, default=100,
                       help="training steps of each k-shot run (default: 100)")
+  parser.add_argument("--tsne", action="store_true",
+                      help="also draw a t-SNE of the test features, coloured by class "
+                           "(DIR/plots/tsne-{which}-step{S}.png)")
   parser.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
                       help="process 0's address, to run as one of several processes "
                            "(jax.distributed; with --num_processes and --process_id)")
@@ -166,7 +182,7 @@ def main(argv=None):
         bool(_load_config(workdir).get("multi_host", False)),
         args.coordinator_address, args.num_processes, args.process_id)
     shots = _parse_shots(args.kshot, args.kshot_steps) if args.kshot else None
-    metrics = evaluate_workdir(workdir, which=args.which)
+    metrics = evaluate_workdir(workdir, which=args.which, tsne=args.tsne)
     if shots:
       metrics.update(kshot_transfer(workdir, shots=shots, total_steps=args.kshot_steps,
                                     which=args.which))

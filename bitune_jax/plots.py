@@ -134,3 +134,42 @@ def _save(fig, path):
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=110)
   os.replace(tmp, path)
+
+
+def tsne(features, labels, path, *, title, seed=0, class_names=None):
+  """A 2-D t-SNE (scikit-learn, PCA init) of `features [N, F]`, points coloured by
+  class, as Bi-tuning's Figure 4 and the unsupervised fine-tuning paper's Figure 1.
+
+  Returns:
+    `(embedding [N, 2], labels [N])`, also saved beside the PNG (`.npz`).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from sklearn.manifold import TSNE  # pylint: disable=g-import-not-at-top
+  features = np.asarray(features, np.float64)
+  labels = np.asarray(labels)
+  if len(features) < 5:
+    raise ValueError(f"t-SNE needs at least 5 points, got {len(features)}")
+  perplexity = float(min(30.0, (len(features) - 1) / 3))
+  embedding = TSNE(n_components=2, init="pca", perplexity=perplexity,
+                   random_state=seed).fit_transform(features)
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6.5, 6))
+  classes = np.unique(labels)
+  cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20"
+                      if len(classes) <= 20 else "viridis")
+  for i, c in enumerate(classes):
+    chosen = labels == c
+    colour = cmap(i % cmap.N) if len(classes) <= 20 else cmap(i / max(len(classes) - 1, 1))
+    name = class_names[c] if class_names is not None else str(c)
+    ax.scatter(embedding[chosen, 0], embedding[chosen, 1], s=8, color=colour,
+               label=name)
+  if len(classes) <= 20:
+    ax.legend(title="class", fontsize=8, markerscale=2, loc="best")
+  ax.set_xlabel("t-SNE 1")
+  ax.set_ylabel("t-SNE 2")
+  ax.set_title(title)
+  fig.tight_layout()
+  _save(fig, path)
+  plt.close(fig)
+  np.savez(os.path.splitext(path)[0] + ".npz", embedding=embedding, labels=labels)
+  return embedding, labels

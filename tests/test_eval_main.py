@@ -40,6 +40,22 @@ def test_evaluates_a_workdir_checkpoint(tmp_path, capsys):
   assert json.load(open(tmp_path / "evals" / "latest-step6.json")) == metrics
   best = eval_main.evaluate_workdir(str(tmp_path), which="best")
   assert best["step"] in (3, 6) and best["top1"] >= metrics["top1"] - 1e-9
+  # --tsne: the test features drawn; the embedding keeps their neighbourhoods.
+  assert eval_main.main(["--workdir", str(tmp_path), "--tsne"]) == 0
+  drawn = json.loads(capsys.readouterr().out)["tsne"]
+  assert drawn == str(tmp_path / "plots" / "tsne-latest-step6.png")
+  assert open(drawn, "rb").read(4) == b"\x89PNG"
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  with np.load(drawn[:-4] + ".npz") as saved:  # the points drawn: the test split's
+    assert list(saved["labels"]) == list(data.test.labels)
+    assert saved["embedding"].shape == (len(data.test.labels), 2)
+  from sklearn.manifold import trustworthiness  # pylint: disable=g-import-not-at-top
+  from bitune_jax import plots  # pylint: disable=g-import-not-at-top
+  embedding, labels = plots.tsne(test_out["features"], data.test.labels,
+                                 str(tmp_path / "tsne.png"), title="t")
+  assert embedding.shape == (len(data.test.labels), 2)
+  assert list(labels) == list(data.test.labels)
+  assert trustworthiness(test_out["features"], embedding, n_neighbors=5) > 0.85
 
 
 def test_refuses_a_folder_that_is_not_a_workdir(tmp_path, capsys):
