@@ -1,6 +1,7 @@
 """The papers' tables as data: which runs make each number, and the number printed.
 
-A table spec is a Python file in `configs/tables/` defining `TABLE = Table(...)`:
+A table spec is a Python file in `configs/tables/` (shipped in the package as
+`bitune_jax/configs/tables/`) defining `TABLE = Table(...)`:
 
 * `Column`: one column of the table (a dataset, and the sampling rate, or the k of a
   k-shot setting; `eval` names the protocol its number comes from: "" the run's own
@@ -102,8 +103,21 @@ class Cell:
     return self.row.numbers.get(self.column.label)
 
 
+def shipped_spec(path: str) -> str:
+  """`path`, or where there is no such file, the shipped spec of that name
+  (`configs/tables/X.py` or `X`: `bitune_jax/configs/tables/X.py`; an installed wheel
+  or another working directory)."""
+  if os.path.isfile(path):
+    return path
+  name = os.path.splitext(os.path.basename(path))[0]
+  shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                         "tables", f"{name}.py")
+  return shipped if os.path.isfile(shipped) and name != "__init__" else path
+
+
 def load(path: str) -> Table:
-  """The `TABLE` of a spec file."""
+  """The `TABLE` of a spec file (`shipped_spec(path)`)."""
+  path = shipped_spec(path)
   if not os.path.isfile(path):
     raise ValueError(f"no table spec at {path}")
   spec = importlib.util.spec_from_file_location(

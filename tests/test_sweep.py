@@ -172,3 +172,15 @@ def test_accuracy_against_rate_draws_ours_and_the_papers(tmp_path):
                           "CE": [(25.0, None, None, 38.6, 0.1)]},
                   "cars": {"CE": [(100.0, 80.0, 0.5, None, None)]}}
   assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5000
+
+
+def test_a_shipped_spec_runs_from_any_directory(tmp_path, monkeypatch, capsys):
+  """`--spec configs/tables/X.py` where there is no such file (an installed wheel, or
+  another directory) is the shipped spec."""
+  monkeypatch.chdir(tmp_path)
+  assert sweep.main(["--workdir", "w", "--spec", "configs/tables/bituning_table5.py",
+                     "--checkpoint", "moco_v1_resnet50=m.npz", "--print_commands"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 20  # 5 loss combinations x 4 rates, one seed
+  with pytest.raises(SystemExit):
+    sweep.main(["--workdir", "w", "--spec", "configs/tables/no_such_table.py"])

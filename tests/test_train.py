@@ -275,6 +275,11 @@ def test_shipped_configs_run_from_anywhere_and_are_in_the_wheel(tmp_path):
   (wheel,) = wheel_dir.glob("bitune_jax-*.whl")
   import zipfile  # pylint: disable=g-import-not-at-top
   names = set(zipfile.ZipFile(wheel).namelist())
-  shipped = {f"bitune_jax/configs/{n}" for n in os.listdir(os.path.join(ROOT, "configs"))}
+  shipped = set()
+  for folder, _, found in os.walk(os.path.join(ROOT, "configs"), followlinks=True):
+    relative = os.path.relpath(folder, os.path.join(ROOT, "configs"))
+    shipped |= {os.path.normpath(f"bitune_jax/configs/{relative}/{n}") for n in found
+                if n.endswith(".py")}
+  assert any("tables/" in n for n in shipped)  # the table specs (configs/tables/)
   assert shipped <= names, shipped - names
 
