@@ -376,27 +376,31 @@ def _blur_planes(planes, sigma, *, kernel_size, apply=True):
   if kernel_size % 2 != 1:
     raise ValueError(f"kernel_size must be odd, got {kernel_size}")
   radius = kernel_size // 2
-  height, width = planes.shape[1], planes.shape[2]
   sigma = jnp.asarray(sigma, jnp.float32)
   if apply is not True:  # a traced decision: the taps of the identity where not
     sigma = jnp.where(apply, sigma, _NO_BLUR)
   kernel = _blur_taps(sigma, kernel_size)
 
-  def along_rows(x):
-    """The blur of `[C, n, m]` along its n axis: a sum of k shifted slices of the
-    reflect-padded image (k multiply-adds per pixel, rather than a band-matrix
-    product's n + k - 1)."""
-    padded = jnp.pad(x, ((0, 0), (radius, radius), (0, 0)), mode="reflect")
-    return sum(kernel[t] * padded[:, t:t + x.shape[1]] for t in range(kernel_size))
+  def along(axis):
+    """The blur of `[C, H, W]` along `axis` (1: rows, 2: columns): a sum of k shifted
+    slices of the reflect-padded image (k multiply-adds per pixel, rather than a
+    band-matrix product's n + k - 1)."""
+    def blur(x):
+      pad = [(0, 0)] * 3
+      pad[axis] = (radius, radius)
+      padded = jnp.pad(x, pad, mode="reflect")
+      n = x.shape[axis]
+      return sum(kernel[t] * jax.lax.slice_in_dim(padded, t, t + n, axis=axis)
+                 for t in range(kernel_size))
+    return blur
 
-  planes = planes.astype(jnp.float32)
-  if height != width:
-    return jnp.swapaxes(along_rows(jnp.swapaxes(along_rows(planes), 1, 2)), 1, 2)
-  # Square: the two passes as a loop of (blur the rows, transpose), so that the first
-  # pass is stored once; XLA's CPU backend, left to fuse them, computes the first again
-  # for each of the k taps of the second (5x slower).
+  # The two passes as a loop whose body picks the axis by the (unbatched) iteration
+  # number, so that the first pass is stored once: XLA's CPU backend, left to fuse
+  # them, computes the first again for each of the k taps of the second (5x slower;
+  # a loop of (blur the rows, transpose) takes twice this one's time).
   return jax.lax.fori_loop(
-      0, 2, lambda _, x: jnp.swapaxes(along_rows(x), 1, 2), planes)
+      0, 2, lambda i, x: jax.lax.cond(i == 0, along(1), along(2), x),
+      planes.astype(jnp.float32))
 
 
 def gaussian_blur(image: jax.Array, sigma: float | jax.Array, *,
