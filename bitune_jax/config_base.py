@@ -142,8 +142,8 @@ def validate(config):
     raise ValueError(f"unknown arch {config.arch!r}; expected one of "
                      f"{', '.join(models.ARCHS)}")
   if config.get("head_init", "") not in ("",) + models.HEAD_INITS:
-    raise ValueError(f"head_init must be '' (the method's reference) or one of "
-                     f"{', '.join(models.HEAD_INITS)}, got {config.head_init!r}")
+    raise ValueError(f"head_init {config.head_init!r} is not one of: '' (the method's "
+                     f"reference), {', '.join(models.HEAD_INITS)}")
   if not 0 < config.sampling_rate <= 100:
     raise ValueError(f"sampling_rate must be in (0, 100], got {config.sampling_rate}")
   if config.method == "bituning" and not any(
