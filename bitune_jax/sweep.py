@@ -82,11 +82,13 @@ class Cell:
 
 
 def _value(text):
-  """A `--set` value: JSON where it parses (numbers, true, lists), else the string."""
+  """A `--set` value: JSON where it parses (numbers, true, lists as tuples), else the
+  string."""
   try:
-    return json.loads(text)
+    value = json.loads(text)
   except json.JSONDecodeError:
     return text
+  return tuple(value) if isinstance(value, list) else value
 
 
 def cells_from_spec(table: tables.Table, seeds, extra) -> list[Cell]:

@@ -148,7 +148,7 @@ def test_print_commands_one_line_per_run(tmp_path, capsys):
   spec.write_text(SPEC)
   assert sweep.main(["--workdir", str(tmp_path / "w"), "--spec", str(spec), "--seeds",
                      "0,1", "--checkpoint", "supervised_resnet50=/ckpt/r50.npz",
-                     "--print_commands"]) == 0
+                     "--set", "data.crop_scale=[0.5, 1.0]", "--print_commands"]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) == 6  # (2 fine-tuning columns + 1 Bi-tuning) x 2 seeds
   bituning = [line for line in lines if "bituning.py" in line]
