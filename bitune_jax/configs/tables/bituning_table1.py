@@ -1,6 +1,6 @@
 """Bi-tuning Table 1: top-1 accuracy on CUB-200-2011, Stanford Cars and FGVC Aircraft
 at 25/50/75/100% sampling rates, ResNet-50 by supervised pre-training (ImageNet),
-transcribed from `papers/bi-tuning.txt`.
+transcribed from the Bi-tuning paper.
 
 The caption names the representation: "Top-1 accuracy on various datasets using
 ResNet-50 by supervised pre-training." (Section 5.1: "Results are averaged over 5

@@ -1,6 +1,6 @@
 """Bi-tuning Table 2: top-1 accuracy on COCO-70 at 25/50/75/100% sampling rates,
 DenseNet-121 by supervised pre-training (ImageNet), transcribed from
-`papers/bi-tuning.txt`.
+the Bi-tuning paper.
 
 The caption names the representation: "Top-1 accuracy on COCO-70 dataset using
 DenseNet-121 by supervised pre-training." COCO-70 is the paper's own crop of COCO

@@ -1,6 +1,6 @@
 """Bi-tuning Table 3: top-1 accuracy on CUB-200-2011, Stanford Cars and FGVC Aircraft
 at 25/50/75/100% sampling rates, ResNet-50 unsupervisedly pre-trained by MoCo,
-transcribed from `papers/bi-tuning.txt`.
+transcribed from the Bi-tuning paper.
 
 Which MoCo: Section 5.2 says only "In this round, we use ResNet-50 pre-trained
 unsupervisedly via MoCo on ImageNet as the backbone." We take MoCo v1

@@ -1,6 +1,6 @@
 """Bi-tuning Table 4: top-1 accuracy on Stanford Cars (100% of the training data),
 ResNet-50 with different unsupervisedly pre-trained representations, fine-tuned by
-vanilla fine-tuning and by Bi-tuning; transcribed from `papers/bi-tuning.txt`.
+vanilla fine-tuning and by Bi-tuning; transcribed from the Bi-tuning paper.
 
 The representations, Section 5.2: "Bi-tuning is applied to MoCo (version 2) (He et
 al., 2020), SimCLR (Chen et al., 2020), InsDisc (Wu et al., 2018), Deep Cluster (Caron

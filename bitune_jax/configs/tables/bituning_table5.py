@@ -1,5 +1,5 @@
 """Bi-tuning Table 5: the collaborative effect of the loss terms (CUB-200-2011,
-ResNet-50 pre-trained by MoCo), transcribed from `papers/bi-tuning.txt`.
+ResNet-50 pre-trained by MoCo), transcribed from the Bi-tuning paper.
 
 The extracted text lost the table's check marks; the rows are in the paper's order,
 CE / CE+CCE / CE+CCL / CCE+CCL / CE+CCE+CCL (its ablation text and the numbers, which

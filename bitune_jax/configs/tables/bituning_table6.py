@@ -1,7 +1,7 @@
 """Bi-tuning Table 6 (appendix B): Bi-tuning on CUB-200-2011 at 25/50/75/100% sampling
 rates with two key generating mechanisms, MoCo's momentum key encoder and queues (the
 default) and a memory bank (Wu et al., 2018); ResNet-50 pre-trained via MoCo;
-transcribed from `papers/bi-tuning.txt`.
+transcribed from the Bi-tuning paper.
 
 Which MoCo: the caption says "Backbone: ResNet-50 pretrained via MoCo" and no version.
 As in Tables 3 and 5 we take MoCo v1 (`moco_v1_resnet50`): the MoCo row's 50/75/100%

@@ -1,7 +1,7 @@
 """Co-Tuning Table 2: classification accuracy on the medium-scale datasets
 (CUB-200-2011, Stanford Cars, FGVC Aircraft) at sampling rates 15/30/50/100%, from a
-pre-trained ResNet-50, transcribed from `papers/co-tuning-slides.txt` (the NeurIPS 2020
-slides, which reprint the paper's Table 2 with its numbering).
+pre-trained ResNet-50, transcribed from the Co-Tuning slides (NeurIPS 2020,
+which reprint the paper's Table 2 with its numbering).
 
 Setting: the slides say only "Table 2: Classification accuracy in medium-scale
 classification datasets (Pre-trained ResNet-50)." and "Sampling Rates 15% 30% 50%

@@ -1,6 +1,6 @@
 """Co-Tuning Table 3: classification accuracy on the large-scale COCO-70 dataset at
 sampling rates 15/30/50/100%, from a pre-trained DenseNet-121, transcribed from
-`papers/co-tuning-slides.txt` (the NeurIPS 2020 slides, which reprint the paper's
+the Co-Tuning slides (NeurIPS 2020, which reprint the paper's
 Table 3 with its numbering).
 
 Setting: the slides say only "Table 3: Classification accuracy in large-scale COCO-70

@@ -1,6 +1,6 @@
 """Unsupervised fine-tuning Table 1: few-shot transfer on Pet37 and Caltech101 of the
 baseline representations (the motivation of the paper), transcribed from
-`papers/unsupervised-finetuning.txt`.
+the unsupervised fine-tuning paper.
 
 Setting: "we adopt the existing state-of-the-art unsupervised learning method MoCoV2[9]
 on two example target datasets: Caltech101 [12] and Pet [25] ... To evaluate the

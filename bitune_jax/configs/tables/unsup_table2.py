@@ -1,7 +1,7 @@
 """Unsupervised fine-tuning Table 2: the main results, the transfer performance of the
 ImageNet unsupervised pre-trained ResNet-50 (Unsup-S) and of its naive and proposed
 unsupervised fine-tunings on Caltech101, Pet, CIFAR100 and Food101, transcribed from
-`papers/unsupervised-finetuning.txt`.
+the unsupervised fine-tuning paper.
 
 Setting: "In our main experiments, we use the ImageNet unsupervised pretrained model
 as the initialization representation, and apply the naive unsupervised finetuning

@@ -1,7 +1,7 @@
 """Unsupervised fine-tuning Table 3: few-shot transfer on Caltech101, Pet, CIFAR100 and
 Food101 of the ImageNet supervised pre-trained ResNet-50 (Sup-S) before and after the
 proposed unsupervised fine-tuning, transcribed from
-`papers/unsupervised-finetuning.txt`.
+the unsupervised fine-tuning paper.
 
 Setting: "In this experiment, we use the supervised pretrained ResNet50 model from BiT
 [20] as the instantiation and apply unsupervised finetuning in a similar way. The

@@ -1,7 +1,7 @@
 """Unsupervised fine-tuning Table 4: few-shot transfer on Caltech101, Pet, CIFAR100 and
 Food101 of the larger ImageNet supervised pre-trained ResNet-101 (Sup-S) before and
 after the proposed unsupervised fine-tuning, transcribed from
-`papers/unsupervised-finetuning.txt`.
+the unsupervised fine-tuning paper.
 
 Setting: "In the Table 4, we take the supervised pretrained ResNet101 model as an
 example and evaluate its transfer performance." and the caption: "The annotations are

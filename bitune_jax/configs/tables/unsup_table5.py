@@ -1,7 +1,7 @@
 """Unsupervised fine-tuning Table 5: semi-supervised learning (FixMatch) on Caltech101,
 Pet, CIFAR100 and Food101 initialised from the ImageNet unsupervised pre-trained
 ResNet-50 (Unsup-S) or from its proposed unsupervised fine-tuning, transcribed from
-`papers/unsupervised-finetuning.txt`.
+the unsupervised fine-tuning paper.
 
 Setting: "we leverage the state-of-the-art semi-supervised learning method FixMatch
 [28], and use the original unsupervised pretrained representation and unsupervised

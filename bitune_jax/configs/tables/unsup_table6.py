@@ -1,7 +1,7 @@
 """Unsupervised fine-tuning Table 6: ablation of sparse source data replaying (SDR) and
 data mixing (Mix), K-shot transfer on Caltech101, Pet, CIFAR100 and Food101 from the
 ImageNet unsupervised pre-trained ResNet-50, transcribed from
-`papers/unsupervised-finetuning.txt`.
+the unsupervised fine-tuning paper.
 
 Setting: "To quantitatively demonstrate their importance, we conduct the ablation
 studies by gradually removing each of them. As shown in the Table 6, on all the
