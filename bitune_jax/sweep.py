@@ -302,13 +302,12 @@ def run_all(workdir, cells, checkpoints, *, kshot_steps=100):
       else:
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         log.info("sweep: run %d/%d %s", i + 1, len(shots), run.name)
-        _, summary = train.train_and_evaluate(config, folder)
+        train.train_and_evaluate(config, folder)
         if ks:
           kshot = eval_main.kshot_transfer(folder, shots=sorted(ks), seed=run.seed,
                                            total_steps=kshot_steps)
           _write(os.path.join(folder, "sweep_kshot.json"), json.dumps(kshot))
         spent.append(time.perf_counter() - began)
-        del summary
     except Exception as e:  # pylint: disable=broad-except
       failures[run.name] = f"{type(e).__name__}: {e}"
       log.error("sweep: run %s failed: %s\n%s", run.name, failures[run.name],

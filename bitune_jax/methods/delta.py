@@ -173,9 +173,8 @@ def prepare(state, *, model, config, data, mesh, workdir, pretrained):
     if len(batches) == cfg.attention_batches:
       break
     batches.append(sharding.global_batch(batch, mesh))
-  weights, increase = channel_attention(losses_fn, batches, channels,
-                                        temperature=cfg.attention_temperature)
-  del increase
+  weights, _ = channel_attention(losses_fn, batches, channels,
+                                 temperature=cfg.attention_temperature)
   log.info("DELTA attention from %d training batches: %s", len(batches), ", ".join(
       f"{n} max {w.max() * len(w):.2f}x uniform" for n, w in weights.items()))
   extras = {"w0": jax.tree.map(jnp.copy, state.params["backbone"]),
