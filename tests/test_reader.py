@@ -449,3 +449,89 @@ def test_tar_format_refused(tmp_path):
       tar.addfile(info, io.BytesIO(b"\x80\x02N."))
   with pytest.raises(CheckpointError, match="unsupported tar-format checkpoint"):
     read_checkpoint(tmp_path / "old.pth")
+
+
+# ------------------------------------------------- objects of classes off the allow-list
+class _MemoryBank(torch.nn.Module):
+  """Stands in for InsDisc's pickled `lemniscate` module (buffers and plain attributes)."""
+
+  def __init__(self):
+    super().__init__()
+    self.nLem = 5
+    self.register_buffer("memory", torch.arange(10.0).reshape(5, 2))
+    self.sampler = _Sampler()
+
+
+class _Sampler:
+  """A plain object holding tensors (InsDisc's AliasMethod)."""
+
+  def __init__(self):
+    self.prob = torch.ones(3)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["torch_zip", "torch_legacy"])
+def test_unknown_classes_read_as_inert_data(tmp_path, zip_format):
+  """Objects of classes the reader does not know become ForeignObject records of their
+  pickled state; nothing of the class is imported or run (legacy files name nn.Module
+  classes through a ('module', class, file, source) persistent id)."""
+  ckpt = {"state_dict": {"w": torch.ones(2)}, "lemniscate": _MemoryBank(),
+          "bank_class": _MemoryBank, "epoch": 3}
+  torch.save(ckpt, tmp_path / "m.pth", _use_new_zipfile_serialization=zip_format)
+  got, _ = read_checkpoint(tmp_path / "m.pth")
+  bank = got["lemniscate"]
+  assert isinstance(bank, reader.ForeignObject) and not bank.reference
+  assert bank.qualname == f"{__name__}._MemoryBank" and bank.args == ()
+  np.testing.assert_array_equal(bank.state["_buffers"]["memory"],
+                                np.arange(10.0, dtype=np.float32).reshape(5, 2))
+  assert bank.state["nLem"] == 5 and bank.state["training"] is True
+  sampler = bank.state["sampler"]
+  assert sampler.qualname == f"{__name__}._Sampler"
+  np.testing.assert_array_equal(sampler.state["prob"], np.ones(3, np.float32))
+  assert got["bank_class"].reference and got["bank_class"].state is None
+  assert got["bank_class"].qualname == bank.qualname
+  np.testing.assert_array_equal(got["state_dict"]["w"], [1.0, 1.0])
+
+
+def test_calling_an_unknown_global_refused(tmp_path):
+  """Globals outside the standard library are never imported: calling one (REDUCE, or
+  INST/OBJ with arguments) is refused, whatever it names."""
+  marker = tmp_path / "pwned"
+  cases = {
+      "torch.hub.load": pickle.dumps(_Call(torch.hub.load, ("repo", "model")), protocol=2),
+      "torch.serialization.save": pickle.dumps(_Call(torch.save, ({}, str(marker))),
+                                               protocol=4),  # STACK_GLOBAL
+      f"{__name__}._Sampler": pickle.dumps(_Call(_Sampler, ()), protocol=2),
+      "lib.evil.run": f"clib.evil\nrun\n(V{marker}\ntR.".encode(),
+      "lib.evil.Inst": f"(V{marker}\nilib.evil\nInst\n.".encode(),
+      "lib.evil.Obj": f"(clib.evil\nObj\nV{marker}\no.".encode(),
+  }
+  for name, payload in cases.items():
+    _write_zip(tmp_path / "evil.pth", {"a/data.pkl": payload})
+    with pytest.raises(UnsafeCheckpointError, match=rf"refusing to call '{name}' in "
+                       r"checkpoint .*evil\.pth: .*nothing was executed"):
+      read_checkpoint(tmp_path / "evil.pth")
+  assert not marker.exists()
+
+
+def test_standard_library_inside_an_unknown_object_refused(tmp_path):
+  marker = tmp_path / "pwned"
+  bank = _MemoryBank()
+  bank.hook = _Call(os.system, (f"touch {marker}",))
+  torch.save({"lemniscate": bank}, tmp_path / "evil.pth")
+  with pytest.raises(UnsafeCheckpointError, match=r"refusing global 'posix\.system'"):
+    read_checkpoint(tmp_path / "evil.pth")
+  assert not marker.exists()
+
+
+def test_unknown_object_abuse_is_a_checkpoint_error(tmp_path):
+  cases = {  # payload -> what the error says
+      b"clib.mod\nCls\n}b.": "refusing BUILD on a stand-in class",  # BUILD on the class
+      b"\x80\x02clib.mod\nCls\n)\x81}b}b.": "second BUILD",
+      b"\x80\x02clib.mod\nCls\n)\x81(K\x01K\x02u.": "does not support item",  # SETITEMS
+      b"\x80\x02clib.mod\nCls\n)\x81q\x00}(X\x01\x00\x00\x00ah\x00ub.": "self-referencing",
+      b"\x80\x04clib.mod\nCls\n)}(X\x01\x00\x00\x00aK\x01u\x92.": "corrupt",  # kwargs
+  }
+  for payload, needle in cases.items():
+    _write_zip(tmp_path / "b.pth", {"a/data.pkl": payload})
+    with pytest.raises(CheckpointError, match=needle):
+      read_checkpoint(tmp_path / "b.pth")

@@ -1,10 +1,16 @@
-"""PyTorch checkpoints (torchvision ResNet/DenseNet, MoCo v1/v2) -> Flax variables.
+"""PyTorch checkpoints (torchvision ResNet/DenseNet, and the self-supervised MoCo v1/v2/v3,
+SwAV, DeepCluster-v2 and InsDisc layouts of them) -> Flax variables.
 
     result = convert_checkpoint("resnet50.pth", arch="resnet50")
     result["backbone"]      # {"params", "batch_stats"} for models.create_backbone(arch)
     result["source_head"]   # {"kernel" [F, C_s], "bias" [C_s]} (supervised checkpoints)
-    result["projector"]     # params of models.Projector (MoCo checkpoints)
-    result["report"]        # what was read, mapped and dropped
+    result["projector"]     # params of models.Projector(**report["projector_config"])
+    result["projector_batch_stats"]  # its BatchNorm statistics (MoCo v3, SwAV, DC-v2)
+    result["report"]        # kind (the detected source), what was read, mapped, dropped
+
+The source is detected from the key layout (see `mapping`); a projector applies as
+`models.Projector(**report["projector_config"]).apply({"params": result["projector"],
+"batch_stats": result.get("projector_batch_stats", {})}, features)`.
 
 The reader never executes pickled code and does not need PyTorch (`reader.py`).
 `bitune-convert SRC DST --arch resnet50` writes the result to one self-describing
@@ -16,12 +22,12 @@ from typing import Any
 
 from bitune_jax.convert.mapping import ConversionError
 from bitune_jax.convert.output import load_converted, save_converted, sha256_of
-from bitune_jax.convert.reader import CheckpointError, UnsafeCheckpointError
-from bitune_jax.convert.reader import read_checkpoint
+from bitune_jax.convert.reader import CheckpointError, ForeignObject
+from bitune_jax.convert.reader import UnsafeCheckpointError, read_checkpoint
 from bitune_jax.convert import mapping
 from bitune_jax import models
 
-__all__ = ["CheckpointError", "ConversionError", "UnsafeCheckpointError",
+__all__ = ["CheckpointError", "ConversionError", "ForeignObject", "UnsafeCheckpointError",
            "convert_checkpoint", "load_converted", "save_converted"]
 
 
@@ -43,22 +49,27 @@ def convert_checkpoint(path: str | os.PathLike, *, arch: str,
     raise ConversionError(f"unknown arch {arch!r}; expected one of {', '.join(models.ARCHS)}")
   obj, fmt = read_checkpoint(path)
   state_dict, dropped = mapping.find_state_dict(obj)
-  kind, tensors, moco_dropped = mapping.strip_prefix(state_dict)
-  backbone, heads, backbone_report = mapping.map_backbone(arch, tensors,
-                                                          allow_unused=allow_unused)
+  layout = mapping.detect_layout(state_dict, obj)
+  tensors, layout_dropped = mapping.split_state_dict(state_dict, layout)
+  source = "checkpoint" if layout is mapping.SUPERVISED else f"{layout.name} checkpoint"
+  backbone, heads, backbone_report = mapping.map_backbone(
+      arch, tensors, head=layout.head, source=source, allow_unused=allow_unused)
   kind, source_head, projector, head_report = mapping.map_heads(
-      kind, heads, num_features=models.num_features(arch))
+      layout, heads, num_features=models.num_features(arch))
   num_params = sum(int(v.size) for v in _leaves(backbone["params"]))
   report = {
       "format": fmt, "arch": arch, "kind": kind, "backbone_parameters": num_params,
       "notes": head_report + backbone_report,
-      "dropped": dropped + moco_dropped,
+      "dropped": dropped + layout_dropped,
   }
   result = {"backbone": backbone, "report": report}
   if source_head is not None:
     result["source_head"] = source_head
   if projector is not None:
-    result["projector"] = projector
+    result["projector"] = projector["params"]
+    if projector["batch_stats"]:
+      result["projector_batch_stats"] = projector["batch_stats"]
+    report["projector_config"] = projector["config"]
   return result
 
 

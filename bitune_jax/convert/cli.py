@@ -12,7 +12,8 @@ from bitune_jax import models
 def _parser():
   parser = argparse.ArgumentParser(
       prog="bitune-convert",
-      description="Convert a torchvision ResNet/DenseNet or MoCo v1/v2 checkpoint "
+      description="Convert a torchvision ResNet/DenseNet checkpoint, or a MoCo v1/v2/v3, "
+                  "SwAV, DeepCluster-v2 or InsDisc one (detected from its key layout), "
                   "(.pth/.pth.tar in zip or legacy format, .safetensors, .npz) into a "
                   "bitune_jax .npz. Never executes pickled code.")
   parser.add_argument("src", help="the PyTorch checkpoint")
@@ -61,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if "source_head" in result:
     print(f"  source head: {result['source_head']['kernel'].shape[1]} classes")
   if "projector" in result:
-    print(f"  projector: {', '.join(result['projector'])}")
+    config = ", ".join(f"{k}={v}" for k, v in report["projector_config"].items())
+    print(f"  projector: models.Projector({config})")
   for line in report["notes"] + [f"dropped: {d}" for d in report["dropped"]]:
     print(f"  {line}")
   print(f"  done in {time.perf_counter() - start:.2f} s")

@@ -1,15 +1,31 @@
-"""torchvision ResNet/DenseNet and MoCo v1/v2 state_dicts -> Flax variables.
+"""torchvision-style ResNet/DenseNet checkpoints of supervised and self-supervised
+pre-training -> Flax variables.
 
-Strict by construction: the target is the Flax variable tree of `create_backbone(arch)`
-(shapes only, from `jax.eval_shape`); every tensor of the checkpoint is either mapped
-onto exactly one target leaf with its shape checked, or deliberately dropped (MoCo's key
-encoder, queue and pointer; BatchNorm's `num_batches_tracked`; training metadata) and
-reported, or it is an error. Every target leaf must be filled.
+Sources are told apart by their key layout, after DataParallel's `module.` prefix:
+
+  kind            backbone under   projector (-> models.Projector)   dropped
+  supervised      (top)            - (`fc`/`classifier`: source head) -
+  moco_v1/v2      encoder_q.       encoder_q.fc / .fc.{0,2}           encoder_k., queue(_ptr)
+  moco_v3         base_encoder.    base_encoder.fc.{0,1,3,4} (BN MLP) momentum_encoder.,
+                                                                      predictor.
+  swav            (top)            projection_head.{0,1,3} (BN MLP)   prototypes.weight
+  deepcluster_v2  (top)            projection_head.{0,1,3} (BN MLP)   prototypes.prototypesN.
+  insdisc         (top)            fc, Linear(F, 128)                 the `lemniscate` entry
+
+(SimCLR, DINO, Barlow Twins and timm files are "supervised": torchvision names, with or
+without `fc`; CMC's two-branch `l_to_ab.`/`ab_to_l.` files are refused, saying why.) Strict by construction: the target is the Flax variable tree of
+`create_backbone(arch)` (and of the `models.Projector` the head needs), shapes only,
+from `jax.eval_shape`; every tensor of the checkpoint is either mapped onto exactly one
+target leaf with its shape checked, or deliberately dropped (a source's other networks,
+queues and prototypes; BatchNorm's `num_batches_tracked`; training metadata; pickled
+objects of unknown classes) and reported, or it is an error. Every target leaf must be
+filled.
 
 Layouts: conv OIHW -> HWIO; Linear `[out, in]` -> Dense kernel `[in, out]`; BatchNorm
 weight/bias -> params scale/bias, running_mean/var -> batch_stats mean/var.
 """
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -20,9 +36,8 @@ import numpy as np
 from flax import traverse_util
 
 from bitune_jax import models
+from bitune_jax.convert.reader import ForeignObject
 
-MOCO_PREFIXES = ("module.encoder_q.", "encoder_q.")
-_MOCO_DROPPED = ("module.encoder_k.", "encoder_k.", "module.queue", "queue")
 _HEAD = {"densenet121": "classifier"}  # torchvision's name of the final Linear
 
 
@@ -30,51 +45,155 @@ class ConversionError(ValueError):
   """The checkpoint does not fit the requested architecture."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where one source keeps its tensors (names after DataParallel's `module.`).
+
+  marker: a regex that some tensor name matches (or, with `entry`, the name of a
+  top-level checkpoint entry) for this layout to be detected. backbone: the prefix of
+  the backbone's (and head's) names; head: the module of the projector (or classifier)
+  under it, None for the arch's own classifier name. dropped: (name prefix, what it is)
+  of the tensors left out. projectors: (kind, {torch module: Projector role}), the
+  head layouts accepted, tried in order; empty for a classifier head.
+  """
+  kind: str
+  name: str
+  marker: str = ""
+  entry: bool = False
+  backbone: str = ""
+  head: str | None = None
+  dropped: tuple[tuple[str, str], ...] = ()
+  projectors: tuple[tuple[str, dict[str, str]], ...] = ()
+
+
+# SwAV's resnet50 (also DeepCluster-v2's): hidden_mlp > 0, or a single Linear when 0.
+_SWAV_HEADS = ({"projection_head.0": "hidden", "projection_head.1": "hidden_bn",
+                "projection_head.3": "out"}, {"projection_head": "out"})
+# Detection order: the first layout whose marker matches.
+LAYOUTS = (
+    Layout("moco_v3", "MoCo v3", r"base_encoder\.", backbone="base_encoder.", head="fc",
+           dropped=(("momentum_encoder.", "MoCo v3 momentum encoder"),
+                    ("predictor.", "MoCo v3 predictor")),
+           projectors=(("moco_v3", {"fc.0": "hidden", "fc.1": "hidden_bn", "fc.3": "out",
+                                    "fc.4": "out_bn"}),)),
+    Layout("moco", "MoCo", r"encoder_q\.", backbone="encoder_q.", head="fc",
+           dropped=(("encoder_k.", "MoCo key encoder"), ("queue", "MoCo queue")),
+           projectors=(("moco_v1", {"fc": "out"}),
+                       ("moco_v2", {"fc.0": "hidden", "fc.2": "out"}))),
+    Layout("swav", "SwAV", r"prototypes\.weight$", head="projection_head",
+           dropped=(("prototypes.", "SwAV prototypes"),),
+           projectors=tuple(("swav", h) for h in _SWAV_HEADS)),
+    Layout("deepcluster_v2", "DeepCluster-v2", r"prototypes\.prototypes\d+\.weight$",
+           head="projection_head",
+           dropped=(("prototypes.", "DeepCluster-v2 prototypes"),),
+           projectors=tuple(("deepcluster_v2", h) for h in _SWAV_HEADS)),
+    Layout("insdisc", "InsDisc", "lemniscate", entry=True, head="fc",
+           projectors=(("insdisc", {"fc": "out"}),)),
+)
+SUPERVISED = Layout("supervised", "supervised")
+# Layouts recognised in order to say why they are not converted.
+_UNSUPPORTED = (
+    (r"(l_to_ab|ab_to_l)\.", "a CMC checkpoint (two ResNets, `l_to_ab` on the L and "
+     "`ab_to_l` on the ab channels of Lab images, features concatenated) is not "
+     "supported: bitune_jax has no two-branch backbone nor Lab input pipeline; use a "
+     "single-branch source (e.g. InsDisc, MoCo, SwAV) instead"),)
+
+
 def find_state_dict(obj: Any) -> tuple[dict[str, np.ndarray], list[str]]:
   """`(state_dict, dropped)`: the tensors of a checkpoint object, and what else it held.
 
   Accepts a flat state_dict or a dict holding one under `state_dict` / `model` (the
-  others, e.g. epoch, arch, optimizer, are reported as dropped).
+  others, e.g. epoch, arch, optimizer, a pickled memory bank, are reported as dropped).
   """
+  if isinstance(obj, ForeignObject):
+    raise ConversionError(f"checkpoint holds a pickled {obj.qualname} object (a whole "
+                          "model saved with torch.save(model)?), not a state_dict; save "
+                          "its state_dict() instead")
   if not isinstance(obj, dict):
     raise ConversionError(f"checkpoint holds a {type(obj).__name__}, not a state_dict")
-  if obj and all(isinstance(v, np.ndarray) for v in obj.values()):
-    return obj, []
-  for key in ("state_dict", "model"):
-    inner = obj.get(key)
-    if isinstance(inner, dict) and inner and all(
-        isinstance(v, np.ndarray) for v in inner.values()):
-      return inner, [f"{k} (checkpoint metadata)" for k in obj if k != key]
+  for key, inner in [(None, obj), ("state_dict", obj.get("state_dict")),
+                     ("model", obj.get("model"))]:
+    if not (isinstance(inner, dict) and inner):
+      continue
+    foreign = [k for k, v in inner.items() if isinstance(v, ForeignObject)]
+    if foreign and all(isinstance(v, (np.ndarray, ForeignObject)) for v in inner.values()):
+      raise ConversionError(f"state_dict entry {foreign[0]!r} is a pickled "
+                            f"{inner[foreign[0]].qualname} object, not a tensor")
+    if all(isinstance(v, np.ndarray) for v in inner.values()):
+      return inner, [_describe(k, v) for k, v in obj.items() if key and k != key]
   raise ConversionError(
       "no state_dict found: expected a dict of tensors, or one under 'state_dict' or "
       f"'model'; top-level keys: {sorted(map(str, obj))[:10]}")
 
 
-def strip_prefix(
-    state_dict: Mapping[str, np.ndarray]) -> tuple[str, dict[str, np.ndarray], list[str]]:
-  """`(kind, tensors, dropped)`: detects MoCo and DataParallel prefixes.
+def _describe(key, value):
+  """A report line for a top-level checkpoint entry that is not converted."""
+  if not isinstance(value, ForeignObject):
+    return f"{key} (checkpoint metadata)"
+  arrays = [f"{name} {list(v.shape)}" for name, v in _arrays(value.state, "") if v.size > 1]
+  held = f": {', '.join(arrays[:4])}" if arrays else ""
+  return (f"{key} (a pickled {value.qualname} object, read as data, never imported or "
+          f"run{held})")
 
-  kind is 'moco' (keys under `[module.]encoder_q.`) or 'supervised'.
-  """
-  for prefix in MOCO_PREFIXES:
-    if any(k.startswith(prefix) for k in state_dict):
-      tensors, dropped, unknown = {}, [], []
-      for name, value in state_dict.items():
-        if name.startswith(prefix):
-          tensors[name[len(prefix):]] = value
-        elif name.startswith(_MOCO_DROPPED):
-          dropped.append(name)
-        else:
-          unknown.append(name)
-      if unknown:
-        raise ConversionError(f"MoCo checkpoint has tensors outside {prefix!r}, the key "
-                              f"encoder and the queue: {unknown[:5]}")
-      key_encoder = [n for n in dropped if "encoder_k." in n]
-      others = [f"{n} (MoCo queue)" for n in dropped if "encoder_k." not in n]
-      return "moco", tensors, _summarise(key_encoder, "MoCo key encoder") + others
-  if state_dict and all(k.startswith("module.") for k in state_dict):
-    return "supervised", {k[len("module."):]: v for k, v in state_dict.items()}, []
-  return "supervised", dict(state_dict), []
+
+def _arrays(tree, name):
+  """(name, array) of the arrays in a tree of dicts and ForeignObjects."""
+  if isinstance(tree, np.ndarray):
+    yield name, tree
+  elif isinstance(tree, ForeignObject):
+    yield from _arrays(tree.state, name)
+  elif isinstance(tree, dict):
+    for key, value in tree.items():
+      yield from _arrays(value, str(key))
+
+
+def detect_layout(state_dict: Mapping[str, np.ndarray], checkpoint: Any) -> Layout:
+  """The first of `LAYOUTS` whose marker matches, else `SUPERVISED`."""
+  outer = _outer(state_dict)
+  names = [k[len(outer):] for k in state_dict]
+  for marker, why in _UNSUPPORTED:
+    if any(re.match(marker, n) for n in names):
+      raise ConversionError(why)
+  entries = list(checkpoint) if isinstance(checkpoint, dict) else []
+  for layout in LAYOUTS:
+    if layout.entry:
+      found = layout.marker in entries
+    else:
+      found = any(re.match(layout.marker, n) for n in names)
+    if found:
+      return layout
+  return SUPERVISED
+
+
+def _outer(state_dict):
+  """DataParallel's `module.` when every name has it, else ''."""
+  return "module." if state_dict and all(k.startswith("module.") for k in state_dict) else ""
+
+
+def split_state_dict(state_dict: Mapping[str, np.ndarray],
+                     layout: Layout) -> tuple[dict[str, np.ndarray], list[str]]:
+  """`(tensors, dropped)`: the backbone's and head's tensors, prefix-stripped, and report
+  lines for the tensors the layout leaves out. Any other tensor is an error."""
+  tensors, groups, unknown = {}, {}, []
+  outer = _outer(state_dict)
+  for name, value in state_dict.items():
+    key = name[len(outer):]
+    what = next((w for prefix, w in layout.dropped if key.startswith(prefix)), None)
+    if what is not None:
+      groups.setdefault(what, []).append(name)
+    elif key.startswith(layout.backbone):
+      tensors[key[len(layout.backbone):]] = value
+    else:
+      unknown.append(name)
+  if unknown:
+    expected = ", ".join(repr(outer + p) for p in
+                         [layout.backbone, *(p for p, _ in layout.dropped)])
+    raise ConversionError(f"{layout.name} checkpoint has tensors outside {expected}: "
+                          f"{unknown[:5]}")
+  dropped = []
+  for what, names in groups.items():
+    dropped += _summarise(names, what) if len(names) > 1 else [f"{names[0]} ({what})"]
+  return tensors, dropped
 
 
 def _summarise(names, what):
@@ -124,15 +243,18 @@ def _leaf(module_path, param, value, target):
 
 
 def map_backbone(
-    arch: str, tensors: Mapping[str, np.ndarray], *, allow_unused: bool = False
+    arch: str, tensors: Mapping[str, np.ndarray], *, head: str | None = None,
+    source: str = "checkpoint", allow_unused: bool = False
 ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], list[str]]:
   """`(variables, heads, report_lines)` from prefix-stripped torchvision-style tensors.
 
-  heads: the final Linear(s) left for the caller, `{torch module name: {param: array}}`.
+  heads: the tensors of module `head` (default: the arch's classifier, `fc` or
+  `classifier`) and its submodules, left for the caller, `{torch module: {param: array}}`.
+  source: how errors name the checkpoint (e.g. "MoCo v3 checkpoint").
   """
   target = backbone_target(arch)
   flat, heads, dropped, unexpected, mismatched = {}, {}, [], [], []
-  head_name = _HEAD.get(arch, "fc")
+  head_name = head or _HEAD.get(arch, "fc")
   for name, value in tensors.items():
     name = _normalise_name(name)
     module, _, param = name.rpartition(".")
@@ -152,7 +274,8 @@ def map_backbone(
     else:
       flat[path] = np.ascontiguousarray(array, dtype=np.float32)
   missing = ["/".join(p) for p in target if p not in flat]
-  problems = _problems(arch, missing, unexpected if not allow_unused else [], mismatched)
+  problems = _problems(arch, missing, unexpected if not allow_unused else [], mismatched,
+                       source)
   if problems:
     raise ConversionError(problems)
   variables = traverse_util.unflatten_dict(flat)
@@ -162,7 +285,7 @@ def map_backbone(
   return {"params": variables["params"], "batch_stats": variables["batch_stats"]}, heads, report
 
 
-def _problems(arch, missing, unexpected, mismatched):
+def _problems(arch, missing, unexpected, mismatched, source):
   lines = []
   if mismatched:
     lines.append(f"{len(mismatched)} shape mismatches, e.g. " + "; ".join(mismatched[:3]))
@@ -174,55 +297,101 @@ def _problems(arch, missing, unexpected, mismatched):
                  + ", ".join(unexpected[:5]))
   if not lines:
     return ""
-  return (f"checkpoint does not match arch {arch!r}: " + " | ".join(lines)
-          + ". Check --arch (and that this is a torchvision-style ResNet/DenseNet or "
-          "MoCo checkpoint).")
+  return (f"{source} does not match arch {arch!r}: " + " | ".join(lines)
+          + ". Check --arch (and that this is a torchvision-style ResNet/DenseNet, or a "
+          "MoCo, MoCo v3, SwAV, DeepCluster-v2 or InsDisc checkpoint of one).")
 
 
 def map_heads(
-    kind: str, heads: dict[str, dict[str, np.ndarray]], *, num_features: int
-) -> tuple[str, dict[str, np.ndarray] | None, dict[str, dict[str, np.ndarray]] | None,
-           list[str]]:
-  """`(source_head, projector, report_lines)` from the final Linear(s).
+    layout: Layout, heads: dict[str, dict[str, np.ndarray]], *, num_features: int
+) -> tuple[str, dict[str, np.ndarray] | None, dict[str, Any] | None, list[str]]:
+  """`(kind, source_head, projector, report_lines)` from the head's tensors.
 
-  Supervised: the classifier becomes the source head (Co-Tuning needs it). MoCo v1: its
-  Linear becomes the projector's `out`; MoCo v2: `fc.0`/`fc.2` its `hidden`/`out`.
+  Supervised: the classifier becomes the source head (Co-Tuning needs it). The others:
+  the first of `layout.projectors` whose modules are exactly the head's gives the kind
+  and the projector, `{"params", "batch_stats", "config"}` (config: the fields of
+  `models.Projector`, batch_stats empty without BatchNorm).
   """
-  def dense(module):
-    params = heads.pop(module)
-    if set(params) != {"weight", "bias"} or params["weight"].ndim != 2:
-      raise ConversionError(f"head {module!r} is not a Linear layer: {sorted(params)}")
-    return {"kernel": np.ascontiguousarray(params["weight"].T, np.float32),
-            "bias": np.asarray(params["bias"], np.float32)}
-
-  source_head = projector = None
-  report = []
   names = sorted(heads)
-  if kind == "moco":
-    if names == ["fc.0", "fc.2"]:
-      projector = {"hidden": dense("fc.0"), "out": dense("fc.2")}
-      kind = "moco_v2"
-    elif names == ["fc"]:
-      projector = {"out": dense("fc")}
-      kind = "moco_v1"
+  if layout.projectors:
+    for kind, roles in layout.projectors:
+      if sorted(roles) == names:
+        projector, notes = _projector(layout, kind, roles, heads, num_features)
+        return kind, None, projector, [f"projector from {layout.name} head "
+                                       f"({', '.join(names)})"] + notes
+    expected = " or ".join(repr(sorted(r)) for _, r in layout.projectors)
+    raise ConversionError(f"unrecognised {layout.name} head {names}: expected {expected}")
+  if not names:
+    return layout.kind, None, None, ["no classifier head in the checkpoint (headless "
+                                     "backbone)"]
+  if len(names) != 1:
+    raise ConversionError(f"unrecognised classifier head {names}")
+  source_head = _dense(names[0], heads[names[0]], bias=True)
+  if source_head["kernel"].shape[0] != num_features:
+    raise ConversionError(
+        f"classifier {names[0]!r} takes {source_head['kernel'].shape[0]} features; the "
+        f"backbone gives {num_features}")
+  return layout.kind, source_head, None, [
+      f"source head from {names[0]!r}: {source_head['kernel'].shape[1]} classes"]
+
+
+def _dense(module, params, *, bias):
+  """A torch Linear's tensors -> Dense params (kernel `[in, out]`)."""
+  if set(params) != ({"weight", "bias"} if bias else {"weight"}) or params["weight"].ndim != 2:
+    raise ConversionError(f"head {module!r} is not a Linear layer "
+                          f"{'with' if bias else 'without'} bias: {sorted(params)}")
+  out = {"kernel": np.ascontiguousarray(params["weight"].T, np.float32)}
+  if bias:
+    out["bias"] = np.asarray(params["bias"], np.float32)
+  return out
+
+
+def _batch_norm(module, params):
+  """A torch BatchNorm1d's tensors -> (params, batch_stats, notes); affine=False (no
+  weight, bias) gives scale 1 and bias 0, which apply the same normalisation."""
+  affine = {"weight", "bias"} <= set(params)
+  expected = {"running_mean", "running_var", "num_batches_tracked"} | (
+      {"weight", "bias"} if affine else set())
+  if not {"running_mean", "running_var"} <= set(params) <= expected:
+    raise ConversionError(f"head {module!r} is not a BatchNorm layer: {sorted(params)}")
+  mean = np.asarray(params["running_mean"], np.float32)
+  stats = {"mean": mean, "var": np.asarray(params["running_var"], np.float32)}
+  if affine:
+    return ({"scale": np.asarray(params["weight"], np.float32),
+             "bias": np.asarray(params["bias"], np.float32)}, stats, [])
+  return ({"scale": np.ones_like(mean), "bias": np.zeros_like(mean)}, stats,
+          [f"{module} is BatchNorm1d(affine=False): stored with scale 1 and bias 0"])
+
+
+def _projector(layout, kind, roles, heads, num_features):
+  """The projector of `roles` ({torch module: Projector role}), checked against the
+  variables of the `models.Projector` it configures."""
+  linears = [m for m, r in roles.items() if r in ("hidden", "out")]
+  use_bias = all("bias" in heads[m] for m in linears)
+  params, stats, notes = {}, {}, []
+  for module, role in roles.items():
+    if role in ("hidden", "out"):
+      params[role] = _dense(module, heads[module], bias=use_bias)
     else:
-      raise ConversionError(f"unrecognised MoCo head {names}: expected 'fc' (v1) or "
-                            "'fc.0', 'fc.2' (v2)")
-    first = projector.get("hidden", projector["out"])
-    if first["kernel"].shape[0] != num_features or ("hidden" in projector and (
-        projector["out"]["kernel"].shape[0] != first["kernel"].shape[1])):
-      raise ConversionError(f"MoCo projector ({names}) does not fit the backbone's "
-                            f"{num_features} features")
-    report.append(f"projector from MoCo head ({', '.join(names)})")
-  elif names:
-    if len(names) != 1:
-      raise ConversionError(f"unrecognised classifier head {names}")
-    source_head = dense(names[0])
-    if source_head["kernel"].shape[0] != num_features:
-      raise ConversionError(
-          f"classifier {names[0]!r} takes {source_head['kernel'].shape[0]} features; the "
-          f"backbone gives {num_features}")
-    report.append(f"source head from {names[0]!r}: {source_head['kernel'].shape[1]} classes")
-  else:
-    report.append("no classifier head in the checkpoint (headless backbone)")
-  return kind, source_head, projector, report
+      params[role], stats[role], note = _batch_norm(module, heads[module])
+      notes += note
+  counters = [m for m, r in roles.items() if "num_batches_tracked" in heads[m]]
+  if counters:
+    notes.append(f"{len(counters)} BatchNorm num_batches_tracked buffers of the projector "
+                 f"({', '.join(counters)})")
+  config = {"dim": int(params["out"]["kernel"].shape[1]),
+            "hidden_dim": int(params["hidden"]["kernel"].shape[1]) if "hidden" in params
+                          else None,
+            "use_bias": use_bias, "hidden_bn": "hidden_bn" in params,
+            "out_bn": "out_bn" in params}
+  target = traverse_util.flatten_dict(jax.eval_shape(
+      models.Projector(**config).init, jax.random.PRNGKey(0),
+      jnp.zeros((1, num_features), jnp.float32)))
+  got = traverse_util.flatten_dict({"params": params, "batch_stats": stats})
+  wrong = [f"{'/'.join(p)} {got[p].shape if p in got else None}, expected "
+           f"{tuple(target[p].shape)}" for p in target
+           if p not in got or tuple(got[p].shape) != tuple(target[p].shape)]
+  if wrong or set(got) - set(target):
+    raise ConversionError(f"{layout.name} projector ({', '.join(sorted(roles))}) does not "
+                          f"fit the backbone's {num_features} features: {wrong[:3]}")
+  return {"params": params, "batch_stats": stats, "config": config}, notes

@@ -8,7 +8,10 @@ back as C-contiguous, writable numpy arrays (views applied, nn.Parameter -> arra
 OrderedDict and argparse.Namespace as plain dicts, torch.Size as tuples, torch.device as
 strings. bfloat16 (and float8) tensors are `ml_dtypes` arrays (exact; ml_dtypes is a JAX
 dependency). Bool data is read as bytes and compared with zero. Only little-endian
-files are read; OrderedDict attributes (`state_dict()._metadata`) are dropped.
+files are read; OrderedDict attributes (`state_dict()._metadata`) are dropped. An
+object of a class the reader does not know (e.g. InsDisc's pickled memory bank module)
+comes back as a `ForeignObject` (its qualified name and pickled state as plain data);
+the class is never imported and nothing of it runs.
 
 The pickles are read by `safe_pickle` (an allow-list unpickler that executes nothing).
 """
@@ -22,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from bitune_jax.convert.safe_pickle import (DTYPES, CheckpointError,
+from bitune_jax.convert.safe_pickle import (DTYPES, CheckpointError, ForeignObject,
                                             UnsafeCheckpointError, int_tuple,
                                             load_pickle, to_plain)
 
-__all__ = ["CheckpointError", "UnsafeCheckpointError", "read_checkpoint"]
+__all__ = ["CheckpointError", "ForeignObject", "UnsafeCheckpointError", "read_checkpoint"]
 
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 _LEGACY_PROTOCOL = 1001
@@ -183,11 +186,13 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Any, str]:
   Returns:
     `(obj, format)`, format one of 'torch_zip', 'torch_legacy', 'safetensors', 'npz'.
     For torch files obj is the saved object tree (arrays, dicts, lists, tuples, sets,
-    str, bytes, int, float, complex, bool, None); safetensors and npz give a flat dict
+    str, bytes, int, float, complex, bool, None, and `ForeignObject` for objects of
+    classes off the allow-list outside the standard library); safetensors and npz give a flat dict
     name -> array (safetensors `__metadata__` is validated, not returned).
 
   Raises:
-    UnsafeCheckpointError: the file names a global or opcode off the allow-list.
+    UnsafeCheckpointError: the file names a standard-library global or an opcode off
+      the allow-list, or asks to call a global off it.
     CheckpointError: missing, empty, truncated, corrupt or unknown file.
   """
   path = os.fspath(path)

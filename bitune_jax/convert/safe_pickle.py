@@ -1,22 +1,33 @@
 """The allow-list unpickler behind `reader.read_checkpoint`: torch pickles as data.
 
-Safety, in three layers:
+Safety, in four layers:
   1. Each pickle is first walked with `pickletools.genops`, a parser that executes
      nothing: EXT1/EXT2/EXT4 (copyreg extension codes) are refused, and so is any
-     GLOBAL/INST naming a global that is not on the allow-list.
-  2. `_SafeUnpickler.find_class` maps each allowed (module, name) to this module's own
-     replacement and never imports anything; any other global (STACK_GLOBAL included)
-     raises UnsafeCheckpointError. REDUCE, NEWOBJ, INST and OBJ can therefore only call
-     these replacements or the data-only builtins set, frozenset and complex.
-  3. Allowed functions are wrapped, and the replacements return inert placeholders
+     GLOBAL/INST naming a global of Python's standard library (`os.system`,
+     `builtins.eval`, `subprocess.Popen`, `copyreg._reconstructor`, `functools.partial`,
+     ...) that is not on the allow-list.
+  2. `_SafeUnpickler.find_class` never imports anything. It maps each allowed (module,
+     name) to this module's own replacement and refuses the standard library's other
+     globals (STACK_GLOBAL included). Any other global (a training repository's class
+     such as InsDisc's `lib.LinearAverage.LinearAverage`, or any third-party function)
+     becomes an inert stand-in class that refuses to be called (REDUCE; INST/OBJ with
+     arguments). REDUCE can therefore only call our replacements or the data-only
+     builtins set, frozenset and complex.
+  3. NEWOBJ on a stand-in (how protocol 2 pickles an object: `cls.__new__(cls, *args)`,
+     then BUILD with its `__dict__`) makes a slotted record of the arguments and state,
+     which to_plain turns into a `ForeignObject` of plain data. No method of the real
+     class, nor any function named in the file, ever runs.
+  4. Allowed functions are wrapped, and the replacements return inert placeholders
      (`__slots__`, a `__setstate__` that refuses BUILD), so BUILD can patch nothing;
      arrays are made only after unpickling, with bounds checked against the storage's
      bytes before `as_strided` looks at them.
 """
 
+import dataclasses
 import io
 import pickle
 import pickletools
+import sys
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
@@ -43,6 +54,18 @@ class CheckpointError(ValueError):
 
 class UnsafeCheckpointError(CheckpointError):
   """The file asks for a global or opcode that is not on the allow-list."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ForeignObject:
+  """An object of a class off the allow-list, read as data (the class never imported):
+  `qualname` as pickled (e.g. 'lib.LinearAverage.LinearAverage'), the `args` of its
+  `__new__`, its BUILD `state` (an nn.Module's `__dict__`: `_buffers`, ... as dicts of
+  arrays; None without BUILD). `reference`: a bare reference to the class or function."""
+  qualname: str
+  args: tuple = ()
+  state: Any = None
+  reference: bool = False
 
 
 # ----------------------------------------------------------------------- placeholders
@@ -103,6 +126,37 @@ class _Namespace(dict):
     if not isinstance(state, dict):
       raise CheckpointError(f"argparse.Namespace state must be a dict, got {type(state)}")
     self.update(state)
+
+
+class _ForeignClass(type):
+  """Metaclass of the stand-ins for globals off the allow-list. Calling one (REDUCE,
+  INST/OBJ with arguments) is refused: the real global might be any function."""
+
+  def __call__(cls, *args, **kwargs):
+    raise UnsafeCheckpointError(
+        f"refusing to call '{cls.qualname}' in checkpoint {cls.path}: globals off the "
+        "allow-list are read as inert class references and never called; nothing was "
+        "executed")
+
+
+_UNSET = object()
+
+
+class _ForeignInstance:
+  """What NEWOBJ makes of a stand-in class: a record of its arguments and BUILD state."""
+  __slots__ = ("args", "state")
+
+  def __new__(cls, *args):
+    self = object.__new__(cls)
+    self.args, self.state = args, _UNSET
+    return self
+
+  def __setstate__(self, *state):
+    # BUILD on the stand-in class itself would call this with the state as `self`.
+    if not isinstance(self, _ForeignInstance) or len(state) != 1 or self.state is not _UNSET:
+      raise UnsafeCheckpointError("refusing BUILD on a stand-in class (or a second BUILD "
+                                  "on one object); nothing was executed")
+    self.state = state[0]
 
 
 # ----------------------------------------------------------------------- replacements
@@ -187,6 +241,14 @@ def _allow_list():
 
 
 _ALLOWED = _allow_list()
+# Globals of these modules are refused on sight unless allowed above: Python's standard
+# library (and its Python 2 names) holds the classic gadgets. Those of any other module
+# become inert stand-ins (see the module docstring).
+_STDLIB = frozenset(sys.stdlib_module_names) | {"__builtin__", "copy_reg", "exceptions"}
+
+
+def _refused(module):
+  return module.partition(".")[0] in _STDLIB
 
 
 # --------------------------------------------------------------------------- unpickling
@@ -204,14 +266,27 @@ class _SafeUnpickler(pickle.Unpickler):
   def __init__(self, data, path, storages, legacy):
     super().__init__(io.BytesIO(data), encoding="utf-8")
     self._path, self._storages, self._legacy = path, storages, legacy
+    self._foreign = {}
 
   def find_class(self, module, name):
     target = _ALLOWED.get((module, name))
-    if target is None:
+    if target is not None:
+      return target
+    if _refused(module):
       raise UnsafeCheckpointError(_refusal(module, name, self._path))
-    return target
+    qualname = f"{module}.{name}"
+    if qualname not in self._foreign:
+      self._foreign[qualname] = _ForeignClass(
+          "ForeignClass", (_ForeignInstance,),
+          {"__slots__": (), "qualname": qualname, "path": self._path})
+    return self._foreign[qualname]
 
   def persistent_load(self, pid):
+    # Legacy torch.save names an nn.Module subclass by ('module', class, file, source).
+    if isinstance(pid, tuple) and len(pid) == 4 and pid[0] in ("module", b"module"):
+      if not isinstance(pid[1], _ForeignClass):
+        raise CheckpointError(f"bad module persistent id {pid[:2]!r:.200}")
+      return pid[1]
     length = 6 if self._legacy else 5
     if not (isinstance(pid, tuple) and len(pid) == length and pid[0] in ("storage", b"storage")):
       raise CheckpointError(f"unsupported persistent id {pid!r:.200}")
@@ -239,7 +314,7 @@ def _check_opcode(name, arg, path, count):
         "extension registry lookups are not on the allow-list; nothing was executed")
   if name in ("GLOBAL", "INST"):
     module, _, attr = arg.partition(" ")
-    if (module, attr) not in _ALLOWED:
+    if (module, attr) not in _ALLOWED and _refused(module):
       raise UnsafeCheckpointError(_refusal(module, attr, path))
   if name in ("PUT", "BINPUT", "LONG_BINPUT") and arg > count:  # Picklers count up; a
     raise CheckpointError(f"corrupt pickle: memo index {arg}")  # huge one allocates GBs.
@@ -303,7 +378,7 @@ def to_plain(root: Any, fetch: Callable[[str], bytes | memoryview]) -> Any:
       return x
     if id(x) in memo:
       if memo[id(x)] is busy:
-        raise CheckpointError("self-referencing tuple or set")
+        raise CheckpointError("self-referencing tuple, set or object")
       return memo[id(x)]
     if isinstance(x, dict):
       out = memo[id(x)] = {}
@@ -321,6 +396,12 @@ def to_plain(root: Any, fetch: Callable[[str], bytes | memoryview]) -> Any:
       out = _tensor_array(_Tensor(x, x.dtype, 0, (x.nbytes // x.dtype.itemsize,), (1,)), fetch)
     elif isinstance(x, (_Dtype, _StorageType)):
       out = x.dtype
+    elif isinstance(x, _ForeignInstance):
+      memo[id(x)] = busy
+      state = None if x.state is _UNSET else convert(x.state)
+      out = ForeignObject(type(x).qualname, convert(x.args), state)
+    elif isinstance(x, _ForeignClass):
+      out = ForeignObject(x.qualname, reference=True)
     else:
       raise CheckpointError(f"unexpected object of type {type(x).__name__} in the pickle")
     memo[id(x)] = out

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bitune_jax.models import layers
+
 HEAD_INITS = ("torch", "normal_0.01", "lecun")
 
 
@@ -52,19 +54,41 @@ class Classifier(nn.Module):
 
 
 class Projector(nn.Module):
-  """Projector `[B, F] -> [B, dim]`: one Dense (Bi-tuning, MoCo v1) or MoCo v2's MLP
-  `F -> hidden -> dim` with a ReLU between (`hidden_dim=F`). Not normalised here."""
+  """Projector `[B, F] -> [B, dim]`, not normalised here:
+  * one Dense `out` (Bi-tuning, MoCo v1, InsDisc);
+  * an MLP `F -> hidden_dim -> dim`, Dense `hidden`, ReLU, Dense `out` (MoCo v2), with
+    `hidden_bn`: a BatchNorm `hidden_bn` before the ReLU (SwAV, DeepCluster-v2, MoCo v3);
+    `out_bn`: a BatchNorm `out_bn` after `out` (MoCo v3, whose BatchNorm1d(affine=False)
+    the converter stores with scale 1 and bias 0); `use_bias=False`: Dense layers without
+    bias (MoCo v3).
+  BatchNorm is PyTorch's (`layers.BatchNorm`: `params/<name>/{scale, bias}`,
+  `batch_stats/<name>/{mean, var}`); `train=True` (with `mutable=["batch_stats"]`)
+  normalises with the batch's statistics. The defaults keep the plain Dense layers."""
   dim: int = 128
   hidden_dim: Optional[int] = None
   dtype: Any = jnp.float32
   head_init: str = "torch"
+  use_bias: bool = True
+  hidden_bn: bool = False
+  out_bn: bool = False
 
   @nn.compact
-  def __call__(self, features):
+  def __call__(self, features, train: bool = False):
+    if self.hidden_bn and not self.hidden_dim:
+      raise ValueError("Projector: hidden_bn=True needs a hidden layer (hidden_dim)")
+
+    def dense(width, name, x):
+      return nn.Dense(width, use_bias=self.use_bias, dtype=self.dtype,
+                      param_dtype=jnp.float32, name=name,
+                      **dense_inits(self.head_init, x.shape[-1]))(x)
+
     x = features
     if self.hidden_dim:
-      x = nn.relu(nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=jnp.float32,
-                           name="hidden", **dense_inits(self.head_init, x.shape[-1]))(x))
-    x = nn.Dense(self.dim, dtype=self.dtype, param_dtype=jnp.float32, name="out",
-                 **dense_inits(self.head_init, x.shape[-1]))(x)
+      x = dense(self.hidden_dim, "hidden", x)
+      if self.hidden_bn:
+        x = layers.batch_norm(train, dtype=self.dtype, name="hidden_bn")(x)
+      x = nn.relu(x)
+    x = dense(self.dim, "out", x)
+    if self.out_bn:
+      x = layers.batch_norm(train, dtype=self.dtype, name="out_bn")(x)
     return x.astype(jnp.float32)

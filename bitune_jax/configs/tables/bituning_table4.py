@@ -17,9 +17,12 @@ representation ("<representation>: Fine-tuning" / ": Bi-tuning", the paper's ord
 Transcription notes: the extracted text garbles the SimCLR labels as "SimCLR(1x (Chen
 et al., 2020)" and "SimClR(2x (Chen et al., 2020)" (sic, lower-case l); read as SimCLR
 1x and 2x. The paper does not say how long its MoCo v2 was pre-trained; our
-`moco_v2_resnet50` is the 800-epoch one. The MoCo v2 and SimCLR rows can run (SimCLR
-2x on the `resnet50x2` arch, every width doubled); the other representations'
-converters are not written yet.
+`moco_v2_resnet50` is the 800-epoch one. SimCLR 2x runs on the `resnet50x2` arch
+(every width doubled). Deep Cluster (Caron et al., 2018) released AlexNet and VGG-16
+models, not a ResNet-50; the public ResNet-50 of that family is DeepCluster-v2 (the
+SwAV repository's), which `deepcluster_resnet50` stands for here. CMC cannot run: its
+two-branch ResNet on the L and ab channels of Lab images has no converter (see the
+README's converter section).
 """
 
 from bitune_jax.tables import Column, Row, Table
@@ -35,14 +38,15 @@ _REPRESENTATIONS = (
     ("SimCLR 1x", "simclr_1x_resnet50", (89.30, 0.18), (90.84, 0.22)),
     ("SimCLR 2x", "simclr_2x_resnet50", (91.22, 0.19), (91.93, 0.19)),
 )
-_CONVERTED = ("moco_v2_resnet50", "simclr_1x_resnet50", "simclr_2x_resnet50")
+_CONVERTED = ("moco_v2_resnet50", "simclr_1x_resnet50", "simclr_2x_resnet50",
+              "insdisc_resnet50", "deepcluster_resnet50")
 _ARCH = {"simclr_2x_resnet50": "resnet50x2"}  # else resnet50
 
 
 def _rows():
   for name, checkpoint, finetune, bituning in _REPRESENTATIONS:
     missing = ("" if checkpoint in _CONVERTED else
-               f"the {name} converter is not written yet (issue 12, item 5)")
+               f"{name}'s two-branch (L / ab) ResNet has no converter")
     for method, config, number in (("Fine-tuning", "finetune", finetune),
                                    ("Bi-tuning", "bituning", bituning)):
       arch = _ARCH.get(checkpoint, "resnet50")
