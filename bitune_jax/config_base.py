@@ -69,7 +69,12 @@ def base_config(arg, method):
       trade_off=1.0, ema_momentum=0.999, ema_cosine=False, cce_after_enqueue=True,
       # The loss: ce_weight * CE + trade_off * (cce_weight * CCE + ccl_weight * CCL); a
       # term of weight 0 is not computed (Table 5's ablations).
-      ce_weight=1.0, cce_weight=1.0, ccl_weight=1.0))
+      ce_weight=1.0, cce_weight=1.0, ccl_weight=1.0,
+      # key_generation: 'momentum' (a momentum key encoder fills per-class queues; the
+      # paper's default) or 'memory_bank' (a snapshot of h and z per training example,
+      # updated with momentum bank_momentum, K keys per class drawn from it; Appendix
+      # B.2). (Not `keys`: a ConfigDict's `.keys` is its method.)
+      key_generation="momentum", bank_momentum=0.5))
 
   config.cotuning = ml_collections.ConfigDict(dict(
       trade_off=2.3, relationship="reverse", calibrate=True, source_temperature=1.0,
@@ -150,13 +155,19 @@ def validate(config):
       config.bituning.get(f"{t}_weight", 1.0) > 0 for t in ("ce", "cce", "ccl")):
     raise ValueError("bituning.ce_weight, cce_weight and ccl_weight are all 0: nothing "
                      "to train")
+  if config.method == "bituning" and config.bituning.get(
+      "key_generation", "momentum") not in ("momentum", "memory_bank"):
+    raise ValueError(f"bituning.key_generation must be 'momentum' or 'memory_bank', got "
+                     f"{config.bituning.key_generation!r}")
   if config.method == "bituning" and config.bituning.queue_size < 1:
     raise ValueError(f"bituning.queue_size (K) must be >= 1, got "
                      f"{config.bituning.queue_size}")
   if config.num_classes < 1:
     raise ValueError(f"num_classes must be >= 1, got {config.num_classes}")
-  if config.total_steps < 1 or config.batch_size < 1:
-    raise ValueError("total_steps and batch_size must be >= 1")
+  if config.total_steps < 0 or config.batch_size < 1:
+    raise ValueError(f"total_steps must be >= 0 (0: evaluate the initial checkpoint as "
+                     f"it is) and batch_size >= 1, got {config.total_steps} and "
+                     f"{config.batch_size}")
   _validate_values(config)
   _validate_data(config)
 
@@ -173,7 +184,7 @@ _RULES = {
     "bituning.temperature": _POSITIVE, "bituning.trade_off": _NON_NEGATIVE,
     "bituning.ce_weight": _NON_NEGATIVE, "bituning.cce_weight": _NON_NEGATIVE,
     "bituning.ccl_weight": _NON_NEGATIVE,
-    "bituning.ema_momentum": _EMA,
+    "bituning.ema_momentum": _EMA, "bituning.bank_momentum": _EMA,
     "cotuning.trade_off": _NON_NEGATIVE, "cotuning.source_temperature": _POSITIVE,
     "cotuning.holdout_fraction": _FRACTION,
     "unsup.temperature": _POSITIVE, "unsup.ema_momentum": _EMA,

@@ -18,7 +18,8 @@ def _pyplot():
   return plt
 
 
-def accuracy_vs_rate(points, path, *, title, metric):
+def accuracy_vs_rate(points, path, *, title, metric,
+                     xlabel="sampling rate of the training set (%)", log2_x=False):
   """One panel per dataset: each row's mean ± std against the sampling rate (or k),
   and the paper's number beside it (hollow markers, dashed) where known.
 
@@ -29,6 +30,8 @@ def accuracy_vs_rate(points, path, *, title, metric):
     path: the PNG to write.
     title: the figure's title.
     metric: the y axis' label, e.g. "test top-1 (%)".
+    xlabel: the x axis' label.
+    log2_x: a log2 x axis, ticks at the values (a sensitivity to K or L: 8, 16, ...).
 
   Returns:
     `{dataset: {row: [(x, mean, std, paper_mean, paper_std), ...] sorted by x}}`.
@@ -55,7 +58,12 @@ def accuracy_vs_rate(points, path, *, title, metric):
         ax.errorbar(xs, ms, yerr=ss, marker="o", markerfacecolor="none", capsize=3,
                     linestyle="--", color=colour, label=f"{row} (paper)")
     ax.set_title(dataset)
-    ax.set_xlabel("sampling rate (%) or k")
+    if log2_x:
+      ax.set_xscale("log", base=2)
+      ticks = sorted({x for values in rows.values() for x, *_ in values})
+      ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+      ax.minorticks_off()
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

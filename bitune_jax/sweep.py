@@ -2,9 +2,11 @@
 
   bitune-sweep --spec configs/tables/bituning_table5.py --workdir DIR \\
       --checkpoint moco_v1_resnet50=moco_v1.npz --seeds 0,1,2
+  bitune-sweep --spec configs/tables/digits.py --workdir DIR --seeds 0,1  # offline
   bitune-sweep --methods finetune,bituning,cotuning --datasets digits \\
       --rates 25,50,100 --seeds 0,1 --workdir DIR      # an ad-hoc grid
-  bitune-sweep --workdir DIR --report                  # the table of what exists
+  bitune-sweep ... --vary bituning.queue_size=2,4,8    # K's sensitivity (Figure 2)
+  bitune-sweep ... --report                            # the table of what exists
   bitune-sweep ... --print_commands                    # one bitune-train line per run
 
 A *run* is one training (config, `dataset,arch,rate`, overrides, checkpoint, seed) in
@@ -15,19 +17,23 @@ recorded in `DIR/failures.json` and the others go on (the exit code is then 1). 
 persistent JAX compilation cache lives in `DIR/jax_cache`, so runs after the first of
 a shape do not compile again.
 
+A spec row without a method is its pre-trained checkpoint evaluated as it is (0
+steps; see `Run`). A method trained without labels gets, in an ad-hoc grid, the
+feature protocols' columns and k-shot transfer. `--vary KEY=V1,V2,...` runs every cell
+once per value.
+
 `DIR/results.md` and `DIR/results.csv` are written after every run, and by `--report`
 at any time: each cell's mean ± sample std over the seeds that exist, their number,
 the paper's number where the spec has one, and the difference. `DIR/plots/` holds
-each table's accuracy against the sampling rate (or k), with the paper's points, and
-each finished run's training curves (`plots/curves/<run>.png`, from its TensorBoard
-events).
+each table's accuracy against the sampling rate (or k), with the paper's points; for
+each `--vary` key, the metric against its value (`sensitivity_<key>.png`: K and L as
+in Bi-tuning Figure 2); and each finished run's training curves
+(`plots/curves/<run>.png`, from its TensorBoard events).
 """
 
 import argparse
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
@@ -38,27 +44,32 @@ import time
 import traceback
 from typing import Any
 
-from bitune_jax import tables
+from bitune_jax import sweep_results, tables
 
 log = logging.getLogger("bitune_jax")
 
-# Where each column's number is read from a run's results (`eval` of `tables.Column`).
-_RESULT_KEY = {"": "score", "retrieval": "retrieval_top5",
-               "bcubed": "kmeans_bcubed_precision", "linear_probe": "linear_probe_top1"}
+
+AS_IS = "as_is"  # the name of runs that evaluate a checkpoint as it is
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """One training run of the sweep."""
-  config: str  # configs/<config>.py
+  """One training run of the sweep. `config` "": the pre-trained checkpoint evaluated
+  as it is (a table's row without a method): `configs/finetune.py` with 0 steps, whose
+  checkpoint is the pre-trained one, for the feature protocols and k-shot transfer."""
+  config: str  # configs/<config>.py, or ""
   arg: str  # its argument: `dataset,arch,rate` or `demo`
   overrides: tuple[tuple[str, Any], ...]  # sorted (dotted key, value)
   checkpoint: str  # a `tables.CHECKPOINTS` name, or "" (the config's own init_from)
   seed: int
 
   @property
+  def config_file(self) -> str:
+    return self.config or "finetune"
+
+  @property
   def name(self) -> str:
-    base = f"{self.config}-{self.arg.replace(',', '-')}"
+    base = f"{self.config or AS_IS}-{self.arg.replace(',', '-')}"
     if self.checkpoint:
       base += f"-{self.checkpoint}"
     if self.overrides:
@@ -79,6 +90,17 @@ class Cell:
   runs: tuple[Run, ...]  # one per seed
   dataset: str = ""
   x: float = 0.0  # the sampling rate (%), or k: the x axis of the plots
+  params: tuple[tuple[str, Any], ...] = ()  # the values of `--vary` keys of this cell
+
+  @property
+  def label(self) -> str:
+    """The row as the table shows it: the row, and the varied values."""
+    if not self.params:
+      return self.row
+    values = ", ".join(f"{sweep_results.short(k)}={v}" for k, v in self.params)
+    return f"{self.row} ({values})"
+
+
 
 
 def _value(text):
@@ -91,23 +113,38 @@ def _value(text):
   return tuple(value) if isinstance(value, list) else value
 
 
-def cells_from_spec(table: tables.Table, seeds, extra) -> list[Cell]:
+def cells_from_spec(table: tables.Table, seeds, extra, vary=None) -> list[Cell]:
+  """The cells of a table spec; a row without a config is its checkpoint evaluated
+  as it is (see `Run`)."""
   out = []
   for cell in tables.cells(table):
+    overrides = {**cell.overrides, **extra}
     if not cell.row.config:
-      continue  # the checkpoint evaluated as it is: not a run (listed by --report)
-    overrides = tuple(sorted({**cell.overrides, **extra}.items()))
-    runs = tuple(Run(cell.row.config, cell.arg, overrides, cell.row.checkpoint, s)
-                 for s in seeds)
+      overrides["total_steps"] = 0
+    runs = tuple(Run(cell.row.config, cell.arg, tuple(sorted(overrides.items())),
+                     cell.row.checkpoint, s) for s in seeds)
     out.append(Cell(table.name, cell.row.label, cell.column.label, cell.column.eval,
                     cell.column.kshot, cell.paper, runs, cell.column.dataset,
                     float(cell.column.kshot or cell.column.rate)))
-  return out
+  return _vary(out, vary)
 
 
-def cells_from_grid(methods, datasets, rates, arch, seeds, extra) -> list[Cell]:
+KSHOTS = (1, 2, 4, 8)  # the k-shot columns of methods trained without labels
+
+
+def cells_from_grid(methods, datasets, rates, arch, seeds, extra, vary=None
+                    ) -> list[Cell]:
+  """An ad-hoc grid. A method trained without labels (unsupervised fine-tuning) gets
+  the feature protocols' columns and k-shot transfer (k = `KSHOTS`) instead of a test
+  accuracy, as in the unsupervised fine-tuning paper."""
+  from bitune_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
   out = []
   for method in methods:
+    if getattr(methods_lib.get(method), "FEATURE_EVAL", False):
+      evals = [("retrieval", 0), ("bcubed", 0), ("linear_probe", 0)] + [
+          ("kshot", k) for k in KSHOTS]
+    else:
+      evals = [("", 0)]
     for dataset in datasets:
       for rate in rates:
         overrides = dict(extra)
@@ -118,8 +155,28 @@ def cells_from_grid(methods, datasets, rates, arch, seeds, extra) -> list[Cell]:
           arg = f"{dataset},{arch},{rate:g}"
         runs = tuple(Run(method, arg, tuple(sorted(overrides.items())), "", s)
                      for s in seeds)
-        out.append(Cell("grid", method, f"{dataset} {rate:g}%", "", 0, None, runs,
-                        dataset, float(rate)))
+        for name, k in evals:
+          column = f"{dataset} {rate:g}%" + (
+              f" {k}-shot" if k else f" {name.replace('_', ' ')}" if name else "")
+          out.append(Cell("grid", method, column, name, k, None, runs, dataset,
+                          float(rate)))
+  return _vary(out, vary)
+
+
+def _vary(cells, vary):
+  """Each cell once per combination of the `vary` values (`{key: [values]}`), the
+  values set in its runs' overrides and recorded in `Cell.params`."""
+  if not vary:
+    return cells
+  import itertools  # pylint: disable=g-import-not-at-top
+  keys = sorted(vary)
+  out = []
+  for cell in cells:
+    for values in itertools.product(*(vary[k] for k in keys)):
+      params = tuple(zip(keys, values))
+      runs = tuple(dataclasses.replace(r, overrides=tuple(sorted(
+          {**dict(r.overrides), **dict(params)}.items()))) for r in cell.runs)
+      out.append(dataclasses.replace(cell, runs=runs, params=params))
   return out
 
 
@@ -128,7 +185,8 @@ def build_config(run: Run, checkpoints, source=""):
   the shared digits source model, for the demo's `demo:digits_source`)."""
   import importlib  # pylint: disable=g-import-not-at-top
   from bitune_jax import config_base  # pylint: disable=g-import-not-at-top
-  config = importlib.import_module(f"bitune_jax.configs.{run.config}").get_config(run.arg)
+  config = importlib.import_module(
+      f"bitune_jax.configs.{run.config_file}").get_config(run.arg)
   for key, value in run.overrides:
     tables.set_field(config, key, value)
   if run.checkpoint:
@@ -151,7 +209,7 @@ def _digits_source(workdir, run, checkpoints):
 
 def command(run: Run, workdir, checkpoints) -> str:
   """The `bitune-train` line of `run` (for a cluster's job array)."""
-  parts = ["bitune-train", "--config", f"configs/{run.config}.py:{run.arg}",
+  parts = ["bitune-train", "--config", f"configs/{run.config_file}.py:{run.arg}",
            "--workdir", os.path.join(workdir, "runs", run.name),
            f"--config.seed={run.seed}"]
   if run.checkpoint:
@@ -163,132 +221,39 @@ def command(run: Run, workdir, checkpoints) -> str:
   return " ".join(shlex.quote(p) for p in parts)
 
 
-def _results(workdir, run):
-  """The run's numbers: its summary (if finished) and k-shot evaluations, or None."""
-  folder = os.path.join(workdir, "runs", run.name)
-  path = os.path.join(folder, "summary.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    out = json.load(f)
-  extra = os.path.join(folder, "sweep_kshot.json")
-  if os.path.exists(extra):
-    with open(extra) as f:
-      out.update(json.load(f))
-  return out
+_FEATURE_KEYS = ("retrieval_top5", "kmeans_bcubed_precision", "linear_probe_top1")
 
 
-def _finished(results, config, shots):
-  return (results is not None and results.get("step") == config.total_steps
-          and all(f"kshot_{k}_top1" in results for k in shots))
-
-
-def _number(results, cell):
-  if results is None:
-    return None
-  key = f"kshot_{cell.kshot}_top1" if cell.eval == "kshot" else _RESULT_KEY[cell.eval]
-  value = results.get(key)
-  return None if value is None else 100.0 * value
-
-
-def _stats(values):
-  if not values:
-    return None, None
-  mean = statistics.mean(values)
-  return mean, (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def _fmt(mean, std):
-  if mean is None:
-    return "—"
-  return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
-
-
-def report(workdir, cells) -> str:
-  """Writes `results.md` and `results.csv` from the runs that exist; returns the
-  Markdown."""
-  rows = []
-  for cell in cells:
-    values = [v for v in (_number(_results(workdir, r), cell) for r in cell.runs)
-              if v is not None]
-    mean, std = _stats(values)
-    paper_mean, paper_std = cell.paper if cell.paper else (None, None)
-    diff = None if mean is None or paper_mean is None else mean - paper_mean
-    rows.append((cell, mean, std, len(values), paper_mean, paper_std, diff))
-  buffer = io.StringIO()
-  writer = csv.writer(buffer)
-  writer.writerow(["table", "row", "column", "mean", "std", "seeds", "paper_mean",
-                   "paper_std", "difference"])
-  for cell, mean, std, n, pm, ps, diff in rows:
-    writer.writerow([cell.table, cell.row, cell.column] + [
-        "" if x is None else (f"{x:.4f}" if isinstance(x, float) else x)
-        for x in (mean, std, n, pm, ps, diff)])
-  lines, current = [], None
-  for cell, mean, std, n, pm, ps, diff in rows:
-    if cell.table != current:
-      current = cell.table
-      lines += ["" if lines else None, f"## {current}", "",
-                "| row | column | ours | seeds | paper | ours - paper |",
-                "|---|---|---|---|---|---|"]
-    lines.append(f"| {cell.row} | {cell.column} | {_fmt(mean, std)} | {n} | "
-                 f"{_fmt(pm, ps)} | {'—' if diff is None else f'{diff:+.2f}'} |")
-  text = "\n".join(line for line in lines if line is not None) + "\n"
-  _write(os.path.join(workdir, "results.csv"), buffer.getvalue())
-  _write(os.path.join(workdir, "results.md"), text)
-  _plots(workdir, cells, rows)
-  return text
-
-
-def _slug(text):
-  return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
-
-
-def _plots(workdir, cells, rows):
-  """`DIR/plots/<table>.png` (accuracy against the rate or k, the paper's beside it)
-  and `DIR/plots/curves/<run>.png` for each finished run without an up-to-date one."""
-  from bitune_jax import plots  # pylint: disable=g-import-not-at-top
-  folder = os.path.join(workdir, "plots")
-  by_table = {}
-  for cell, mean, std, _, pm, ps, _ in rows:
-    by_table.setdefault(cell.table, []).append(
-        (cell.dataset, cell.row, cell.x, mean, std, pm, ps))
-  for table, points in by_table.items():
-    plots.accuracy_vs_rate(points, os.path.join(folder, f"{_slug(table)}.png"),
-                           title=table, metric="test metric (%), mean ± std over seeds")
-  for run in {r for c in cells for r in c.runs}:
-    run_dir = os.path.join(workdir, "runs", run.name)
-    summary = os.path.join(run_dir, "summary.json")
-    target = os.path.join(folder, "curves", f"{run.name}.png")
-    if os.path.exists(summary) and (not os.path.exists(target) or os.path.getmtime(
-        target) < os.path.getmtime(summary)) and any(
-            n.startswith("events.out.tfevents") for n in os.listdir(run_dir)):
-      plots.training_curves(run_dir, target, title=run.name)
-
-
-def _write(path, text):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+def _train_and_evaluate(run, config, folder, keys, kshot_steps):
+  """Trains (or resumes) the run, then what its cells need beyond its summary: the
+  feature protocols (`sweep_features.json`) and k-shot transfer (`sweep_kshot.json`)."""
+  from bitune_jax import eval_main, train  # pylint: disable=g-import-not-at-top
+  summary = train.train_and_evaluate(config, folder)[1]
+  if any(k in keys and k not in summary for k in _FEATURE_KEYS):
+    metrics = eval_main.evaluate_workdir(folder)
+    sweep_results.write(os.path.join(folder, "sweep_features.json"),
+           json.dumps({k: metrics[k] for k in _FEATURE_KEYS}))
+  shots = sorted(int(k.split("_")[1]) for k in keys if k.startswith("kshot_"))
+  if shots:
+    kshot = eval_main.kshot_transfer(folder, shots=shots, seed=run.seed,
+                                     total_steps=kshot_steps)
+    sweep_results.write(os.path.join(folder, "sweep_kshot.json"), json.dumps(kshot))
 
 
 def run_all(workdir, cells, checkpoints, *, kshot_steps=100):
   """Runs every run of `cells` not yet finished; returns `{run name: error}`."""
   import jax  # pylint: disable=g-import-not-at-top
-  from bitune_jax import eval_main, train  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
-  shots = {}  # run -> the k of its k-shot columns
+  needs = {}  # run -> the result keys of its cells
   for cell in cells:
     for run in cell.runs:
-      shots.setdefault(run, set())
-      if cell.eval == "kshot":
-        shots[run].add(cell.kshot)
+      needs.setdefault(run, set()).add(sweep_results.key(cell))
   failures_path = os.path.join(workdir, "failures.json")
   failures = {}
   done = skipped = 0
   spent, start = [], time.perf_counter()
   source = ""
-  for i, (run, ks) in enumerate(shots.items()):
+  for i, (run, keys) in enumerate(needs.items()):
     folder = os.path.join(workdir, "runs", run.name)
     began = time.perf_counter()
     try:
@@ -296,31 +261,27 @@ def run_all(workdir, cells, checkpoints, *, kshot_steps=100):
       if config.init_from == "demo:digits_source":
         source = source or _digits_source(workdir, run, checkpoints)
         config = build_config(run, checkpoints, source)
-      results = _results(workdir, run)
-      if _finished(results, config, ks):
+      results = sweep_results.results(workdir, run)
+      if sweep_results.finished(results, config, keys):
         skipped += 1
       else:
         os.makedirs(os.path.dirname(folder), exist_ok=True)
-        log.info("sweep: run %d/%d %s", i + 1, len(shots), run.name)
-        train.train_and_evaluate(config, folder)
-        if ks:
-          kshot = eval_main.kshot_transfer(folder, shots=sorted(ks), seed=run.seed,
-                                           total_steps=kshot_steps)
-          _write(os.path.join(folder, "sweep_kshot.json"), json.dumps(kshot))
+        log.info("sweep: run %d/%d %s", i + 1, len(needs), run.name)
+        _train_and_evaluate(run, config, folder, keys, kshot_steps)
         spent.append(time.perf_counter() - began)
     except Exception as e:  # pylint: disable=broad-except
       failures[run.name] = f"{type(e).__name__}: {e}"
       log.error("sweep: run %s failed: %s\n%s", run.name, failures[run.name],
                 traceback.format_exc(limit=3))
     done += 1
-    report(workdir, cells)
-    left = len(shots) - done
+    sweep_results.report(workdir, cells)
+    left = len(needs) - done
     eta = (f", ETA {statistics.mean(spent) * left / 60:.1f} min" if spent and left
            else "")
     log.info("sweep: %d/%d runs done (%d already finished, %d failed)%s", done,
-             len(shots), skipped, len(failures), eta)
-  _write(failures_path, json.dumps(failures, indent=2))
-  log.info("sweep: %d runs in %.1f min", len(shots), (time.perf_counter() - start) / 60)
+             len(needs), skipped, len(failures), eta)
+  sweep_results.write(failures_path, json.dumps(failures, indent=2))
+  log.info("sweep: %d runs in %.1f min", len(needs), (time.perf_counter() - start) / 60)
   return failures
 
 
@@ -339,6 +300,10 @@ def _parse(argv):
                       metavar="NAME=PATH", help="a converted file for a spec's checkpoint")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="a config override for every run (e.g. total_steps=300)")
+  parser.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
+                      help="run every cell once per value (per combination, if "
+                           "several); e.g. bituning.queue_size=8,16,32 draws K's "
+                           "sensitivity (Bi-tuning Figure 2)")
   parser.add_argument("--kshot_steps", type=int, default=100)
   parser.add_argument("--print_commands", action="store_true")
   parser.add_argument("--report", action="store_true",
@@ -365,7 +330,15 @@ def main(argv=None):
   except ValueError:
     parser.error(f"--seeds and --rates take comma-separated numbers, got "
                  f"{args.seeds!r} / {args.rates!r}")
+  if args.kshot_steps < 1:
+    parser.error(f"--kshot_steps must be >= 1, got {args.kshot_steps}")
   extra = {k: _value(v) for k, v in _pairs(parser, args.set, "set").items()}
+  vary = {k: [_value(x) for x in v.split(",")]
+          for k, v in _pairs(parser, args.vary, "vary").items()}
+  for key, values in vary.items():
+    if len(values) < 2 or len(set(map(str, values))) != len(values) or key in extra:
+      parser.error(f"--vary {key}: give two or more different values, and not also "
+                   f"--set {key}; got {values}")
   checkpoints = _pairs(parser, args.checkpoint, "checkpoint")
   workdir = os.path.abspath(args.workdir)
   if args.spec:
@@ -375,7 +348,7 @@ def main(argv=None):
       table = tables.load(args.spec)
     except ValueError as e:
       parser.error(str(e))
-    cells = cells_from_spec(table, seeds, extra)
+    cells = cells_from_spec(table, seeds, extra, vary)
   elif args.methods and args.datasets:
     from bitune_jax import config_base, methods  # pylint: disable=g-import-not-at-top
     names, datasets = args.methods.split(","), args.datasets.split(",")
@@ -383,7 +356,7 @@ def main(argv=None):
         d for d in datasets if d not in config_base.DATASETS]
     if unknown:
       parser.error(f"unknown methods or datasets: {unknown}")
-    cells = cells_from_grid(names, datasets, rates, args.arch, seeds, extra)
+    cells = cells_from_grid(names, datasets, rates, args.arch, seeds, extra, vary)
   else:
     parser.error("give --spec, or --methods and --datasets")
   runs = {r for c in cells for r in c.runs}
@@ -394,7 +367,7 @@ def main(argv=None):
   os.makedirs(workdir, exist_ok=True)
   console.setup()
   if args.report:
-    print(report(workdir, cells), end="")
+    print(sweep_results.report(workdir, cells), end="")
     return 0
   needed = sorted({r.checkpoint for r in runs} - set(checkpoints) - {"", "none"})
   if needed:
@@ -407,7 +380,7 @@ def main(argv=None):
     except (ValueError, KeyError) as e:
       parser.error(f"run {run.name}: {e}")
   failures = run_all(workdir, cells, checkpoints, kshot_steps=args.kshot_steps)
-  print(report(workdir, cells), end="")
+  print(sweep_results.report(workdir, cells), end="")
   if failures:
     print(f"{len(failures)} runs failed (see {os.path.join(workdir, 'failures.json')})",
           file=sys.stderr)

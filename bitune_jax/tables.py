@@ -23,7 +23,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-PAPERS = ("bi-tuning", "co-tuning", "unsupervised-finetuning")
+# The papers a table comes from; "" for a grid of this project's own (no paper numbers:
+# every (row, column) is a cell), e.g. the offline digits grid.
+PAPERS = ("bi-tuning", "co-tuning", "unsupervised-finetuning", "")
 EVALS = ("", "kshot", "retrieval", "bcubed", "linear_probe")
 # The pre-trained representations the tables start from (names, not files).
 CHECKPOINTS = {
@@ -35,7 +37,7 @@ CHECKPOINTS = {
     "simclr_1x_resnet50": "SimCLR v1 ResNet-50 (1x)",
     "simclr_2x_resnet50": "SimCLR v1 ResNet-50 (2x)",
     "insdisc_resnet50": "InsDisc ResNet-50",
-    "deepcluster_resnet50": "Deep Cluster ResNet-50",
+    "deepcluster_resnet50": "DeepCluster-v2 ResNet-50 (the SwAV repository's)",
     "cmc_resnet50": "CMC ResNet-50",
     "none": "random initialisation",
 }
@@ -58,7 +60,7 @@ class Row:
   # "Unsup-S" in the unsupervised fine-tuning paper)
   config: str
   arch: str
-  checkpoint: str  # a `CHECKPOINTS` name
+  checkpoint: str  # a `CHECKPOINTS` name; "": the config's own init_from (digits)
   numbers: Mapping[str, tuple[float, float | None]]  # column label -> (mean, std)
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   missing: str = ""  # why it cannot run here yet; "" when it can
@@ -76,7 +78,7 @@ class Table:
 
   @property
   def name(self) -> str:
-    return f"{self.paper} table {self.number}"
+    return f"{self.paper} table {self.number}" if self.paper else self.title
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +89,10 @@ class Cell:
 
   @property
   def arg(self) -> str:
-    """The `configs/<config>.py:ARG` argument: `dataset,arch,rate`."""
+    """The `configs/<config>.py:ARG` argument: `dataset,arch,rate`, or `demo` for the
+    embedded digits (its own arch and source model; the rate is an override)."""
+    if self.column.dataset == "digits":
+      return "demo"
     rate = 100 if self.column.kshot else self.column.rate
     return f"{self.column.dataset},{self.row.arch},{rate:g}"
 
@@ -96,6 +101,8 @@ class Cell:
     out = dict(self.row.overrides)
     if self.column.kshot and self.column.eval != "kshot":
       out["data.kshot"] = self.column.kshot  # trained on k labelled images per class
+    if self.column.dataset == "digits":  # as `arg`'s rate for the other datasets
+      out["sampling_rate"] = 100.0 if self.column.kshot else float(self.column.rate)
     return out
 
   @property
@@ -145,7 +152,7 @@ def check(table: Table) -> None:
     if c.eval not in EVALS:
       raise ValueError(f"{table.name}: column {c.label!r}: eval must be one of {EVALS}")
   for r in table.rows:
-    if r.checkpoint not in CHECKPOINTS:
+    if r.checkpoint and r.checkpoint not in CHECKPOINTS:
       raise ValueError(f"{table.name}: row {r.label!r}: unknown checkpoint "
                        f"{r.checkpoint!r}")
     extra = set(r.numbers) - set(labels)
@@ -155,10 +162,12 @@ def check(table: Table) -> None:
 
 
 def cells(table: Table, *, runnable_only: bool = True) -> list[Cell]:
-  """The (row, column) pairs that have a paper number, rows that cannot run left out
-  unless `runnable_only` is False."""
+  """The (row, column) pairs that have a paper number (every pair of a table without
+  any: a grid of this project's own), rows that cannot run left out unless
+  `runnable_only` is False."""
+  every = not any(r.numbers for r in table.rows)
   return [Cell(table, r, c) for r in table.rows for c in table.columns
-          if c.label in r.numbers and (not runnable_only or not r.missing)]
+          if (every or c.label in r.numbers) and (not runnable_only or not r.missing)]
 
 
 def set_field(config, dotted: str, value: Any) -> None:

@@ -63,7 +63,8 @@ def _flat(tree, prefix=""):
 # Fields added after runs were recorded without them: the value that describes how
 # those runs trained (a resumed one then says so, e.g. --config.head_init=lecun).
 LEGACY = {"head_init": "lecun", "bituning.ce_weight": 1.0, "bituning.cce_weight": 1.0,
-          "bituning.ccl_weight": 1.0}
+          "bituning.ccl_weight": 1.0, "bituning.key_generation": "momentum",
+          "bituning.bank_momentum": 0.5}
 
 
 def config_changes(config, workdir):
@@ -155,8 +156,9 @@ def _with_pretrained(state, pretrained, shardings):
 
 def create_state(config, method, model, tx, mesh, data, workdir, ckpts):
   sample = jnp.zeros((1,) + tuple(data.image_shape), jnp.float32)
+  extra = method.init_data(config, data) if hasattr(method, "init_data") else {}
   init = functools.partial(method.init_state, sample_images=sample, model=model, tx=tx,
-                           config=config)
+                           config=config, **extra)
   # Parameters are replicated, so partitioning their random draws gains nothing, and
   # partitionable threefry makes the init compile ~4x slower (19 s vs 5 s for the demo).
   # Both traces (shapes, then values) under the same setting: one init, any process.
@@ -346,8 +348,10 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
         ckpts.save(step, state)
       if stop and step < total:  # every process stops at this same step
         raise stopping.Stopped(step, signals.signum, ckpts.directory)
-    if not eval_metrics:  # resumed at the end: evaluate what was restored
+    if not eval_metrics:  # resumed at the end, or 0 steps: evaluate what there is
       eval_metrics = run_eval(run, state, config, mesh)
+    if total == 0 and ckpts.latest_step() is None:  # the initial state, as it is
+      ckpts.save(0, state)
     best_step = ckpts.best_step()
   finally:
     signals.restore()

@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from bitune_jax import plots, sweep, train
+from bitune_jax import plots, sweep, sweep_results, train
 
 TINY = ["--set", "total_steps=3", "--set", "eval_every=3", "--set", "checkpoint_every=3",
         "--set", "log_every=3", "--set", "pretrain.total_steps=3", "--set",
@@ -79,6 +79,12 @@ def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatc
   assert data["test"]["test_top1"][-1] == (3, pytest.approx(summary["top1"], abs=1e-6))
   assert [s for s, _ in data["losses"]["loss"]][-1] == 3
   assert "lr/backbone" not in data["losses"]
+
+
+def _extra(argv):
+  """The `{key: value}` of `--set KEY=VALUE` arguments, as the sweep reads them."""
+  return {k: sweep._value(v)  # pylint: disable=protected-access
+          for k, _, v in (a.partition("=") for a in argv[1::2])}
 
 
 def _digest(rate):
@@ -184,3 +190,185 @@ def test_a_shipped_spec_runs_from_any_directory(tmp_path, monkeypatch, capsys):
   assert len(lines) == 20  # 5 loss combinations x 4 rates, one seed
   with pytest.raises(SystemExit):
     sweep.main(["--workdir", "w", "--spec", "configs/tables/no_such_table.py"])
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch):
+  """`kill -9` of a real `bitune-sweep` process while its second run trains: started
+  again, the finished run is not trained again (its summary untouched), the killed one
+  resumes from its last checkpoint, and the table has every seed."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  steps = ["--set", "total_steps=200", "--set", "checkpoint_every=20", "--set",
+           "eval_every=200", "--set", "log_every=20"]
+  argv = ["--workdir", str(tmp_path), "--methods", "finetune", "--datasets", "digits",
+          "--rates", "50", "--seeds", "0,1"] + TINY + steps
+  cells = sweep.cells_from_grid(["finetune"], ["digits"], [50.0], "", [0, 1],
+                                _extra(TINY + steps))
+  first, second = (tmp_path / "runs" / r.name for r in cells[0].runs)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  log = open(tmp_path / "first.log", "w")
+  proc = subprocess.Popen([sys.executable, "-m", "bitune_jax.sweep"] + argv,
+                          stdout=log, stderr=subprocess.STDOUT, env=env)
+  try:
+    end = time.time() + 300
+    while not (second / "checkpoints" / "40").is_dir():  # a checkpoint, and on it goes
+      assert proc.poll() is None and time.time() < end, (
+          (tmp_path / "first.log").read_text()[-3000:])
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    log.close()
+  assert (first / "summary.json").exists() and not (second / "summary.json").exists()
+  finished = (first / "summary.json").stat().st_mtime_ns
+  real, trained = train.train_and_evaluate, []
+
+  def recorded(config, workdir):
+    trained.append(os.path.basename(workdir))
+    return real(config, workdir)
+  monkeypatch.setattr(train, "train_and_evaluate", recorded)
+  assert sweep.main(argv) == 0
+  assert trained == [second.name]  # the finished run: not trained again
+  assert (first / "summary.json").stat().st_mtime_ns == finished
+  launches = sorted((second / "launches").iterdir())
+  resumed_at = json.loads(launches[-1].read_text())["start_step"]
+  assert len(launches) == 2 and resumed_at >= 40 and resumed_at % 20 == 0
+  summary = json.loads((second / "summary.json").read_text())
+  assert summary["step"] == 200
+  row = _csv(tmp_path)[0]
+  assert row["seeds"] == "2"
+  assert float(row["mean"]) == pytest.approx(statistics.mean(
+      100 * json.loads((f / "summary.json").read_text())["score"]
+      for f in (first, second)), abs=1e-4)
+
+
+AS_IS_SPEC = '''
+from bitune_jax.tables import Column, Row, Table
+_C = (Column("retrieval", "digits", rate=100, eval="retrieval"),
+      Column("2-shot", "digits", kshot=2, eval="kshot"))
+TABLE = Table("", 0, "as is", "top-5 retrieval / 2-shot top-1 (%)", _C, (
+    Row("source model as it is", "", "resnet_small", "", {}),
+))
+'''
+
+
+@pytest.mark.slow
+def test_a_checkpoint_evaluated_as_it_is(tmp_path):
+  """A spec row without a method (e.g. "Unsup-S"): the pre-trained checkpoint itself,
+  not trained: its step-0 checkpoint holds the source model's weights unchanged, the
+  retrieval number is a NumPy top-5 on the source model's own features, and the k-shot
+  column comes from a k-shot transfer of it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from bitune_jax import checkpoint, convert, models, tables  # pylint: disable=g-import-not-at-top
+  from bitune_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
+  spec = tmp_path / "as_is.py"
+  spec.write_text(AS_IS_SPEC)
+  workdir = tmp_path / "sweep"
+  argv = ["--workdir", str(workdir), "--spec", str(spec), "--kshot_steps", "3"] + TINY
+  assert sweep.main(argv) == 0
+  (run,) = {r for c in sweep.cells_from_spec(tables.load(str(spec)), [0], _extra(TINY))
+            for r in c.runs}  # one run: both columns read it
+  folder = workdir / "runs" / run.name
+  assert run.name.startswith("as_is-demo-")
+  assert json.loads((folder / "summary.json").read_text())["step"] == 0
+  source = convert.load_converted(str(workdir / "source" / "pretrained" /
+                                      "digits_source.npz"))
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(json.loads((folder / "config.json").read_text()))
+  ckpts = checkpoint.Checkpoints(str(folder))
+  try:
+    assert ckpts.latest_step() == 0
+  finally:
+    ckpts.close()
+  # The source model's features, by hand: its variables straight from the file.
+  data = input_lib.load(config, two_views=False)
+  backbone = models.create_backbone(config.arch)
+
+  def features(split):
+    out, labels = [], []
+    for batch in split.batches(64):
+      keep = np.asarray(batch["mask"]) > 0
+      f = backbone.apply(source["backbone"], jax.numpy.asarray(batch["image"]),
+                         train=False)
+      out.append(np.asarray(f)[keep])
+      labels.append(np.asarray(batch["label"])[keep])
+    return np.concatenate(out).astype(np.float64), np.concatenate(labels)
+  (train_f, train_y), (test_f, test_y) = features(data.train), features(data.test)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+  nearest = np.argsort(-unit(test_f) @ unit(train_f).T, axis=1)[:, :5]
+  expected = 100 * np.mean([y in train_y[n] for y, n in zip(test_y, nearest)])
+  rows = {r["column"]: r for r in _csv(workdir)}
+  assert float(rows["retrieval"]["mean"]) == pytest.approx(expected, abs=1e-3)
+  kshot = json.loads((folder / "sweep_kshot.json").read_text())
+  assert float(rows["2-shot"]["mean"]) == pytest.approx(100 * kshot["kshot_2_top1"],
+                                                        abs=1e-3)
+  assert not (workdir / "plots" / "curves").exists() or not any(
+      (workdir / "plots" / "curves").iterdir())  # no training, no curves
+
+
+def test_vary_makes_one_cell_per_value_and_draws_the_sensitivity(tmp_path, capsys):
+  """`--vary bituning.queue_size=2,8` with 2 rates: 4 cells, each value in its runs'
+  config; with summaries written here, the report and the K sensitivity plot's data
+  carry each cell's mean, against K."""
+  argv = ["--workdir", str(tmp_path), "--methods", "bituning", "--datasets", "digits",
+          "--rates", "25,100", "--seeds", "0,1", "--vary", "bituning.queue_size=2,8"]
+  assert sweep.main(argv + ["--print_commands"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 8 and sum("--config.bituning.queue_size=8" in l for l in lines) == 4
+  cells = sweep.cells_from_grid(["bituning"], ["digits"], [25.0, 100.0], "", [0, 1], {},
+                                {"bituning.queue_size": [2, 8]})
+  assert [(c.column, c.params) for c in cells] == [
+      ("digits 25%", (("bituning.queue_size", 2),)),
+      ("digits 25%", (("bituning.queue_size", 8),)),
+      ("digits 100%", (("bituning.queue_size", 2),)),
+      ("digits 100%", (("bituning.queue_size", 8),))]
+  scores = {}
+  for i, cell in enumerate(cells):
+    for j, run in enumerate(cell.runs):
+      assert sweep.build_config(run, {}).bituning.queue_size == dict(cell.params)[
+          "bituning.queue_size"]
+      folder = tmp_path / "runs" / run.name
+      folder.mkdir(parents=True)
+      score = 0.5 + 0.1 * i + 0.02 * j
+      scores.setdefault(cell.label + cell.column, []).append(100 * score)
+      (folder / "summary.json").write_text(json.dumps({"step": 300, "score": score}))
+  assert sweep.main(argv + ["--report"]) == 0
+  out = capsys.readouterr().out
+  assert "| bituning (K=8) | digits 100% | 81.00 ± 1.41 | 2 |" in out
+  rows = [(c, statistics.mean(scores[c.label + c.column]),
+           statistics.stdev(scores[c.label + c.column]), 2, None, None, None)
+          for c in cells]
+  points = sweep_results.sensitivity_points(rows, "bituning.queue_size")
+  assert sorted((p[1], p[2], round(p[3], 6)) for p in points) == [
+      ("bituning digits 100%", 2.0, 71.0), ("bituning digits 100%", 8.0, 81.0),
+      ("bituning digits 25%", 2.0, 51.0), ("bituning digits 25%", 8.0, 61.0)]
+  data = plots.accuracy_vs_rate(points, str(tmp_path / "k.png"), title="K", metric="%",
+                                xlabel="K", log2_x=True)
+  assert data["digits"]["bituning digits 25%"][1][:2] == (8.0, pytest.approx(61.0))
+  png = tmp_path / "plots" / "sensitivity_bituning_queue_size.png"
+  assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
+  with pytest.raises(SystemExit):  # one value is not a sensitivity
+    sweep.main(argv[:-1] + ["bituning.queue_size=2", "--print_commands"])
+
+
+def test_the_digits_spec_is_the_readme_grid(capsys):
+  """`--spec configs/tables/digits.py`: vanilla, Bi-tuning and Co-Tuning at 3 rates,
+  each the method's demo config at that rate, from the shared source model."""
+  from bitune_jax import tables  # pylint: disable=g-import-not-at-top
+  cells = sweep.cells_from_spec(tables.load("configs/tables/digits.py"), [0, 1], {})
+  assert [(c.row, c.column) for c in cells][:3] == [
+      ("vanilla fine-tuning", "digits 25%"), ("vanilla fine-tuning", "digits 50%"),
+      ("vanilla fine-tuning", "digits 100%")]
+  assert len(cells) == 9 and len({r for c in cells for r in c.runs}) == 18
+  for cell in cells:
+    config = sweep.build_config(cell.runs[1], {})
+    assert (config.method, config.sampling_rate, config.seed, config.init_from) == (
+        {"vanilla fine-tuning": "finetune", "Bi-tuning": "bituning",
+         "Co-Tuning": "cotuning"}[cell.row], cell.x, 1, "demo:digits_source")
+    assert config.total_steps == 300
