@@ -3,7 +3,8 @@
 * `ClassQueues`: Bi-tuning's per-class key queues, `[C, K, D]` plus a pointer per class
   (Bi-tuning paper, Appendix B.1: MoCo's queue reorganised per category).
 * `FifoQueue`: MoCo's queue of negatives, `[N, D]` plus one pointer.
-* `MemoryBank`: per-example keys updated by index with momentum (Appendix B.2, Eq. 7).
+* `MemoryBank`: per-example keys updated by index with momentum (Appendix B.2, Eqs.
+  7-8); `class_index_table` and `sample_class_keys` draw K keys per class from it.
 
 All updates are vectorised (no Python loop over the batch) and write every slot at most
 once: a duplicate index in a scatter has no defined winner, so each update first decides
@@ -225,3 +226,55 @@ def update_memory_bank(bank: "MemoryBank", *, indices: ArrayLike, values: ArrayL
   keys = bank.keys.at[slot].set(new.astype(bank.keys.dtype), mode="drop",
                                 unique_indices=True)
   return bank.replace(keys=keys)
+
+
+def class_index_table(labels: ArrayLike, *, num_rows: int) -> tuple[Any, Any]:
+  """Where each class's examples are in a memory bank, for `sample_class_keys`.
+
+  Args:
+    labels: `[N]` int class of each bank row (negative: a padding row, never drawn).
+    num_rows: C', the rows of the table (>= every label + 1; padding classes have no
+      examples).
+
+  Returns:
+    `(table [C', M] int32, counts [C'] int32)` (NumPy): row c lists the bank rows of
+    class c in order, padded with 0; M is the largest class's count (at least 1).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or (labels.size and labels.max() >= num_rows):
+    raise ValueError(f"class_index_table: labels must be [N] in [0, {num_rows}) or "
+                     f"negative, got shape {labels.shape}, max {labels.max(initial=-1)}")
+  counts = np.bincount(labels[labels >= 0], minlength=num_rows).astype(np.int32)
+  table = np.zeros((num_rows, max(int(counts.max(initial=0)), 1)), np.int32)
+  for c in np.flatnonzero(counts):
+    rows = np.flatnonzero(labels == c)
+    table[c, :len(rows)] = rows
+  return table, counts
+
+
+def sample_class_keys(keys: ArrayLike, *, table: ArrayLike, counts: ArrayLike,
+                      rng: jax.Array, size: int) -> jax.Array:
+  """Bi-tuning's keys from a memory bank (Appendix B.2): for each class, `size` bank
+  rows drawn uniformly, with replacement, among that class's examples.
+
+  Args:
+    keys: `[N, D]` the bank's keys.
+    table, counts: `class_index_table` of the bank's labels, `[C', M]` and `[C']`.
+    rng: the draw's key.
+    size: K, keys per class.
+
+  Returns:
+    `[C', K, D]`, shaped as `ClassQueues.keys`; a class without examples (padding)
+    gets bank row 0 in every slot (padding rows take no part in the losses). Class c
+    draws `uniform(fold_in(rng, c), [K])`: its rows do not depend on C'.
+  """
+  num_rows = table.shape[0]
+  # Each class's draws from its own key: a class draws the same rows however many
+  # padding classes the device count adds.
+  draw = jax.vmap(lambda c: jax.random.uniform(jax.random.fold_in(rng, c), (size,)))(
+      jnp.arange(num_rows))  # [C', K]
+  pick = jnp.floor(draw * counts[:, None]).astype(jnp.int32)
+  pick = jnp.clip(pick, 0, jnp.maximum(counts[:, None] - 1, 0))  # u * n < n, in floats
+  rows = jnp.take_along_axis(table, pick, axis=1)  # [C', K]
+  return jnp.take(keys, rows, axis=0)  # [C', K, D]

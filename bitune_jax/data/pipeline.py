@@ -208,8 +208,9 @@ def train_stream(pool: Split | Concatenated, *, start_step: int, batch_size: int
     process_count, process_index: the host layout (default: JAX's).
 
   Returns:
-    An iterator of numpy dicts: `image_u8` [b, S, S, 3] uint8, `hw` [b, 2] int32 and
-    `label` [b] int32 (-1 for replayed images).
+    An iterator of numpy dicts: `image_u8` [b, S, S, 3] uint8, `hw` [b, 2] int32,
+    `label` [b] int32 (-1 for replayed images) and `index` [b] int32, each example's
+    row of `pool`.
   """
   count, index = _host(process_count, process_index)
   local = local_batch_size(batch_size, count)
@@ -222,7 +223,9 @@ def _train_stream(pool, step, batch_size, seed, local, index):
   rows = slice(index * local, (index + 1) * local)  # this host's rows
   while True:
     idx = stream_indices(len(pool), step=step, batch_size=batch_size, seed=(seed, 0))
-    yield pool.take(idx[rows])
+    batch = pool.take(idx[rows])
+    batch["index"] = idx[rows].astype(np.int32)  # the pool rows (a memory bank's slots)
+    yield batch
     step += 1
 
 
