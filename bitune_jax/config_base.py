@@ -198,6 +198,9 @@ _RULES = {
     "delta.attention_temperature": _POSITIVE, "delta.attention_l2": _POSITIVE,
     "delta.attention_batches": ("an integer >= 1", lambda v: int(v) == v and v >= 1),
     "center_loss.trade_off": _NON_NEGATIVE, "center_loss.alpha": _NON_NEGATIVE,
+    "fixmatch.threshold": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "fixmatch.mu": ("an integer >= 1", lambda v: int(v) == v and v >= 1),
+    "fixmatch.unlabelled_weight": _NON_NEGATIVE,
 }
 
 

@@ -19,6 +19,7 @@ Papers:
   * Unsupervised fine-tuning (Eq. 6): InfoNCE of a CutMix-mixed query against both
     parents' keys, weighted by the mixing ratio.
   * Co-Tuning (You et al.): soft cross-entropy of the source head against R[y_t].
+  * FixMatch (Sohn et al.): the masked pseudo-label cross-entropy `l_u`.
 
 Cost. Both Bi-tuning losses score candidates against ONE vector per query (the query's
 own projection for CCL; its class's normalised weight for CCE), so the work is a
@@ -347,3 +348,45 @@ def cross_entropy_loss(*, logits: ArrayLike, labels: ArrayLike) -> jax.Array:
   safe = jnp.clip(labels, 0, num_classes - 1)
   nll = -jnp.take_along_axis(log_p, safe[:, None], axis=-1)[:, 0]  # [B]
   return _labelled_mean(nll, labels, num_classes)
+
+
+def fixmatch_loss(*, logits_weak: ArrayLike, logits_strong: ArrayLike,
+                  threshold: float = 0.95, valid: Optional[ArrayLike] = None
+                  ) -> tuple[jax.Array, jax.Array]:
+  """FixMatch's unlabelled term `l_u` (Sohn et al., 2020): the cross-entropy of the
+  strong view's prediction against the weak view's pseudo-label, where the weak view is
+  confident enough, averaged over ALL unlabelled examples.
+
+  `l_u = 1 / (mu B) sum_b 1[max_c q_bc >= tau] H(argmax_c q_b, softmax(logits_strong_b))`
+  with `q = softmax(stop_gradient(logits_weak))`.
+
+  Args:
+    logits_weak: `[U, C]` logits of the weakly augmented views (no gradient).
+    logits_strong: `[U, C]` logits of the strongly augmented views.
+    threshold: tau, the confidence a pseudo-label needs (0.95 in FixMatch).
+    valid: optional `[U]` bool, examples to count (padding: False); default all.
+
+  Returns:
+    `(loss, mask_rate)`: the scalar float32 loss and the fraction of (valid) examples
+    whose pseudo-label passed the threshold.
+  """
+  fn = "fixmatch_loss"
+  _check_rank(fn, "logits_weak", logits_weak, 2)
+  _check_rank(fn, "logits_strong", logits_strong, 2)
+  if logits_weak.shape != logits_strong.shape:
+    raise _shape_error(fn, "need logits_weak and logits_strong of one shape [U, C]",
+                       logits_weak=logits_weak, logits_strong=logits_strong)
+  if not 0.0 <= threshold <= 1.0:
+    raise ValueError(f"{fn}: threshold must be in [0, 1], got {threshold}")
+  weak = jax.nn.softmax(jax.lax.stop_gradient(logits_weak).astype(_F32), axis=-1)
+  confidence, pseudo = jnp.max(weak, axis=-1), jnp.argmax(weak, axis=-1)  # [U]
+  keep = confidence >= threshold
+  count = jnp.float32(logits_weak.shape[0])
+  if valid is not None:
+    keep = keep & valid
+    count = jnp.sum(valid.astype(_F32))
+  log_p = jax.nn.log_softmax(logits_strong.astype(_F32), axis=-1)
+  nll = -jnp.take_along_axis(log_p, pseudo[:, None], axis=-1)[:, 0]  # [U]
+  count = jnp.maximum(count, 1.0)
+  loss = jnp.sum(jnp.where(keep, nll, 0.0)) / count
+  return loss, jnp.sum(keep.astype(_F32)) / count

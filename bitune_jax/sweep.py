@@ -190,12 +190,23 @@ def build_config(run: Run, checkpoints, source=""):
   for key, value in run.overrides:
     tables.set_field(config, key, value)
   if run.checkpoint:
-    config.init_from = "none" if run.checkpoint == "none" else checkpoints[run.checkpoint]
+    config.init_from = ("none" if run.checkpoint == "none"
+                        else checkpoints[checkpoint_name(run, checkpoints)])
   if source and config.init_from == "demo:digits_source":
     config.init_from = source
   config.seed = run.seed
   config_base.validate(config)
   return config
+
+
+def checkpoint_name(run: Run, checkpoints) -> str:
+  """The `--checkpoint` name that gives `run`'s checkpoint: `NAME@DATASET` where given
+  (a checkpoint of each dataset, e.g. `unsupft_resnet50@pets`: an unsupervised
+  fine-tuning run exported by bitune-export), else `NAME`."""
+  dataset = run.arg.split(",")[0]
+  specific = f"{run.checkpoint}@{dataset}"
+  return specific if specific in checkpoints or tables.CHECKPOINTS.get(
+      run.checkpoint, "").startswith(tables.PER_DATASET) else run.checkpoint
 
 
 def _digits_source(workdir, run, checkpoints):
@@ -213,8 +224,8 @@ def command(run: Run, workdir, checkpoints) -> str:
            "--workdir", os.path.join(workdir, "runs", run.name),
            f"--config.seed={run.seed}"]
   if run.checkpoint:
-    path = "none" if run.checkpoint == "none" else checkpoints.get(
-        run.checkpoint, f"<{run.checkpoint}>")
+    name = checkpoint_name(run, checkpoints)
+    path = "none" if run.checkpoint == "none" else checkpoints.get(name, f"<{name}>")
     parts.append(f"--config.init_from={path}")
   parts += [f"--config.{k}={json.dumps(v) if not isinstance(v, str) else v}"
             for k, v in run.overrides]
@@ -369,10 +380,11 @@ def main(argv=None):
   if args.report:
     print(sweep_results.report(workdir, cells), end="")
     return 0
-  needed = sorted({r.checkpoint for r in runs} - set(checkpoints) - {"", "none"})
+  needed = sorted({checkpoint_name(r, checkpoints) for r in runs if r.checkpoint}
+                  - set(checkpoints) - {"none"})
   if needed:
     parser.error("the spec's runs start from checkpoints not given: "
-                 + ", ".join(f"--checkpoint {n}=PATH ({tables.CHECKPOINTS[n]})"
+                 + ", ".join(f"--checkpoint {n}=PATH ({tables.CHECKPOINTS[n.split('@')[0]]})"
                              for n in needed))
   for run in runs:  # every config error before anything trains
     try:

@@ -39,8 +39,12 @@ CHECKPOINTS = {
     "insdisc_resnet50": "InsDisc ResNet-50",
     "deepcluster_resnet50": "DeepCluster-v2 ResNet-50 (the SwAV repository's)",
     "cmc_resnet50": "CMC ResNet-50",
+    "unsupft_resnet50": "per dataset: an unsup_finetune run from moco_v2_resnet50 on "
+                        "that dataset, exported by bitune-export",
     "none": "random initialisation",
 }
+# A checkpoint described so is given per dataset: `--checkpoint NAME@DATASET=FILE`.
+PER_DATASET = "per dataset:"
 
 
 @dataclasses.dataclass(frozen=True)

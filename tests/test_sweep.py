@@ -372,3 +372,24 @@ def test_the_digits_spec_is_the_readme_grid(capsys):
         {"vanilla fine-tuning": "finetune", "Bi-tuning": "bituning",
          "Co-Tuning": "cotuning"}[cell.row], cell.x, 1, "demo:digits_source")
     assert config.total_steps == 300
+
+
+def test_a_checkpoint_given_per_dataset(tmp_path, capsys):
+  """Unsupervised fine-tuning Table 5's "+ Our Unsupft-T" starts FixMatch from each
+  dataset's own unsup_finetune model: `--checkpoint unsupft_resnet50@pets=FILE`; a
+  dataset without one is named before anything runs."""
+  argv = ["--workdir", str(tmp_path), "--spec", "configs/tables/unsup_table5.py",
+          "--checkpoint", "moco_v2_resnet50=m.npz"]
+  for dataset in ("caltech101", "pets", "cifar100", "food101"):
+    argv += ["--checkpoint", f"unsupft_resnet50@{dataset}={dataset}.npz"]
+  assert sweep.main(argv + ["--print_commands"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 24  # 2 rows x 4 datasets x 3 k
+  for line in lines:
+    dataset = line.split(":")[1].split(",")[0]
+    init = line.split("--config.init_from=")[1].split()[0]
+    assert init == (f"{dataset}.npz" if "unsupft" in line else "m.npz"), line
+    assert "configs/fixmatch.py" in line and "--config.data.kshot=" in line
+  with pytest.raises(SystemExit):
+    sweep.main(argv[:-2])  # food101's is missing
+  assert "--checkpoint unsupft_resnet50@food101=PATH" in capsys.readouterr().err

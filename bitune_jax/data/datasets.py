@@ -290,8 +290,13 @@ def load(config: ml_collections.ConfigDict, *, two_views: bool) -> input_lib.Inp
   if fraction > 0:
     pool = pipeline.Concatenated(train, _replay(config, fraction))
   is_replay = np.arange(len(pool)) >= len(train)
+  unlabelled = None
+  if config.method == "fixmatch":  # every training image of the target, unlabelled
+    unlabelled = input_lib.unlabelled_split(
+        train if keep is None else read_split(config, b, s.train_split))
   return input_lib._input(config, config.dataset, s.num_classes, s.metric, train,  # pylint: disable=protected-access
-                          test, pool, is_replay, val, two_views=two_views)
+                          test, pool, is_replay, val, two_views=two_views,
+                          unlabelled=unlabelled)
 
 
 def _replay(config, fraction):

@@ -53,6 +53,9 @@ class Input:
   stream: Callable[[int], Any]  # start_step -> iterator of local batches
   view_spec: pipeline.ViewSpec
   val: Any = None  # held out of `train` to choose the best checkpoint (data.val_fraction)
+  # FixMatch: every training image of the target, labels hidden (-1); each batch then
+  # also holds `fixmatch.mu` times as many of them (`u_image_u8`, `u_hw`, `u_index`).
+  unlabelled: Any = None
 
   def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     return self.stream(int(start_step))
@@ -145,22 +148,40 @@ def _load_digits(config, *, two_views):
                                               "replay"))
   is_replay = np.arange(len(pool)) >= len(train)
   test = split(data["test_rows"], data["test_labels"], f"{part}-test")
+  unlabelled = None
+  if config.method == "fixmatch":  # every training image of the target, unlabelled
+    every = digits.transfer_indices(part, sampling_rate=100.0, seed=config.seed)
+    unlabelled = unlabelled_split(split(every["train_rows"], every["train_labels"],
+                                        f"{part}-train-all"))
   return _input(config, "digits", data["num_classes"], "top1", train, test, pool,
-                is_replay, val, two_views=two_views)
+                is_replay, val, two_views=two_views, unlabelled=unlabelled)
+
+
+def unlabelled_split(split: pipeline.Split) -> pipeline.Split:
+  """`split` with its labels hidden (-1): FixMatch's unlabelled data."""
+  return dataclasses.replace(split, labels=np.full(len(split), -1, np.int32))
 
 
 def _input(config, dataset, num_classes, metric, train, test, pool, is_replay, val, *,
-           two_views):
+           two_views, unlabelled=None):
   """The `Input` of these splits, with the run's stream and views."""
   def stream(start_step):
-    return pipeline.train_stream(pool, start_step=start_step,
-                                 batch_size=config.batch_size, seed=config.seed)
+    labelled = pipeline.train_stream(pool, start_step=start_step,
+                                     batch_size=config.batch_size, seed=config.seed)
+    if unlabelled is None:
+      return labelled
+    others = pipeline.train_stream(
+        unlabelled, start_step=start_step, stream=1, seed=config.seed,
+        batch_size=config.batch_size * config.fixmatch.mu)
+    return ({**a, **{f"u_{k}": v for k, v in b.items() if k != "label"}}
+            for a, b in zip(labelled, others))
 
   size = config.image_size
   return Input(dataset=dataset, num_classes=num_classes, image_shape=(size, size, 3),
                metric=metric, train=train, test=test, pool=pool,
                pool_is_replay=is_replay, stream=stream,
-               view_spec=pipeline.view_spec(config, two_views=two_views), val=val)
+               view_spec=pipeline.view_spec(config, two_views=two_views), val=val,
+               unlabelled=unlabelled)
 
 
 def prefetch_to_device(local_batches: Iterable[Mapping[str, np.ndarray]],

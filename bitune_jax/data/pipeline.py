@@ -197,7 +197,8 @@ def _eval_batches(split, batch_size, local, index):
 # --------------------------------------------------------------------------- training
 def train_stream(pool: Split | Concatenated, *, start_step: int, batch_size: int,
                  seed: int, process_count: int | None = None,
-                 process_index: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                 process_index: int | None = None,
+                 stream: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """This host's rows of training batches `start_step, start_step + 1, ...`.
 
   Args:
@@ -206,6 +207,8 @@ def train_stream(pool: Split | Concatenated, *, start_step: int, batch_size: int
     batch_size: the global batch size (each host yields batch_size / hosts rows).
     seed: the run's seed (the order; the views are seeded in the step).
     process_count, process_index: the host layout (default: JAX's).
+    stream: another number gives another order of the same pool (FixMatch's
+      unlabelled stream beside its labelled one).
 
   Returns:
     An iterator of numpy dicts: `image_u8` [b, S, S, 3] uint8, `hw` [b, 2] int32,
@@ -216,13 +219,14 @@ def train_stream(pool: Split | Concatenated, *, start_step: int, batch_size: int
   local = local_batch_size(batch_size, count)
   if len(pool) == 0:
     raise ValueError("no training examples")
-  return _train_stream(pool, int(start_step), batch_size, int(seed), local, index)
+  return _train_stream(pool, int(start_step), batch_size, (int(seed), int(stream)),
+                       local, index)
 
 
 def _train_stream(pool, step, batch_size, seed, local, index):
   rows = slice(index * local, (index + 1) * local)  # this host's rows
   while True:
-    idx = stream_indices(len(pool), step=step, batch_size=batch_size, seed=(seed, 0))
+    idx = stream_indices(len(pool), step=step, batch_size=batch_size, seed=seed)
     batch = pool.take(idx[rows])
     batch["index"] = idx[rows].astype(np.int32)  # the pool rows (a memory bank's slots)
     yield batch
@@ -256,6 +260,9 @@ def make_views(spec: ViewSpec) -> Callable[[dict, "object"], dict]:
   if spec.jitter is not None:
     options["jitter"] = tuple(spec.jitter)
 
+  if spec.kind == "fixmatch":
+    return _fixmatch_views(spec)
+
   def views(batch, step):
     out = {k: v for k, v in batch.items() if k not in ("image_u8", "hw")}
     rows = jnp.arange(batch["image_u8"].shape[0])  # rows of the global batch (jit)
@@ -268,11 +275,37 @@ def make_views(spec: ViewSpec) -> Callable[[dict, "object"], dict]:
   return views
 
 
+def _fixmatch_views(spec):
+  """FixMatch's views (`bitune_jax.data.randaugment`): the labelled images' weak view
+  `image` (view 0), and of the unlabelled `u_image_u8` a weak `u_weak` (view 1) and a
+  strong `u_strong` (view 2), each keyed by (seed, step, row, view)."""
+  from bitune_jax.data import device_views, randaugment  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def each(view_fn, images, step, view):
+    rows = jnp.arange(images.shape[0])
+    keys = jax.vmap(lambda r: device_views.view_key(spec.seed, step, r, view))(rows)
+    return jax.vmap(lambda x, k: view_fn(x, k, size=spec.size))(images, keys)
+
+  def views(batch, step):
+    out = {k: v for k, v in batch.items()
+           if k not in ("image_u8", "hw", "u_image_u8", "u_hw")}
+    out["image"] = each(randaugment.weak_view, batch["image_u8"], step, 0)
+    out["u_weak"] = each(randaugment.weak_view, batch["u_image_u8"], step, 1)
+    out["u_strong"] = each(randaugment.strong_view, batch["u_image_u8"], step, 2)
+    return out
+  return views
+
+
 def view_spec(config: "ml_collections.ConfigDict", *, two_views: bool, kinds: Sequence[str] = ("reference", "moco")
               ) -> ViewSpec:
   """The `ViewSpec` of `config` (`data.views`, `data.crop_scale`, `data.flip`,
   `data.color_jitter` / `data.jitter`)."""
   data = config.data
+  if config.get("method") == "fixmatch":  # weak and strong views (`_fixmatch_views`)
+    return ViewSpec(kind="fixmatch", size=config.image_size, seed=int(config.seed),
+                    two_views=False)
   if data.views not in kinds:
     raise ValueError(f"data.views must be one of {', '.join(kinds)}, got {data.views!r}")
   scale = tuple(data.get("crop_scale", ())) or None

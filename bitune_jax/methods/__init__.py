@@ -9,11 +9,12 @@ optionally `check_pretrained(pretrained, config)` (before anything compiles) and
 """
 
 from bitune_jax.methods import (bituning, bss, center_loss, cotuning, delta, finetune,
-                                gpt_star, l2sp, unsup_finetune)
+                                fixmatch, gpt_star, l2sp, unsup_finetune)
 
 METHODS = {"bituning": bituning, "bss": bss, "center_loss": center_loss,
            "cotuning": cotuning, "delta": delta, "finetune": finetune,
-           "gpt_star": gpt_star, "l2sp": l2sp, "unsup_finetune": unsup_finetune}
+           "fixmatch": fixmatch, "gpt_star": gpt_star, "l2sp": l2sp,
+           "unsup_finetune": unsup_finetune}
 
 
 def get(name):

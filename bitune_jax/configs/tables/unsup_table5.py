@@ -16,9 +16,9 @@ pretraining, we use MocoV2[9] ... All the pretraining models are trained with 80
 epochs.", at batch 2048; `moco_v2_resnet50` is the nearest public checkpoint, not the
 same weights). "+ Our Unsupft-T" starts FixMatch from the `unsup_finetune` model
 (defaults: 10% source replay and CutMix) fine-tuned from Unsup-S on the same dataset:
-the spec cannot name a run's output as a checkpoint, so its checkpoint is the one that
-fine-tuning starts from, `moco_v2_resnet50`. Both rows are FixMatch runs, which this
-project cannot make yet.
+its checkpoint is `unsupft_resnet50`, given per dataset (`bitune-sweep --checkpoint
+unsupft_resnet50@pets=FILE`, FILE the `bitune-export` of that dataset's
+`unsup_finetune` run, e.g. from the sweep of Table 2).
 
 Transcription notes: the gains printed in parentheses and the Avg column (which agree
 with the numbers) are not transcribed. The extraction prints the first block's
@@ -33,7 +33,6 @@ _DATASETS = (("Caltech101", "caltech101"), ("Pet", "pets"), ("CIFAR100", "cifar1
 _KS = (2, 4, 8)
 _COLUMNS = tuple(Column(f"{name} Semi-{k}", dataset, kshot=k)
                  for k in _KS for name, dataset in _DATASETS)
-_MISSING = "FixMatch is not implemented yet (issue 12, item 4)"
 
 
 def _numbers(blocks):
@@ -55,13 +54,11 @@ TABLE = Table(
         Row("Unsup-S", "fixmatch", "resnet50", "moco_v2_resnet50", _numbers({
             2: (79.04, 54.52, 41.43, 18.23),
             4: (86.07, 68.18, 61.54, 34.67),
-            8: (90.12, 75.39, 70.59, 59.06)}),
-            missing=_MISSING),
-        Row("+ Our Unsupft-T", "fixmatch", "resnet50", "moco_v2_resnet50", _numbers({
+            8: (90.12, 75.39, 70.59, 59.06)})),
+        Row("+ Our Unsupft-T", "fixmatch", "resnet50", "unsupft_resnet50", _numbers({
             2: (82.84, 68.58, 56.35, 70.33),
             4: (86.87, 73.25, 66.18, 79.35),
-            8: (90.27, 79.18, 71.65, 82.35)}),
-            missing=_MISSING),
+            8: (90.27, 79.18, 71.65, 82.35)})),
     ),
-    notes="Both rows are FixMatch; the second starts from the unsup_finetune model "
-          "(a run's output), which the spec names by its starting checkpoint.")
+    notes="Both rows are FixMatch; the second starts from each dataset's "
+          "unsup_finetune model (unsupft_resnet50@<dataset>).")

@@ -1,0 +1,78 @@
+"""FixMatch (Sohn et al., 2020), the semi-supervised rows of the unsupervised
+fine-tuning paper (Table 5, "Semi-K": K labelled images per class and the whole
+training set unlabelled), started from any converted or fine-tuned backbone.
+
+Each step takes B labelled images (`batch_size`; their weak view) and `mu * B`
+unlabelled ones (a weak and a strong view: `bitune_jax.data.randaugment`), forwards
+the three together (BatchNorm over all of them, as FixMatch's reference does), and
+minimises `CE(labelled) + unlabelled_weight * l_u`, where `l_u` is the strong views'
+cross-entropy against the weak views' confident pseudo-labels (`losses.fixmatch_loss`,
+threshold 0.95). Metrics: `ce`, `unlabelled` (l_u) and `mask_rate` (the fraction of
+pseudo-labels used).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from bitune_jax import losses
+from bitune_jax.methods import common
+
+TWO_VIEWS = False
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  threshold: float
+  unlabelled_weight: float
+
+
+def build_model(config, num_classes):
+  return common.build_network(config, num_classes)
+
+
+def init_state(rng, sample_images, *, model, tx, config):
+  del config
+  rng, init_rng = jax.random.split(rng)
+  params, batch_stats = common.init_variables(model, init_rng, sample_images)
+  return common.new_state(rng, params, batch_stats, tx)
+
+
+def state_shardings(abstract_state, mesh, config):
+  del config
+  return common.replicated_shardings(abstract_state, mesh)
+
+
+def train_step(state, batch, *, model, tx, cfg):
+  """`batch`: image [B, H, W, 3] (labelled, weak), label [B], u_weak and u_strong
+  [U, H, W, 3] (the unlabelled images' two views)."""
+  labels = batch["label"]
+  labelled, unlabelled = labels.shape[0], batch["u_weak"].shape[0]
+  images = jnp.concatenate([batch["image"], batch["u_weak"], batch["u_strong"]])
+
+  def loss_fn(params):
+    out, batch_stats = common.forward(model, params, state.batch_stats, images,
+                                      train=True)
+    logits = out["logits"]  # [B + 2U, C]
+    ce = losses.cross_entropy_loss(logits=logits[:labelled], labels=labels)
+    l_u, mask_rate = losses.fixmatch_loss(
+        logits_weak=logits[labelled:labelled + unlabelled],
+        logits_strong=logits[labelled + unlabelled:], threshold=cfg.threshold)
+    metrics = {"ce": ce, "unlabelled": l_u, "mask_rate": mask_rate,
+               "train_accuracy": common.accuracy(logits[:labelled], labels)}
+    return ce + cfg.unlabelled_weight * l_u, (batch_stats, metrics)
+
+  (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  params, opt_state = common.apply_gradients(state, grads, tx)
+  state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                        opt_state=opt_state)
+  return state, dict(metrics, loss=loss)
+
+
+def make_train_step(model, tx, config):
+  cfg = StepConfig(threshold=config.fixmatch.threshold,
+                   unlabelled_weight=config.fixmatch.unlabelled_weight)
+  return functools.partial(train_step, model=model, tx=tx, cfg=cfg)

@@ -1,0 +1,108 @@
+"""FixMatch: the masked pseudo-label loss against NumPy, a real step on 8 devices
+(labelled and unlabelled streams, weak and strong views, the loss and update) against
+NumPy float64, and the demo's data: k labelled images per class beside every training
+image unlabelled."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import test_method_steps as steps
+from bitune_jax import losses, sharding
+
+
+def _numpy_fixmatch(weak, strong, threshold, valid=None):
+  """Sohn et al.'s l_u in float64, one example at a time."""
+  total, used = 0.0, 0
+  count = len(weak) if valid is None else int(np.sum(valid))
+  for i, (w, s) in enumerate(zip(weak, strong)):
+    if valid is not None and not valid[i]:
+      continue
+    q = np.exp(w - w.max())
+    q /= q.sum()
+    if q.max() >= threshold:
+      log_p = s - s.max() - np.log(np.sum(np.exp(s - s.max())))
+      total -= log_p[np.argmax(q)]
+      used += 1
+  return total / max(count, 1), used / max(count, 1)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.6, 0.95, 1.0])
+def test_fixmatch_loss_matches_numpy(rng, threshold):
+  weak = rng.standard_normal((24, 7)) * 3  # some confident, some not
+  weak[:4, 2] += 12  # surely confident
+  strong = rng.standard_normal((24, 7))
+  loss, rate = losses.fixmatch_loss(logits_weak=jnp.float32(weak),
+                                    logits_strong=jnp.float32(strong), threshold=threshold)
+  expected, expected_rate = _numpy_fixmatch(weak, strong, threshold)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(rate, expected_rate, rtol=1e-6)
+  if 0 < threshold < 1:
+    assert 0 < expected_rate < 1  # the mask matters in this case
+  valid = rng.random(24) < 0.7
+  loss, rate = losses.fixmatch_loss(logits_weak=jnp.float32(weak),
+                                    logits_strong=jnp.float32(strong), threshold=threshold,
+                                    valid=jnp.asarray(valid))
+  expected, expected_rate = _numpy_fixmatch(weak, strong, threshold, valid)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(rate, expected_rate, rtol=1e-6)
+
+
+def test_fixmatch_loss_gradient_flows_through_the_strong_view_only(rng):
+  weak, strong = rng.standard_normal((8, 5)) * 4, rng.standard_normal((8, 5))
+  grad_w, grad_s = jax.grad(lambda w, s: losses.fixmatch_loss(
+      logits_weak=w, logits_strong=s, threshold=0.5)[0], argnums=(0, 1))(
+          jnp.float32(weak), jnp.float32(strong))
+  assert np.all(np.asarray(grad_w) == 0) and np.any(np.asarray(grad_s) != 0)
+  with pytest.raises(ValueError, match="threshold"):
+    losses.fixmatch_loss(logits_weak=jnp.float32(weak), logits_strong=jnp.float32(strong),
+                         threshold=1.5)
+  with pytest.raises(ValueError, match="one shape"):
+    losses.fixmatch_loss(logits_weak=jnp.float32(weak),
+                         logits_strong=jnp.float32(strong[:4]))
+
+
+@pytest.mark.parametrize("threshold, weight", [(0.25, 1.0), (0.3, 2.5)])
+def test_fixmatch_step_matches_numpy(threshold, weight, monkeypatch):
+  """A real step: the data (k-shot labelled; every training image, labels hidden,
+  mu times as many), the views, and the loss and update against NumPy."""
+  config = steps._config("fixmatch", fixmatch=dict(threshold=threshold, mu=2,  # pylint: disable=protected-access
+                                                   unlabelled_weight=weight))
+  mesh, run = steps._setup(config, monkeypatch)  # pylint: disable=protected-access
+  data = run.data
+  assert len(data.train) == 4 * 5 and np.all(np.bincount(data.train.labels) == 4)
+  assert np.all(data.unlabelled.labels == -1) and len(data.unlabelled) > 4 * len(
+      data.train)
+  batch = next(iter(data.train_batches(0)))
+  assert batch["u_image_u8"].shape[0] == 2 * batch["image_u8"].shape[0] == 32
+  assert "u_label" not in batch  # the unlabelled stream's labels never reach the step
+  before, _, metrics, after = steps._step(run, mesh, run.state, batch)  # pylint: disable=protected-access
+  # The weak and strong views differ; the weak labelled view is not the eval view.
+  assert np.abs(batch["u_weak"] - batch["u_strong"]).mean() > 0.1
+  images = np.concatenate([batch["image"], batch["u_weak"], batch["u_strong"]])
+  out, stats = steps._forward(run.model, before.params, before.batch_stats, images)  # pylint: disable=protected-access
+  logits, labels = out["logits"], batch["label"]
+  ce = steps._ce(logits[:16], labels)  # pylint: disable=protected-access
+  l_u, rate = _numpy_fixmatch(logits[16:48], logits[48:], threshold)
+  np.testing.assert_allclose(metrics["ce"], ce, rtol=steps.RTOL)
+  np.testing.assert_allclose(metrics["unlabelled"], l_u, rtol=steps.RTOL, atol=1e-7)
+  np.testing.assert_allclose(metrics["mask_rate"], rate, atol=1e-6)
+  assert 0 < rate < 1  # the threshold keeps some pseudo-labels and drops others
+  np.testing.assert_allclose(metrics["loss"], ce + weight * l_u, rtol=steps.RTOL)
+  steps._assert_tree_close(after.batch_stats, stats, rtol=1e-4, atol=1e-5,  # pylint: disable=protected-access
+                           what="batch_stats (over all B + 2U images)")
+
+  def loss_fn(params, x):
+    from bitune_jax.methods import common  # pylint: disable=g-import-not-at-top
+    o, _ = common.forward(run.model, params, before.batch_stats, x, train=True)
+    lg = o["logits"]
+    log_p = jax.nn.log_softmax(lg)
+    q = jax.nn.softmax(jax.lax.stop_gradient(lg[16:48]))
+    keep = jnp.max(q, -1) >= threshold
+    nll = -jnp.take_along_axis(log_p[48:], jnp.argmax(q, -1)[:, None], -1)[:, 0]
+    return (-jnp.mean(log_p[jnp.arange(16), labels])
+            + weight * jnp.sum(jnp.where(keep, nll, 0.0)) / 32)
+  x = sharding.global_batch({"x": images.astype(np.float32)}, mesh)["x"]
+  grads = jax.device_get(jax.jit(jax.grad(loss_fn))(before.params, x))
+  steps._check_update(config, before, after, grads, f"threshold {threshold}")  # pylint: disable=protected-access
