@@ -46,18 +46,25 @@ def accuracy_vs_rate(points, path, *, title, metric,
   fig, axes = plt.subplots(1, count, figsize=(5 * count, 4), squeeze=False)
   colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for ax, (dataset, rows) in zip(axes[0], sorted(data.items())):
+    ticks = sorted({x for values in rows.values() for x, *_ in values})
     for i, (row, values) in enumerate(rows.items()):
       colour = colours[i % len(colours)]
+      shift = _dodge(i, len(rows), ticks, log2_x)  # error bars side by side, not over
       ours = [(x, m, s or 0.0) for x, m, s, _, _ in values if m is not None]
       if ours:
         xs, ms, ss = zip(*ours)
-        ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, color=colour, label=row)
+        ax.errorbar([shift(x) for x in xs], ms, yerr=ss, marker="o", capsize=3,
+                    color=colour, label=row)
       paper = [(x, m, s or 0.0) for x, _, _, m, s in values if m is not None]
       if paper:
         xs, ms, ss = zip(*paper)
-        ax.errorbar(xs, ms, yerr=ss, marker="o", markerfacecolor="none", capsize=3,
-                    linestyle="--", color=colour, label=f"{row} (paper)")
-    ax.set_title(dataset)
+        ax.errorbar([shift(x) for x in xs], ms, yerr=ss, marker="o",
+                    markerfacecolor="none", capsize=3, linestyle="--", color=colour,
+                    label=f"{row} (paper)")
+    if len(data) > 1 or dataset not in title:
+      ax.set_title(dataset)
+    if not log2_x:
+      ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     if log2_x:
       ax.set_xscale("log", base=2)
       ticks = sorted({x for values in rows.values() for x, *_ in values})
@@ -72,6 +79,19 @@ def accuracy_vs_rate(points, path, *, title, metric,
   _save(fig, path)
   plt.close(fig)
   return data
+
+
+def _dodge(index, count, ticks, log_scale):
+  """x -> x moved a little for series `index` of `count`, so that the error bars of
+  series at the same x stand side by side (1.2% of the axis apart, or of a log2
+  octave)."""
+  if count < 2:
+    return lambda x: x
+  offset = (index - (count - 1) / 2) * 0.012
+  if log_scale:
+    return lambda x: x * 2.0 ** offset
+  span = (max(ticks) - min(ticks)) if len(ticks) > 1 else 1.0
+  return lambda x: x + offset * span
 
 
 def read_scalars(run_dir):
@@ -104,11 +124,12 @@ def training_curves(run_dir, path, *, title=""):
   """
   scalars = read_scalars(run_dir)
   skip = ("lr/", "steps_per_sec", "uptime", "train_accuracy")
-  # test_score repeats the dataset's own metric (top-1 or mean per-class): not drawn.
+  # test_score repeats the dataset's own metric (top-1 or mean per-class): not drawn;
+  # nor is any other evaluation (validation) among the training terms.
   test = {k: v for k, v in scalars.items()
           if k.startswith(_TEST_PREFIX) and k != "test_score"}
   train = {k: v for k, v in scalars.items()
-           if k not in test and not k.startswith(skip)}
+           if not k.startswith(skip + (_TEST_PREFIX, "val_"))}
   plt = _pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
   for tag, values in sorted(train.items()):

@@ -91,6 +91,7 @@ class Cell:
   dataset: str = ""
   x: float = 0.0  # the sampling rate (%), or k: the x axis of the plots
   params: tuple[tuple[str, Any], ...] = ()  # the values of `--vary` keys of this cell
+  metric: str = "test metric (%)"  # what the number is (a spec's `Table.metric`)
 
   @property
   def label(self) -> str:
@@ -125,7 +126,8 @@ def cells_from_spec(table: tables.Table, seeds, extra, vary=None) -> list[Cell]:
                      cell.row.checkpoint, s) for s in seeds)
     out.append(Cell(table.name, cell.row.label, cell.column.label, cell.column.eval,
                     cell.column.kshot, cell.paper, runs, cell.column.dataset,
-                    float(cell.column.kshot or cell.column.rate)))
+                    float(cell.column.kshot or cell.column.rate),
+                    metric=table.metric))
   return _vary(out, vary)
 
 

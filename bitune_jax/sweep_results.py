@@ -87,20 +87,36 @@ def report(workdir, cells) -> str:
     writer.writerow([cell.table, cell.label, cell.column] + [
         "" if x is None else (f"{x:.4f}" if isinstance(x, float) else x)
         for x in (mean, std, n, pm, ps, diff)])
-  lines, current = [], None
-  for cell, mean, std, n, pm, ps, diff in rows:
-    if cell.table != current:
-      current = cell.table
-      lines += ["" if lines else None, f"## {current}", "",
-                "| row | column | ours | seeds | paper | ours - paper |",
+  lines = []
+  for table in dict.fromkeys(cell.table for cell in cells):  # in order
+    chosen = [r for r in rows if r[0].table == table]
+    lines += ["" if lines else None, f"## {table}", ""]
+    if any(r[4] is not None for r in chosen):  # the paper's numbers beside ours
+      lines += ["| row | column | ours | seeds | paper | ours - paper |",
                 "|---|---|---|---|---|---|"]
-    lines.append(f"| {cell.label} | {cell.column} | {_fmt(mean, std)} | {n} | "
-                 f"{_fmt(pm, ps)} | {'—' if diff is None else f'{diff:+.2f}'} |")
+      lines += [f"| {c.label} | {c.column} | {_fmt(mean, std)} | {n} | {_fmt(pm, ps)} "
+                f"| {'—' if diff is None else f'{diff:+.2f}'} |"
+                for c, mean, std, n, pm, ps, diff in chosen]
+    else:
+      lines += _pivot(chosen)
   text = "\n".join(line for line in lines if line is not None) + "\n"
   write(os.path.join(workdir, "results.csv"), buffer.getvalue())
   write(os.path.join(workdir, "results.md"), text)
   _plots(workdir, cells, rows)
   return text
+
+
+def _pivot(rows):
+  """A table without the paper's numbers, laid out as a paper's: one line per row,
+  one column per column, `mean ± std (seeds)`."""
+  labels = list(dict.fromkeys(r[0].label for r in rows))
+  columns = list(dict.fromkeys(r[0].column for r in rows))
+  value = {(c.label, c.column): f"{_fmt(mean, std)} ({n})" if n else "—"
+           for c, mean, std, n, *_ in rows}
+  return ([f"| row | {' | '.join(columns)} |", "|---|" + "---|" * len(columns)]
+          + [f"| {label} | " + " | ".join(value.get((label, col), "") for col in columns)
+             + " |" for label in labels]
+          + ["", "mean ± sample std over seeds (their number)"])
 
 
 def _slug(text):
@@ -120,11 +136,19 @@ def _plots(workdir, cells, rows):
   for table, points in by_table.items():
     kshot = all(c.kshot for c in cells if c.table == table)
     plots.accuracy_vs_rate(points, os.path.join(folder, f"{_slug(table)}.png"),
-                           title=table, metric="test metric (%), mean ± std over seeds",
+                           title=table, metric=_metric(cells, table),
                            xlabel="k, labelled images per class" if kshot
                            else "sampling rate of the training set (%)")
   _sensitivity_plots(folder, rows)
   _curves(workdir, folder, cells)
+
+
+def _metric(cells, table):
+  """The y axis: the table's metric, mean ± std over its seeds."""
+  chosen = [c for c in cells if c.table == table]
+  seeds = max(len(c.runs) for c in chosen)
+  return f"{chosen[0].metric}, mean ± std over {seeds} seeds" if seeds > 1 else (
+      chosen[0].metric)
 
 
 def sensitivity_points(rows, key):

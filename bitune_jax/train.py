@@ -415,9 +415,19 @@ def _demo_pretrained(config, workdir):
   path = os.path.join(workdir, "pretrained", "digits_source.npz")
   if os.path.exists(path):  # written by process 0 of an earlier start (whole)
     return path
-  pre = config.copy_and_resolve_references()
+  # One source model whatever fine-tunes it, as a real checkpoint: vanilla
+  # fine-tuning's demo config, taking from the run only its arch, image size, seed,
+  # the pre-training's length and rate, and how it reports and caches (not, e.g.,
+  # unsupervised fine-tuning's MoCo views or FixMatch's k-shot subset).
+  from bitune_jax.configs import finetune as finetune_config  # pylint: disable=g-import-not-at-top
+  pre = finetune_config.get_config("demo")
   with pre.unlocked():
-    pre.method, pre.init_from, pre.data.part = "finetune", "", "source"
+    for field in ("arch", "image_size", "seed", "eval_batch_size", "log_every",
+                  "eval_every", "checkpoint_every", "multi_host"):
+      pre[field] = config[field]
+    for field in ("cache_dir", "threads"):
+      pre.data[field] = config.data.get(field, pre.data[field])
+    pre.init_from, pre.data.part = "", "source"
     pre.total_steps, pre.lr = config.pretrain.total_steps, config.pretrain.lr
     pre.lr_mult = {g: 1.0 for g in common.GROUPS}
   log.info("demo: supervised pre-training on digits 0-4 (%d steps)", pre.total_steps)

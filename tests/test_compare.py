@@ -48,4 +48,4 @@ def test_compare_is_the_sweeps_digits_grid(tmp_path, capsys):
   for cell, value in expected.items():
     assert float(rows[cell]["mean"]) == pytest.approx(100 * value, abs=1e-4), cell
   table = captured.out
-  assert f"| finetune | digits 25% | {100 * results['finetune']['score']:.2f} | 1 |" in table
+  assert f"| finetune | {100 * results['finetune']['score']:.2f} (1) |" in table

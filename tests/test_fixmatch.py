@@ -106,3 +106,34 @@ def test_fixmatch_step_matches_numpy(threshold, weight, monkeypatch):
   x = sharding.global_batch({"x": images.astype(np.float32)}, mesh)["x"]
   grads = jax.device_get(jax.jit(jax.grad(loss_fn))(before.params, x))
   steps._check_update(config, before, after, grads, f"threshold {threshold}")  # pylint: disable=protected-access
+
+
+@pytest.mark.slow
+def test_fixmatch_trains_from_an_unsupervised_fine_tuning_run(tmp_path):
+  """Table 5's "+ Our Unsupft-T" path: an unsup_finetune run, exported by
+  bitune-export, is FixMatch's init_from: its 0-step state holds that backbone
+  exactly; then FixMatch trains on the demo and logs its terms."""
+  import json  # pylint: disable=g-import-not-at-top
+  import processes  # pylint: disable=g-import-not-at-top
+  from bitune_jax import convert, export, plots, train  # pylint: disable=g-import-not-at-top
+  unsup = steps._config("unsup_finetune", total_steps=3)  # pylint: disable=protected-access
+  unsup.unsup.queue_size = 64
+  train.train_and_evaluate(unsup, str(tmp_path / "unsup"))
+  exported = str(tmp_path / "unsupft.npz")
+  export.export_workdir(str(tmp_path / "unsup"), exported)
+  backbone = convert.load_converted(exported)["backbone"]
+  config = steps._config("fixmatch", init_from=exported, total_steps=0)  # pylint: disable=protected-access
+  train.train_and_evaluate(config, str(tmp_path / "as_is"))
+  start = processes.final_state(str(tmp_path / "as_is"), 0)
+  for a, b in zip(jax.tree.leaves(start["params"]["backbone"]),
+                  jax.tree.leaves(backbone["params"])):
+    np.testing.assert_array_equal(a, b)
+  config = steps._config("fixmatch", init_from=exported, total_steps=4,  # pylint: disable=protected-access
+                         log_every=2, eval_every=4, checkpoint_every=4)
+  _, summary = train.train_and_evaluate(config, str(tmp_path / "fixmatch"))
+  assert summary["step"] == 4 and summary["method"] == "fixmatch"
+  scalars = plots.read_scalars(str(tmp_path / "fixmatch"))
+  assert {"ce", "unlabelled", "mask_rate", "loss"} <= set(scalars)
+  assert [s for s, _ in scalars["mask_rate"]] == [2, 4]
+  recorded = json.loads((tmp_path / "fixmatch" / "config.json").read_text())
+  assert recorded["init_from"] == exported

@@ -62,7 +62,8 @@ def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatc
     assert float(row["std"]) == pytest.approx(statistics.stdev(scores), abs=1e-4)
     assert row["paper_mean"] == "" and row["difference"] == ""
   text = (tmp_path / "results.md").read_text()
-  assert "| finetune | digits 50% |" in text
+  assert (f"| finetune | {float(rows[0]['mean']):.2f} ± {float(rows[0]['std']):.2f} (2) | "
+          f"{float(rows[1]['mean']):.2f} ± {float(rows[1]['std']):.2f} (2) |") in text
   # One source model (digits 0-4) pre-trained for the whole sweep, every run from it.
   source = str(tmp_path / "source" / "pretrained" / "digits_source.npz")
   runs = sorted((tmp_path / "runs").iterdir())
@@ -78,7 +79,7 @@ def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatc
   summary = json.loads((runs[0] / "summary.json").read_text())
   assert data["test"]["test_top1"][-1] == (3, pytest.approx(summary["top1"], abs=1e-6))
   assert [s for s, _ in data["losses"]["loss"]][-1] == 3
-  assert "lr/backbone" not in data["losses"]
+  assert "lr/backbone" not in data["losses"] and "test_score" not in data["losses"]
 
 
 def _extra(argv):
@@ -340,7 +341,9 @@ def test_vary_makes_one_cell_per_value_and_draws_the_sensitivity(tmp_path, capsy
       (folder / "summary.json").write_text(json.dumps({"step": 300, "score": score}))
   assert sweep.main(argv + ["--report"]) == 0
   out = capsys.readouterr().out
-  assert "| bituning (K=8) | digits 100% | 81.00 ± 1.41 | 2 |" in out
+  # No paper numbers: one line per row, one column per rate, as a paper lays it out.
+  assert "| row | digits 25% | digits 100% |" in out
+  assert "| bituning (K=8) | 61.00 ± 1.41 (2) | 81.00 ± 1.41 (2) |" in out
   rows = [(c, statistics.mean(scores[c.label + c.column]),
            statistics.stdev(scores[c.label + c.column]), 2, None, None, None)
           for c in cells]

@@ -283,3 +283,20 @@ def test_shipped_configs_run_from_anywhere_and_are_in_the_wheel(tmp_path):
   assert any("tables/" in n for n in shipped)  # the table specs (configs/tables/)
   assert shipped <= names, shipped - names
 
+
+
+def test_the_demo_source_model_is_the_same_whatever_fine_tunes_it(tmp_path):
+  """The demo's pre-trained source (digits 0-4) is one checkpoint: built from the
+  unsupervised fine-tuning or FixMatch demo configs (MoCo views, a k-shot subset,
+  another batch), it is bit for bit the one vanilla fine-tuning's config builds."""
+  from bitune_jax import convert  # pylint: disable=g-import-not-at-top
+  files = {}
+  for method in ("finetune", "unsup_finetune", "fixmatch"):
+    config = _config(method)
+    config.pretrain.total_steps = 2
+    files[method] = convert.load_converted(train._demo_pretrained(  # pylint: disable=protected-access
+        config, str(tmp_path / method)))
+  for method in ("unsup_finetune", "fixmatch"):
+    for a, b in zip(jax.tree.leaves(files[method]["backbone"]),
+                    jax.tree.leaves(files["finetune"]["backbone"])):
+      np.testing.assert_array_equal(a, b, err_msg=method)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from bitune_jax import losses
-from bitune_jax.methods import common
+from bitune_jax.methods import common, finetune
 
 TWO_VIEWS = False
 
@@ -29,20 +29,10 @@ class StepConfig:
   unlabelled_weight: float
 
 
-def build_model(config, num_classes):
-  return common.build_network(config, num_classes)
-
-
-def init_state(rng, sample_images, *, model, tx, config):
-  del config
-  rng, init_rng = jax.random.split(rng)
-  params, batch_stats = common.init_variables(model, init_rng, sample_images)
-  return common.new_state(rng, params, batch_stats, tx)
-
-
-def state_shardings(abstract_state, mesh, config):
-  del config
-  return common.replicated_shardings(abstract_state, mesh)
+# The model and the state are vanilla fine-tuning's (a new head, no extras).
+build_model = finetune.build_model
+init_state = finetune.init_state
+state_shardings = finetune.state_shardings
 
 
 def train_step(state, batch, *, model, tx, cfg):
