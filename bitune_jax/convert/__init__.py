@@ -28,7 +28,7 @@ from bitune_jax.convert import mapping
 from bitune_jax import models
 
 __all__ = ["CheckpointError", "ConversionError", "ForeignObject", "UnsafeCheckpointError",
-           "convert_checkpoint", "load_converted", "save_converted"]
+           "convert_checkpoint", "load_converted", "save_converted", "sha256_of"]
 
 
 def convert_checkpoint(path: str | os.PathLike, *, arch: str,
