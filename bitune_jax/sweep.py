@@ -377,9 +377,9 @@ def main(argv=None):
     for run in sorted(runs, key=lambda r: r.name):
       print(command(run, workdir, checkpoints))
     return 0
-  os.makedirs(workdir, exist_ok=True)
   console.setup()
   if args.report:
+    os.makedirs(workdir, exist_ok=True)
     print(sweep_results.report(workdir, cells), end="")
     return 0
   needed = sorted({checkpoint_name(r, checkpoints) for r in runs if r.checkpoint}
@@ -393,6 +393,7 @@ def main(argv=None):
       build_config(run, checkpoints)
     except (ValueError, KeyError) as e:
       parser.error(f"run {run.name}: {e}")
+  os.makedirs(workdir, exist_ok=True)  # a command refused above leaves nothing behind
   failures = run_all(workdir, cells, checkpoints, kshot_steps=args.kshot_steps)
   print(sweep_results.report(workdir, cells), end="")
   if failures:

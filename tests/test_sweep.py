@@ -396,3 +396,12 @@ def test_a_checkpoint_given_per_dataset(tmp_path, capsys):
   with pytest.raises(SystemExit):
     sweep.main(argv[:-2])  # food101's is missing
   assert "--checkpoint unsupft_resnet50@food101=PATH" in capsys.readouterr().err
+
+
+def test_a_refused_sweep_leaves_no_folder(tmp_path, capsys):
+  workdir = tmp_path / "sweep"
+  with pytest.raises(SystemExit):
+    sweep.main(["--workdir", str(workdir), "--methods", "bituning", "--datasets",
+                "digits", "--set", "bituning.queue_sise=4"])
+  assert "unknown config field 'bituning.queue_sise'" in capsys.readouterr().err
+  assert not workdir.exists()
