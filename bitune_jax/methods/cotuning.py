@@ -154,12 +154,7 @@ def train_step(state, batch, *, model, tx, cfg):
         "ce": ce, "co_tuning": co,
         "train_accuracy": common.accuracy(out["logits"], labels)})
 
-  (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  params, opt_state = common.apply_gradients(state, grads, tx)
-  state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                        opt_state=opt_state)
-  return state, dict(metrics, loss=loss)
+  return common.optimizer_step(state, loss_fn, tx)
 
 
 def make_train_step(model, tx, config):

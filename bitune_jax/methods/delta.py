@@ -202,12 +202,7 @@ def train_step(state, batch, *, model, tx, cfg):
                "train_accuracy": common.accuracy(out["logits"], batch["label"])}
     return ce + cfg.alpha * fm + 0.5 * cfg.beta * l2, (updated["batch_stats"], metrics)
 
-  (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  params, opt_state = common.apply_gradients(state, grads, tx)
-  state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                        opt_state=opt_state)
-  return state, dict(metrics, loss=loss)
+  return common.optimizer_step(state, loss_fn, tx)
 
 
 def make_train_step(model, tx, config):
