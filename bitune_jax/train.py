@@ -64,7 +64,7 @@ def _flat(tree, prefix=""):
 # those runs trained (a resumed one then says so, e.g. --config.head_init=lecun).
 LEGACY = {"head_init": "lecun", "bituning.ce_weight": 1.0, "bituning.cce_weight": 1.0,
           "bituning.ccl_weight": 1.0, "bituning.key_generation": "momentum",
-          "bituning.bank_momentum": 0.5}
+          "bituning.bank_momentum": 0.5, "delta.feature_maps": "stage_output"}
 
 
 def config_changes(config, workdir):
@@ -73,9 +73,10 @@ def config_changes(config, workdir):
   if not path.exists():
     return {}
   saved = _flat(json.loads(path.read_text()))
-  for field, value in LEGACY.items():
-    saved.setdefault(field, value)
   now = _flat(json.loads(config.to_json_best_effort()))
+  for field, value in LEGACY.items():
+    if field in now:  # (a method's own section: absent from the others' configs)
+      saved.setdefault(field, value)
   return {k: (saved.get(k), now.get(k)) for k in sorted(saved.keys() | now.keys())
           if saved.get(k) != now.get(k)}
 

@@ -12,10 +12,15 @@ from bitune_jax.methods import delta
 
 
 def _np_penalty(stages, reference, attention):
+  """TLlib's formula, transliterated in its NCHW layout: per map
+  `0.5 * sum_{b,c} C * W_c * ||FM_bc - FM*_bc||_2^2 / (H*W)`."""
   total = 0.0
   for name, w in attention.items():
-    d = np.float64(stages[name]) - np.float64(reference[name])
-    total += np.sum(np.float64(w) * np.mean(np.sum(d ** 2, axis=(1, 2)), axis=0))
+    fm_t = np.float64(stages[name]).transpose(0, 3, 1, 2)
+    fm_s = np.float64(reference[name]).transpose(0, 3, 1, 2)
+    b, c, h, wd = fm_s.shape
+    distance = np.linalg.norm((fm_t - fm_s).reshape(b, c, h * wd), axis=2)  # [B, C]
+    total += 0.5 * np.sum(c * np.float64(w)[None] * distance ** 2 / (h * wd))
   return total
 
 
@@ -28,19 +33,20 @@ def test_feature_map_penalty_matches_numpy(rng):
   got = delta.feature_map_penalty(stages, reference, attention)
   np.testing.assert_allclose(float(got), _np_penalty(stages, reference, attention),
                              rtol=1e-5)
-  # The gradient reaches the trained maps (2 W_c (FM - FM*) / B), not the reference.
+  # The gradient reaches the trained maps (C W_c (FM - FM*) / (H W)), not the reference.
   grads = jax.grad(delta.feature_map_penalty, argnums=(0, 1))(stages, reference,
                                                               attention)
-  for n in shapes:
-    expected = 2 * attention[n] * (stages[n] - reference[n]) / shapes[n][0]
+  for n, (_, h, w, c) in shapes.items():
+    expected = c * attention[n] * (stages[n] - reference[n]) / (h * w)
     np.testing.assert_allclose(grads[0][n], expected, rtol=1e-4, atol=1e-6)
     assert not np.any(grads[1][n])
 
 
 def test_channel_attention_matches_numpy(rng):
-  """A two-stage toy network: for each stage and channel, the mean increase of the
-  per-example cross-entropy when that channel is zeroed (padding rows left out),
-  over two batches, then a softmax over the stage's channels with a temperature."""
+  """A two-stage toy network: for each stage and channel, the increase of the batch's
+  mean cross-entropy when that channel is zeroed (padding rows left out), averaged
+  over two batches of different sizes (a mean of per-batch means, as TLlib), then a
+  softmax of the z-scored increases over the stage's channels with a temperature."""
   d, c1, c2, classes = 4, 5, 3, 3
   a = rng.normal(size=(d, c1))
   b = rng.normal(size=(c1, c2))
@@ -68,7 +74,6 @@ def test_channel_attention_matches_numpy(rng):
                                               temperature=0.5, chunk=2)
   for name, channels in (("a", c1), ("b", c2)):
     expected = np.zeros(channels)
-    count = 0
     for batch in batches:
       real = batch["mask"] > 0
       x, y = np.float64(batch["x"][real]), batch["label"][real]
@@ -77,11 +82,10 @@ def test_channel_attention_matches_numpy(rng):
       for ch in range(channels):
         scale = {n: v.copy() for n, v in ones.items()}
         scale[name][ch] = 0
-        expected[ch] += np.sum(np_losses(x, y, scale) - base)
-      count += real.sum()
-    expected /= count
+        expected[ch] += np.mean(np_losses(x, y, scale) - base)
+    expected /= len(batches)
     np.testing.assert_allclose(increase[name], expected, rtol=1e-4, atol=1e-6)
-    z = expected / 0.5
+    z = (expected - expected.mean()) / expected.std() / 0.5
     soft = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
     np.testing.assert_allclose(weights[name], soft, rtol=1e-4, atol=1e-7)
     assert weights[name].sum() == pytest.approx(1.0, abs=1e-6)
@@ -90,7 +94,8 @@ def test_channel_attention_matches_numpy(rng):
 @pytest.mark.slow
 def test_a_delta_step_penalises_the_attention_weighted_distance_to_w_star(rng):
   """A tiny DELTA run: after `prepare`, w* is the backbone it started from and the
-  attention of each stage (layer1..layer3 of resnet_small) is a distribution; after
+  attention of each map (the last conv of layer1..layer3 of resnet_small) is a
+  distribution; after
   two steps, the third step's feature-map distance equals the one recomputed here
   from the model's own train-mode maps and w*'s eval-mode maps, and its loss is CE +
   alpha * distance + beta / 2 * ||head||^2."""
@@ -101,7 +106,7 @@ def test_a_delta_step_penalises_the_attention_weighted_distance_to_w_star(rng):
   state = run.state
   start = jax.device_get(state)
   attention = start.extras["attention"]
-  assert sorted(attention) == ["layer1", "layer2", "layer3"]
+  assert sorted(attention) == [f"layer{i}_last_conv" for i in (1, 2, 3)]
   for w in attention.values():
     assert np.all(w > 0) and float(np.sum(w)) == pytest.approx(1.0, abs=1e-5)
     assert np.ptp(w) > 0  # measured, not the uniform placeholder
@@ -135,12 +140,130 @@ def test_a_delta_step_penalises_the_attention_weighted_distance_to_w_star(rng):
       metrics["loss"], metrics["ce"] + 0.5 * expected + 0.05 * head, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch, expected", [
-    ("resnet50", {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}),
-    ("densenet121", {"denseblock1": 256, "denseblock2": 512, "denseblock3": 1024,
-                     "denseblock4": 1024})])
-def test_stages_of_the_papers_backbones(arch, expected):
-  """The stages DELTA regularises (shapes only): the outputs of the four stages."""
+_WIDTHS = {"resnet50": ("layer", (256, 512, 1024, 2048)),
+           "densenet121": ("denseblock", (256, 512, 1024, 1024))}
+
+
+@pytest.mark.parametrize("arch", sorted(_WIDTHS))
+@pytest.mark.parametrize("feature_maps", ["last_conv", "stage_output"])
+def test_maps_of_the_papers_backbones(arch, feature_maps):
+  """The maps DELTA regularises (shapes only): four per backbone, named by stage, the
+  last conv's output before its BatchNorm or the stage's output."""
   config = fakes.tiny_config("delta", arch=arch)
   model = delta.build_model(config, 10)
-  assert delta.stage_channels(model, jnp.zeros((1, 64, 64, 3))) == expected
+  prefix, widths = _WIDTHS[arch]
+  suffix = "_last_conv" if feature_maps == "last_conv" else ""
+  expected = {f"{prefix}{i + 1}{suffix}": w for i, w in enumerate(widths)}
+  assert delta.stage_channels(model, jnp.zeros((1, 64, 64, 3)), feature_maps) == expected
+
+
+# ------------------------------------------------------------- against TLlib's DELTA
+def _torch_resnet50_pair(seed, num_classes):
+  """A random ResNet-50 (the source, eval mode) and a copy moved a little away from it
+  (the network being fine-tuned, train mode), in float64."""
+  import copy  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch_models  # pylint: disable=g-import-not-at-top
+  generator = torch.Generator().manual_seed(seed)
+  source = torch_models.randomize_(torch_models.resnet50(num_classes), generator)
+  source = source.double().eval()
+  target = copy.deepcopy(source).train()
+  with torch.no_grad():
+    for p in target.parameters():
+      p.add_(0.05 * p.std() * torch.randn(p.shape, generator=generator,
+                                          dtype=torch.float64))
+  return source, target
+
+
+def _flax_variables(torch_model):
+  from bitune_jax.convert import mapping  # pylint: disable=g-import-not-at-top
+  tensors = {k: v.float().numpy() for k, v in torch_model.state_dict().items()}
+  backbone, heads, _ = mapping.map_backbone("resnet50", tensors)
+  head = {"dense": {"kernel": heads["fc"]["weight"].T, "bias": heads["fc"]["bias"]}}
+  return {"params": {"backbone": backbone["params"], "head": head},
+          "batch_stats": {"backbone": backbone["batch_stats"]}}
+
+
+def _resnet50_setup(rng, classes=7):
+  from bitune_jax.configs.delta import get_config  # pylint: disable=g-import-not-at-top
+  config = get_config("cub,resnet50,100")
+  source, target = _torch_resnet50_pair(int(rng.integers(1 << 31)), classes)
+  return config, delta.build_model(config, classes), source, target
+
+
+def test_configs_delta_penalty_is_tllibs_on_resnet50(rng):
+  """`configs/delta.py`'s penalty on a ResNet-50 against a PyTorch transliteration of
+  TLlib's DELTA (third_party/delta_reference.py) on the same weights and images, with
+  random channel weights: the maps are each stage's last conv3 output before bn3
+  (hooks on TLlib's `layer<i>.<last>.conv3`), the network in train mode, w* in eval
+  mode; penalty within 1e-4 relative (float32 here, float64 there)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import delta_reference as ref  # pylint: disable=g-import-not-at-top
+  config, model, source, target = _resnet50_setup(rng)
+  w_star, trained = _flax_variables(source), _flax_variables(target)
+  images = rng.normal(size=(8, 32, 32, 3)).astype(np.float32)
+  x = torch.from_numpy(images.transpose(0, 3, 1, 2)).double()
+  ours_t = model.apply(trained, images, train=True, stages=True,
+                       mutable=["batch_stats"])[0]["stages"]
+  ours_s = model.apply(w_star, images, train=False, stages=True)["stages"]
+  maps = delta.regularised_maps(ours_s, config.delta.feature_maps)
+  assert sorted(maps) == [f"layer{i}_last_conv" for i in range(1, 5)]
+  attention = {n: rng.dirichlet(np.ones(m.shape[-1])).astype(np.float32)
+               for n, m in maps.items()}
+  with torch.no_grad():
+    _, theirs_t = ref.hooked_maps(target, ref.last_convs(target), x)
+    _, theirs_s = ref.hooked_maps(source, ref.last_convs(source), x)
+    expected = ref.penalty(theirs_t, theirs_s, {
+        n.removesuffix("_last_conv"): torch.from_numpy(np.float64(w))
+        for n, w in attention.items()}).item()
+  for name, theirs in theirs_s.items():  # the same maps, before BN and ReLU
+    theirs = theirs.numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(ours_s[f"{name}_last_conv"], theirs, rtol=1e-4,
+                               atol=1e-4 * np.abs(theirs).max())
+    assert np.mean(theirs < 0) > 0.2
+  got = float(delta.feature_map_penalty(ours_t, ours_s, attention))
+  np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def test_configs_delta_attention_is_tllibs_on_resnet50(rng):
+  """`configs/delta.py`'s channel attention on a ResNet-50 against the PyTorch
+  transliteration of TLlib's: with the network's own fc as the classifier (eval mode),
+  the loss increase D of every channel of the first and last conv3 maps (ours: a padded batch
+  of 2 + 1; theirs: 2 images) within 1e-3 of D's spread, and the attention
+  softmax(zscore(D) / 5) within 1e-4 relative. The reference's fast path (zeroing the
+  conv's output channel on replicas) is checked against literally zeroing its weight
+  row on a few channels. Tiny 8 px images: the cost is the parameters x channels."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import delta_reference as ref  # pylint: disable=g-import-not-at-top
+  config, model, source, _ = _resnet50_setup(rng)
+  w_star = _flax_variables(source)
+  images = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+  labels = rng.integers(0, 7, 2)
+  head = w_star["params"]["head"]["dense"]
+  losses_fn = delta.attention_losses_fn(model, w_star, jnp.asarray(head["kernel"]),
+                                        jnp.asarray(head["bias"]))
+  batches = [{"image": np.concatenate([images, images[:1]]),  # padded to 3
+              "label": np.r_[labels, 0].astype(np.int32),
+              "mask": np.array([1.0, 1.0, 0.0], np.float32)}]
+  channels = delta.stage_channels(model, jnp.zeros((1, 8, 8, 3)),
+                                  config.delta.feature_maps)
+  assert len(channels) == 4
+  # The first and the last map (layer2 and layer3 cost 5x more, the same code path).
+  channels = {n: channels[n] for n in ("layer1_last_conv", "layer4_last_conv")}
+  assert config.delta.attention_temperature == 5.0
+  weights, increases = delta.channel_attention(
+      losses_fn, batches, channels, temperature=config.delta.attention_temperature)
+  torch_batches = [(torch.from_numpy(images.transpose(0, 3, 1, 2)).double(),
+                    torch.from_numpy(labels))]
+  convs = ref.last_convs(source)
+  theirs = ref.loss_increases(source, {n: convs[n] for n in ("layer1", "layer4")},
+                              torch_batches)
+  for name, some in (("layer1", [0, 200]), ("layer4", [7, 1500])):
+    literal = ref.loss_increases_by_zeroing(source, convs[name], torch_batches, some)
+    np.testing.assert_allclose(literal, theirs[name][some], rtol=1e-9)
+  for name, d in theirs.items():
+    np.testing.assert_allclose(increases[f"{name}_last_conv"], d, rtol=0,
+                               atol=1e-3 * np.std(d))
+    w = weights[f"{name}_last_conv"]
+    np.testing.assert_allclose(w, ref.attention_from_increases(d), rtol=1e-4)
+    assert np.max(w) / np.min(w) > 1.5  # the attention is not near uniform

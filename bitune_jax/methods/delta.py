@@ -1,24 +1,42 @@
-"""DELTA (Li et al., ICLR 2019): fine-tuning with the feature maps of the backbone's
-stages held near the pre-trained network's, each channel weighted by its attention.
+"""DELTA (Li et al., ICLR 2019): fine-tuning with the backbone's feature maps held near
+the pre-trained network's, each channel weighted by its attention, as TLlib (the
+authors' group's library, whose DELTA the Bi-tuning and Co-Tuning papers report)
+computes it.
 
-Loss: `CE + alpha * sum_s sum_c W_sc * mean_b ||FM_sc(w, x_b) - FM_sc(w*, x_b)||^2 +
-beta / 2 * ||w_new||^2`, where FM_sc is channel c of the output of backbone stage s
-(`layer1`..`layer4` of a ResNet, `denseblock1`..`denseblock4` of a DenseNet; the
-squared norm sums over the map's positions), w* the pre-trained backbone, frozen, run
-in eval mode on the same images, and w_new the new classifier head (kernel and bias).
+Loss: `CE + alpha * Omega + beta * sum_p ||p||^2 / 2` over the new head's parameters p,
+with, summed over the regularised maps s (C_s channels of H_s x W_s positions),
 
-Channel attention W (DELTA's supervised attention), computed once before training on
-the training set with the pre-trained network (`prepare`):
+  Omega = sum_s 0.5 * C_s / (H_s * W_s) * sum_b sum_c W_sc * ||FM_sc(w, x_b) - FM_sc(w*, x_b)||^2
+
+(a sum over the batch, not a mean: TLlib's `AttentionBehavioralRegularization`), where
+w* is the pre-trained backbone, frozen, run in eval mode on the same images.
+
+Which maps (`delta.feature_maps`):
+  * "last_conv" (TLlib, the papers' numbers): the output of each stage's last conv
+    before its BatchNorm, `layer<i>.<last>.conv3` of a ResNet-50 (`conv2` of a basic
+    block); about half of its values are negative. TLlib defines DELTA for ResNets
+    only; on a DenseNet we take its analogue, each dense block's concatenated conv
+    outputs before the BatchNorm that reads them.
+  * "stage_output": each stage's output after the residual add and ReLU (the
+    network's `layer1`..`layer4` / `denseblock1`..`denseblock4`).
+
+Channel attention W (DELTA's supervised attention), measured once before training
+with the pre-trained network (`prepare`):
 1. a classifier for the target classes is fitted on the frozen pooled features of the
-   training images (multinomial logistic regression, L2 `attention_l2`);
-2. for each stage s and channel c, the increase of its mean cross-entropy when that
-   channel of the stage's output is zeroed and the rest of the network runs on it:
-   `D_sc = mean_i [CE_i(channel c of s zeroed) - CE_i]`, over the first
-   `attention_batches` training batches;
-3. `W_s = softmax(D_s / attention_temperature)` over the channels of each stage (a
-   channel the classifier depends on more is held closer to the pre-trained map).
+   training images (multinomial logistic regression, L2 `attention_l2`). TLlib means
+   to freeze the backbone here and does not (`classifier.backbone.requires_grad =
+   False` sets an attribute, not the parameters' flags), so it fine-tunes the whole
+   network for 10 epochs; we keep the backbone frozen, as intended: the attention then
+   measures the network that is actually regularised towards. (TLlib also measures a
+   fresh ImageNet network when fine-tuning from another checkpoint; we measure w*.);
+2. for each map s and channel c, the increase of the classifier's mean cross-entropy
+   when that channel is zeroed (TLlib zeroes the conv's weight row; the same), run in
+   eval mode: `D_sc` = the mean over `attention_batches` random batches of
+   `attention_batch_size` training images of each batch's mean increase;
+3. `W_s = softmax(zscore(D_s) / attention_temperature)` over the channels of each map
+   (zscore: minus the mean, over the population standard deviation; T = 5 in TLlib).
 
-The penalty replaces weight decay (`configs/delta.py` sets 0), as in L2-SP. A resumed
+The penalty replaces weight decay (`configs/delta.py` sets 0), as in TLlib. A resumed
 run keeps the w* and W of its checkpoint.
 """
 
@@ -31,10 +49,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitune_jax import losses, relationship, sharding
+from bitune_jax.data import pipeline
 from bitune_jax.methods import common
 
 log = logging.getLogger("bitune_jax")
 TWO_VIEWS = False
+
+
+FEATURE_MAPS = ("last_conv", "stage_output")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,21 +65,33 @@ class StepConfig:
   beta: float  # weight of ||w_new||^2 / 2
 
 
+def regularised_maps(stages, feature_maps):
+  """The maps DELTA regularises, of a network's `out["stages"]`: `{name: map}`."""
+  if feature_maps not in FEATURE_MAPS:
+    raise ValueError(f"delta.feature_maps must be one of {', '.join(FEATURE_MAPS)}, got "
+                     f"{feature_maps!r}")
+  last_conv = feature_maps == "last_conv"
+  return {n: v for n, v in stages.items() if n.endswith("_last_conv") == last_conv}
+
+
 # --------------------------------------------------------------------------- penalty
 def feature_map_penalty(stages, reference, attention):
-  """`sum_s sum_c W_sc * mean_b sum_{h,w} (FM - FM*)^2_{b,h,w,c}` in float32.
+  """TLlib's DELTA distance, float32:
+  `sum_s 0.5 * C_s / (H_s W_s) * sum_{b,c} W_sc * sum_{h,w} (FM - FM*)^2_{b,h,w,c}`.
 
   Args:
-    stages: `{stage: [B, H, W, C]}` feature maps of the network being trained.
+    stages: `{name: [B, H, W, C]}` feature maps of the network being trained (the
+      names of `attention`, at least).
     reference: the same of the pre-trained network (no gradient is taken through it).
-    attention: `{stage: [C]}` channel weights.
+    attention: `{name: [C]}` channel weights.
   """
   total = jnp.zeros((), jnp.float32)
   for name, weights in attention.items():
     diff = stages[name].astype(jnp.float32) - jax.lax.stop_gradient(
         reference[name].astype(jnp.float32))
-    per_channel = jnp.mean(jnp.sum(jnp.square(diff), axis=(1, 2)), axis=0)  # [C]
-    total = total + jnp.sum(weights * per_channel)
+    _, height, width, channels = diff.shape
+    per_channel = jnp.sum(jnp.square(diff), axis=(0, 1, 2))  # [C], summed over b, h, w
+    total = total + 0.5 * channels / (height * width) * jnp.sum(weights * per_channel)
   return total
 
 
@@ -68,53 +102,86 @@ def head_penalty(head):
 
 
 # --------------------------------------------------------------------------- attention
+def attention_weights(increases, *, temperature):
+  """`softmax(zscore(D) / temperature)` of one map's loss increases `D [C]` (TLlib);
+  uniform when every channel's increase is the same."""
+  d = np.asarray(increases, np.float64)
+  spread = d.std()
+  z = (d - d.mean()) / spread if spread > 0 else np.zeros_like(d)
+  e = np.exp(z / temperature - np.max(z / temperature))
+  return (e / e.sum()).astype(np.float32)
+
+
 def channel_attention(losses_fn, batches, channels, *, temperature, chunk=32):
   """DELTA's channel attention from per-example losses.
 
   Args:
     losses_fn: `(batch, scale) -> [B]` per-example losses (0 where `batch["mask"]` is
-      0), where `scale` is `{stage: [C]}` channel multipliers (all ones: the plain
-      network); traceable.
-    batches: the batches to average over.
-    channels: `{stage: C}`.
-    temperature: the softmax's.
+      0), where `scale` is `{map: [C]}` channel multipliers (all ones: the plain
+      network); traceable. Only the part of the network after a scaled map is
+      recomputed per channel (vmap leaves the rest unbatched).
+    batches: the batches to average over (each must hold a real example).
+    channels: `{map: C}`.
+    temperature: of the softmax over each map's z-scored increases.
     chunk: channels evaluated at once (vmapped).
 
   Returns:
-    `({stage: W [C]}, {stage: D [C]})`: the softmax weights and the mean loss
-    increases.
+    `({map: W [C]}, {map: D [C]})`: the weights and the loss increases, D the mean
+    over the batches of each batch's mean increase (TLlib's running average).
   """
   ones = {name: jnp.ones((c,), jnp.float32) for name, c in channels.items()}
 
   @functools.partial(jax.jit, static_argnums=1)
   def increases(batch, name, start):  # (per-channel sums over the batch, examples)
-    base = losses_fn(batch, ones)  # [B]
-
-    def zeroed(index):
-      scale = dict(ones)
-      scale[name] = ones[name].at[index].set(0.0)
-      return jnp.sum(losses_fn(batch, scale) - base)
+    def total(keep):  # the batch's summed loss with the map's channels scaled by keep
+      return jnp.sum(losses_fn(batch, dict(ones, **{name: keep})))
     indices = jnp.minimum(start + jnp.arange(chunk), channels[name] - 1)
-    return jax.vmap(zeroed)(indices), jnp.sum(batch["mask"])
+    # Row 0 keeps every channel: the plain network, computed in the same vmapped
+    # program as the zeroed ones, so that their difference carries no rounding of
+    # two differently compiled forward passes.
+    keep = jnp.concatenate([ones[name][None], 1.0 - jax.nn.one_hot(
+        indices, channels[name], dtype=jnp.float32)])  # [1 + chunk, C]
+    sums = jax.vmap(total)(keep)
+    return sums[1:] - sums[0], jnp.sum(batch["mask"])
 
   sums = {name: np.zeros(c, np.float64) for name, c in channels.items()}
   count = 0
   for batch in batches:
     for name, c in channels.items():
       for start in range(0, c, chunk):
-        values, n = increases(batch, name, start)
-        values = np.asarray(jax.device_get(values), np.float64)
-        sums[name][start:start + chunk] += values[:min(chunk, c - start)]
-    count += int(n)
+        values, n = jax.device_get(increases(batch, name, start))
+        if not n:
+          raise ValueError("DELTA's channel attention got a batch without examples")
+        sums[name][start:start + chunk] += (
+            np.asarray(values, np.float64)[:min(chunk, c - start)] / float(n))
+    count += 1
   if not count:
     raise ValueError("DELTA's channel attention needs at least one training batch")
   mean = {name: s / count for name, s in sums.items()}
-  weights = {}
-  for name, d in mean.items():
-    z = d / temperature
-    e = np.exp(z - z.max())
-    weights[name] = (e / e.sum()).astype(np.float32)
-  return weights, mean
+  return {name: attention_weights(d, temperature=temperature)
+          for name, d in mean.items()}, mean
+
+
+def attention_losses_fn(model, variables, kernel, bias):
+  """`(batch, scale) -> [B]` masked cross-entropies of the classifier `features @
+  kernel + bias` on `model` (eval mode) with the maps' channels scaled."""
+  def losses_fn(batch, scale):
+    out = model.apply(variables, batch["image"], train=False, channel_scale=scale)
+    logits = out["features"].astype(jnp.float32) @ kernel + bias
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"][:, None],
+                                axis=1)[:, 0] * batch["mask"]
+  return losses_fn
+
+
+def attention_batches(split, *, num_batches, batch_size, seed):
+  """`num_batches` batches of `batch_size` training images drawn without replacement
+  (seeded; fewer when the split is smaller), as TLlib's shuffled loader gives them."""
+  rows = np.random.default_rng([seed, 1]).permutation(len(split))[
+      :num_batches * batch_size]
+  sample = split.take(rows)
+  subset = pipeline.Split(images=sample["image_u8"], hw=sample["hw"],
+                          labels=sample["label"], size=split.size)
+  return subset.batches(batch_size)
 
 
 # --------------------------------------------------------------------------- method
@@ -122,19 +189,19 @@ def build_model(config, num_classes):
   return common.build_network(config, num_classes)
 
 
-def stage_channels(model, sample_images):
-  """`{stage: C}` of the model's backbone stages."""
+def stage_channels(model, sample_images, feature_maps):
+  """`{map: C}` of the maps DELTA regularises (`regularised_maps`)."""
   out, _ = jax.eval_shape(
       lambda x: model.init_with_output(jax.random.PRNGKey(0), x, stages=True),
       sample_images)
-  return {name: int(v.shape[-1]) for name, v in out["stages"].items()}
+  return {name: int(v.shape[-1])
+          for name, v in regularised_maps(out["stages"], feature_maps).items()}
 
 
 def init_state(rng, sample_images, *, model, tx, config):
-  del config
   rng, init_rng = jax.random.split(rng)
   params, batch_stats = common.init_variables(model, init_rng, sample_images)
-  channels = stage_channels(model, sample_images)
+  channels = stage_channels(model, sample_images, config.delta.feature_maps)
   # Placeholders of the right shapes: `prepare` puts w* and W in before training.
   extras = {"w0": jax.tree.map(jnp.copy, params["backbone"]),
             "w0_stats": jax.tree.map(jnp.copy, batch_stats["backbone"]),
@@ -152,31 +219,25 @@ def prepare(state, *, model, config, data, mesh, workdir, pretrained):
   """w* (the loaded backbone) and the channel attention, before the first step."""
   del workdir, pretrained
   cfg = config.delta
+  sharding.check_batch_size(cfg.attention_batch_size, mesh)
   features, labels = common.eval_outputs(model, state, data.train, output="features",
                                          batch_size=config.eval_batch_size, mesh=mesh)
   kernel = relationship.fit_logistic_regression(
       np.concatenate([features, np.ones((len(features), 1), features.dtype)], 1),
       labels, num_classes=config.num_classes, l2=cfg.attention_l2)
-  kernel, bias = jnp.asarray(kernel[:-1]), jnp.asarray(kernel[-1])
-  params = {"params": state.params, "batch_stats": state.batch_stats}
-
-  def losses_fn(batch, scale):
-    out = model.apply(params, batch["image"], train=False, channel_scale=scale)
-    logits = out["features"] @ kernel + bias
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"][:, None],
-                                axis=1)[:, 0] * batch["mask"]
-
+  losses_fn = attention_losses_fn(
+      model, {"params": state.params, "batch_stats": state.batch_stats},
+      jnp.asarray(kernel[:-1]), jnp.asarray(kernel[-1]))
   sample = jnp.zeros((1,) + tuple(data.image_shape), jnp.float32)
-  channels = stage_channels(model, sample)
-  batches = []
-  for batch in data.train.batches(config.eval_batch_size):
-    if len(batches) == cfg.attention_batches:
-      break
-    batches.append(sharding.global_batch(batch, mesh))
+  channels = stage_channels(model, sample, cfg.feature_maps)
+  batches = [sharding.global_batch(b, mesh) for b in attention_batches(
+      data.train, num_batches=cfg.attention_batches,
+      batch_size=cfg.attention_batch_size, seed=config.seed)]
   weights, _ = channel_attention(losses_fn, batches, channels,
                                  temperature=cfg.attention_temperature)
-  log.info("DELTA attention from %d training batches: %s", len(batches), ", ".join(
-      f"{n} max {w.max() * len(w):.2f}x uniform" for n, w in weights.items()))
+  log.info("DELTA attention (%s) from %d batches of %d training images: %s",
+           cfg.feature_maps, len(batches), cfg.attention_batch_size, ", ".join(
+               f"{n} max {w.max() * len(w):.2f}x uniform" for n, w in weights.items()))
   extras = {"w0": jax.tree.map(jnp.copy, state.params["backbone"]),
             "w0_stats": jax.tree.map(jnp.copy, state.batch_stats["backbone"]),
             "attention": {n: jnp.asarray(w) for n, w in weights.items()}}

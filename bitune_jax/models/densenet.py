@@ -74,13 +74,16 @@ class DenseNet(nn.Module):
   @nn.compact
   def __call__(self, images, train=False, return_stages=False, channel_scale=None):
     """Pooled features `[B, F]`; with `return_stages`, also the feature maps after each
-    dense block (`denseblock4`: after the final BatchNorm and ReLU). `channel_scale`:
-    `{stage: [C]}` multipliers of those maps' channels (DELTA's channel attention)."""
-    stages = {}
+    dense block: `denseblock<i>` (`denseblock4`: after the final BatchNorm and ReLU)
+    and `denseblock<i>_last_conv`, the block's concatenated conv outputs before the
+    BatchNorm that reads them (a transition's `norm`, or `norm5`; the same map as
+    `denseblock<i>` for i < 4). `channel_scale`: `{map: [C]}` multipliers of those
+    maps' channels (DELTA's channel attention)."""
+    stages, scale = {}, channel_scale or {}
 
     def stage(name, x):
-      if channel_scale and name in channel_scale:
-        x = x * channel_scale[name].astype(x.dtype)
+      if name in scale:
+        x = x * scale[name].astype(x.dtype)
       stages[name] = x
       return x
     x = images.astype(self.dtype)
@@ -91,6 +94,7 @@ class DenseNet(nn.Module):
     for i, num_layers in enumerate(self.block_config):
       x = DenseBlock(num_layers, self.growth_rate, self.bn_size, dtype=self.dtype,
                      name=f"denseblock{i + 1}")(x, train)
+      x = stage(f"denseblock{i + 1}_last_conv", x)
       if i < len(self.block_config) - 1:
         x = stage(f"denseblock{i + 1}", x)
         x = Transition(x.shape[-1] // 2, dtype=self.dtype,

@@ -21,13 +21,16 @@ class BasicBlock(nn.Module):
   expansion = 1
 
   @nn.compact
-  def __call__(self, x, train):
+  def __call__(self, x, train, conv_scale=None):
+    """`(output, last conv's output before its BatchNorm)`; `conv_scale` multiplies
+    the channels of the latter (see `ResNet`)."""
     y = layers.conv(self.planes, 3, stride=self.stride, padding=1, dtype=self.dtype,
                     name="conv1")(x)
     y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn1")(y))
-    y = layers.conv(self.planes, 3, padding=1, dtype=self.dtype, name="conv2")(y)
-    y = layers.batch_norm(train, dtype=self.dtype, name="bn2")(y)
-    return nn.relu(y + _shortcut(self, x, train))
+    y = _scaled(layers.conv(self.planes, 3, padding=1, dtype=self.dtype, name="conv2")(y),
+                conv_scale)
+    out = layers.batch_norm(train, dtype=self.dtype, name="bn2")(y)
+    return nn.relu(out + _shortcut(self, x, train)), y
 
 
 class Bottleneck(nn.Module):
@@ -38,15 +41,22 @@ class Bottleneck(nn.Module):
   expansion = 4
 
   @nn.compact
-  def __call__(self, x, train):
+  def __call__(self, x, train, conv_scale=None):
+    """`(output, conv3's output before bn3)`; `conv_scale` multiplies the channels of
+    the latter (see `ResNet`)."""
     y = layers.conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)
     y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn1")(y))
     y = layers.conv(self.planes, 3, stride=self.stride, padding=1, dtype=self.dtype,
                     name="conv2")(y)
     y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn2")(y))
-    y = layers.conv(self.planes * 4, 1, dtype=self.dtype, name="conv3")(y)
-    y = layers.batch_norm(train, dtype=self.dtype, name="bn3")(y)
-    return nn.relu(y + _shortcut(self, x, train))
+    y = _scaled(layers.conv(self.planes * 4, 1, dtype=self.dtype, name="conv3")(y),
+                conv_scale)
+    out = layers.batch_norm(train, dtype=self.dtype, name="bn3")(y)
+    return nn.relu(out + _shortcut(self, x, train)), y
+
+
+def _scaled(x, scale):
+  return x if scale is None else x * scale.astype(x.dtype)
 
 
 def _shortcut(block, x, train):
@@ -82,9 +92,14 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, train=False, return_stages=False, channel_scale=None):
-    """Pooled features `[B, F]`; with `return_stages`, also `{stem, layer1, ...}` feature
-    maps. `channel_scale`: `{stage: [C]}` multipliers of a stage's output channels
-    before the rest of the network reads it (DELTA's channel attention zeroes one)."""
+    """Pooled features `[B, F]`; with `return_stages`, also the feature maps `{stem,
+    layer1, ..., layer1_last_conv, ...}`: `layer<i>` is stage i's output (after the
+    residual add and ReLU), `layer<i>_last_conv` the output of the stage's last conv
+    (`conv3` of its last bottleneck, `conv2` of its last basic block) before that
+    conv's BatchNorm. `channel_scale`: `{map: [C]}` multipliers of those maps' channels
+    before the rest of the network reads them (DELTA's channel attention zeroes one;
+    zeroing a channel of `layer<i>_last_conv` is zeroing that output channel's row of
+    the conv's weight, as TLlib does)."""
     x = images.astype(self.dtype)
     if self.small_inputs:
       x = layers.conv(self.base_width, 3, padding=1, dtype=self.dtype, name="conv1")(x)
@@ -96,13 +111,15 @@ class ResNet(nn.Module):
       x = layers.max_pool_3x3_s2(x)
     stages = {"stem": x}
     for i, num_blocks in enumerate(self.stage_sizes):
+      stage, scale = f"layer{i + 1}", channel_scale or {}
       for j in range(num_blocks):
         stride = 2 if i > 0 and j == 0 else 1
-        x = self.block(self.base_width * 2 ** i, stride=stride, dtype=self.dtype,
-                       name=f"layer{i + 1}_{j}")(x, train)
-      if channel_scale and f"layer{i + 1}" in channel_scale:
-        x = x * channel_scale[f"layer{i + 1}"].astype(x.dtype)
-      stages[f"layer{i + 1}"] = x
+        x, last_conv = self.block(
+            self.base_width * 2 ** i, stride=stride, dtype=self.dtype,
+            name=f"{stage}_{j}")(x, train, scale.get(f"{stage}_last_conv")
+                                 if j == num_blocks - 1 else None)
+      stages[f"{stage}_last_conv"] = last_conv
+      stages[stage] = x = _scaled(x, scale.get(stage))
     features = layers.global_avg_pool(x)
     return (features, stages) if return_stages else features
 
