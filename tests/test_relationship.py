@@ -133,8 +133,8 @@ def test_reverse_relationship_block_structure():
   marginal = np.concatenate([train_probs, val_probs]).mean(axis=0)
   exact = np.array([[marginal[0], marginal[1], 0, 0], [0, 0, marginal[2], marginal[3]]])
   np.testing.assert_allclose(r, exact / exact.sum(axis=1, keepdims=True), atol=1e-3)
-  # Every l2 is 100% accurate; the tie goes to the lowest validation NLL, i.e. the
-  # weakest ridge (most confident correct predictions). Separable -> T clipped low.
+  # Every l2 is 100% accurate; the tie goes to the first in the grid, the weakest
+  # ridge (the official order). Separable -> T clipped low.
   assert len(info["val_accuracy"]) == len(rel.DEFAULT_L2_GRID) == 17
   np.testing.assert_array_equal(info["val_accuracy"], 1.0)
   assert info["l2"] == min(rel.DEFAULT_L2_GRID)
@@ -201,3 +201,20 @@ def test_bad_shapes_and_values_raise():
     rel.calibrate_temperature(np.zeros((4, 2)), labels[:3])
   with pytest.raises(ValueError, match="l2 must be"):
     rel.fit_logistic_regression(probs, labels, num_classes=2, l2=0.0)
+
+
+def test_reverse_relationship_ties_go_to_the_first_in_grid_order():
+  """The official code's rule: of the ridges with the best validation accuracy, the
+  first in grid order (`np.argmax`), whatever their NLLs. Separable data: every ridge
+  is 100% accurate, and the weak ridge has the lower NLL, yet a strong ridge listed
+  first is chosen."""
+  counts, targets = [30, 10, 5, 15], [0, 0, 1, 1]
+  probs, labels = _block_probs(counts, targets)
+  _, info = rel.reverse_relationship(
+      train_probs=probs, train_labels=labels, val_probs=probs, val_labels=labels,
+      num_classes=2, l2_grid=(10.0, 1e-3))
+  np.testing.assert_array_equal(info["val_accuracy"], 1.0)
+  assert info["val_nll"][1] < info["val_nll"][0]
+  assert info["l2"] == 10.0
+  assert rel.DEFAULT_L2_GRID == tuple(1 / c for c in rel.OFFICIAL_C_GRID)
+  assert rel.OFFICIAL_C_GRID[:3] == (1e4, 3e3, 1e3) and len(rel.DEFAULT_L2_GRID) == 17
