@@ -9,9 +9,12 @@ loss) is float32, with the dot products at `Precision.HIGHEST` so that TPUs and 
 Labels, one rule for every function that takes them (`queues.enqueue_by_class` too):
   * a negative label means "no label": that query takes no part in the loss (the mean
     is over the labelled queries; 0 when there are none) and its key is not enqueued;
-  * a label >= C is an error: `ValueError` when the labels are concrete; under `jit`
-    (values unknown at trace time) the loss is NaN, so training stops at its NaN check,
-    and the key is not enqueued.
+  * a label >= C is an error: `ValueError` when the labels are concrete (also a
+    constant closed over by a jitted function); when they are traced (a `jit`
+    argument, `vmap`) the loss is NaN, so training stops at its NaN check, and the key
+    is not enqueued;
+  * a Python list or tuple of ints is accepted (converted with `jnp.asarray`).
+A temperature <= 0 (or NaN) is a `ValueError` when concrete; a traced one is unchecked.
 
 Papers:
   * Bi-tuning (Zhong et al.): CCE, Eq. (3); CCL, Eq. (4); total, Eq. (5).
@@ -34,6 +37,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -71,20 +75,48 @@ def _check_rank(fn, name, x, rank):
     raise _shape_error(fn, f"{name} must have rank {rank}", **{name: x})
 
 
-def check_labels(fn: str, labels: ArrayLike, batch: int, num_classes: int) -> None:
+def _known(x):
+  """NumPy value of `x` when it is known without staging an operation, else None.
+
+  A Tracer's value is unknown (a `jit` argument, `vmap`, `grad`). A `jax.Array` closed
+  over by a jitted function is not a Tracer: `np.asarray` reads it from the device
+  without adding anything to the trace (a `jnp` op on it would be staged).
+  """
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(x)):
+    return None
+  return np.asarray(x)
+
+
+def _check_temperature(fn, temperature):
+  """A concrete temperature must be > 0 (NaN too is refused); a traced one is free."""
+  known = _known(temperature)
+  if known is not None and not np.all(known > 0):
+    raise ValueError(f"{fn}: temperature must be > 0, got {temperature}")
+
+
+def check_labels(fn: str, labels: ArrayLike, batch: int,
+                 num_classes: int) -> jax.Array:
   """Rank, dtype and length of `labels`; labels >= `num_classes` refused when concrete
-  (the module's label rule)."""
+  (the module's label rule), also inside `jit` when they are a closed-over constant.
+
+  Returns:
+    `labels` as an array: a Python list or tuple converted with `jnp.asarray`.
+  """
+  known = _known(labels)  # read before the conversion, which jit would stage
+  if isinstance(labels, (list, tuple)):
+    labels = jnp.asarray(labels)
   _check_rank(fn, "labels", labels, 1)
   if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
     raise ValueError(f"{fn}: labels must be integers, got dtype {jnp.result_type(labels)}")
   if labels.shape[0] != batch:
     raise _shape_error(fn, f"labels must have one entry per query (B={batch})",
                        labels=labels)
-  if not isinstance(labels, jax.core.Tracer) and labels.shape[0]:
-    top = int(jnp.max(labels))
+  if known is not None and known.size:
+    top = int(known.max())
     if top >= num_classes:
       raise ValueError(f"{fn}: labels must be < C={num_classes} (a negative label means "
                        f"no label), got {top}")
+  return labels
 
 
 def _labelled_mean(per_query, labels, num_classes):
@@ -172,7 +204,9 @@ def categorical_contrastive_loss(*, z_query: ArrayLike, z_key: ArrayLike,
   if z_key.shape != z_query.shape or queue_z.shape[-1] != z_query.shape[-1]:
     raise _shape_error(fn, "z_query [B,D], z_key [B,D] and queue_z [C,K,D] must agree",
                        z_query=z_query, z_key=z_key, queue_z=queue_z)
-  check_labels(fn, labels, z_query.shape[0], num_valid_classes or queue_z.shape[0])
+  labels = check_labels(fn, labels, z_query.shape[0],
+                        num_valid_classes or queue_z.shape[0])
+  _check_temperature(fn, temperature)
 
   zq = z_query.astype(_F32) / temperature
   own = jnp.sum(zq * z_key.astype(_F32), axis=-1)  # [B]
@@ -221,7 +255,8 @@ def contrastive_cross_entropy_loss(*, h_query: ArrayLike, head_kernel: ArrayLike
         fn, "need h_query [B,F], head_kernel [F,C], head_bias [C], queue_h [C',K,F+1] "
         "with C' >= C",
         h_query=h_query, head_kernel=head_kernel, head_bias=head_bias, queue_h=queue_h)
-  check_labels(fn, labels, h_query.shape[0], num_classes)
+  labels = check_labels(fn, labels, h_query.shape[0], num_classes)
+  _check_temperature(fn, temperature)
 
   # Class prototype of each query, [B, F+1]: only the batch's columns of the head.
   safe = jnp.clip(labels, 0, num_classes - 1)  # unlabelled queries: out of the mean
@@ -241,6 +276,7 @@ def contrastive_cross_entropy_loss(*, h_query: ArrayLike, head_kernel: ArrayLike
 # --------------------------------------------------------------------------- MoCo
 def _info_nce_parts(fn, query, keys, queue, temperature):
   """Positive logits `[B]` per key in `keys` and the negatives' log-sum-exp `[B]`."""
+  _check_temperature(fn, temperature)
   _check_rank(fn, "query", query, 2)
   _check_rank(fn, "queue", queue, 2)
   for name, key in keys.items():
@@ -343,7 +379,7 @@ def cross_entropy_loss(*, logits: ArrayLike, labels: ArrayLike) -> jax.Array:
   fn = "cross_entropy_loss"
   _check_rank(fn, "logits", logits, 2)
   num_classes = logits.shape[1]
-  check_labels(fn, labels, logits.shape[0], num_classes)
+  labels = check_labels(fn, labels, logits.shape[0], num_classes)
   log_p = jax.nn.log_softmax(logits.astype(_F32), axis=-1)
   safe = jnp.clip(labels, 0, num_classes - 1)
   nll = -jnp.take_along_axis(log_p, safe[:, None], axis=-1)[:, 0]  # [B]
@@ -363,7 +399,8 @@ def fixmatch_loss(*, logits_weak: ArrayLike, logits_strong: ArrayLike,
   Args:
     logits_weak: `[U, C]` logits of the weakly augmented views (no gradient).
     logits_strong: `[U, C]` logits of the strongly augmented views.
-    threshold: tau, the confidence a pseudo-label needs (0.95 in FixMatch).
+    threshold: tau, the confidence a pseudo-label needs (0.95 in FixMatch); may be
+      traced (a `jit` argument); checked to lie in [0, 1] when concrete.
     valid: optional `[U]` bool, examples to count (padding: False); default all.
 
   Returns:
@@ -376,7 +413,8 @@ def fixmatch_loss(*, logits_weak: ArrayLike, logits_strong: ArrayLike,
   if logits_weak.shape != logits_strong.shape:
     raise _shape_error(fn, "need logits_weak and logits_strong of one shape [U, C]",
                        logits_weak=logits_weak, logits_strong=logits_strong)
-  if not 0.0 <= threshold <= 1.0:
+  known = _known(threshold)
+  if known is not None and not np.all((known >= 0.0) & (known <= 1.0)):
     raise ValueError(f"{fn}: threshold must be in [0, 1], got {threshold}")
   weak = jax.nn.softmax(jax.lax.stop_gradient(logits_weak).astype(_F32), axis=-1)
   confidence, pseudo = jnp.max(weak, axis=-1), jnp.argmax(weak, axis=-1)  # [U]

@@ -92,8 +92,9 @@ def class_write_positions(ptr: ArrayLike, labels: ArrayLike, *, size: int,
   Key j goes to `(labels[j], (ptr[labels[j]] + rank_j) mod size)` if it is among the
   last `size` keys of its class in the batch; otherwise to row `C + j`, out of bounds,
   so that no slot is written twice. Keys with `valid[j]` False (and labels outside
-  [0, C)) are not enqueued and take no rank.
+  [0, C)) are not enqueued and take no rank. `labels` may be a Python list of ints.
   """
+  labels = jnp.asarray(labels)
   num_classes, batch = ptr.shape[0], labels.shape[0]
   order = jnp.arange(batch)
   ok = (labels >= 0) & (labels < num_classes)
@@ -125,14 +126,15 @@ def enqueue_by_class(queues: "ClassQueues", *, keys: ArrayLike,
   Args:
     queues: `ClassQueues` with keys `[C, K, D]`.
     keys: `[B, D]` new keys.
-    labels: `[B]` int class of each key, in [0, C), or negative (no label).
+    labels: `[B]` int class of each key, in [0, C), or negative (no label); an array
+      or a Python list or tuple.
 
   Returns:
     The updated `ClassQueues`.
   """
   num_classes, size, dim = queues.keys.shape
-  _check_keys("enqueue_by_class", keys, dim, "labels", labels)
-  check_labels("enqueue_by_class", labels, keys.shape[0], num_classes)
+  _check_keys("enqueue_by_class", keys, dim, "labels", jnp.asarray(labels))
+  labels = check_labels("enqueue_by_class", labels, keys.shape[0], num_classes)
   labels = labels.astype(jnp.int32)
   finite = jnp.all(jnp.isfinite(keys), axis=1)  # [B]
   row, slot = class_write_positions(queues.ptr, labels, size=size, valid=finite)
@@ -213,6 +215,7 @@ def update_memory_bank(bank: "MemoryBank", *, indices: ArrayLike, values: ArrayL
     last occurrence.
   """
   size, dim = bank.keys.shape
+  indices = jnp.asarray(indices)  # a Python list of ints too
   _check_keys("update_memory_bank", values, dim, "indices", indices)
   indices = indices.astype(jnp.int32)
   batch = indices.shape[0]
@@ -239,8 +242,17 @@ def class_index_table(labels: ArrayLike, *, num_rows: int) -> tuple[Any, Any]:
   Returns:
     `(table [C', M] int32, counts [C'] int32)` (NumPy): row c lists the bank rows of
     class c in order, padded with 0; M is the largest class's count (at least 1).
+
+  A host-side function (NumPy out, M depends on the labels' values): called on traced
+  labels (under `jit`, `vmap` or `grad`) it raises a one-line `TypeError`; labels
+  closed over by a jitted function are concrete and work. Build the table once, before
+  the step, and pass it in.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
+  for name, value in (("labels", labels), ("num_rows", num_rows)):
+    if isinstance(value, jax.core.Tracer):
+      raise TypeError(f"class_index_table: a host-side function (NumPy out); call it "
+                      f"outside jit, grad and vmap, got a traced `{name}`")
   labels = np.asarray(labels)
   if labels.ndim != 1 or (labels.size and labels.max() >= num_rows):
     raise ValueError(f"class_index_table: labels must be [N] in [0, {num_rows}) or "

@@ -17,9 +17,15 @@ official ones stop at scikit-learn's default 100 L-BFGS iterations (short of the
 optimum of its own objective at the weak ridges); a converged fit is the better
 estimate of the model the method describes, and it does not depend on the solver's
 iteration count.
+
+Every public function here is host-side (NumPy out, a regularisation strength or a
+temperature chosen on the host): called on a traced argument (under `jit`, `grad` or
+`vmap`) it raises a one-line `TypeError` saying so. Inside a jitted function with
+concrete (closed-over) arguments it computes at trace time, as eagerly.
 """
 
 import functools
+import inspect
 from typing import Sequence, Tuple
 
 import jax
@@ -99,6 +105,24 @@ def _check_every_class_present(fn, labels, num_classes):
                  f"needs at least one (empty classes: {empty.tolist()})")
 
 
+def _host_side(fn):
+  """Refuses traced arguments of the host-side `fn` with a one-line `TypeError`; with
+  concrete arguments inside a trace, computes at trace time."""
+  signature = inspect.signature(fn)
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    for name, value in signature.bind(*args, **kwargs).arguments.items():
+      leaves = jax.tree_util.tree_leaves(value)
+      if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        raise TypeError(f"{fn.__name__}: a host-side function (NumPy out); call it "
+                        f"outside jit, grad and vmap, got a traced `{name}`")
+    with jax.ensure_compile_time_eval():  # no-op eagerly; inside jit: no staged ops
+      return fn(*args, **kwargs)
+
+  return wrapper
+
+
 # --------------------------------------------------------------------------- solver
 def _minimize_lbfgs(fun, init, *, max_iters, tol):
   """Minimises `fun` from `init` with optax L-BFGS (zoom line search), traceable.
@@ -170,14 +194,19 @@ def _fit_inverse_temperature(logits, labels, lo, hi, tol, *, max_iters):
 
 
 # --------------------------------------------------------------------------- public
+@_host_side
 def probs_from_logits(logits: ArrayLike, *, temperature: float = 1.0) -> np.ndarray:
-  """Softmax of `logits [N, C] / temperature` as a float32 NumPy array `[N, C]`."""
+  """Softmax of `logits [N, C] / temperature` as a float32 NumPy array `[N, C]`.
+
+  Host-side (the module's rule): a traced argument is a one-line `TypeError`.
+  """
   if not np.isfinite(temperature) or temperature <= 0:
     raise _error("probs_from_logits", f"temperature must be > 0, got {temperature}")
   logits = jnp.asarray(logits, jnp.float32)
   return np.asarray(jax.nn.softmax(logits / temperature, axis=-1))
 
 
+@_host_side
 def direct_relationship(*, source_probs: ArrayLike, labels: ArrayLike,
                         num_classes: int) -> np.ndarray:
   """Co-Tuning's direct relationship: R[t] = mean source distribution of class t.
@@ -191,6 +220,8 @@ def direct_relationship(*, source_probs: ArrayLike, labels: ArrayLike,
   Returns:
     `R [C_t, C_s]` float32, each row a distribution over the source classes (the
     class mean, renormalised so that float32 rows sum to 1).
+
+  Host-side (the module's rule): a traced argument is a one-line `TypeError`.
   """
   fn = "direct_relationship"
   num_classes = _check_num_classes(fn, num_classes)
@@ -204,6 +235,7 @@ def direct_relationship(*, source_probs: ArrayLike, labels: ArrayLike,
   return np.asarray(rel, np.float32)
 
 
+@_host_side
 def calibrate_temperature(logits: ArrayLike, labels: ArrayLike, *,
                           min_temperature: float = MIN_TEMPERATURE,
                           max_temperature: float = MAX_TEMPERATURE, max_iters: int = 200,
@@ -223,6 +255,8 @@ def calibrate_temperature(logits: ArrayLike, labels: ArrayLike, *,
 
   Returns:
     The optimal temperature, a finite float in `[min_temperature, max_temperature]`.
+
+  Host-side (the module's rule): a traced argument is a one-line `TypeError`.
   """
   fn = "calibrate_temperature"
   if not 0 < min_temperature < max_temperature < np.inf:
@@ -237,6 +271,7 @@ def calibrate_temperature(logits: ArrayLike, labels: ArrayLike, *,
   return float(np.clip(1.0 / float(beta), min_temperature, max_temperature))
 
 
+@_host_side
 def fit_logistic_regression(features: ArrayLike, labels: ArrayLike, *, num_classes: int,
                             l2: float, max_iters: int = 1000,
                             tol: float = 1e-7) -> np.ndarray:
@@ -257,6 +292,8 @@ def fit_logistic_regression(features: ArrayLike, labels: ArrayLike, *, num_class
 
   Returns:
     `W [D, C]` float32; logits are `features @ W`.
+
+  Host-side (the module's rule): a traced argument is a one-line `TypeError`.
   """
   fn = "fit_logistic_regression"
   num_classes = _check_num_classes(fn, num_classes)
@@ -287,6 +324,7 @@ def _select_l2(train_probs, train_labels, val_probs, val_labels, *, num_classes,
   return best, weights, np.asarray(accs), np.asarray(nlls)
 
 
+@_host_side
 def reverse_relationship(*, train_probs: ArrayLike, train_labels: ArrayLike,
                          val_probs: ArrayLike, val_labels: ArrayLike, num_classes: int,
                          l2_grid: Sequence[float] = DEFAULT_L2_GRID,
@@ -313,6 +351,8 @@ def reverse_relationship(*, train_probs: ArrayLike, train_labels: ArrayLike,
     `(R [C_t, C_s] float32 with rows summing to 1, info)`, with info keys `l2`
     (chosen), `temperature`, `l2_grid`, `val_accuracy` and `val_nll` (`[len(grid)]`,
     in grid order).
+
+  Host-side (the module's rule): a traced argument is a one-line `TypeError`.
   """
   fn = "reverse_relationship"
   num_classes = _check_num_classes(fn, num_classes)
