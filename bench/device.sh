@@ -79,7 +79,8 @@ else
       >/tmp/bitune-device-pip.log 2>&1; then
     install="$install; pip install -e . --no-deps; the checkout on PYTHONPATH"
   else
-    install="$install; pip install -e . failed ($(tail -1 /tmp/bitune-device-pip.log)); the checkout on PYTHONPATH"
+    why=$( (grep -m1 "configuration error" /tmp/bitune-device-pip.log || grep -m1 -i "error" /tmp/bitune-device-pip.log) | sed "s/^ *//")
+    install="$install; pip install -e . failed (${why:-see /tmp/bitune-device-pip.log}; an old setuptools? the build needs setuptools>=77: add its wheel); the checkout on PYTHONPATH"
   fi
 fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
