@@ -89,7 +89,7 @@ def probe(setup, peak_flag):
     source = (f"nominal CPU: {os.cpu_count()} cores x {CPU_GHZ} GHz x "
               f"{CPU_FLOP_PER_CYCLE} float32 FLOP/cycle")
   return {"platform": device.platform, "kind": kind, "count": jax.device_count(),
-          "jax": jax.__version__, "peak_tflops": peak,
+          "jax": jax.__version__, "peak_tflops": peak,  # of one device
           "peak_source": source if peak else "unknown: pass --peak_tflops",
           "cpu_cores": os.cpu_count()}
 
@@ -123,8 +123,8 @@ def step(setup, peak, method):
          "step_ms_min": 1e3 * min(times), "model_gflop_per_step": flops / 1e9,
          "tflop_per_s": flops / seconds / 1e12,
          "xla_gflop_per_step": compiled.flops / 1e9 if compiled.flops > 0 else None}
-  if peak:
-    out["mfu"] = flops / seconds / 1e12 / peak
+  if peak:  # the step's FLOPs over every device's peak
+    out["mfu"] = flops / seconds / 1e12 / (peak * jax.device_count())
   _say(f"step_{method}", f"{out['step_ms']:.2f} ms/step (median of {len(times)}), "
        f"{out['model_gflop_per_step']:.1f} GFLOP, {out['tflop_per_s']:.2f} TFLOP/s"
        + (f", MFU {out['mfu']:.1%}" if peak else ""))
