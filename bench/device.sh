@@ -57,7 +57,8 @@ accelerator() {  # prints jax's backend, or "none" if jax does not import
 }
 install=""
 if [ "$dry_run" = 1 ] || [ "$no_install" = 1 ]; then
-  install="nothing installed ($([ "$dry_run" = 1 ] && echo dry run || echo --no_install)): the checkout on PYTHONPATH"
+  why=$([ "$dry_run" = 1 ] && echo dry run || echo --no_install)
+  install="nothing installed ($why): the checkout on PYTHONPATH"
 else
   backend=$(accelerator)
   say "jax backend before install: ${backend:-none}"
@@ -79,13 +80,16 @@ else
       >/tmp/bitune-device-pip.log 2>&1; then
     install="$install; pip install -e . --no-deps; the checkout on PYTHONPATH"
   else
-    why=$( (grep -m1 "configuration error" /tmp/bitune-device-pip.log || grep -m1 -i "error" /tmp/bitune-device-pip.log) | sed "s/^ *//")
-    install="$install; pip install -e . failed (${why:-see /tmp/bitune-device-pip.log}; an old setuptools? the build needs setuptools>=77: add its wheel); the checkout on PYTHONPATH"
+    log=/tmp/bitune-device-pip.log
+    why=$( (grep -m1 "configuration error" $log || grep -m1 -i "error" $log) | sed "s/^ *//")
+    install="$install; pip install -e . failed (${why:-see $log}; an old setuptools? the"
+    install="$install build needs setuptools>=77: add its wheel); the checkout on PYTHONPATH"
   fi
 fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 say "install: $install"
-say "jax backend: $(accelerator); bitune_jax from $($py -c 'import bitune_jax, os; print(os.path.dirname(bitune_jax.__file__))' 2>&1 | tail -1)"
+package=$($py -c 'import bitune_jax, os; print(os.path.dirname(bitune_jax.__file__))' 2>&1)
+say "jax backend: $(accelerator); bitune_jax from $(echo "$package" | tail -1)"
 
 # ---------------------------------------------------------------------------- measure
 # --started counts the install in bench/device.py's budget for the whole check.
