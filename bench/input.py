@@ -28,6 +28,7 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
 
 import jax
@@ -43,7 +44,7 @@ from bitune_jax.data import cache, device_views, pipeline  # noqa: E402
 from bitune_jax.methods import common  # noqa: E402
 
 
-def _photos(count, seed=0, size=(375, 500)):
+def photos(count, seed=0, size=(375, 500)):
   """Encoded JPEGs (quality 90) of smooth random colour fields with fine texture."""
   import io  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
@@ -58,26 +59,41 @@ def _photos(count, seed=0, size=(375, 500)):
   return out
 
 
-def build_cache(encoded, side, directory):
+def build_cache(encoded, side, directory, size=224):
   start = time.perf_counter()
   c = cache.load({"bench": "input", "n": len(encoded)}, encoded, side=side,
                  directory=directory, name=f"bench-{side}")
   rate = len(encoded) / (time.perf_counter() - start)
-  return pipeline.Split(c.images, c.hw, np.zeros(len(c), np.int32), 224), rate
+  return pipeline.Split(c.images, c.hw, np.zeros(len(c), np.int32), size), rate
 
 
-def host_rate(pool, *, batch, seconds, mesh):
-  """Two-view examples/s of this host's work on one core: the rows of a step gathered
-  from the memory-mapped cache and put on the devices."""
-  stream = pipeline.train_stream(pool, start_step=0, batch_size=batch, seed=0,
-                                 process_count=1, process_index=0)
-  for _ in range(3):  # warm up: page cache, allocator
-    jax.block_until_ready(sharding.global_batch(next(stream), mesh))
-  start, count = time.perf_counter(), 0
-  while time.perf_counter() - start < seconds:
-    jax.block_until_ready(sharding.global_batch(next(stream), mesh))
-    count += batch
-  return count / (time.perf_counter() - start)
+def host_rate(pool, *, batch, seconds, mesh, threads=1):
+  """Two-view examples/s of this host's work on `threads` threads (one per core: each
+  its own stream, with its own seed): the rows of a step gathered from the
+  memory-mapped cache and put on the devices."""
+  start = [0.0]
+  ready = threading.Barrier(threads + 1)
+  counts = [0] * threads
+
+  def work(index):
+    stream = pipeline.train_stream(pool, start_step=0, batch_size=batch, seed=index,
+                                   process_count=1, process_index=0)
+    for _ in range(3):  # warm up: page cache, allocator
+      jax.block_until_ready(sharding.global_batch(next(stream), mesh))
+    ready.wait()
+    while time.perf_counter() - start[0] < seconds:
+      jax.block_until_ready(sharding.global_batch(next(stream), mesh))
+      counts[index] += batch
+
+  workers = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(threads)]
+  start[0] = time.perf_counter()  # (a worker past the barrier first reads a valid start)
+  for worker in workers:
+    worker.start()
+  ready.wait()  # every worker warmed up
+  start[0] = time.perf_counter()
+  for worker in workers:
+    worker.join()
+  return sum(counts) / (time.perf_counter() - start[0])
 
 
 def _timer(fn, *args):
@@ -89,9 +105,28 @@ def _timer(fn, *args):
   return run
 
 
+def views_input(kind, *, size, batch, num_classes, mesh):
+  """`(data, views)`: a global batch as the host puts it on the devices (uint8 cache
+  images of `kind`'s side, original sizes, labels) and the two-view function that the
+  step makes its views with, `views(data, step)`."""
+  side = (device_views.moco_side(size) if kind == "moco" else pipeline.eval_resize(size))
+  rng = np.random.default_rng(0)
+  host = {"image_u8": rng.integers(0, 256, (batch, side, side, 3), dtype=np.uint8),
+          "hw": np.tile([375, 500], (batch, 1)).astype(np.int32),
+          "label": rng.integers(0, num_classes, batch).astype(np.int32)}
+  views = pipeline.make_views(pipeline.ViewSpec(kind=kind, size=size, seed=0,
+                                                two_views=True))
+  return sharding.global_batch(host, mesh), views
+
+
+def views_alone(data, views):
+  """A timer (`run() -> seconds`, warmed up) of the views alone, jitted on the device."""
+  return _timer(jax.jit(views), data, jnp.int32(3))
+
+
 def device_share(kind, *, arch, size, batch, bf16, reps):
   """`(views seconds, step-with-views seconds)`: medians of paired timings."""
-  config = step_bench._config(arch, size, batch, "bituning", bf16)  # pylint: disable=protected-access
+  config = step_bench.make_config(arch, size, batch, "bituning", bf16)
   config.data.views = kind
   method = methods.get("bituning")
   mesh = sharding.make_mesh()
@@ -102,14 +137,8 @@ def device_share(kind, *, arch, size, batch, bf16, reps):
   shardings = method.state_shardings(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh,
                                      config)
   state = [jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))]
-  side = (device_views.moco_side(size) if kind == "moco" else pipeline.eval_resize(size))
-  rng = np.random.default_rng(0)
-  host = {"image_u8": rng.integers(0, 256, (batch, side, side, 3), dtype=np.uint8),
-          "hw": np.tile([375, 500], (batch, 1)).astype(np.int32),
-          "label": rng.integers(0, config.num_classes, batch).astype(np.int32)}
-  data = sharding.global_batch(host, mesh)
-  views = pipeline.make_views(pipeline.ViewSpec(kind=kind, size=size, seed=0,
-                                                two_views=True))
+  data, views = views_input(kind, size=size, batch=batch, num_classes=config.num_classes,
+                            mesh=mesh)
   step = jax.jit(train.with_views(method.make_train_step(model, tx, config), views),
                  in_shardings=(shardings, None), donate_argnums=0,
                  compiler_options=queues.inplace_update_compiler_options())
@@ -122,8 +151,8 @@ def device_share(kind, *, arch, size, batch, bf16, reps):
     return time.perf_counter() - start
 
   full()
-  alone = _timer(jax.jit(views), data, jnp.int32(3))
-  times = step_bench._paired_times({"views": alone, "full": full}, reps)  # pylint: disable=protected-access
+  alone = views_alone(data, views)
+  times = step_bench.paired_times({"views": alone, "full": full}, reps)
   return float(np.median(times["views"])), float(np.median(times["full"]))
 
 
@@ -140,7 +169,7 @@ def main():
   mesh = sharding.make_mesh()
   arch, size, batch = (("resnet50", 224, args.gpu_batch) if args.gpu else
                        ("resnet18", 112, 32))
-  encoded = _photos(args.images)
+  encoded = photos(args.images)
   print(f"{len(encoded)} JPEGs of 500x375, {np.mean([len(e) for e in encoded]) / 1e3:.0f} "
         f"kB on average; {os.cpu_count()} CPU cores; {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s)", flush=True)

@@ -46,7 +46,7 @@ def _median_seconds(fn, reps, warmup=2):
   return statistics.median(times)
 
 
-def _inputs(case, seed=0):
+def make_inputs(case, seed=0):
   num_classes, size, batch, feat, dim = case
   rng = np.random.default_rng(seed)
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
@@ -138,7 +138,7 @@ def main():
     num_classes, size, batch, feat, dim = case
     flops = 2 * num_classes * size * batch * (feat + 1 + 2 * dim)
     mm_flops = 2 * num_classes * size * (feat + 1) * batch
-    data = _inputs(case)
+    data = make_inputs(case)
     ours = bench_jax(case, data, args.reps)
     matmul = bench_matmul(case, args.reps)
     line = (f"{name} (C,K,B,F,D)={case}: ours {ours * 1e3:.1f} ms "

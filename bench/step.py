@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,21 +36,31 @@ from bitune_jax import methods, queues, sharding  # noqa: E402
 from bitune_jax.methods import common  # noqa: E402
 
 CASES = {"r50": ("resnet50", 224, 16), "r18": ("resnet18", 112, 32)}
-# Dense bf16 peak TFLOP/s by device kind (for MFU).
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0,
-               "TPU v5": 459.0}
+# Dense bf16 peak TFLOP/s by device kind (for MFU), the most specific name first: the
+# first whose name is in `jax.devices()[0].device_kind` is used. "TPU v5 lite" is
+# v5e, "TPU v5" (alone) v5p; "H100 PCIe" and "H100 NVL" are the slower H100s.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+               ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0),
+               ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
+               ("TPU v5", 459.0), ("TPU v6 lite", 918.0), ("TPU v6e", 918.0))
 
 
-def _config(arch, size, batch, method, bf16):
+class Step(NamedTuple):
+  run: Callable[[], float]  # one train step (blocked on), its seconds
+  flops: float  # XLA's cost_analysis of the compiled step (NaN where it gives none)
+  trace: Callable[[], Any]  # the step's ClosedJaxpr at these shapes
+
+
+def make_config(arch, size, batch, method, bf16, *, queue_size=32):
   config = bituning_config.get_config("cub,resnet50,100")
   config.method, config.arch, config.image_size = method, arch, size
   config.batch_size, config.total_steps, config.bf16 = batch, 1000, bf16
-  config.bituning.queue_size = 32
+  config.bituning.queue_size = queue_size
   return config
 
 
-def _compiled_step(config):
-  """`(run, flops)`: `run()` does one train step on a synthetic on-device batch."""
+def compiled_step(config):
+  """`Step`: `run()` does one train step on a synthetic on-device batch."""
   method = methods.get(config.method)
   mesh = sharding.make_mesh()
   model = method.build_model(config, config.num_classes)
@@ -66,8 +77,8 @@ def _compiled_step(config):
   host = ({"image_q": images, "image_k": images[::-1].copy(), "label": labels}
           if method.TWO_VIEWS else {"image": images, "label": labels})
   batch = sharding.global_batch(host, mesh)
-  step = jax.jit(method.make_train_step(model, tx, config),
-                 in_shardings=(shardings, None), donate_argnums=0,
+  step_fn = method.make_train_step(model, tx, config)
+  step = jax.jit(step_fn, in_shardings=(shardings, None), donate_argnums=0,
                  compiler_options=queues.inplace_update_compiler_options())
   compiled = step.lower(state[0], batch).compile()
   cost = compiled.cost_analysis()
@@ -80,10 +91,10 @@ def _compiled_step(config):
     jax.block_until_ready((state[0], metrics))
     return time.perf_counter() - start
   run()  # warm caches
-  return run, flops
+  return Step(run, flops, lambda: jax.make_jaxpr(step_fn)(abstract, batch))
 
 
-def _paired_times(runs, reps):
+def paired_times(runs, reps):
   """Alternates the steps (ABBA order) so that a slow phase of a shared machine hits
   both; returns each step's times."""
   times = {name: [] for name in runs}
@@ -94,9 +105,10 @@ def _paired_times(runs, reps):
   return times
 
 
-def _peak():
-  kind = jax.devices()[0].device_kind
-  return next((v for k, v in PEAK_TFLOPS.items() if k in kind), None), kind
+def peak_tflops(kind=None):
+  """`(dense bf16 peak TFLOP/s or None, device kind)` of `kind` (default: device 0's)."""
+  kind = kind or jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_TFLOPS if k in kind), None), kind
 
 
 def main():
@@ -105,7 +117,7 @@ def main():
   parser.add_argument("--reps", type=int, default=6)
   parser.add_argument("--gpu", action="store_true", help="bf16 activations, MFU")
   args = parser.parse_args()
-  peak, kind = _peak()
+  peak, kind = peak_tflops()
   print(f"jax {jax.__version__}, {jax.device_count()} x {kind}, "
         f"{'bf16' if args.gpu else 'float32'} activations", flush=True)
   worst = 0.0
@@ -113,9 +125,9 @@ def main():
     arch, size, batch = CASES[name]
     runs, flops = {}, {}
     for method in ("finetune", "bituning"):
-      runs[method], flops[method] = _compiled_step(
-          _config(arch, size, batch, method, args.gpu))
-    times = _paired_times(runs, args.reps)
+      runs[method], flops[method], _ = compiled_step(
+          make_config(arch, size, batch, method, args.gpu))
+    times = paired_times(runs, args.reps)
     for method in runs:
       seconds = statistics.median(times[method])
       line = (f"{arch} {size}px batch {batch} {method:9s}: {seconds * 1e3:8.1f} ms/step "

@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from clu import metric_writers, periodic_actions
 from etils import epath
 
 from bitune_jax import checkpoint, config_base, convert, evaluate, files, methods, queues
@@ -275,6 +274,9 @@ def train_and_evaluate(config, workdir):
     _remove_if_empty(created)  # a failed start leaves nothing behind
     raise
   _record_config(config, workdir, int(run.state.step), run.config_changes)
+  # clu imports TensorFlow: imported where the loop uses it, so that the steps and views
+  # of this module import without it (bench/device.sh on a machine without TensorFlow).
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
