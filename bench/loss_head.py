@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "third_party"))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "third_party")]  # this checkout's bitune_jax
 from bitune_jax import losses, queues  # noqa: E402
 
 CASES = {"large": (1000, 32, 256, 2048, 128), "small": (200, 8, 48, 2048, 128)}

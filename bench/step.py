@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "configs"))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "configs")]  # this checkout's bitune_jax
 import bituning as bituning_config  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from bitune_jax import methods, queues, sharding  # noqa: E402

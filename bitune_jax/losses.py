@@ -32,10 +32,12 @@ B columns it needs; for C = 1000 that is ~4x the FLOPs at B = 256 and ~20x at B 
 The queue is read in its stored layout (no transpose of the largest array in the step).
 """
 
+import functools
 import math
 from typing import Optional
 
 import jax
+from jax.custom_derivatives import SymbolicZero
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
@@ -144,22 +146,76 @@ def _soft_class_kl(own_logits, queue_logits, labels, *, size, num_valid=None):
     PyTorch's `KLDivLoss(reduction='batchmean')(log_softmax(logits), target)`; the mean
     is over the labelled queries (the module's label rule).
   """
-  slot_class = jnp.arange(queue_logits.shape[1]) // size  # [C*K]
-  if num_valid is not None and num_valid * size < queue_logits.shape[1]:
-    queue_logits = jnp.where(slot_class[None, :] < num_valid, queue_logits, -jnp.inf)
-  # Log-sum-exp over all 1 + C*K candidates of each query, stabilised by its max.
-  peak = jax.lax.stop_gradient(
-      jnp.maximum(own_logits, jnp.max(queue_logits, axis=1)))  # [B]
-  total = jnp.exp(own_logits - peak) + jnp.sum(
-      jnp.exp(queue_logits - peak[:, None]), axis=1)  # [B]
-  lse = peak + jnp.log(total)  # [B]
-  # Positives: the own candidate and the K slots of the query's class. A mask (not a
-  # gather) keeps this an elementwise row reduction, also when the slot axis is sharded.
-  in_class = slot_class[None, :] == labels[:, None]  # [B, C*K]
-  pos = own_logits + jnp.sum(jnp.where(in_class, queue_logits, 0.0), axis=1)  # [B]
-  per_query = lse - pos / (size + 1) - math.log(size + 1)  # [B]
   num_classes = num_valid if num_valid is not None else queue_logits.shape[1] // size
+  per_query = _class_kl_rows(own_logits, queue_logits, labels, size, num_classes)
   return _labelled_mean(per_query, labels, num_classes)
+
+
+def _valid_slots(queue_logits, size, num_valid):
+  """`queue_logits [B, C'*K]` with the padding classes' slots (`>= num_valid`) at -inf."""
+  if num_valid * size == queue_logits.shape[1]:
+    return queue_logits
+  slot_class = jnp.arange(queue_logits.shape[1]) // size  # [C'*K]
+  return jnp.where(slot_class[None, :] < num_valid, queue_logits, -jnp.inf)
+
+
+def _candidates_logsumexp(own_logits, queue_logits):
+  """Log-sum-exp `[B]` over each query's 1 + C*K candidates, in one pass over the queue
+  logits: shifted by the own logit, whose term is then exp(0) = 1, so the sum cannot
+  underflow; only if a queue logit exceeds it by ~88 (overflow) is the pass redone
+  shifted by each row's max."""
+  def shifted_by(peak):  # [B]
+    total = jnp.exp(own_logits - peak) + jnp.sum(
+        jnp.exp(queue_logits - peak[:, None]), axis=1)  # [B]
+    return peak + jnp.log(total)
+  lse = shifted_by(own_logits)
+  return jax.lax.cond(
+      jnp.all(jnp.isfinite(lse)), lambda: lse,
+      lambda: shifted_by(jnp.maximum(own_logits, jnp.max(queue_logits, axis=1))))
+
+
+def _class_kl_rows_and_lse(own_logits, queue_logits, labels, size, num_valid):
+  """Per-query KL `[B]` and log-sum-exp `[B]`: one pass over `[B, C*K]`, a gather of
+  B*K."""
+  batch, num_slots = queue_logits.shape
+  queue_logits = _valid_slots(queue_logits, size, num_valid)
+  lse = _candidates_logsumexp(own_logits, queue_logits)  # [B]
+  # Positives: the own candidate and the K slots of the query's class, gathered (B*K
+  # reads; unlabelled queries read class 0 and are out of the mean).
+  safe = jnp.clip(labels, 0, num_valid - 1)
+  in_class = jnp.take_along_axis(queue_logits.reshape(batch, num_slots // size, size),
+                                 safe[:, None, None], axis=1)  # [B, 1, K]
+  pos = own_logits + jnp.sum(in_class, axis=(1, 2))  # [B]
+  per_query = lse - pos / (size + 1) - math.log(size + 1)  # [B]
+  return per_query, lse
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _class_kl_rows(own_logits, queue_logits, labels, size, num_valid):
+  """`[B]` KL of each query (see `_soft_class_kl`); `labels` in [0, num_valid) count."""
+  return _class_kl_rows_and_lse(own_logits, queue_logits, labels, size, num_valid)[0]
+
+
+@functools.partial(_class_kl_rows.defjvp, symbolic_zeros=True)
+def _class_kl_rows_jvp(size, num_valid, primals, tangents):
+  """d KL = (softmax - target) . d logits. Written out so that the backward pass is one
+  elementwise pass from the logits (the target a mask fused into it, the softmax
+  recomputed there) and nothing over `[B, C*K]` is built for a constant queue (CCE)."""
+  own_logits, queue_logits, labels = primals
+  d_own, d_queue, _ = tangents
+  per_query, lse = _class_kl_rows_and_lse(own_logits, queue_logits, labels, size,
+                                          num_valid)
+  target = 1.0 / (size + 1)
+  d_per_query = jnp.zeros_like(per_query)
+  if not isinstance(d_own, SymbolicZero):
+    d_per_query += (jnp.exp(own_logits - lse) - target) * d_own
+  if not isinstance(d_queue, SymbolicZero):
+    slot_class = jnp.arange(queue_logits.shape[1]) // size  # [C*K]
+    safe = jnp.clip(labels, 0, num_valid - 1)
+    prob = jnp.exp(_valid_slots(queue_logits, size, num_valid) - lse[:, None])
+    coef = prob - jnp.where(slot_class[None, :] == safe[:, None], target, 0.0)
+    d_per_query += jnp.sum(coef * d_queue, axis=1)  # [B]
+  return per_query, d_per_query
 
 
 def _score_queue(scaled_query, queue):

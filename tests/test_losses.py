@@ -185,6 +185,29 @@ def test_ccl_is_soft_cross_entropy_minus_log_k_plus_one(rng):
   _assert_close(got, expected)
 
 
+def test_queue_logits_far_above_the_own_one(rng):
+  """The log-sum-exp is shifted by the own logit; where a queue logit exceeds it by
+  more than exp's range (here by 2 / 0.01 = 200), each row's max is used instead: value
+  and gradient still match the reference."""
+  num_classes, size, batch, dim, tau = 3, 2, 5, 8, 0.01
+  z_q = _unit(rng, batch, dim)
+  queue = _unit(rng, num_classes, size, dim)
+  queue[1, 0] = z_q[0]  # logit +100 for query 0, whose own logit is -100
+  labels = rng.integers(0, num_classes, batch)
+
+  def loss_fn(zq):
+    return losses.categorical_contrastive_loss(
+        z_query=zq, z_key=jnp.asarray(-z_q, jnp.float32),
+        queue_z=jnp.asarray(queue, jnp.float32), labels=jnp.asarray(labels),
+        temperature=tau)
+  value, grad = jax.jit(jax.value_and_grad(loss_fn))(jnp.asarray(z_q, jnp.float32))
+
+  leaf = torch.tensor(z_q, requires_grad=True)
+  expected = ref.ccl_reference(leaf, torch.tensor(-z_q), _to_ref_queue(queue),
+                               torch.tensor(labels), num_classes, size, temperature=tau)
+  _grad_check(expected, leaf, value, grad)
+
+
 def test_jit_and_vmap_agree_with_eager(rng):
   groups, num_classes, size, batch, dim = 3, 5, 4, 6, 8
   z_q, z_k = _unit(rng, groups, batch, dim), _unit(rng, groups, batch, dim)
