@@ -177,15 +177,18 @@ def main(argv=None):
   args = parser.parse_args(argv)
   try:
     workdir = os.path.abspath(args.workdir)
-    from bitune_jax import sharding
+    from bitune_jax import sharding, workdir_lock
     sharding.initialize_multihost(
         bool(_load_config(workdir).get("multi_host", False)),
         args.coordinator_address, args.num_processes, args.process_id)
     shots = _parse_shots(args.kshot, args.kshot_steps) if args.kshot else None
-    metrics = evaluate_workdir(workdir, which=args.which, tsne=args.tsne)
-    if shots:
-      metrics.update(kshot_transfer(workdir, shots=shots, total_steps=args.kshot_steps,
-                                    which=args.which))
+    # Every evaluation writes into the workdir (evals/, plots/, kshot/) and reads its
+    # checkpoints: not while a training run (or another evaluation) is in it.
+    with workdir_lock.hold(workdir, "bitune-eval"):
+      metrics = evaluate_workdir(workdir, which=args.which, tsne=args.tsne)
+      if shots:
+        metrics.update(kshot_transfer(workdir, shots=shots,
+                                      total_steps=args.kshot_steps, which=args.which))
   except ValueError as e:
     parser.exit(2, f"bitune-eval: error: {e}\n")
   import jax

@@ -115,7 +115,7 @@ def main(argv):
   # Imported after flag parsing so that --help is quick.
   # pylint: disable-next=g-import-not-at-top
   import jax
-  from bitune_jax import console, sharding, stopping, train
+  from bitune_jax import console, sharding, stopping, train, workdir_lock
   console.setup()  # our progress lines; orbax, clu, absl only from warnings up
   f = flags.FLAGS
   try:
@@ -128,8 +128,9 @@ def main(argv):
     _fail("--workdir is required (where checkpoints and summary.json go)")
   if "://" not in workdir:
     workdir = os.path.abspath(workdir)
-  try:
-    _, summary = train.train_and_evaluate(flags.FLAGS.config, workdir)
+  try:  # a second command in the same workdir is refused before anything compiles
+    with workdir_lock.hold(workdir, "bitune-train"):
+      _, summary = train.train_and_evaluate(flags.FLAGS.config, workdir)
   except (ValueError, FileNotFoundError) as e:  # bad input: said in a line
     if flags.FLAGS.verbose:
       raise

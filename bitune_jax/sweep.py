@@ -240,17 +240,19 @@ _FEATURE_KEYS = ("retrieval_top5", "kmeans_bcubed_precision", "linear_probe_top1
 def _train_and_evaluate(run, config, folder, keys, kshot_steps):
   """Trains (or resumes) the run, then what its cells need beyond its summary: the
   feature protocols (`sweep_features.json`) and k-shot transfer (`sweep_kshot.json`)."""
-  from bitune_jax import eval_main, train  # pylint: disable=g-import-not-at-top
-  summary = train.train_and_evaluate(config, folder)[1]
-  if any(k in keys and k not in summary for k in _FEATURE_KEYS):
-    metrics = eval_main.evaluate_workdir(folder)
-    sweep_results.write(os.path.join(folder, "sweep_features.json"),
-           json.dumps({k: metrics[k] for k in _FEATURE_KEYS}))
-  shots = sorted(int(k.split("_")[1]) for k in keys if k.startswith("kshot_"))
-  if shots:
-    kshot = eval_main.kshot_transfer(folder, shots=shots, seed=run.seed,
-                                     total_steps=kshot_steps)
-    sweep_results.write(os.path.join(folder, "sweep_kshot.json"), json.dumps(kshot))
+  # pylint: disable-next=g-import-not-at-top
+  from bitune_jax import eval_main, train, workdir_lock
+  with workdir_lock.hold(folder, "bitune-sweep"):  # nor a bitune-train in one run
+    summary = train.train_and_evaluate(config, folder)[1]
+    if any(k in keys and k not in summary for k in _FEATURE_KEYS):
+      metrics = eval_main.evaluate_workdir(folder)
+      sweep_results.write(os.path.join(folder, "sweep_features.json"),
+             json.dumps({k: metrics[k] for k in _FEATURE_KEYS}))
+    shots = sorted(int(k.split("_")[1]) for k in keys if k.startswith("kshot_"))
+    if shots:
+      kshot = eval_main.kshot_transfer(folder, shots=shots, seed=run.seed,
+                                       total_steps=kshot_steps)
+      sweep_results.write(os.path.join(folder, "sweep_kshot.json"), json.dumps(kshot))
 
 
 def run_all(workdir, cells, checkpoints, *, kshot_steps=100):
@@ -379,9 +381,7 @@ def main(argv=None):
     return 0
   console.setup()
   if args.report:
-    os.makedirs(workdir, exist_ok=True)
-    print(sweep_results.report(workdir, cells), end="")
-    return 0
+    return _locked(parser, workdir, lambda: _report(workdir, cells))
   needed = sorted({checkpoint_name(r, checkpoints) for r in runs if r.checkpoint}
                   - set(checkpoints) - {"none"})
   if needed:
@@ -393,14 +393,35 @@ def main(argv=None):
       build_config(run, checkpoints)
     except (ValueError, KeyError) as e:
       parser.error(f"run {run.name}: {e}")
-  os.makedirs(workdir, exist_ok=True)  # a command refused above leaves nothing behind
-  failures = run_all(workdir, cells, checkpoints, kshot_steps=args.kshot_steps)
+  # A command refused above leaves nothing behind.
+  return _locked(parser, workdir, lambda: _run_and_report(workdir, cells, checkpoints,
+                                                          args.kshot_steps))
+
+
+def _report(workdir, cells):
+  print(sweep_results.report(workdir, cells), end="")
+  return 0
+
+
+def _run_and_report(workdir, cells, checkpoints, kshot_steps):
+  failures = run_all(workdir, cells, checkpoints, kshot_steps=kshot_steps)
   print(sweep_results.report(workdir, cells), end="")
   if failures:
     print(f"{len(failures)} runs failed (see {os.path.join(workdir, 'failures.json')})",
           file=sys.stderr)
     return 1
   return 0
+
+
+def _locked(parser, workdir, body):
+  """`body()` holding DIR's lock; a DIR held by another command is refused (exit 2)."""
+  from bitune_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  try:
+    with workdir_lock.hold(workdir, "bitune-sweep"):
+      os.makedirs(workdir, exist_ok=True)
+      return body()
+  except workdir_lock.InUse as e:
+    parser.exit(2, f"bitune-sweep: error: {e}\n")
 
 
 if __name__ == "__main__":
