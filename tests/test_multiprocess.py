@@ -184,6 +184,7 @@ def _preempt(method, overrides, workdir, *, processes_, devices, target=0, after
            for i in range(processes_)}
   assert len(stops) == 1, stops  # every process at the same step
   (step,) = stops
+  assert not (workdir / ".lock").exists()  # released: the next start takes it
   assert after <= step < TOTAL
   # Periodic checkpoints are off in these runs: the one there is the stop's own.
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(step)]
@@ -256,6 +257,7 @@ def test_kill_9_while_a_checkpoint_is_written(source, bituning_reference, tmp_pa
   run = _train("bituning", overrides, workdir)
   run.wait_for(rf"step 6/{TOTAL}")
   run.kill()
+  assert (workdir / ".lock").exists()  # stale: its flock went with the process
   complete = sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
   assert complete and complete[-1] in (3, 6), os.listdir(workdir / "checkpoints")
   # And what a kill in the middle of writing step 7 leaves for certain: its temporary
@@ -318,6 +320,7 @@ def test_ctrl_c_saves_the_step_and_the_same_command_resumes(tmp_path):
   assert "Traceback" not in run.log()
   step = int(stopped[1])
   assert 2 <= step < 40 and os.listdir(tmp_path / "run" / "checkpoints") == [str(step)]
+  assert not (tmp_path / "run" / ".lock").exists()  # released
   run = processes.launch(args, str(tmp_path / "logs"))
   assert run.wait() == [0], run.log()[-3000:]
   assert f"at step {step}" in run.log()
