@@ -176,8 +176,8 @@ def main(argv=None):
                       help="this process's index in [0, num_processes)")
   args = parser.parse_args(argv)
   try:
-    workdir = os.path.abspath(args.workdir)
-    from bitune_jax import sharding
+    from bitune_jax import config_base, sharding
+    workdir = os.path.abspath(config_base.expand_path(args.workdir))
     sharding.initialize_multihost(
         bool(_load_config(workdir).get("multi_host", False)),
         args.coordinator_address, args.num_processes, args.process_id)

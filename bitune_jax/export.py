@@ -71,8 +71,10 @@ def main(argv=None):
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing output file")
   args = parser.parse_args(argv)
+  from bitune_jax import config_base
   try:
-    report = export_workdir(os.path.abspath(args.workdir), args.out, which=args.which,
+    report = export_workdir(os.path.abspath(config_base.expand_path(args.workdir)),
+                            config_base.expand_path(args.out), which=args.which,
                             overwrite=args.overwrite)
   except (OSError, ValueError) as e:
     print(f"bitune-export: error: {e}", file=sys.stderr)

@@ -353,7 +353,8 @@ def main(argv=None):
       parser.error(f"--vary {key}: give two or more different values, and not also "
                    f"--set {key}; got {values}")
   checkpoints = _pairs(parser, args.checkpoint, "checkpoint")
-  workdir = os.path.abspath(args.workdir)
+  from bitune_jax import config_base  # pylint: disable=g-import-not-at-top
+  workdir = os.path.abspath(config_base.expand_path(args.workdir))  # `~` after `=`
   if args.spec:
     if args.methods or args.datasets:
       parser.error("give --spec or an ad-hoc grid (--methods, --datasets), not both")
@@ -363,7 +364,7 @@ def main(argv=None):
       parser.error(str(e))
     cells = cells_from_spec(table, seeds, extra, vary)
   elif args.methods and args.datasets:
-    from bitune_jax import config_base, methods  # pylint: disable=g-import-not-at-top
+    from bitune_jax import methods  # pylint: disable=g-import-not-at-top
     names, datasets = args.methods.split(","), args.datasets.split(",")
     unknown = [m for m in names if m not in methods.METHODS] + [
         d for d in datasets if d not in config_base.DATASETS]
