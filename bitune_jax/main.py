@@ -41,6 +41,8 @@ Trains, evaluates and checkpoints one run; a run started again in the same DIR r
                         processes also run on one machine). --config.multi_host=True
                         without them detects the cluster (TPU pod, SLURM)
   --print_config        print the resolved config, every field with its value, and exit
+  --list                the methods, configs, datasets and table specs, and exit
+  --version             the installed bitune-jax version
   --verbose             show the traceback of an error (errors are one line otherwise)
   --helpfull            every absl flag (logging, multi-process)
 
@@ -54,7 +56,9 @@ examples:
 def _one_line(error):
   """An exception's message on one line, without ml_collections' quoting."""
   text = str(error).replace("\\n", " ").replace("\\'", "'")
-  text = " ".join(text.split()).strip("'\"")
+  text = " ".join(text.split())
+  if len(text) > 1 and text[0] == text[-1] in "'\"" and text[0] not in text[1:-1]:
+    text = text[1:-1]  # a KeyError's quotes around the whole message, not a value's
   raised = re.search(r"Traceback \(most recent call last\):.*\b\w*(?:Error|Exception): (.*)",
                      text)  # a config file's own error, its traceback in the message
   if raised:
@@ -97,6 +101,14 @@ def _parse_flags(argv):
   """absl's parsing, with config errors (a misspelt override, a bad value) as one line."""
   if any(a in ("-h", "--help", "-help") for a in argv[1:]):
     print(HELP, end="")
+    sys.exit(0)
+  if "--version" in argv[1:]:
+    from bitune_jax import console  # pylint: disable=g-import-not-at-top
+    print(f"bitune-train {console.version()}")
+    sys.exit(0)
+  if "--list" in argv[1:]:
+    from bitune_jax import catalog  # pylint: disable=g-import-not-at-top
+    print(catalog.text(), end="")
     sys.exit(0)
   argv = list(argv)
   for i, a in enumerate(argv):

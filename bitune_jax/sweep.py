@@ -300,7 +300,7 @@ def run_all(workdir, cells, checkpoints, *, kshot_steps=100):
 
 def _parse(argv):
   parser = argparse.ArgumentParser(
-      description=__doc__.splitlines()[0],
+      prog="bitune-sweep", description=__doc__.splitlines()[0],
       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--spec", default="", help="a table spec (configs/tables/*.py)")
@@ -321,6 +321,9 @@ def _parse(argv):
   parser.add_argument("--print_commands", action="store_true")
   parser.add_argument("--report", action="store_true",
                       help="only write the results table of the runs that exist")
+  from bitune_jax import console  # pylint: disable=g-import-not-at-top
+  parser.add_argument("--version", action="version",
+                      version=f"bitune-sweep {console.version()}")
   return parser, parser.parse_args(argv)
 
 

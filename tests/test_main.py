@@ -86,10 +86,10 @@ def test_a_misspelt_config_path_is_one_line(tmp_path, monkeypatch, capsys):
       "file and its argument, e.g. configs/bituning.py:demo")
   code, _, err = _train_cli(monkeypatch, capsys, f"{DEMO[:-5]}:dem", "--workdir=run")
   assert code == 2 and "Traceback" not in err, err
-  assert err.splitlines()[0].startswith(
+  assert err.splitlines()[0] == (
       f"bitune-train: error: flag --config={ROOT}/configs/finetune.py:dem: config "
       "argument must be 'demo' or 'dataset,arch,rate' (e.g. 'cub,resnet50,25'), got "
-      "'dem")
+      "'dem'")
   assert os.listdir(tmp_path) == []
 
 
@@ -143,3 +143,91 @@ def test_every_path_field_of_every_config_is_expanded():
         ("_dir", "_file", "_path", "init_from"))}
   assert named == set(config_base.PATH_FIELDS)
 
+
+# ----------------------------------------------------------------- the smaller things
+def test_every_tool_says_its_version(monkeypatch, capsys):
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  from bitune_jax import eval_main, export, sweep  # pylint: disable=g-import-not-at-top
+  from bitune_jax.convert import cli  # pylint: disable=g-import-not-at-top
+  version = importlib.metadata.version("bitune-jax")
+  assert _train_cli(monkeypatch, capsys, "--version") == (0, f"bitune-train {version}\n",
+                                                          "")
+  for name, tool in (("bitune-eval", eval_main.main), ("bitune-export", export.main),
+                     ("bitune-sweep", sweep.main), ("bitune-convert", cli.main)):
+    with pytest.raises(SystemExit) as exited:
+      tool(["--version"])
+    assert exited.value.code == 0, name
+    assert capsys.readouterr().out == f"{name} {version}\n"
+
+
+def test_list_names_methods_configs_datasets_and_table_specs(monkeypatch, capsys):
+  from bitune_jax import config_base, methods  # pylint: disable=g-import-not-at-top
+  code, out, _ = _train_cli(monkeypatch, capsys, "--list")
+  assert code == 0
+  groups, rows = {}, None
+  for line in out.splitlines():
+    if line and not line.startswith(" "):
+      rows = groups.setdefault(line.split(" ")[0], {})
+    elif line:
+      name, _, what = line.strip().partition(" ")
+      rows[name] = what.strip()
+  assert list(groups) == ["methods", "configs", "datasets", "table"]
+  assert set(groups["methods"]) == set(methods.METHODS) == set(groups["configs"])
+  assert set(groups["datasets"]) == set(config_base.DATASETS) | {"imagenet"}
+  tables = {n[:-3] for n in os.listdir(os.path.join(ROOT, "configs", "tables"))
+            if n.endswith(".py") and not n.startswith("_")}
+  assert set(groups["table"]) == tables
+  assert groups["methods"]["finetune"] == (
+      "Vanilla fine-tuning: cross-entropy on a new head; the baseline of every comparison")
+  assert groups["configs"]["bss"].endswith("(Chen et al. 2019)")  # not cut at "al."
+  assert groups["datasets"]["cub"] == "200 classes, tfds caltech_birds2011"
+  assert groups["table"]["bituning_table1"].startswith("Bi-tuning Table 1: top-1")
+
+
+def test_an_error_keeps_its_closing_quote(tmp_path, monkeypatch, capsys):
+  code, _, err = _train_cli(monkeypatch, capsys, DEMO, f"--workdir={tmp_path}/run",
+                            "--config.schedule=cosin")
+  assert code == 2 and "Traceback" not in err, err[-2000:]
+  assert err.strip().splitlines()[-1] == (
+      "bitune-train: error: schedule must be 'step' or 'cosine', got 'cosin'")
+  assert os.listdir(tmp_path) == []
+  assert main._one_line(KeyError("no field 'x'")) == "no field 'x'"  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("tool", ["bitune-eval", "bitune-export"])
+def test_eval_and_export_take_the_same_which(tool, tmp_path, capsys):
+  from bitune_jax import eval_main, export  # pylint: disable=g-import-not-at-top
+  def call(*argv):
+    args = [*argv, "--workdir", str(tmp_path)]
+    try:
+      code = (eval_main.main(args) if tool == "bitune-eval"
+              else export.main([str(tmp_path / "out.npz"), *args]))
+    except SystemExit as e:
+      code = e.code
+    return code, capsys.readouterr().err
+  for which in ("latest", "best", "final"):  # final: bitune-export's old name of latest
+    code, err = call("--which", which)
+    assert code == 2 and err == (f"{tool}: error: {tmp_path} has no config.json: not a "
+                                 "bitune-train workdir\n"), (which, err)
+  code, err = call("--which", "last")
+  assert code == 2 and ("argument --which: invalid choice: 'last' (choose from "
+                        "'latest', 'best')") in err
+  with pytest.raises(SystemExit):
+    (eval_main.main if tool == "bitune-eval" else export.main)(["--help"])
+  assert "--which {latest,best}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("signum,said", [
+    ("SIGTERM", "SIGTERM: stopping after the current step to save a checkpoint"),
+    ("SIGINT", "Ctrl-C (SIGINT): stopping after the current step to save a checkpoint "
+               "(Ctrl-C again to stop at once)"),
+])
+def test_the_stop_notice_names_the_signal_it_got(signum, said):
+  import signal  # pylint: disable=g-import-not-at-top
+  import fakes  # pylint: disable=g-import-not-at-top
+  from bitune_jax import stopping  # pylint: disable=g-import-not-at-top
+  signals = stopping.StopSignals()
+  with fakes.our_log("WARNING") as records:
+    signals._on_signal(getattr(signal, signum), None)  # pylint: disable=protected-access
+  assert [r.getMessage() for r in records] == [said]
+  assert signals.should_stop(1)
