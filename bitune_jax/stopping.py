@@ -64,8 +64,9 @@ class StopSignals:
       raise KeyboardInterrupt  # the second Ctrl-C: now
     if self.signum is None:
       self.signum = signum
-      log.warning("%s: stopping after the current step to save a checkpoint (Ctrl-C "
-                  "again to stop at once)", NAMES[signum])
+      log.warning("%s: stopping after the current step to save a checkpoint%s",
+                  NAMES[signum], " (Ctrl-C again to stop at once)"
+                  if signum == signal.SIGINT else "")
     if self._shared and signum == signal.SIGINT:
       os.kill(os.getpid(), signal.SIGTERM)  # JAX's notice reaches every process
 

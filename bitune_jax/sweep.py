@@ -300,7 +300,7 @@ def run_all(workdir, cells, checkpoints, *, kshot_steps=100):
 
 def _parse(argv):
   parser = argparse.ArgumentParser(
-      description=__doc__.splitlines()[0],
+      prog="bitune-sweep", description=__doc__.splitlines()[0],
       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--spec", default="", help="a table spec (configs/tables/*.py)")
@@ -321,6 +321,9 @@ def _parse(argv):
   parser.add_argument("--print_commands", action="store_true")
   parser.add_argument("--report", action="store_true",
                       help="only write the results table of the runs that exist")
+  from bitune_jax import console  # pylint: disable=g-import-not-at-top
+  parser.add_argument("--version", action="version",
+                      version=f"bitune-sweep {console.version()}")
   return parser, parser.parse_args(argv)
 
 
@@ -353,7 +356,8 @@ def main(argv=None):
       parser.error(f"--vary {key}: give two or more different values, and not also "
                    f"--set {key}; got {values}")
   checkpoints = _pairs(parser, args.checkpoint, "checkpoint")
-  workdir = os.path.abspath(args.workdir)
+  from bitune_jax import config_base  # pylint: disable=g-import-not-at-top
+  workdir = os.path.abspath(config_base.expand_path(args.workdir))  # `~` after `=`
   if args.spec:
     if args.methods or args.datasets:
       parser.error("give --spec or an ad-hoc grid (--methods, --datasets), not both")
@@ -363,7 +367,7 @@ def main(argv=None):
       parser.error(str(e))
     cells = cells_from_spec(table, seeds, extra, vary)
   elif args.methods and args.datasets:
-    from bitune_jax import config_base, methods  # pylint: disable=g-import-not-at-top
+    from bitune_jax import methods  # pylint: disable=g-import-not-at-top
     names, datasets = args.methods.split(","), args.datasets.split(",")
     unknown = [m for m in names if m not in methods.METHODS] + [
         d for d in datasets if d not in config_base.DATASETS]

@@ -234,7 +234,7 @@ class Setup:
 def setup(config, mesh, workdir=None, ckpts=None):
   """Validates the config, loads the data, builds (or restores) the sharded state and
   jits the steps. Every config error is raised before anything is compiled."""
-  config_base.validate(config)
+  config_base.finalize(config)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh)
   method = methods.get(config.method)
@@ -263,6 +263,8 @@ def setup(config, mesh, workdir=None, ckpts=None):
 
 def train_and_evaluate(config, workdir):
   """Trains, evaluates and checkpoints; returns `(state, summary)`."""
+  config_base.finalize(config)  # a bad value refused before anything is written
+  check_workdir(workdir)
   sharding.initialize_multihost(config.multi_host)
   mesh = sharding.make_mesh()
   created = _missing_folders(workdir)
@@ -282,6 +284,26 @@ def train_and_evaluate(config, workdir):
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
                                              writer=writer)
   return _loop(config, workdir, run, mesh, ckpts, writer, progress)
+
+
+def check_workdir(workdir):
+  """Refuses a local workdir that cannot be one (a file, under a file, in a folder
+  that cannot be written) before anything is made; URLs (gs://...) are left to the
+  store."""
+  workdir = str(workdir)
+  if "://" in workdir:
+    return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"workdir {workdir} is a file, not a folder: give another --workdir")
+  folder = os.path.abspath(workdir)
+  while not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise ValueError(f"workdir {workdir} would be under {folder}, which is a file: give "
+                     "another --workdir")
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise ValueError(f"workdir {workdir}: cannot write in {folder} (permission denied); "
+                     "give a --workdir you can write to")
 
 
 def _missing_folders(workdir):

@@ -109,7 +109,7 @@ def test_command_line_refuses_to_overwrite(trained, tmp_path):
                        capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-2000:]
   assert json.loads(run.stdout.splitlines()[-1])["step"] == 6
-  assert inference.load(str(out)).report["checkpoint"] == "final"
+  assert inference.load(str(out)).report["checkpoint"] == "latest"
 
 
 def test_imagenet_preprocessing_is_the_eval_view(rng):
