@@ -296,7 +296,8 @@ def load(config: ml_collections.ConfigDict, *, two_views: bool) -> input_lib.Inp
         train if keep is None else read_split(config, b, s.train_split))
   return input_lib._input(config, config.dataset, s.num_classes, s.metric, train,  # pylint: disable=protected-access
                           test, pool, is_replay, val, two_views=two_views,
-                          unlabelled=unlabelled)
+                          unlabelled=unlabelled,
+                          class_names=b.info.features["label"].names)
 
 
 def _replay(config, fraction):
