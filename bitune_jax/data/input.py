@@ -121,12 +121,14 @@ def cached_split(config: ml_collections.ConfigDict, key: Mapping[str, Any],
 
 def _load_digits(config, *, two_views):
   """The embedded transfer task (scikit-learn's digits) through the cache."""
-  part = config.data.get("part", "target")
-  data = digits.transfer_indices(part, sampling_rate=config.sampling_rate,
-                                 seed=config.seed)
+  part, shots = config.data.get("part", "target"), config.data.get("kshot", 0)
+  # k-shot: k labelled images per class of the whole training split, not of the rate's
+  data = digits.transfer_indices(part, sampling_rate=100.0 if shots else
+                                 config.sampling_rate, seed=config.seed)
   train_rows, train_labels = data["train_rows"], data["train_labels"]
-  if config.data.get("kshot", 0):  # k labelled images per class
-    keep = splits.kshot_subset(train_labels, shots=config.data.kshot, seed=config.seed)
+  if shots:
+    keep = splits.kshot_subset(train_labels, shots=shots, seed=config.seed,
+                               class_names=data["class_names"])
     train_rows, train_labels = train_rows[keep], train_labels[keep]
   raw = digits.raw_uint8()
 
