@@ -106,7 +106,8 @@ def base_config(arg, method):
   config.eval_every = 1000
   config.checkpoint_every = 1000
   config.profile_steps = 0  # > 0: a jax.profiler trace of that many steps in the workdir
-  # kshot > 0: k labelled images per class (k-shot transfer), instead of sampling_rate.
+  # kshot > 0: k labelled images per class of the whole training split (k-shot
+  # transfer), sampling_rate ignored; more than a class has is an error.
   # views: 'reference' (resize, random resized crop, flip[, colour jitter]) or 'moco'.
   # crop_scale: the area range of the random crop; () is the views' default
   # ((0.08, 1) reference, (0.2, 1) moco). flip: random horizontal flips.

@@ -99,6 +99,7 @@ def evaluate_workdir(workdir, *, which="latest", tsne=False):
     path = os.path.join(workdir, "plots", f"tsne-{which}-step{metrics['step']}.png")
     if jax.process_index() == 0:
       plots.tsne(features, labels, path, seed=config.seed,
+                 class_names=list(run.data.class_names) or None,
                  title=f"{config.method} on {config.dataset}: test features, step "
                        f"{metrics['step']}")
     metrics["tsne"] = path

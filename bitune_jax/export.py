@@ -3,8 +3,9 @@ converter's format.
 
 The file holds the backbone (params and BatchNorm statistics), the classifier `head`
 (and the `projector` / `source_head` where the method has them) and, in its report,
-what `bitune_jax.inference` needs to use it: arch, classes, dataset, image size and
-the preprocessing the model was trained with. `init_from` loads it like a converted
+what `bitune_jax.inference` needs to use it: arch, classes and their names (as the
+dataset names them: "5".."9" for the digits demo), dataset, image size and the
+preprocessing the model was trained with. `init_from` loads it like a converted
 PyTorch checkpoint (the backbone; a new head).
 """
 
@@ -50,6 +51,7 @@ def export_workdir(workdir, out, *, which="latest", overwrite=False):
   result["report"] = {
       "format": "bitune_jax", "arch": config.arch, "kind": config.method,
       "num_classes": config.num_classes, "dataset": config.dataset,
+      "class_names": list(run.data.class_names),
       "step": int(state.step), "checkpoint": which,
       "preprocessing": preprocessing(config),
       "feature_eval": bool(getattr(run.method, "FEATURE_EVAL", False)),

@@ -275,6 +275,14 @@ def train_and_evaluate(config, workdir):
     ckpts.close()
     _remove_if_empty(created)  # a failed start leaves nothing behind
     raise
+  summary_path = epath.Path(workdir) / "summary.json"
+  if int(run.state.step) >= config.total_steps and summary_path.exists():
+    # A finished run, nothing to train: its records (config.json, launches/, the
+    # events files, summary.json) stay as they are.
+    ckpts.close()
+    log.info("%s finished at step %d: nothing to do, its records kept as they are "
+             "(raise --config.total_steps to train on)", workdir, int(run.state.step))
+    return run.state, json.loads(summary_path.read_text())
   _record_config(config, workdir, int(run.state.step), run.config_changes)
   # clu imports TensorFlow: imported where the loop uses it, so that the steps and views
   # of this module import without it (bench/device.sh on a machine without TensorFlow).
@@ -331,12 +339,6 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
   first = int(state.step)
   total = config.total_steps
   summary_path = epath.Path(workdir) / "summary.json"
-  if first >= total and summary_path.exists():  # a finished run: its record stays
-    ckpts.close()
-    writer.flush()
-    log.info("%s finished at step %d: summary.json kept as it is (raise "
-             "--config.total_steps to train on)", workdir, first)
-    return state, json.loads(summary_path.read_text())
   metrics, eval_metrics, start = None, {}, time.perf_counter()
   profiler = _Profiler(workdir, first, config.get("profile_steps", 0))
   signals = stopping.StopSignals()  # SIGTERM (preemption), Ctrl-C: save, then stop
