@@ -13,7 +13,10 @@ A *run* is one training (config, `dataset,arch,rate`, overrides, checkpoint, see
 its own folder `DIR/runs/<name>`; several columns of a table may read one run (the
 k-shot columns of unsupervised fine-tuning: one run, several evaluations). A finished
 run is skipped, an interrupted one resumes from its checkpoints, a failed one is
-recorded in `DIR/failures.json` and the others go on (the exit code is then 1). The
+recorded in `DIR/failures.json` and the others go on (the exit code is then 1). Ctrl-C
+(SIGINT) or SIGTERM, in whatever phase (the source model's pre-training, a run's
+training, its evaluations), stops the sweep with 130 / 143 once the run in progress
+has saved its step; nothing is recorded as failed, and the same command resumes. The
 persistent JAX compilation cache lives in `DIR/jax_cache`, so runs after the first of
 a shape do not compile again.
 
@@ -38,6 +41,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -237,15 +241,35 @@ def command(run: Run, workdir, checkpoints) -> str:
 _FEATURE_KEYS = ("retrieval_top5", "kmeans_bcubed_precision", "linear_probe_top1")
 
 
-def _train_and_evaluate(run, config, folder, keys, kshot_steps):
+class Interrupted(Exception):
+  """The sweep stopped on a signal (`signum`); the run in progress saved its step (or
+  had not started), nothing is recorded as failed, and the same command resumes."""
+
+  def __init__(self, signum, where):
+    self.signum = signum
+    super().__init__(f"stopped by {signal.Signals(signum).name} {where}; the same "
+                     "command resumes")
+
+
+def _stop_if_asked(signals, where):
+  """Between phases (source, training, evaluations, runs): a signal got during the last
+  one stops the sweep here."""
+  if signals.signum is not None:
+    raise Interrupted(signals.signum, where)
+
+
+def _train_and_evaluate(run, config, folder, keys, kshot_steps, signals):
   """Trains (or resumes) the run, then what its cells need beyond its summary: the
-  feature protocols (`sweep_features.json`) and k-shot transfer (`sweep_kshot.json`)."""
+  feature protocols (`sweep_features.json`) and k-shot transfer (`sweep_kshot.json`),
+  stopping between these phases on a signal (each training phase stops on its own)."""
   from bitune_jax import eval_main, train  # pylint: disable=g-import-not-at-top
   summary = train.train_and_evaluate(config, folder)[1]
+  _stop_if_asked(signals, f"after training {run.name}")
   if any(k in keys and k not in summary for k in _FEATURE_KEYS):
     metrics = eval_main.evaluate_workdir(folder)
     sweep_results.write(os.path.join(folder, "sweep_features.json"),
            json.dumps({k: metrics[k] for k in _FEATURE_KEYS}))
+    _stop_if_asked(signals, f"after evaluating {run.name}")
   shots = sorted(int(k.split("_")[1]) for k in keys if k.startswith("kshot_"))
   if shots:
     kshot = eval_main.kshot_transfer(folder, shots=shots, seed=run.seed,
@@ -254,15 +278,28 @@ def _train_and_evaluate(run, config, folder, keys, kshot_steps):
 
 
 def run_all(workdir, cells, checkpoints, *, kshot_steps=100):
-  """Runs every run of `cells` not yet finished; returns `{run name: error}`."""
+  """Runs every run of `cells` not yet finished; returns `{run name: error}`. SIGINT
+  or SIGTERM stops it (`Interrupted`) once the run in progress has saved its step."""
+  from bitune_jax import stopping  # pylint: disable=g-import-not-at-top
+  signals = stopping.StopSignals(
+      "the sweep stops once the current phase has saved its state")
+  signals.install()
+  try:
+    return _run_all(workdir, cells, checkpoints, kshot_steps, signals)
+  finally:
+    signals.restore()
+
+
+def _run_all(workdir, cells, checkpoints, kshot_steps, signals):
   import jax  # pylint: disable=g-import-not-at-top
+  from bitune_jax import stopping  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
   needs = {}  # run -> the result keys of its cells
   for cell in cells:
     for run in cell.runs:
       needs.setdefault(run, set()).add(sweep_results.key(cell))
   failures_path = os.path.join(workdir, "failures.json")
-  failures = {}
+  failures, reached = {}, set()
   done = skipped = 0
   spent, start = [], time.perf_counter()
   source = ""
@@ -270,9 +307,12 @@ def run_all(workdir, cells, checkpoints, *, kshot_steps=100):
     folder = os.path.join(workdir, "runs", run.name)
     began = time.perf_counter()
     try:
+      _stop_if_asked(signals, f"before run {run.name}")
+      reached.add(run.name)
       config = build_config(run, checkpoints)
       if config.init_from == "demo:digits_source":
         source = source or _digits_source(workdir, run, checkpoints)
+        _stop_if_asked(signals, "after pre-training the source model")
         config = build_config(run, checkpoints, source)
       results = sweep_results.results(workdir, run)
       if sweep_results.finished(results, config, keys):
@@ -280,8 +320,15 @@ def run_all(workdir, cells, checkpoints, *, kshot_steps=100):
       else:
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         log.info("sweep: run %d/%d %s", i + 1, len(needs), run.name)
-        _train_and_evaluate(run, config, folder, keys, kshot_steps)
+        _train_and_evaluate(run, config, folder, keys, kshot_steps, signals)
         spent.append(time.perf_counter() - began)
+    except stopping.Stopped as e:  # saved at its step: the next sweep resumes there
+      _stopped(workdir, cells, failures, reached, failures_path)
+      raise Interrupted(e.signum, f"during {run.name}, whose step {e.step} is saved in "
+                        f"{e.directory}") from None
+    except Interrupted:
+      _stopped(workdir, cells, failures, reached, failures_path)
+      raise
     except Exception as e:  # pylint: disable=broad-except
       failures[run.name] = f"{type(e).__name__}: {e}"
       log.error("sweep: run %s failed: %s\n%s", run.name, failures[run.name],
@@ -295,7 +342,20 @@ def run_all(workdir, cells, checkpoints, *, kshot_steps=100):
              len(needs), skipped, len(failures), eta)
   sweep_results.write(failures_path, json.dumps(failures, indent=2))
   log.info("sweep: %d runs in %.1f min", len(needs), (time.perf_counter() - start) / 60)
+  _stop_if_asked(signals, "after its last run")
   return failures
+
+
+def _stopped(workdir, cells, failures, reached, failures_path):
+  """A stopped sweep's records: the table of what exists, and `failures.json` with
+  this sweep's failures and an earlier sweep's of the runs this one did not reach."""
+  earlier = {}
+  if os.path.exists(failures_path):
+    with open(failures_path) as f:
+      earlier = json.load(f)
+  kept = {k: v for k, v in earlier.items() if k not in reached}
+  sweep_results.write(failures_path, json.dumps({**kept, **failures}, indent=2))
+  sweep_results.report(workdir, cells)
 
 
 def _parse(argv):
@@ -394,7 +454,15 @@ def main(argv=None):
     except (ValueError, KeyError) as e:
       parser.error(f"run {run.name}: {e}")
   os.makedirs(workdir, exist_ok=True)  # a command refused above leaves nothing behind
-  failures = run_all(workdir, cells, checkpoints, kshot_steps=args.kshot_steps)
+  try:
+    failures = run_all(workdir, cells, checkpoints, kshot_steps=args.kshot_steps)
+  except Interrupted as e:  # SIGINT or SIGTERM: saved, resumable, nothing failed
+    print(f"bitune-sweep: {e}", file=sys.stderr)
+    return 128 + e.signum
+  except KeyboardInterrupt:  # a second Ctrl-C: at once
+    print("bitune-sweep: interrupted at once (a second Ctrl-C); the run in progress "
+          "resumes from its last checkpoint with the same command", file=sys.stderr)
+    return 130
   print(sweep_results.report(workdir, cells), end="")
   if failures:
     print(f"{len(failures)} runs failed (see {os.path.join(workdir, 'failures.json')})",

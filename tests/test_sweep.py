@@ -405,3 +405,96 @@ def test_a_refused_sweep_leaves_no_folder(tmp_path, capsys):
                 "digits", "--set", "bituning.queue_sise=4"])
   assert "unknown config field 'bituning.queue_sise'" in capsys.readouterr().err
   assert not workdir.exists()
+
+
+def _start_sweep(tmp_path, argv):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  log = open(tmp_path / "first.log", "w")
+  proc = subprocess.Popen([sys.executable, "-m", "bitune_jax.sweep"] + argv,
+                          stdout=log, stderr=subprocess.STDOUT, env=env)
+  return proc, log
+
+
+def _signal_when(proc, log, path, signum, tmp_path):
+  """Sends `signum` to the sweep once `path` exists; returns its exit code."""
+  import time  # pylint: disable=g-import-not-at-top
+  try:
+    end = time.time() + 300
+    while not path.is_dir():
+      assert proc.poll() is None and time.time() < end, (
+          (tmp_path / "first.log").read_text()[-3000:])
+      time.sleep(0.05)
+    proc.send_signal(signum)
+    return proc.wait(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    log.close()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_sweep_and_the_next_sweep_resumes(tmp_path, monkeypatch):
+  """SIGINT (Ctrl-C) to a real `bitune-sweep` while its first run trains: the run
+  saves its step, the sweep exits 130 without starting the second run and records no
+  failure; started again, the run resumes at that step. (SIGTERM: the next test.)"""
+  import signal  # pylint: disable=g-import-not-at-top
+  signum, signame = signal.SIGINT, "SIGINT"
+  steps = ["--set", "total_steps=20", "--set", "checkpoint_every=5", "--set",
+           "eval_every=20", "--set", "log_every=5"]
+  argv = ["--workdir", str(tmp_path), "--methods", "finetune", "--datasets", "digits",
+          "--rates", "50"] + TINY + steps
+  cells = sweep.cells_from_grid(["finetune"], ["digits"], [50.0], "", [0, 1],
+                                _extra(TINY + steps))
+  first, second = (tmp_path / "runs" / r.name for r in cells[0].runs)
+  proc, log = _start_sweep(tmp_path, argv + ["--seeds", "0,1"])
+  code = _signal_when(proc, log, first / "checkpoints" / "5", signum, tmp_path)
+  text = (tmp_path / "first.log").read_text()
+  assert code == 128 + signum, text[-3000:]
+  assert f"stopped by {signame}" in text and "Traceback" not in text, text[-3000:]
+  assert "Ctrl-C (SIGINT): stopping after the current step" in text, text[-3000:]
+  assert json.loads((tmp_path / "failures.json").read_text()) == {}
+  assert not (first / "summary.json").exists() and not second.exists()
+  saved = max(int(p.name) for p in (first / "checkpoints").iterdir() if p.name.isdigit())
+  assert 5 <= saved < 20
+  real, trained = train.train_and_evaluate, []
+
+  def recorded(config, workdir):
+    trained.append(os.path.basename(workdir))
+    return real(config, workdir)
+  monkeypatch.setattr(train, "train_and_evaluate", recorded)
+  assert sweep.main(argv + ["--seeds", "0"]) == 0  # (seed 1's run: the same code)
+  assert trained == [first.name]
+  launches = sorted((first / "launches").iterdir())
+  assert len(launches) == 2
+  assert json.loads(launches[-1].read_text())["start_step"] == saved
+  assert json.loads((first / "summary.json").read_text())["step"] == 20
+  assert _csv(tmp_path)[0]["seeds"] == "1"
+
+
+@pytest.mark.slow
+def test_a_signal_at_the_last_step_of_the_source_stops_the_sweep(tmp_path,
+                                                                 monkeypatch, capfd):
+  """A signal during the last step of the source pre-training (no longer ignored): the
+  source is finished and kept, and the sweep stops there (143) instead of going on; a
+  signal in any earlier step stops the pre-training as it stops a run's training."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from bitune_jax import stopping  # pylint: disable=g-import-not-at-top
+  real = stopping.StopSignals.should_stop
+
+  def signal_at_last_step(self, step):
+    if step == 3:  # pretrain.total_steps: the last step
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(self, step)
+  monkeypatch.setattr(stopping.StopSignals, "should_stop", signal_at_last_step)
+  argv = ["--workdir", str(tmp_path), "--methods", "finetune", "--datasets", "digits",
+          "--rates", "50", "--seeds", "0"] + TINY
+  assert sweep.main(argv) == 143
+  err = capfd.readouterr().err
+  assert "SIGTERM: stopping after the current step" in err and "Ctrl-C" not in err
+  assert "bitune-sweep: stopped by SIGTERM after pre-training the source" in err
+  assert (tmp_path / "source" / "pretrained" / "digits_source.npz").exists()
+  assert not (tmp_path / "runs").exists()
+  assert json.loads((tmp_path / "failures.json").read_text()) == {}
+
