@@ -320,7 +320,8 @@ def test_vary_makes_one_cell_per_value_and_draws_the_sensitivity(tmp_path, capsy
   argv = ["--workdir", str(tmp_path), "--methods", "bituning", "--datasets", "digits",
           "--rates", "25,100", "--seeds", "0,1", "--vary", "bituning.queue_size=2,8"]
   assert sweep.main(argv + ["--print_commands"]) == 0
-  lines = capsys.readouterr().out.splitlines()
+  source, *lines = capsys.readouterr().out.splitlines()  # first: the shared source
+  assert source.startswith("bitune-sweep ") and source.endswith(" --source_only")
   assert len(lines) == 8 and sum("--config.bituning.queue_size=8" in l for l in lines) == 4
   cells = sweep.cells_from_grid(["bituning"], ["digits"], [25.0, 100.0], "", [0, 1], {},
                                 {"bituning.queue_size": [2, 8]})
@@ -498,3 +499,72 @@ def test_a_signal_at_the_last_step_of_the_source_stops_the_sweep(tmp_path,
   assert not (tmp_path / "runs").exists()
   assert json.loads((tmp_path / "failures.json").read_text()) == {}
 
+
+def test_printed_commands_are_the_sweeps_runs(tmp_path, capsys, monkeypatch):
+  """`--print_commands`: first the line that pre-trains the sweep's shared source model
+  (the sweep's own arguments, `--source_only`), then each run from that source. Run
+  (without training: the trainers record what they are given), they make the runs
+  the sweep makes, which the sweep counts as its own; a run of the same name made
+  from another source (as printed commands made before) is neither counted nor
+  trained on: the sweep refuses it and says so."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  argv = ["--workdir", str(tmp_path), "--methods", "finetune", "--datasets", "digits",
+          "--rates", "50", "--seeds", "1,0"] + TINY
+  assert sweep.main(argv + ["--print_commands"]) == 0
+  first, *lines = capsys.readouterr().out.splitlines()
+  source = sweep.source_file(str(tmp_path))
+  assert first.startswith("bitune-sweep --workdir") and first.endswith("--source_only")
+  assert len(lines) == 2 and all(f"--config.init_from={source} " in line
+                                 for line in lines)
+  made = {"source": [], "runs": {}}
+
+  def pretrain(config, workdir):  # records the source it would pre-train
+    made["source"].append((str(config), workdir))
+    path = train.demo_source_file(workdir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "w").close()
+    return path
+
+  def fake_train(config, workdir):  # records the run, writes what training would
+    made["runs"].setdefault(os.path.basename(workdir), []).append(str(config))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    summary = {"step": config.total_steps, "score": 0.5}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f)
+    return None, summary
+  monkeypatch.setattr(train, "_demo_pretrained", pretrain)
+  monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+  import shlex  # pylint: disable=g-import-not-at-top
+  assert sweep.main(shlex.split(first)[1:]) == 0  # the printed source line
+  assert sweep.main(argv) == 0  # the sweep
+  assert len(made["source"]) == 2 and made["source"][0] == made["source"][1]
+  assert made["source"][0][1] == str(tmp_path / "source")
+  # Each printed bitune-train line builds the config the sweep trained the run with.
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+  for line in lines:
+    args = shlex.split(line)
+    name = os.path.basename(args[args.index("--workdir") + 1])
+    printed = subprocess.run(
+        [sys.executable, "-m", "bitune_jax.main"] + args[1:] + ["--print_config"],
+        capture_output=True, text=True, check=True, env=env).stdout
+    assert made["runs"][name] == [printed]
+  rows = _csv(tmp_path)
+  assert rows[0]["seeds"] == "2"
+  # A run of the sweep's name made from its own source: not counted, not trained on.
+  other = tmp_path / "runs" / sorted(made["runs"])[0] / "config.json"
+  recorded = json.loads(other.read_text())
+  recorded["init_from"] = "demo:digits_source"
+  other.write_text(json.dumps(recorded))
+  assert sweep.main(argv + ["--report"]) == 0
+  assert _csv(tmp_path)[0]["seeds"] == "1"
+  made["runs"].clear()
+  assert sweep.main(argv) == 1
+  assert made["runs"] == {}
+  failures = json.loads((tmp_path / "failures.json").read_text())
+  assert list(failures) == [other.parent.name]
+  assert "made otherwise" in failures[other.parent.name]
+  assert "init_from='demo:digits_source'" in failures[other.parent.name]
+  assert _csv(tmp_path)[0]["seeds"] == "1"
