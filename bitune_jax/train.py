@@ -436,10 +436,15 @@ def _stop_if_not_finite(metrics, step, ckpts):
 
 
 # --------------------------------------------------------------------------- demo
+def demo_source_file(workdir):
+  """Where `_demo_pretrained(config, workdir)` writes the demo's source model."""
+  return os.path.join(workdir, "pretrained", "digits_source.npz")
+
+
 def _demo_pretrained(config, workdir):
   """Supervised pre-training on digits 0-4 by this pipeline, exported like a converted
   checkpoint (once per workdir), so the demo enters through the same init path."""
-  path = os.path.join(workdir, "pretrained", "digits_source.npz")
+  path = demo_source_file(workdir)
   if os.path.exists(path):  # written by process 0 of an earlier start (whole)
     return path
   # One source model whatever fine-tunes it, as a real checkpoint: vanilla
