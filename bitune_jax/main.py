@@ -64,7 +64,7 @@ def _one_line(error):
   if raised:
     text = text[:raised.start()].replace("Error whilst parsing config file: ", "") + (
         raised[1])
-  missing = re.match(r"""'?(\w+)'? Did you mean "(\w+)" instead of "\w+"\?""", text)
+  missing = re.match(r"""['"]*(\w+)'? Did you mean "(\w+)" instead of "\w+"\?""", text)
   if missing:
     return f"unknown config field {missing[1]!r} (did you mean {missing[2]!r}?)"
   return text

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import ml_collections
 import numpy as np
@@ -250,7 +250,8 @@ def _rows_key(rows):
 
 # --------------------------------------------------------------------------- input
 def train_subset(labels: np.ndarray, *, rate: float, shots: int, seed: int,
-                 num_classes: int, class_names=None) -> np.ndarray | None:
+                 num_classes: int,
+                 class_names: Sequence[str] | None = None) -> np.ndarray | None:
   """Sorted indices of the run's training examples: k-shot (k per class of the whole
   split, the rate ignored), or a sampling rate."""
   present = np.unique(labels)

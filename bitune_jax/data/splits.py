@@ -3,6 +3,7 @@ host's share, the replayed fraction of a source dataset. Pure numpy, determinist
 seed, independent of the host count unless said otherwise."""
 
 import math
+from typing import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -48,7 +49,7 @@ def stratified_subset(labels: ArrayLike, *, rate: float, seed: int) -> np.ndarra
 
 
 def kshot_subset(labels: np.ndarray, *, shots: int, seed: int,
-                 class_names=None) -> np.ndarray:
+                 class_names: Sequence[str] | None = None) -> np.ndarray:
   """Sorted indices of `shots` examples of every class, by seed: k-shot draws from the
   whole training split (no sampling rate). A class with fewer than `shots` examples is
   an error naming it (`class_names[c]`, else its label) and its count."""
