@@ -4,10 +4,12 @@ implementation (SGD nesterov 0.9, weight decay 5e-4, lr 0.01 with the backbone a
 projector at 0.1x, batch 48, step decay x0.1)."""
 
 import math
+import os
 
 import ml_collections
 
 from bitune_jax import models, relationship
+from bitune_jax.models import resnet
 from bitune_jax.data import datasets
 
 # name: number of classes: the embedded demo and the papers' benchmarks
@@ -104,7 +106,8 @@ def base_config(arg, method):
   config.eval_every = 1000
   config.checkpoint_every = 1000
   config.profile_steps = 0  # > 0: a jax.profiler trace of that many steps in the workdir
-  # kshot > 0: k labelled images per class (k-shot transfer), instead of sampling_rate.
+  # kshot > 0: k labelled images per class of the whole training split (k-shot
+  # transfer), sampling_rate ignored; more than a class has is an error.
   # views: 'reference' (resize, random resized crop, flip[, colour jitter]) or 'moco'.
   # crop_scale: the area range of the random crop; () is the views' default
   # ((0.08, 1) reference, (0.2, 1) moco). flip: random horizontal flips.
@@ -144,6 +147,38 @@ def _demo(config):
   config.data.flip = False  # and no mirror images
 
 
+# The config's paths (a local path or gs://...). `~` and `$VAR` in them are expanded by
+# `finalize`: the shell leaves `--config.data.data_dir=~/x` as it is (`~` after `=`).
+PATH_FIELDS = ("init_from", "data.data_dir", "data.manual_dir", "data.cache_dir",
+               "data.replay_manual_dir", "cotuning.relationship_file")
+
+
+def expand_path(path: str) -> str:
+  """`~`, `~user` and `$VAR` / `${VAR}` expanded; '' and URLs (gs://...) as they are."""
+  if not path or "://" in path:
+    return path
+  return os.path.expanduser(os.path.expandvars(path))
+
+
+def finalize(config):
+  """The config as a run uses it: its paths expanded (`PATH_FIELDS`), then validated.
+  Called once where a run starts (and again harmlessly): before anything is written."""
+  for field in PATH_FIELDS:
+    section, _, name = field.rpartition(".")
+    holder = config[section] if section else config
+    if (not section or section in config) and name in holder and isinstance(
+        holder[name], str):
+      holder[name] = expand_path(holder[name])
+  validate(config)
+  return config
+
+
+def min_image_size(arch):
+  """The backbone's total stride: on a smaller image its last stage sees only padding
+  (the ImageNet backbones halve the image 5 times; resnet_small, for 32x32 digits, 2)."""
+  return 4 if arch in resnet.SMALL else 32
+
+
 def validate(config):
   """Fails fast (before anything compiles) on settings that cannot work."""
   if config.dataset not in DATASETS:
@@ -152,6 +187,10 @@ def validate(config):
   if config.arch not in models.ARCHS:
     raise ValueError(f"unknown arch {config.arch!r}; expected one of "
                      f"{', '.join(models.ARCHS)}")
+  least = min_image_size(config.arch)
+  if int(config.image_size) != config.image_size or config.image_size < least:
+    raise ValueError(f"image_size must be an integer >= {least} ({config.arch}'s total "
+                     f"stride), got {config.image_size}: it cannot train")
   if config.get("head_init", "") not in ("",) + models.HEAD_INITS:
     raise ValueError(f"head_init {config.head_init!r} is not one of: '' (the method's "
                      f"reference), {', '.join(models.HEAD_INITS)}")
@@ -180,11 +219,15 @@ def validate(config):
 
 _POSITIVE, _NON_NEGATIVE = ("> 0", lambda v: v > 0), (">= 0", lambda v: v >= 0)
 _MOMENTUM = ("in [0, 1)", lambda v: 0 <= v < 1)
+_COUNT = ("an integer >= 1", lambda v: int(v) == v and v >= 1)
 _EMA = ("in [0, 1]", lambda v: 0 <= v <= 1)
 _FRACTION = ("in (0, 1)", lambda v: 0 < v < 1)
 # Settings that cannot train (a negative lr trains to chance, a zero temperature gives
 # NaN): field -> rule. Method sections are checked only when present.
 _RULES = {
+    "eval_batch_size": _COUNT, "log_every": _COUNT, "eval_every": _COUNT,
+    "checkpoint_every": _COUNT,
+    "profile_steps": ("an integer >= 0", lambda v: int(v) == v and v >= 0),
     "lr": _POSITIVE, "momentum": _MOMENTUM, "weight_decay": _NON_NEGATIVE,
     "decay_factor": ("in (0, 1]", lambda v: 0 < v <= 1),
     "bituning.temperature": _POSITIVE, "bituning.trade_off": _NON_NEGATIVE,
@@ -202,13 +245,12 @@ _RULES = {
     "l2sp.beta": _NON_NEGATIVE, "bss.eta": _NON_NEGATIVE,
     "delta.alpha": _NON_NEGATIVE, "delta.beta": _NON_NEGATIVE,
     "delta.attention_temperature": _POSITIVE, "delta.attention_l2": _POSITIVE,
-    "delta.attention_batches": ("an integer >= 1", lambda v: int(v) == v and v >= 1),
-    "delta.attention_batch_size": ("an integer >= 1", lambda v: int(v) == v and v >= 1),
+    "delta.attention_batches": _COUNT, "delta.attention_batch_size": _COUNT,
     "delta.feature_maps": ("'last_conv' or 'stage_output'",
                            lambda v: v in ("last_conv", "stage_output")),
     "center_loss.trade_off": _NON_NEGATIVE, "center_loss.alpha": _NON_NEGATIVE,
     "fixmatch.threshold": ("in [0, 1]", lambda v: 0 <= v <= 1),
-    "fixmatch.mu": ("an integer >= 1", lambda v: int(v) == v and v >= 1),
+    "fixmatch.mu": _COUNT,
     "fixmatch.unlabelled_weight": _NON_NEGATIVE,
 }
 

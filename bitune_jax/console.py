@@ -1,8 +1,18 @@
 """The console of our command-line tools: our progress lines at INFO, everyone else's
 (orbax, clu, absl, TensorFlow) from WARNING up."""
 
+import importlib.metadata
 import logging
 import sys
+
+
+def version() -> str:
+  """The installed package's version (`--version` of every tool)."""
+  try:
+    return importlib.metadata.version("bitune-jax")
+  except importlib.metadata.PackageNotFoundError:  # a source tree on the path
+    from bitune_jax import __version__  # pylint: disable=g-import-not-at-top
+    return __version__
 
 
 def setup():

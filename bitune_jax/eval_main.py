@@ -19,6 +19,23 @@ import shutil
 # that `bitune-eval --help` and argument errors answer at once.
 # pylint: disable=g-import-not-at-top
 
+# The checkpoints a workdir holds, by the names bitune-eval and bitune-export share:
+# the last one saved, and the one with the best evaluation. ('final' is latest's old
+# name in bitune-export, still understood.)
+WHICH = ("latest", "best")
+
+
+def which_checkpoint(text):
+  """`--which` of bitune-eval and bitune-export: 'final' -> 'latest'."""
+  return "latest" if text == "final" else text
+
+
+def add_version(parser):
+  """`--version`: the installed package's."""
+  from bitune_jax import console
+  parser.add_argument("--version", action="version",
+                      version=f"{parser.prog} {console.version()}")
+
 
 def _load_config(workdir):
   import ml_collections
@@ -33,7 +50,8 @@ def _restore(workdir, config, which):
   """The run's `which` ('latest' or 'best') checkpoint: `(run, state)`."""
   import jax
   from bitune_jax import checkpoint, sharding, train
-  if which not in ("latest", "best"):
+  which = which_checkpoint(which)
+  if which not in WHICH:
     raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
   mesh = sharding.make_mesh()
   ckpts = checkpoint.Checkpoints(workdir)
@@ -62,6 +80,7 @@ def evaluate_workdir(workdir, *, which="latest", tsne=False):
   """The protocols on the `which` checkpoint; recorded in `evals/{which}-step{S}.json`.
   `tsne`: also a t-SNE of the test features, `plots/tsne-{which}-step{S}.png`."""
   from bitune_jax import train
+  which = which_checkpoint(which)
   config = _load_config(workdir)
   run, state, mesh = _restore(workdir, config, which)
   if which == "best":  # named by how it was chosen
@@ -80,6 +99,7 @@ def evaluate_workdir(workdir, *, which="latest", tsne=False):
     path = os.path.join(workdir, "plots", f"tsne-{which}-step{metrics['step']}.png")
     if jax.process_index() == 0:
       plots.tsne(features, labels, path, seed=config.seed,
+                 class_names=list(run.data.class_names) or None,
                  title=f"{config.method} on {config.dataset}: test features, step "
                        f"{metrics['step']}")
     metrics["tsne"] = path
@@ -101,6 +121,7 @@ def kshot_transfer(workdir, *, shots=(1, 2, 4, 8), total_steps=100, seed=0,
   import jax
   import ml_collections
   from bitune_jax import convert, files, train
+  which = which_checkpoint(which)
   config = _load_config(workdir)
   _, state, _ = _restore(workdir, config, which)
   step = int(state.step)
@@ -156,7 +177,7 @@ def main(argv=None):
              "DIR/evals/{which}-step{S}-kshot{k}-steps{N}-seed0.json.")
   parser.add_argument("--workdir", required=True,
                       help="a bitune-train workdir (holds config.json and checkpoints/)")
-  parser.add_argument("--which", choices=("latest", "best"), default="latest",
+  parser.add_argument("--which", choices=WHICH, type=which_checkpoint, default="latest",
                       help="the checkpoint to evaluate: the last one saved, or the one "
                            "with the best test score (default: latest)")
   parser.add_argument("--kshot", default="",
@@ -174,10 +195,11 @@ def main(argv=None):
                       help="how many processes run this command")
   parser.add_argument("--process_id", type=int, default=None,
                       help="this process's index in [0, num_processes)")
+  add_version(parser)
   args = parser.parse_args(argv)
   try:
-    workdir = os.path.abspath(args.workdir)
-    from bitune_jax import sharding, workdir_lock
+    from bitune_jax import config_base, sharding, workdir_lock
+    workdir = os.path.abspath(config_base.expand_path(args.workdir))
     sharding.initialize_multihost(
         bool(_load_config(workdir).get("multi_host", False)),
         args.coordinator_address, args.num_processes, args.process_id)

@@ -1,10 +1,11 @@
-"""`bitune-export --workdir DIR [--which final|best] OUT.npz`: a fine-tuned model in the
+"""`bitune-export --workdir DIR [--which latest|best] OUT.npz`: a fine-tuned model in the
 converter's format.
 
 The file holds the backbone (params and BatchNorm statistics), the classifier `head`
 (and the `projector` / `source_head` where the method has them) and, in its report,
-what `bitune_jax.inference` needs to use it: arch, classes, dataset, image size and
-the preprocessing the model was trained with. `init_from` loads it like a converted
+what `bitune_jax.inference` needs to use it: arch, classes and their names (as the
+dataset names them: "5".."9" for the digits demo), dataset, image size and the
+preprocessing the model was trained with. `init_from` loads it like a converted
 PyTorch checkpoint (the backbone; a new head).
 """
 
@@ -12,6 +13,8 @@ import argparse
 import json
 import os
 import sys
+
+from bitune_jax import eval_main
 
 # jax and the training system are imported where they are used (quick --help).
 # pylint: disable=g-import-not-at-top
@@ -27,18 +30,18 @@ def preprocessing(config):
           "mean": list(pipeline.MEAN_RGB), "std": list(pipeline.STD_RGB)}
 
 
-def export_workdir(workdir, out, *, which="final", overwrite=False):
-  """Writes the `which` ('final': the latest checkpoint; 'best') model of a
-  bitune-train workdir to `out`. Returns the file's report."""
-  if which not in ("final", "best"):
-    raise ValueError(f"which must be 'final' or 'best', got {which!r}")
+def export_workdir(workdir, out, *, which="latest", overwrite=False):
+  """Writes the `which` ('latest' checkpoint, or 'best'; bitune-eval's names) model of
+  a bitune-train workdir to `out`. Returns the file's report."""
+  which = eval_main.which_checkpoint(which)
+  if which not in eval_main.WHICH:
+    raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
   if os.path.exists(out) and not overwrite:
     raise ValueError(f"{out} exists; pass --overwrite to replace it")
   import jax
-  from bitune_jax import convert, eval_main
+  from bitune_jax import convert
   config = eval_main._load_config(workdir)  # pylint: disable=protected-access
-  run, state, _ = eval_main._restore(  # pylint: disable=protected-access
-      workdir, config, "latest" if which == "final" else "best")
+  run, state, _ = eval_main._restore(workdir, config, which)  # pylint: disable=protected-access
   params, stats = jax.device_get((state.params, state.batch_stats))
   result = {"backbone": {"params": params["backbone"], "batch_stats": stats["backbone"]}}
   result["head"] = dict(params["head"]["dense"])
@@ -48,6 +51,7 @@ def export_workdir(workdir, out, *, which="final", overwrite=False):
   result["report"] = {
       "format": "bitune_jax", "arch": config.arch, "kind": config.method,
       "num_classes": config.num_classes, "dataset": config.dataset,
+      "class_names": list(run.data.class_names),
       "step": int(state.step), "checkpoint": which,
       "preprocessing": preprocessing(config),
       "feature_eval": bool(getattr(run.method, "FEATURE_EVAL", False)),
@@ -66,13 +70,18 @@ def main(argv=None):
       "bitune_jax.inference.")
   parser.add_argument("out", help="the output file (.npz)")
   parser.add_argument("--workdir", required=True, help="a bitune-train workdir")
-  parser.add_argument("--which", choices=("final", "best"), default="final",
-                      help="the final (latest) checkpoint, or the best one")
+  parser.add_argument("--which", choices=eval_main.WHICH, type=eval_main.which_checkpoint,
+                      default="latest",
+                      help="the checkpoint to export: the last one saved, or the one with "
+                           "the best evaluation (as bitune-eval; 'final' is latest)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing output file")
+  eval_main.add_version(parser)
   args = parser.parse_args(argv)
+  from bitune_jax import config_base
   try:
-    report = export_workdir(os.path.abspath(args.workdir), args.out, which=args.which,
+    report = export_workdir(os.path.abspath(config_base.expand_path(args.workdir)),
+                            config_base.expand_path(args.out), which=args.which,
                             overwrite=args.overwrite)
   except (OSError, ValueError) as e:
     print(f"bitune-export: error: {e}", file=sys.stderr)

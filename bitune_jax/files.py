@@ -1,9 +1,10 @@
 """Files that several processes share: one writer (process 0), whole files only.
 
 A file is written to a temporary name beside it and renamed into place, so a reader (or
-a process killed while writing) never sees half of it; on object stores (gs://) an
-object appears only when its upload is complete. `sync` makes the other processes wait
-until process 0 has written what they read next.
+a process killed while writing) never sees half of it; it gets the permissions the
+umask gives a new file (0644 under umask 022: a teammate on a shared filesystem reads
+it). On object stores (gs://) an object appears only when its upload is complete.
+`sync` makes the other processes wait until process 0 has written what they read next.
 """
 
 import os
@@ -26,6 +27,7 @@ def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
                              dir=folder)
   try:
     with os.fdopen(fd, mode) as f:
+      os.fchmod(f.fileno(), 0o666 & ~umask())  # as open() makes it (mkstemp: 0600)
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
@@ -34,6 +36,21 @@ def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def umask() -> int:
+  """The process's umask, read without changing it where Linux shows it (a thread
+  creating a file meanwhile would otherwise get the temporary one)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 def write_once(path: str | os.PathLike, data: str | bytes) -> None:

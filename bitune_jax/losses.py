@@ -160,18 +160,11 @@ def _valid_slots(queue_logits, size, num_valid):
 
 
 def _candidates_logsumexp(own_logits, queue_logits):
-  """Log-sum-exp `[B]` over each query's 1 + C*K candidates, in one pass over the queue
-  logits: shifted by the own logit, whose term is then exp(0) = 1, so the sum cannot
-  underflow; only if a queue logit exceeds it by ~88 (overflow) is the pass redone
-  shifted by each row's max."""
-  def shifted_by(peak):  # [B]
-    total = jnp.exp(own_logits - peak) + jnp.sum(
-        jnp.exp(queue_logits - peak[:, None]), axis=1)  # [B]
-    return peak + jnp.log(total)
-  lse = shifted_by(own_logits)
-  return jax.lax.cond(
-      jnp.all(jnp.isfinite(lse)), lambda: lse,
-      lambda: shifted_by(jnp.maximum(own_logits, jnp.max(queue_logits, axis=1))))
+  """Log-sum-exp `[B]` over each query's 1 + C*K candidates, stabilised by its max."""
+  peak = jnp.maximum(own_logits, jnp.max(queue_logits, axis=1))  # [B]
+  total = jnp.exp(own_logits - peak) + jnp.sum(
+      jnp.exp(queue_logits - peak[:, None]), axis=1)  # [B]
+  return peak + jnp.log(total)
 
 
 def _class_kl_rows_and_lse(own_logits, queue_logits, labels, size, num_valid):

@@ -41,6 +41,8 @@ Trains, evaluates and checkpoints one run; a run started again in the same DIR r
                         processes also run on one machine). --config.multi_host=True
                         without them detects the cluster (TPU pod, SLURM)
   --print_config        print the resolved config, every field with its value, and exit
+  --list                the methods, configs, datasets and table specs, and exit
+  --version             the installed bitune-jax version
   --verbose             show the traceback of an error (errors are one line otherwise)
   --helpfull            every absl flag (logging, multi-process)
 
@@ -54,8 +56,15 @@ examples:
 def _one_line(error):
   """An exception's message on one line, without ml_collections' quoting."""
   text = str(error).replace("\\n", " ").replace("\\'", "'")
-  text = " ".join(text.split()).strip("'\"")
-  missing = re.match(r"""'?(\w+)'? Did you mean "(\w+)" instead of "\w+"\?""", text)
+  text = " ".join(text.split())
+  if len(text) > 1 and text[0] == text[-1] in "'\"" and text[0] not in text[1:-1]:
+    text = text[1:-1]  # a KeyError's quotes around the whole message, not a value's
+  raised = re.search(r"Traceback \(most recent call last\):.*\b\w*(?:Error|Exception): (.*)",
+                     text)  # a config file's own error, its traceback in the message
+  if raised:
+    text = text[:raised.start()].replace("Error whilst parsing config file: ", "") + (
+        raised[1])
+  missing = re.match(r"""['"]*(\w+)'? Did you mean "(\w+)" instead of "\w+"\?""", text)
   if missing:
     return f"unknown config field {missing[1]!r} (did you mean {missing[2]!r}?)"
   return text
@@ -78,17 +87,35 @@ def _shipped_config(value):
   return shipped + sep + arg if os.path.exists(shipped) else value
 
 
+def _config_file(value):
+  """The `--config` value, shipped configs found; a missing file is said in a line."""
+  value = _shipped_config(os.path.expanduser(value))
+  path = value.partition(":")[0]
+  if not os.path.isfile(path):
+    _fail(f"--config {path}: no such file; give a config file and its argument, e.g. "
+          "configs/bituning.py:demo")
+  return value
+
+
 def _parse_flags(argv):
   """absl's parsing, with config errors (a misspelt override, a bad value) as one line."""
   if any(a in ("-h", "--help", "-help") for a in argv[1:]):
     print(HELP, end="")
     sys.exit(0)
+  if "--version" in argv[1:]:
+    from bitune_jax import console  # pylint: disable=g-import-not-at-top
+    print(f"bitune-train {console.version()}")
+    sys.exit(0)
+  if "--list" in argv[1:]:
+    from bitune_jax import catalog  # pylint: disable=g-import-not-at-top
+    print(catalog.text(), end="")
+    sys.exit(0)
   argv = list(argv)
   for i, a in enumerate(argv):
     if a.startswith("--config="):
-      argv[i] = "--config=" + _shipped_config(a[len("--config="):])
+      argv[i] = "--config=" + _config_file(a[len("--config="):])
     elif a == "--config" and i + 1 < len(argv):
-      argv[i + 1] = _shipped_config(argv[i + 1])
+      argv[i + 1] = _config_file(argv[i + 1])
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -115,7 +142,7 @@ def main(argv):
   # Imported after flag parsing so that --help is quick.
   # pylint: disable-next=g-import-not-at-top
   import jax
-  from bitune_jax import console, sharding, stopping, train, workdir_lock
+  from bitune_jax import config_base, console, sharding, stopping, train, workdir_lock
   console.setup()  # our progress lines; orbax, clu, absl only from warnings up
   f = flags.FLAGS
   try:
@@ -126,8 +153,8 @@ def main(argv):
   workdir = flags.FLAGS.workdir  # a local path or a URL (gs://...) on a TPU pod
   if not workdir:
     _fail("--workdir is required (where checkpoints and summary.json go)")
-  if "://" not in workdir:
-    workdir = os.path.abspath(workdir)
+  if "://" not in workdir:  # `~` and $VAR too: the shell leaves `--workdir=~/run` as it is
+    workdir = os.path.abspath(config_base.expand_path(workdir))
   try:  # a second command in the same workdir is refused before anything compiles
     with workdir_lock.hold(workdir, "bitune-train"):
       _, summary = train.train_and_evaluate(flags.FLAGS.config, workdir)

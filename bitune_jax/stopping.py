@@ -7,6 +7,10 @@ step in flight. Several processes (`jax.distributed`): the signal may reach only
 them, so JAX's preemption service (which listens to SIGTERM in every process) spreads it
 and names a step that all processes reach (`reached_preemption_sync_point`); Ctrl-C is
 turned into that same notice. A second Ctrl-C interrupts at once.
+
+Handlers nest: a `StopSignals` installed while another is (a run's loop inside
+`bitune-sweep`) passes what it gets to the outer one, and starts with a signal the outer
+one already got, so that the sweep stops too, whatever phase the signal came in.
 """
 
 import logging
@@ -41,14 +45,20 @@ class StopSignals:
   """While active, SIGTERM and SIGINT ask the loop to stop; `should_stop(step)` is
   called by every process at every step and answers the same in all of them."""
 
-  def __init__(self):
+  def __init__(self, what="stopping after the current step to save a checkpoint"):
     self.signum = None
+    self._what = what  # what the notice says will happen
     self._shared = _preemption_service()
     self._previous = {}
+    self._outer = None  # the StopSignals this one is installed inside, if any
 
   def install(self) -> None:
     if threading.current_thread() is not threading.main_thread():
       return  # handlers can only be set in the main thread: signals act as usual
+    outer = getattr(signal.getsignal(signal.SIGINT), "__self__", None)
+    if isinstance(outer, StopSignals):  # e.g. a run's loop inside a sweep
+      self._outer = outer
+      self.signum = self.signum or outer.signum  # got before this one: stop at once
     self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
     if not self._shared:  # with several processes JAX's own SIGTERM handler is in place
       self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
@@ -56,7 +66,7 @@ class StopSignals:
   def restore(self) -> None:
     for signum, handler in self._previous.items():
       signal.signal(signum, handler)
-    self._previous = {}
+    self._previous, self._outer = {}, None
 
   def _on_signal(self, signum, frame):
     del frame
@@ -64,8 +74,10 @@ class StopSignals:
       raise KeyboardInterrupt  # the second Ctrl-C: now
     if self.signum is None:
       self.signum = signum
-      log.warning("%s: stopping after the current step to save a checkpoint (Ctrl-C "
-                  "again to stop at once)", NAMES[signum])
+      log.warning("%s: %s%s", NAMES[signum], self._what,
+                  " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
+    if self._outer is not None and self._outer.signum is None:
+      self._outer.signum = signum  # the sweep around this run stops too
     if self._shared and signum == signal.SIGINT:
       os.kill(os.getpid(), signal.SIGTERM)  # JAX's notice reaches every process
 

@@ -68,13 +68,13 @@ def _fmt(mean, std):
   return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
 
 
-def report(workdir, cells) -> str:
-  """Writes `results.md` and `results.csv` from the runs that exist; returns the
-  Markdown."""
+def report(workdir, cells, exclude=()) -> str:
+  """Writes `results.md` and `results.csv` from the runs that exist, except those named
+  in `exclude` (runs made otherwise than the sweep's); returns the Markdown."""
   rows = []
   for cell in cells:
-    values = [v for v in (_number(results(workdir, r), cell) for r in cell.runs)
-              if v is not None]
+    values = [v for v in (_number(results(workdir, r), cell) for r in cell.runs
+                          if r.name not in exclude) if v is not None]
     mean, std = _stats(values)
     paper_mean, paper_std = cell.paper if cell.paper else (None, None)
     diff = None if mean is None or paper_mean is None else mean - paper_mean

@@ -19,7 +19,7 @@ import numpy as np
 from etils import epath
 
 from bitune_jax import checkpoint, config_base, convert, evaluate, files, methods, queues
-from bitune_jax import sharding, stopping
+from bitune_jax import sharding, stopping, workdir_lock
 from bitune_jax.data import input as input_lib
 from bitune_jax.methods import common
 
@@ -234,7 +234,7 @@ class Setup:
 def setup(config, mesh, workdir=None, ckpts=None):
   """Validates the config, loads the data, builds (or restores) the sharded state and
   jits the steps. Every config error is raised before anything is compiled."""
-  config_base.validate(config)
+  config_base.finalize(config)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh)
   method = methods.get(config.method)
@@ -263,6 +263,8 @@ def setup(config, mesh, workdir=None, ckpts=None):
 
 def train_and_evaluate(config, workdir):
   """Trains, evaluates and checkpoints; returns `(state, summary)`."""
+  config_base.finalize(config)  # a bad value refused before anything is written
+  workdir_lock.check_workdir(workdir)
   sharding.initialize_multihost(config.multi_host)
   mesh = sharding.make_mesh()
   created = _missing_folders(workdir)
@@ -273,6 +275,14 @@ def train_and_evaluate(config, workdir):
     ckpts.close()
     _remove_if_empty(created)  # a failed start leaves nothing behind
     raise
+  summary_path = epath.Path(workdir) / "summary.json"
+  if int(run.state.step) >= config.total_steps and summary_path.exists():
+    # A finished run, nothing to train: its records (config.json, launches/, the
+    # events files, summary.json) stay as they are.
+    ckpts.close()
+    log.info("%s finished at step %d: nothing to do, its records kept as they are "
+             "(raise --config.total_steps to train on)", workdir, int(run.state.step))
+    return run.state, json.loads(summary_path.read_text())
   _record_config(config, workdir, int(run.state.step), run.config_changes)
   # clu imports TensorFlow: imported where the loop uses it, so that the steps and views
   # of this module import without it (bench/device.sh on a machine without TensorFlow).
@@ -309,12 +319,6 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
   first = int(state.step)
   total = config.total_steps
   summary_path = epath.Path(workdir) / "summary.json"
-  if first >= total and summary_path.exists():  # a finished run: its record stays
-    ckpts.close()
-    writer.flush()
-    log.info("%s finished at step %d: summary.json kept as it is (raise "
-             "--config.total_steps to train on)", workdir, first)
-    return state, json.loads(summary_path.read_text())
   metrics, eval_metrics, start = None, {}, time.perf_counter()
   profiler = _Profiler(workdir, first, config.get("profile_steps", 0))
   signals = stopping.StopSignals()  # SIGTERM (preemption), Ctrl-C: save, then stop
@@ -412,10 +416,15 @@ def _stop_if_not_finite(metrics, step, ckpts):
 
 
 # --------------------------------------------------------------------------- demo
+def demo_source_file(workdir):
+  """Where `_demo_pretrained(config, workdir)` writes the demo's source model."""
+  return os.path.join(workdir, "pretrained", "digits_source.npz")
+
+
 def _demo_pretrained(config, workdir):
   """Supervised pre-training on digits 0-4 by this pipeline, exported like a converted
   checkpoint (once per workdir), so the demo enters through the same init path."""
-  path = os.path.join(workdir, "pretrained", "digits_source.npz")
+  path = demo_source_file(workdir)
   if os.path.exists(path):  # written by process 0 of an earlier start (whole)
     return path
   # One source model whatever fine-tunes it, as a real checkpoint: vanilla

@@ -81,12 +81,41 @@ def _acquire(workdir, command):
   return fd
 
 
+def check_workdir(workdir):
+  """Refuses a local workdir that cannot be one (a file, under a file, in a folder
+  that cannot be written) before anything is made; URLs (gs://...) are left to the
+  store."""
+  workdir = str(workdir)
+  if "://" in workdir:
+    return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"workdir {workdir} is a file, not a folder: give another --workdir")
+  folder = os.path.abspath(workdir)
+  while not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise ValueError(f"workdir {workdir} would be under {folder}, which is a file: give "
+                     "another --workdir")
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise ValueError(f"workdir {workdir}: cannot write in {folder} (permission denied); "
+                     "give a --workdir you can write to")
+
+
+def _missing(workdir):
+  """The folders that making `workdir` creates, deepest first."""
+  missing = []
+  while not os.path.exists(workdir):
+    missing.append(workdir)
+    workdir = os.path.dirname(workdir)
+  return missing
+
+
 def _release(workdir, fd, created):
   os.unlink(os.path.join(workdir, NAME))  # before the flock goes: see `_acquire`
   os.close(fd)
-  if created:  # a command that wrote nothing leaves no folder behind
+  for folder in created:  # a command that wrote nothing leaves no folder behind
     with contextlib.suppress(OSError):
-      os.rmdir(workdir)
+      os.rmdir(folder)
 
 
 def _distributed_client():
@@ -119,8 +148,9 @@ def hold(workdir: str, command: str):
   _calls[0] += 1
   key = f"bitune_jax/workdir_lock/{_calls[0]}"
   fd = None
+  check_workdir(workdir)  # a file, under a file, not writable: one line, nothing made
   if index == 0:
-    created = not os.path.isdir(workdir)
+    created = _missing(workdir)
     try:
       fd = _acquire(workdir, command)
     except BaseException as e:

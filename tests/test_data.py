@@ -198,3 +198,39 @@ def test_stream_crosses_epoch_boundaries(n, batch_size, step):
                            for e in range(20)])
   idx = pipeline.stream_indices(n, step=step, batch_size=batch_size, seed=(6, 0))
   np.testing.assert_array_equal(idx, stream[step * batch_size:(step + 1) * batch_size])
+
+
+def _demo_input(**data):
+  import os  # pylint: disable=g-import-not-at-top
+  from bitune_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+  import finetune as finetune_config  # pylint: disable=g-import-not-at-top
+  config = finetune_config.get_config("demo")
+  config.image_size = 16
+  for key, value in data.items():
+    if key == "sampling_rate":
+      config.sampling_rate = value
+    else:
+      config.data[key] = value
+  return config, input_lib.load(config, two_views=False)
+
+
+def test_kshot_draws_from_the_whole_split_whatever_the_rate():
+  """k-shot ignores sampling_rate: 40 per class, more than the 31-32 that a 25% subset
+  keeps, the same images at rate 25 and 100."""
+  _, low = _demo_input(kshot=40, sampling_rate=25.0)
+  _, full = _demo_input(kshot=40, sampling_rate=100.0)
+  np.testing.assert_array_equal(np.bincount(low.train.labels), [40] * 5)
+  np.testing.assert_array_equal(low.train.labels, full.train.labels)
+  np.testing.assert_array_equal(np.asarray(low.train.images), np.asarray(full.train.images))
+
+
+def test_kshot_more_than_a_class_has_is_an_error(tmp_path):
+  """Digit 8 has 122 training images (TARGET_TRAIN): kshot=123 names it, before the run
+  compiles or writes anything."""
+  from bitune_jax import train  # pylint: disable=g-import-not-at-top
+  config, _ = _demo_input(kshot=122)  # every class has 122 or more
+  config.data.kshot = 123
+  with pytest.raises(ValueError, match="class 8 has only 122 training images"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()

@@ -109,7 +109,7 @@ def test_command_line_refuses_to_overwrite(trained, tmp_path):
                        capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-2000:]
   assert json.loads(run.stdout.splitlines()[-1])["step"] == 6
-  assert inference.load(str(out)).report["checkpoint"] == "final"
+  assert inference.load(str(out)).report["checkpoint"] == "latest"
 
 
 def test_imagenet_preprocessing_is_the_eval_view(rng):
@@ -127,3 +127,59 @@ def test_imagenet_preprocessing_is_the_eval_view(rng):
   expected = (crop - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
   assert got.shape == expected.shape == (64, 64, 3)
   np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def _digit_pictures(count):
+  """Target test digits as a user has them: RGB uint8 pictures, 32 x 32."""
+  rows = digits.transfer_indices("target")["test_rows"][:count]
+  return np.stack([np.asarray(Image.fromarray(x).convert("RGB").resize(
+      (32, 32), Image.NEAREST)) for x in digits.raw_uint8()[rows]])
+
+
+def test_float_images_are_classified_as_their_uint8_originals(trained, tmp_path):
+  """`plt.imread` of a PNG, or a PIL image through numpy / 255: float32 in [0, 1]."""
+  _, workdir, _, _ = trained
+  out = tmp_path / "model.npz"
+  export.export_workdir(str(workdir), str(out))
+  model = inference.load(str(out))
+  pictures = _digit_pictures(20)
+  floats = [(x / 255.0).astype(np.float32) for x in pictures]
+  want = model.preprocess(list(pictures))
+  np.testing.assert_array_equal(model.preprocess(floats), want)
+  np.testing.assert_array_equal(model(model.preprocess(floats))["logits"].argmax(-1),
+                                model(want)["logits"].argmax(-1))
+  # One image alone, or the whole batch as one array: the same as in a list.
+  np.testing.assert_array_equal(model.preprocess(floats[3]), want[3:4])
+  np.testing.assert_array_equal(model.preprocess(pictures), want)
+  # A float image in [0, 255] is refused, saying what is accepted.
+  with pytest.raises(ValueError, match=r"uint8 in \[0, 255\] or float in \[0, 1\]"):
+    model.preprocess([pictures[0].astype(np.float32)])
+
+
+def test_a_single_path_is_one_image(trained, tmp_path):
+  _, workdir, _, _ = trained
+  out = tmp_path / "model.npz"
+  export.export_workdir(str(workdir), str(out))
+  model = inference.load(str(out))
+  path = tmp_path / "digit.png"
+  Image.fromarray(_digit_pictures(1)[0]).save(path)
+  want = model.preprocess([str(path)])
+  assert want.shape == (1, 16, 16, 3)
+  np.testing.assert_array_equal(model.preprocess(str(path)), want)
+  np.testing.assert_array_equal(model.preprocess(path), want)  # os.PathLike
+
+
+def test_class_names_round_trip_through_export(trained, tmp_path, monkeypatch):
+  """The digits demo fine-tunes on digits 5-9: its classes are "5".."9", in the
+  exported file and in the t-SNE legend of `bitune-eval --tsne`."""
+  from bitune_jax import eval_main, plots  # pylint: disable=g-import-not-at-top
+  _, workdir, _, _ = trained
+  out = tmp_path / "model.npz"
+  report = export.export_workdir(str(workdir), str(out))
+  assert report["class_names"] == ["5", "6", "7", "8", "9"]
+  model = inference.load(str(out))
+  assert model.class_names == ["5", "6", "7", "8", "9"]
+  drawn = {}
+  monkeypatch.setattr(plots, "tsne", lambda *a, **k: drawn.update(k))
+  eval_main.evaluate_workdir(str(workdir), tsne=True)
+  assert drawn["class_names"] == ["5", "6", "7", "8", "9"]

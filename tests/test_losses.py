@@ -186,9 +186,9 @@ def test_ccl_is_soft_cross_entropy_minus_log_k_plus_one(rng):
 
 
 def test_queue_logits_far_above_the_own_one(rng):
-  """The log-sum-exp is shifted by the own logit; where a queue logit exceeds it by
-  more than exp's range (here by 2 / 0.01 = 200), each row's max is used instead: value
-  and gradient still match the reference."""
+  """Extreme logits (tau = 0.01: |logit| up to 100, a queue logit 200 above a query's
+  own) stay finite and match the reference: the log-sum-exp is shifted by each row's
+  max."""
   num_classes, size, batch, dim, tau = 3, 2, 5, 8, 0.01
   z_q = _unit(rng, batch, dim)
   queue = _unit(rng, num_classes, size, dim)

@@ -205,4 +205,6 @@ def test_memory_bank_resumes_exactly_and_trains_alike_on_1_device(tmp_path):
                                rtol=0, atol=2e-6, err_msg=name)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(one["params"]),
                           jax.tree.leaves(two.params)):  # measured: 2e-6 of the largest
-    assert np.max(np.abs(a - b)) <= 2e-5 * np.max(np.abs(b)), jax.tree_util.keystr(path)
+    # + 2e-6 absolute: leaves still near zero after 2 steps (BatchNorm biases, 7e-4 at most)
+    # carry the sums' order as an absolute error (5.7e-7 measured, seed 1154512437).
+    assert np.max(np.abs(a - b)) <= 2e-5 * np.max(np.abs(b)) + 2e-6, jax.tree_util.keystr(path)

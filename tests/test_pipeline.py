@@ -316,6 +316,7 @@ def test_aircraft_command_line_on_the_official_layout(tmp_path):
 def test_unknown_replay_source_is_refused():
   from bitune_jax import config_base  # pylint: disable=g-import-not-at-top
   config = _config("pets", module=unsup_config, replay_source="places365")
+  config.image_size = 32  # resnet18's total stride (validated before the source)
   with pytest.raises(ValueError, match="unknown data.replay_source 'places365'"):
     config_base.validate(config)
   config.unsup.replay_fraction = 0.0  # no replay: no source needed

@@ -320,7 +320,8 @@ def test_vary_makes_one_cell_per_value_and_draws_the_sensitivity(tmp_path, capsy
   argv = ["--workdir", str(tmp_path), "--methods", "bituning", "--datasets", "digits",
           "--rates", "25,100", "--seeds", "0,1", "--vary", "bituning.queue_size=2,8"]
   assert sweep.main(argv + ["--print_commands"]) == 0
-  lines = capsys.readouterr().out.splitlines()
+  source, *lines = capsys.readouterr().out.splitlines()  # first: the shared source
+  assert source.startswith("bitune-sweep ") and source.endswith(" --source_only")
   assert len(lines) == 8 and sum("--config.bituning.queue_size=8" in l for l in lines) == 4
   cells = sweep.cells_from_grid(["bituning"], ["digits"], [25.0, 100.0], "", [0, 1], {},
                                 {"bituning.queue_size": [2, 8]})
@@ -405,3 +406,165 @@ def test_a_refused_sweep_leaves_no_folder(tmp_path, capsys):
                 "digits", "--set", "bituning.queue_sise=4"])
   assert "unknown config field 'bituning.queue_sise'" in capsys.readouterr().err
   assert not workdir.exists()
+
+
+def _start_sweep(tmp_path, argv):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  log = open(tmp_path / "first.log", "w")
+  proc = subprocess.Popen([sys.executable, "-m", "bitune_jax.sweep"] + argv,
+                          stdout=log, stderr=subprocess.STDOUT, env=env)
+  return proc, log
+
+
+def _signal_when(proc, log, path, signum, tmp_path):
+  """Sends `signum` to the sweep once `path` exists; returns its exit code."""
+  import time  # pylint: disable=g-import-not-at-top
+  try:
+    end = time.time() + 300
+    while not path.is_dir():
+      assert proc.poll() is None and time.time() < end, (
+          (tmp_path / "first.log").read_text()[-3000:])
+      time.sleep(0.05)
+    proc.send_signal(signum)
+    return proc.wait(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    log.close()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_sweep_and_the_next_sweep_resumes(tmp_path, monkeypatch):
+  """SIGINT (Ctrl-C) to a real `bitune-sweep` while its first run trains: the run
+  saves its step, the sweep exits 130 without starting the second run and records no
+  failure; started again, the run resumes at that step. (SIGTERM: the next test.)"""
+  import signal  # pylint: disable=g-import-not-at-top
+  signum, signame = signal.SIGINT, "SIGINT"
+  steps = ["--set", "total_steps=20", "--set", "checkpoint_every=5", "--set",
+           "eval_every=20", "--set", "log_every=5"]
+  argv = ["--workdir", str(tmp_path), "--methods", "finetune", "--datasets", "digits",
+          "--rates", "50"] + TINY + steps
+  cells = sweep.cells_from_grid(["finetune"], ["digits"], [50.0], "", [0, 1],
+                                _extra(TINY + steps))
+  first, second = (tmp_path / "runs" / r.name for r in cells[0].runs)
+  proc, log = _start_sweep(tmp_path, argv + ["--seeds", "0,1"])
+  code = _signal_when(proc, log, first / "checkpoints" / "5", signum, tmp_path)
+  text = (tmp_path / "first.log").read_text()
+  assert code == 128 + signum, text[-3000:]
+  assert f"stopped by {signame}" in text and "Traceback" not in text, text[-3000:]
+  assert "Ctrl-C (SIGINT): stopping after the current step" in text, text[-3000:]
+  assert json.loads((tmp_path / "failures.json").read_text()) == {}
+  assert not (first / "summary.json").exists() and not second.exists()
+  saved = max(int(p.name) for p in (first / "checkpoints").iterdir() if p.name.isdigit())
+  assert 5 <= saved < 20
+  real, trained = train.train_and_evaluate, []
+
+  def recorded(config, workdir):
+    trained.append(os.path.basename(workdir))
+    return real(config, workdir)
+  monkeypatch.setattr(train, "train_and_evaluate", recorded)
+  assert sweep.main(argv + ["--seeds", "0"]) == 0  # (seed 1's run: the same code)
+  assert trained == [first.name]
+  launches = sorted((first / "launches").iterdir())
+  assert len(launches) == 2
+  assert json.loads(launches[-1].read_text())["start_step"] == saved
+  assert json.loads((first / "summary.json").read_text())["step"] == 20
+  assert _csv(tmp_path)[0]["seeds"] == "1"
+
+
+@pytest.mark.slow
+def test_a_signal_at_the_last_step_of_the_source_stops_the_sweep(tmp_path,
+                                                                 monkeypatch, capfd):
+  """A signal during the last step of the source pre-training (no longer ignored): the
+  source is finished and kept, and the sweep stops there (143) instead of going on; a
+  signal in any earlier step stops the pre-training as it stops a run's training."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from bitune_jax import stopping  # pylint: disable=g-import-not-at-top
+  real = stopping.StopSignals.should_stop
+
+  def signal_at_last_step(self, step):
+    if step == 3:  # pretrain.total_steps: the last step
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(self, step)
+  monkeypatch.setattr(stopping.StopSignals, "should_stop", signal_at_last_step)
+  argv = ["--workdir", str(tmp_path), "--methods", "finetune", "--datasets", "digits",
+          "--rates", "50", "--seeds", "0"] + TINY
+  assert sweep.main(argv) == 143
+  err = capfd.readouterr().err
+  assert "SIGTERM: stopping after the current step" in err and "Ctrl-C" not in err
+  assert "bitune-sweep: stopped by SIGTERM after pre-training the source" in err
+  assert (tmp_path / "source" / "pretrained" / "digits_source.npz").exists()
+  assert not (tmp_path / "runs").exists()
+  assert json.loads((tmp_path / "failures.json").read_text()) == {}
+
+
+def test_printed_commands_are_the_sweeps_runs(tmp_path, capsys, monkeypatch):
+  """`--print_commands`: first the line that pre-trains the sweep's shared source model
+  (the sweep's own arguments, `--source_only`), then each run from that source. Run
+  (without training: the trainers record what they are given), they make the runs
+  the sweep makes, which the sweep counts as its own; a run of the same name made
+  from another source (as printed commands made before) is neither counted nor
+  trained on: the sweep refuses it and says so."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  argv = ["--workdir", str(tmp_path), "--methods", "finetune", "--datasets", "digits",
+          "--rates", "50", "--seeds", "1,0"] + TINY
+  assert sweep.main(argv + ["--print_commands"]) == 0
+  first, *lines = capsys.readouterr().out.splitlines()
+  source = sweep.source_file(str(tmp_path))
+  assert first.startswith("bitune-sweep --workdir") and first.endswith("--source_only")
+  assert len(lines) == 2 and all(f"--config.init_from={source} " in line
+                                 for line in lines)
+  made = {"source": [], "runs": {}}
+
+  def pretrain(config, workdir):  # records the source it would pre-train
+    made["source"].append((str(config), workdir))
+    path = train.demo_source_file(workdir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "w").close()
+    return path
+
+  def fake_train(config, workdir):  # records the run, writes what training would
+    made["runs"].setdefault(os.path.basename(workdir), []).append(str(config))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    summary = {"step": config.total_steps, "score": 0.5}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f)
+    return None, summary
+  monkeypatch.setattr(train, "_demo_pretrained", pretrain)
+  monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+  import shlex  # pylint: disable=g-import-not-at-top
+  assert sweep.main(shlex.split(first)[1:]) == 0  # the printed source line
+  assert sweep.main(argv) == 0  # the sweep
+  assert len(made["source"]) == 2 and made["source"][0] == made["source"][1]
+  assert made["source"][0][1] == str(tmp_path / "source")
+  # Each printed bitune-train line builds the config the sweep trained the run with.
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+  for line in lines:
+    args = shlex.split(line)
+    name = os.path.basename(args[args.index("--workdir") + 1])
+    printed = subprocess.run(
+        [sys.executable, "-m", "bitune_jax.main"] + args[1:] + ["--print_config"],
+        capture_output=True, text=True, check=True, env=env).stdout
+    assert made["runs"][name] == [printed]
+  rows = _csv(tmp_path)
+  assert rows[0]["seeds"] == "2"
+  # A run of the sweep's name made from its own source: not counted, not trained on.
+  other = tmp_path / "runs" / sorted(made["runs"])[0] / "config.json"
+  recorded = json.loads(other.read_text())
+  recorded["init_from"] = "demo:digits_source"
+  other.write_text(json.dumps(recorded))
+  assert sweep.main(argv + ["--report"]) == 0
+  assert _csv(tmp_path)[0]["seeds"] == "1"
+  made["runs"].clear()
+  assert sweep.main(argv) == 1
+  assert made["runs"] == {}
+  failures = json.loads((tmp_path / "failures.json").read_text())
+  assert list(failures) == [other.parent.name]
+  assert "made otherwise" in failures[other.parent.name]
+  assert "init_from='demo:digits_source'" in failures[other.parent.name]
+  assert _csv(tmp_path)[0]["seeds"] == "1"

@@ -162,3 +162,48 @@ def test_best_checkpoint_chosen_on_a_held_out_validation_split(tmp_path, monkeyp
   best = max(scores, key=lambda s: (scores[s], s))  # orbax keeps the last of ties
   assert summary["best_checkpoint"] == {"step": best, "chosen_on": "validation"}
   assert summary["step"] == 6  # the headline: the final checkpoint
+
+
+
+def _records(workdir):
+  """What a launch records: config.json, launches/ and the events files, as bytes."""
+  return {p.relative_to(workdir).as_posix(): p.read_bytes() for p in
+          [workdir / "config.json", *workdir.glob("launches/*"),
+           *workdir.glob("events.out.tfevents*")]}
+
+
+def test_a_rerun_of_a_finished_run_records_nothing_and_results_are_readable(
+    tmp_path, step_counter):
+  """The same command again, or a lower total_steps: nothing trains, so config.json,
+  launches/ and the events files stay as they were (config.json still says 4). Under
+  umask 022 a teammate reads the results (0644, not mkstemp's 0600)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from bitune_jax import convert, eval_main, files  # pylint: disable=g-import-not-at-top
+  old = os.umask(0o022)
+  try:
+    train.train_and_evaluate(_config(), str(tmp_path))
+    written = [tmp_path / "config.json", tmp_path / "summary.json",
+               tmp_path / "launches" / "launch-000.json",
+               eval_main._write_record(  # pylint: disable=protected-access
+                   str(tmp_path), "latest-step4", {"top1": 0.5}),
+               convert.save_converted(  # converted and exported models
+                   {"backbone": {"w": np.zeros(2)}, "report": {"arch": "resnet18"}},
+                   str(tmp_path / "model.npz"))]
+    for path in written:
+      assert oct(os.stat(path).st_mode & 0o777) == oct(0o644), path
+    os.umask(0o027)
+    files.write_atomically(tmp_path / "private.json", "{}")
+    assert os.stat(tmp_path / "private.json").st_mode & 0o777 == 0o640
+  finally:
+    os.umask(old)
+  before = _records(tmp_path)
+  assert "launches/launch-000.json" in before and any(
+      name.startswith("events.out.tfevents") for name in before)
+  for total_steps in (4, 2):
+    _, summary = train.train_and_evaluate(_config(total_steps=total_steps),
+                                          str(tmp_path))
+    assert summary["step"] == 4
+  assert step_counter == [0, 1, 2, 3]
+  assert _records(tmp_path) == before
+  assert _json(tmp_path / "config.json")["total_steps"] == 4

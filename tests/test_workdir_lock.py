@@ -139,3 +139,28 @@ def test_released_on_exceptions_and_reentrant_within_a_process(tmp_path):
   proc = _hold(workdir)  # and another process takes it at once
   proc.kill()
   proc.wait()
+
+
+def test_sweep_and_eval_refuse_a_workdir_that_cannot_be_one(tmp_path, capsys):
+  """A file as DIR, or a DIR under a file: one line, exit 2, nothing made."""
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("mine")
+  for workdir, says in ((a_file, f"workdir {a_file} is a file, not a folder"),
+                        (a_file / "grid", f"would be under {a_file}, which is a file")):
+    with pytest.raises(SystemExit) as exit_:
+      sweep.main(["--workdir", str(workdir), "--methods", "finetune", "--datasets",
+                  "digits", "--set", "total_steps=2"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bitune-sweep: error: ") and says in err, err
+    assert "\n" not in err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+  assert a_file.read_text() == "mine"
+  # A new, nested DIR that a held lock refuses is removed again, parents included.
+  with workdir_lock.hold(str(tmp_path / "w"), "holder"):
+    pass
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+  nested = tmp_path / "new" / "run"
+  with workdir_lock.hold(str(nested), "holder"):
+    assert nested.is_dir()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -6,7 +6,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from bitune_jax import models
+from bitune_jax import console, models
 
 
 def _parser():
@@ -23,6 +23,8 @@ def _parser():
                       help="tolerate (and report) tensors the architecture has no place for")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing DST (never the source checkpoint itself)")
+  parser.add_argument("--version", action="version",
+                      version=f"bitune-convert {console.version()}")
   return parser
 
 

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import ml_collections
 import numpy as np
@@ -250,14 +250,16 @@ def _rows_key(rows):
 
 # --------------------------------------------------------------------------- input
 def train_subset(labels: np.ndarray, *, rate: float, shots: int, seed: int,
-                 num_classes: int) -> np.ndarray | None:
-  """Sorted indices of the run's training examples: k-shot, or a sampling rate."""
+                 num_classes: int,
+                 class_names: Sequence[str] | None = None) -> np.ndarray | None:
+  """Sorted indices of the run's training examples: k-shot (k per class of the whole
+  split, the rate ignored), or a sampling rate."""
   present = np.unique(labels)
   if len(present) != num_classes:
     raise ValueError(f"the training split has {len(present)} classes with examples, "
                      f"expected {num_classes}")
   if shots:
-    return splits.kshot_subset(labels, shots=shots, seed=seed)
+    return splits.kshot_subset(labels, shots=shots, seed=seed, class_names=class_names)
   if rate < 100:
     return splits.stratified_subset(labels, rate=rate, seed=seed)
   return None
@@ -276,7 +278,8 @@ def load(config: ml_collections.ConfigDict, *, two_views: bool) -> input_lib.Inp
   if config.sampling_rate < 100 or data.get("kshot", 0) or val_fraction > 0:
     labels = read_labels(b, s.train_split)
     keep = train_subset(labels, rate=config.sampling_rate, shots=data.get("kshot", 0),
-                        seed=config.seed, num_classes=s.num_classes)
+                        seed=config.seed, num_classes=s.num_classes,
+                        class_names=b.info.features["label"].names)
     if val_fraction > 0:  # held out of the subset to choose the best checkpoint
       keep = np.arange(len(labels)) if keep is None else np.asarray(keep)
       rows, val_rows = splits.holdout_split(labels[keep], fraction=val_fraction,
@@ -296,7 +299,8 @@ def load(config: ml_collections.ConfigDict, *, two_views: bool) -> input_lib.Inp
         train if keep is None else read_split(config, b, s.train_split))
   return input_lib._input(config, config.dataset, s.num_classes, s.metric, train,  # pylint: disable=protected-access
                           test, pool, is_replay, val, two_views=two_views,
-                          unlabelled=unlabelled)
+                          unlabelled=unlabelled,
+                          class_names=b.info.features["label"].names)
 
 
 def _replay(config, fraction):

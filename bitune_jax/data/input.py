@@ -56,6 +56,8 @@ class Input:
   # FixMatch: every training image of the target, labels hidden (-1); each batch then
   # also holds `fixmatch.mu` times as many of them (`u_image_u8`, `u_hw`, `u_index`).
   unlabelled: Any = None
+  # The name of each label, as the dataset gives it (digits 5-9: "5".."9").
+  class_names: tuple = ()
 
   def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     return self.stream(int(start_step))
@@ -119,12 +121,14 @@ def cached_split(config: ml_collections.ConfigDict, key: Mapping[str, Any],
 
 def _load_digits(config, *, two_views):
   """The embedded transfer task (scikit-learn's digits) through the cache."""
-  part = config.data.get("part", "target")
-  data = digits.transfer_indices(part, sampling_rate=config.sampling_rate,
-                                 seed=config.seed)
+  part, shots = config.data.get("part", "target"), config.data.get("kshot", 0)
+  # k-shot: k labelled images per class of the whole training split, not of the rate's
+  data = digits.transfer_indices(part, sampling_rate=100.0 if shots else
+                                 config.sampling_rate, seed=config.seed)
   train_rows, train_labels = data["train_rows"], data["train_labels"]
-  if config.data.get("kshot", 0):  # k labelled images per class
-    keep = splits.kshot_subset(train_labels, shots=config.data.kshot, seed=config.seed)
+  if shots:
+    keep = splits.kshot_subset(train_labels, shots=shots, seed=config.seed,
+                               class_names=data["class_names"])
     train_rows, train_labels = train_rows[keep], train_labels[keep]
   raw = digits.raw_uint8()
 
@@ -154,7 +158,8 @@ def _load_digits(config, *, two_views):
     unlabelled = unlabelled_split(split(every["train_rows"], every["train_labels"],
                                         f"{part}-train-all"))
   return _input(config, "digits", data["num_classes"], "top1", train, test, pool,
-                is_replay, val, two_views=two_views, unlabelled=unlabelled)
+                is_replay, val, two_views=two_views, unlabelled=unlabelled,
+                class_names=data["class_names"])
 
 
 def unlabelled_split(split: pipeline.Split) -> pipeline.Split:
@@ -163,7 +168,7 @@ def unlabelled_split(split: pipeline.Split) -> pipeline.Split:
 
 
 def _input(config, dataset, num_classes, metric, train, test, pool, is_replay, val, *,
-           two_views, unlabelled=None):
+           two_views, unlabelled=None, class_names=()):
   """The `Input` of these splits, with the run's stream and views."""
   def stream(start_step):
     labelled = pipeline.train_stream(pool, start_step=start_step,
@@ -181,7 +186,8 @@ def _input(config, dataset, num_classes, metric, train, test, pool, is_replay, v
                metric=metric, train=train, test=test, pool=pool,
                pool_is_replay=is_replay, stream=stream,
                view_spec=pipeline.view_spec(config, two_views=two_views), val=val,
-               unlabelled=unlabelled)
+               unlabelled=unlabelled,
+               class_names=tuple(str(n) for n in class_names))
 
 
 def prefetch_to_device(local_batches: Iterable[Mapping[str, np.ndarray]],

@@ -3,6 +3,7 @@ host's share, the replayed fraction of a source dataset. Pure numpy, determinist
 seed, independent of the host count unless said otherwise."""
 
 import math
+from typing import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -47,13 +48,22 @@ def stratified_subset(labels: ArrayLike, *, rate: float, seed: int) -> np.ndarra
   return np.sort(np.concatenate(keep)).astype(np.int64)
 
 
-def kshot_subset(labels: np.ndarray, *, shots: int, seed: int) -> np.ndarray:
-  """Sorted indices of `shots` examples per class (all of a smaller class), by seed."""
+def kshot_subset(labels: np.ndarray, *, shots: int, seed: int,
+                 class_names: Sequence[str] | None = None) -> np.ndarray:
+  """Sorted indices of `shots` examples of every class, by seed: k-shot draws from the
+  whole training split (no sampling rate). A class with fewer than `shots` examples is
+  an error naming it (`class_names[c]`, else its label) and its count."""
   if shots < 1:
     raise ValueError(f"shots must be >= 1, got {shots}")
+  labels = np.asarray(labels)
+  classes, counts = np.unique(labels, return_counts=True)
+  for c, n in zip(classes, counts):
+    if n < shots:
+      name = class_names[c] if class_names is not None else c
+      raise ValueError(f"data.kshot={shots} but class {name} has only {n} training "
+                       f"images; give data.kshot <= {int(counts.min())}")
   rng = np.random.default_rng([seed, shots])
-  chosen = [rng.permutation(np.flatnonzero(labels == c))[:shots]
-            for c in np.unique(labels)]
+  chosen = [rng.permutation(np.flatnonzero(labels == c))[:shots] for c in classes]
   return np.sort(np.concatenate(chosen))
 
 
