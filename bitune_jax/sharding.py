@@ -81,10 +81,3 @@ def global_batch(local_batch, mesh):
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x),
       local_batch)
-
-
-def local_slice(batch_size):
-  """Rows `[start, stop)` of the global batch that this host reads."""
-  per_host = batch_size // jax.process_count()
-  start = jax.process_index() * per_host
-  return start, start + per_host

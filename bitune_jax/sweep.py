@@ -224,8 +224,8 @@ def checkpoint_name(run: Run, checkpoints) -> str:
 
 def _digits_source(workdir, run, checkpoints):
   """The demo's source model (supervised on digits 0-4), pre-trained once for the
-  whole sweep in `DIR/source` and shared by its digits runs (as `bitune_jax.compare`
-  did), instead of once per run; `run` is the first run that needs it
+  whole sweep in `DIR/source` and shared by its digits runs, instead of once per
+  run; `run` is the first run that needs it
   (`_source_run`), whose config the pre-training takes its seed and sizes from."""
   from bitune_jax import train  # pylint: disable=g-import-not-at-top
   return train._demo_pretrained(build_config(run, checkpoints),  # pylint: disable=protected-access

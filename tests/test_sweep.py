@@ -5,6 +5,7 @@ difference) against hand computations."""
 import csv
 import json
 import os
+import re
 import statistics
 
 import pytest
@@ -568,3 +569,32 @@ def test_printed_commands_are_the_sweeps_runs(tmp_path, capsys, monkeypatch):
   assert "made otherwise" in failures[other.parent.name]
   assert "init_from='demo:digits_source'" in failures[other.parent.name]
   assert _csv(tmp_path)[0]["seeds"] == "1"
+
+
+@pytest.mark.slow
+def test_a_method_without_labels_gets_the_feature_protocols_and_kshot(tmp_path, capsys):
+  """Unsupervised fine-tuning in a digits sweep: its cells are the feature protocols and
+  k-shot transfer of its own run, from the sweep's shared source model; the console has
+  our progress lines and no INFO of orbax, clu or absl."""
+  argv = ["--workdir", str(tmp_path), "--methods", "unsup_finetune", "--datasets",
+          "digits", "--rates", "25", "--seeds", "0", "--kshot_steps", "2"] + TINY
+  assert sweep.main(argv) == 0
+  captured = capsys.readouterr()
+  info = [line for line in captured.err.splitlines() if re.match(r"I\d{4} |INFO:", line)]
+  assert not info, info[:5]
+  ours = [line for line in captured.err.splitlines() if re.match(r"\d\d:\d\d:\d\d ", line)]
+  assert any("step 3/3" in line for line in ours), captured.err[-2000:]
+  (folder,) = (tmp_path / "runs").iterdir()
+  summary = json.loads((folder / "summary.json").read_text())
+  assert summary["step"] == 3 and summary["method"] == "unsup_finetune"
+  source = str(tmp_path / "source" / "pretrained" / "digits_source.npz")
+  assert json.loads((folder / "config.json").read_text())["init_from"] == source
+  results = {**summary, **json.loads((folder / "sweep_kshot.json").read_text())}
+  expected = {f"digits 25% {name}": results[key] for name, key in (
+      ("retrieval", "retrieval_top5"), ("bcubed", "kmeans_bcubed_precision"),
+      ("linear probe", "linear_probe_top1"))}
+  expected.update({f"digits 25% {k}-shot": results[f"kshot_{k}_top1"] for k in (1, 2, 4, 8)})
+  rows = {r["column"]: r for r in _csv(tmp_path)}
+  assert set(rows) == set(expected)
+  for column, value in expected.items():
+    assert float(rows[column]["mean"]) == pytest.approx(100 * value, abs=1e-4), column

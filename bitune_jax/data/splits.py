@@ -80,12 +80,6 @@ def holdout_split(labels: np.ndarray, *, fraction: float,
   return np.sort(train), np.sort(val)
 
 
-def host_range(n: int, *, index: int, count: int) -> tuple[int, int]:
-  """`[lo, hi)` of the `index`-th of `count` near-equal contiguous parts of `range(n)`."""
-  if not 0 <= index < count:
-    raise ValueError(f"host index {index} is not in [0, {count})")
-  return n * index // count, n * (index + 1) // count
-
 
 def replay_subset(n: int, *, fraction: float, seed: int) -> np.ndarray:
   """Sorted indices of a fixed random `fraction` of `n` source examples (at least one):
