@@ -80,13 +80,31 @@ class Run:
 
   @property
   def name(self) -> str:
+    """`<method>-<arg>[-<checkpoint>][-rate<R>][-k<K>][-<digest>]-seed<S>`: the method,
+    sampling rate, k and seed at a glance; the digest of every override keeps apart
+    runs that differ in others."""
+    return self._name(readable=True)
+
+  def _name(self, readable):
     base = f"{self.config or AS_IS}-{self.arg.replace(',', '-')}"
     if self.checkpoint:
       base += f"-{self.checkpoint}"
     if self.overrides:
+      given = dict(self.overrides)
+      if readable and "sampling_rate" in given:
+        base += f"-rate{float(given['sampling_rate']):g}"
+      if readable and given.get("data.kshot"):
+        base += f"-k{given['data.kshot']}"
       digest = hashlib.sha256(json.dumps(self.overrides).encode()).hexdigest()[:8]
       base += f"-{digest}"
     return f"{base}-seed{self.seed}"
+
+  def folder(self, workdir) -> str:
+    """`DIR/runs/<name>`; a run that a sweep of an earlier release made under the name
+    without rate and k (`<method>-<arg>-<digest>-seed<S>`) is found there and kept."""
+    folder = os.path.join(workdir, "runs", self.name)
+    earlier = os.path.join(workdir, "runs", self._name(readable=False))
+    return earlier if not os.path.exists(folder) and os.path.isdir(earlier) else folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,7 +281,7 @@ def made_otherwise(workdir, run, checkpoints) -> dict:
   model); fields a resumed run may change (`train.RESUMABLE`) do not count. `{}` when
   nothing is recorded, or the sweep's config cannot be built (a checkpoint not given)."""
   from bitune_jax import train  # pylint: disable=g-import-not-at-top
-  folder = os.path.join(workdir, "runs", run.name)
+  folder = run.folder(workdir)
   if not os.path.exists(os.path.join(folder, "config.json")):
     return {}
   try:
@@ -286,7 +304,7 @@ def command(run: Run, workdir, checkpoints) -> str:
   makes, from the sweep's shared source model where it uses one (`source_command`
   makes it first)."""
   parts = ["bitune-train", "--config", f"configs/{run.config_file}.py:{run.arg}",
-           "--workdir", os.path.join(workdir, "runs", run.name),
+           "--workdir", run.folder(workdir),
            f"--config.seed={run.seed}"]
   if run.checkpoint:
     name = checkpoint_name(run, checkpoints)
@@ -365,7 +383,7 @@ def _run_all(workdir, cells, checkpoints, kshot_steps, signals):
   spent, start = [], time.perf_counter()
   source = ""
   for i, (run, keys) in enumerate(needs.items()):
-    folder = os.path.join(workdir, "runs", run.name)
+    folder = run.folder(workdir)
     began = time.perf_counter()
     try:
       _stop_if_asked(signals, f"before run {run.name}")

@@ -24,7 +24,7 @@ def short(key):
 
 def results(workdir, run):
   """The run's numbers: its summary (if finished) and k-shot evaluations, or None."""
-  folder = os.path.join(workdir, "runs", run.name)
+  folder = run.folder(workdir)
   path = os.path.join(folder, "summary.json")
   if not os.path.exists(path):
     return None
@@ -184,7 +184,7 @@ def _sensitivity_plots(folder, rows):
 def _curves(workdir, folder, cells):
   from bitune_jax import plots  # pylint: disable=g-import-not-at-top
   for run in {r for c in cells for r in c.runs if r.config}:  # as-is runs: no curves
-    run_dir = os.path.join(workdir, "runs", run.name)
+    run_dir = run.folder(workdir)
     summary = os.path.join(run_dir, "summary.json")
     target = os.path.join(folder, "curves", f"{run.name}.png")
     if os.path.exists(summary) and (not os.path.exists(target) or os.path.getmtime(

@@ -46,8 +46,14 @@ def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatc
   assert len(trained) == 4
   monkeypatch.setenv("SWEEP_AGAIN", "1")
   del trained[:]
+  # A finished run in the folder name of an earlier release (no rate): found, kept.
+  finished = sorted(set(os.listdir(tmp_path / "runs")) - set(failures))[0]
+  assert "-rate50-" in finished or "-rate100-" in finished, finished
+  earlier = re.sub(r"-rate\d+-", "-", finished)
+  os.rename(tmp_path / "runs" / finished, tmp_path / "runs" / earlier)
   assert sweep.main(argv) == 0
   assert trained == [list(failures)[0]]  # finished runs are not trained again
+  assert not (tmp_path / "runs" / finished).exists()
   assert json.loads((tmp_path / "failures.json").read_text()) == {}
   rows = _csv(tmp_path)
   assert [(r["row"], r["column"], r["seeds"]) for r in rows] == [
@@ -55,7 +61,10 @@ def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatc
   for row, rate in zip(rows, (50, 100)):
     scores = []
     for seed in (0, 1):
-      path = tmp_path / "runs" / f"finetune-demo-{_digest(rate)}-seed{seed}" / "summary.json"
+      name = f"finetune-demo-rate{rate}-{_digest(rate)}-seed{seed}"
+      path = tmp_path / "runs" / name / "summary.json"
+      if not path.exists():  # the run renamed to an earlier release's name above
+        path = tmp_path / "runs" / name.replace(f"-rate{rate}-", "-") / "summary.json"
       summary = json.loads(path.read_text())
       assert summary["sampling_rate"] == rate and summary["step"] == 3
       scores.append(100 * summary["score"])
@@ -75,7 +84,7 @@ def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatc
   # Plots: the grid's accuracy against the rate, and each run's curves.
   assert (tmp_path / "plots" / "grid.png").read_bytes()[:4] == b"\x89PNG"
   curves = sorted((tmp_path / "plots" / "curves").iterdir())
-  assert [p.stem for p in curves] == [r.name for r in runs]
+  assert {p.stem for p in curves} == {r.name for r in runs} - {earlier} | {finished}
   data = plots.training_curves(str(runs[0]), str(tmp_path / "again.png"))
   summary = json.loads((runs[0] / "summary.json").read_text())
   assert data["test"]["test_top1"][-1] == (3, pytest.approx(summary["top1"], abs=1e-6))
