@@ -50,3 +50,36 @@ def pytest_runtest_makereport(item, call):
   if report.failed and seeds:
     report.sections.append(
         ("random seed", f"seed {seeds[0]}: rerun with BITUNE_TEST_SEED={seeds[0]}"))
+
+
+# --------------------------------------------------------------------------- numbers
+# Tests that run a README command record what it printed here; the end of the run shows
+# them with the CPU they came from (the README's numbers depend on the machine: float
+# sums round differently across CPUs, and CI is another machine than the README's).
+_MEASURED = []
+
+
+@pytest.fixture
+def measured(request):
+  """`measured("quick start: top-1 96.28")` prints that line at the end of the run."""
+  return lambda line: _MEASURED.append(f"{request.node.nodeid}: {line}")
+
+
+def _cpu():
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+    f.seek(0)
+    avx512 = " avx512f" in f.read()
+    if not names:
+      return "unknown CPU"
+    return f"{names[0]} x {len(names)}, {'with' if avx512 else 'no'} AVX-512"
+  except OSError:
+    return "unknown CPU"
+
+
+def pytest_terminal_summary(terminalreporter):
+  if _MEASURED:
+    terminalreporter.section(f"README numbers measured on this machine ({_cpu()})")
+    for line in _MEASURED:
+      terminalreporter.write_line(line)
