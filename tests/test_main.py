@@ -108,7 +108,7 @@ def test_home_and_variables_in_paths_are_expanded(tmp_path, monkeypatch, capsys)
     raise ValueError("stopped before anything compiles")
   monkeypatch.setattr(train, "setup", setup)
   assert _refused(
-      monkeypatch, capsys, DEMO, "--workdir=~/runs/a",
+      monkeypatch, capsys, f"--config={ROOT}/configs/cotuning.py:demo", "--workdir=~/runs/a",
       "--config.data.data_dir=~/tensorflow_datasets", "--config.data.manual_dir=~/manual",
       "--config.data.cache_dir=$HOME/cache", "--config.data.replay_manual_dir=~/imagenet",
       "--config.init_from=~/resnet50.npz",
