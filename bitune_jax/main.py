@@ -131,7 +131,7 @@ def _foreign_override(argv, config_value):
   """The error of an override of a field in another method's section (the finetune
   config has no `bituning.temperature`), naming that method; None if there is none."""
   from bitune_jax import config_base  # pylint: disable=g-import-not-at-top
-  fields = [m[1] for m in (re.match(r"--(?:no)?config\.([^=]+)", a) for a in argv) if m]
+  fields = [m[1] for m in (re.match(r"-{1,2}(?:no)?config\.([^=]+)", a) for a in argv) if m]
   if not config_value or not any(f.split(".")[0] in config_base.METHOD_SECTIONS
                                  for f in fields):
     return None
