@@ -102,12 +102,14 @@ def _config(setup, method):
   config = step_bench.make_config(
       setup["arch"], setup["image_size"], _global_batch(setup), method, setup["bf16"],
       queue_size=setup["queue_per_class"])
-  config.cotuning.source_classes = setup["source_classes"]
-  config.unsup.queue_size = setup["unsup_queue"]
-  # Shuffled BatchNorm per group: the largest divisor of the batch up to 32 (MoCo's 32
-  # per GPU; 24 at batch 48).
-  batch = config.batch_size
-  config.unsup.bn_group_size = max(g for g in range(1, 33) if batch % g == 0)
+  if method == "cotuning":
+    config.cotuning.source_classes = setup["source_classes"]
+  if method == "unsup_finetune":
+    config.unsup.queue_size = setup["unsup_queue"]
+    # Shuffled BatchNorm per group: the largest divisor of the batch up to 32 (MoCo's
+    # 32 per GPU; 24 at batch 48).
+    batch = config.batch_size
+    config.unsup.bn_group_size = max(g for g in range(1, 33) if batch % g == 0)
   return config
 
 

@@ -3,12 +3,13 @@
 implementation (SGD nesterov 0.9, weight decay 5e-4, lr 0.01 with the backbone and
 projector at 0.1x, batch 48, step decay x0.1)."""
 
+import copy
 import math
 import os
 
 import ml_collections
 
-from bitune_jax import models, relationship
+from bitune_jax import models
 from bitune_jax.models import resnet
 from bitune_jax.data import datasets
 
@@ -39,7 +40,54 @@ def parse_arg(arg):
   return dataset, arch, rate
 
 
+# Each method's sections: the fields only that method reads, built by its
+# `configs/<method>.py` (a config has these and no other method's). Every config also
+# has the shared fields, `data` and `lr_mult`, and the demo's `pretrain` (its source
+# model's pre-training).
+SECTIONS = {
+    "finetune": (), "bituning": ("bituning",), "cotuning": ("cotuning",),
+    "unsup_finetune": ("unsup",), "fixmatch": ("fixmatch",), "gpt_star": ("gpt_star",),
+    "l2sp": ("l2sp",), "bss": ("bss",), "delta": ("delta",),
+    "center_loss": ("center_loss",)}
+METHOD_SECTIONS = frozenset(s for sections in SECTIONS.values() for s in sections)
+# Fields moved into a method's own section: field -> where configs recorded before the
+# move kept it (GPT* read Bi-tuning's projector width).
+MOVED = {"gpt_star.projector_dim": "bituning.projector_dim"}
+
+
+def foreign_field(method, field):
+  """Why the dotted `field` is not in a config of `method`: the message that names the
+  methods whose section it is in; None for a shared field or one of the method's own."""
+  section = field.split(".")[0]
+  if section not in METHOD_SECTIONS or section in SECTIONS.get(method, ()):
+    return None
+  return (f"config field {field!r} belongs to {_owners(section)}; this config is "
+          f"{method}'s, which has no {section!r} section")
+
+
+def _owners(section):
+  return ", ".join(f"{m} (configs/{m}.py)" for m, own in SECTIONS.items()
+                   if section in own)
+
+
+def stored(tree):
+  """A recorded config (the dict of a run's `config.json`) in today's shape: `MOVED`
+  fields in their new place, and the sections its method does not read dropped (a
+  config recorded before each config had only its method's sections carries every
+  method's; their values never counted)."""
+  tree = copy.deepcopy(dict(tree))
+  for field, old in MOVED.items():
+    (section, name), (old_section, old_name) = field.split("."), old.split(".")
+    if (section in tree and name not in tree[section]
+        and old_name in tree.get(old_section, {})):
+      tree[section][name] = tree[old_section][old_name]
+  own = SECTIONS.get(tree.get("method"), ())
+  return {k: v for k, v in tree.items() if k not in METHOD_SECTIONS or k in own}
+
+
 def base_config(arg, method):
+  """The fields every method's config has (`SECTIONS`: its own are added by its
+  `configs/<method>.py`)."""
   config = ml_collections.ConfigDict()
   config.method = method
   if arg == "demo":
@@ -65,31 +113,6 @@ def base_config(arg, method):
   config.schedule = "step"
   config.decay_at = (0.6, 0.9)
   config.decay_factor = 0.1
-
-  config.bituning = ml_collections.ConfigDict(dict(
-      queue_size=queue_size_for_rate(rate), projector_dim=128, temperature=0.07,
-      trade_off=1.0, ema_momentum=0.999, ema_cosine=False, cce_after_enqueue=True,
-      # The loss: ce_weight * CE + trade_off * (cce_weight * CCE + ccl_weight * CCL); a
-      # term of weight 0 is not computed (Table 5's ablations).
-      ce_weight=1.0, cce_weight=1.0, ccl_weight=1.0,
-      # key_generation: 'momentum' (a momentum key encoder fills per-class queues; the
-      # paper's default) or 'memory_bank' (a snapshot of h and z per training example,
-      # updated with momentum bank_momentum, K keys per class drawn from it; Appendix
-      # B.2). (Not `keys`: a ConfigDict's `.keys` is its method.)
-      key_generation="momentum", bank_momentum=0.5))
-
-  config.cotuning = ml_collections.ConfigDict(dict(
-      # source_temperature: source probabilities are softmax(logits / T); the official
-      # code's scale 0.884 (T = 1.131), the calibrated one of the ImageNet ResNet-50,
-      # is what the papers' numbers used, for every backbone (the demo sets its own).
-      trade_off=2.3, relationship="reverse", calibrate=True,
-      source_temperature=1.0 / relationship.OFFICIAL_SOURCE_SCALE,
-      holdout_fraction=0.2, source_classes=1000, relationship_file=""))
-
-  config.unsup = ml_collections.ConfigDict(dict(
-      queue_size=65536, projector_dim=128, mlp=True, temperature=0.2, ema_momentum=0.999,
-      replay_fraction=0.1, cutmix=True, cutmix_alpha=1.0, mixed_weight=1.0,
-      bn_group_size=32))
 
   # a bitune-convert output (.npz), 'demo:digits_source', or 'none' (random weights,
   # on purpose: no warning)
@@ -140,9 +163,6 @@ def _demo(config):
   config.checkpoint_every = 100
   config.init_from = "demo:digits_source"
   config.pretrain = ml_collections.ConfigDict(dict(total_steps=400, lr=0.1))
-  config.cotuning.source_classes = 5  # the demo's source model: digits 0-4
-  # Its own source model, not the ImageNet ResNet-50 that the official 0.884 calibrates.
-  config.cotuning.source_temperature = 1.0
   config.data.crop_scale = (0.5, 1.0)  # a digit keeps its shape: crops of half or more,
   config.data.flip = False  # and no mirror images
 
@@ -165,9 +185,10 @@ def finalize(config):
   Called once where a run starts (and again harmlessly): before anything is written."""
   for field in PATH_FIELDS:
     section, _, name = field.rpartition(".")
+    if section and section not in config:
+      continue  # another method's section
     holder = config[section] if section else config
-    if (not section or section in config) and name in holder and isinstance(
-        holder[name], str):
+    if name in holder and isinstance(holder[name], str):
       holder[name] = expand_path(holder[name])
   validate(config)
   return config
@@ -194,6 +215,7 @@ def validate(config):
   if config.get("head_init", "") not in ("",) + models.HEAD_INITS:
     raise ValueError(f"head_init {config.head_init!r} is not one of: '' (the method's "
                      f"reference), {', '.join(models.HEAD_INITS)}")
+  _validate_sections(config)
   if not 0 < config.sampling_rate <= 100:
     raise ValueError(f"sampling_rate must be in (0, 100], got {config.sampling_rate}")
   if config.method == "bituning" and not any(
@@ -215,6 +237,19 @@ def validate(config):
                      f"{config.batch_size}")
   _validate_values(config)
   _validate_data(config)
+
+
+def _validate_sections(config):
+  """Its method's sections (`SECTIONS`), and no other method's."""
+  for section in SECTIONS.get(config.method, ()):
+    if section not in config:
+      raise ValueError(f"a {config.method} config needs its {section!r} section: start "
+                       f"from configs/{config.method}.py")
+  for section in sorted(METHOD_SECTIONS & set(config.keys())):
+    if section not in SECTIONS.get(config.method, ()):
+      raise ValueError(f"this config is {config.method}'s but has the {section!r} "
+                       f"section of {_owners(section)}, which {config.method} never "
+                       "reads: remove it")
 
 
 _POSITIVE, _NON_NEGATIVE = ("> 0", lambda v: v > 0), (">= 0", lambda v: v >= 0)

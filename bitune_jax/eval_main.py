@@ -38,12 +38,15 @@ def add_version(parser):
 
 
 def _load_config(workdir):
+  """The run's `config.json`, in today's shape (`config_base.stored`: an older run's
+  record carries every method's sections)."""
   import ml_collections
+  from bitune_jax import config_base
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ValueError(f"{workdir} has no config.json: not a bitune-train workdir")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(config_base.stored(json.load(f)))
 
 
 def _restore(workdir, config, which):
@@ -120,7 +123,7 @@ def kshot_transfer(workdir, *, shots=(1, 2, 4, 8), total_steps=100, seed=0,
     raise ValueError(f"kshot_steps must be >= 1, got {total_steps}")
   import jax
   import ml_collections
-  from bitune_jax import convert, files, train
+  from bitune_jax import config_base, convert, files, train
   which = which_checkpoint(which)
   config = _load_config(workdir)
   _, state, _ = _restore(workdir, config, which)
@@ -138,8 +141,10 @@ def kshot_transfer(workdir, *, shots=(1, 2, 4, 8), total_steps=100, seed=0,
                                        "dropped": []}}, backbone)
   results = {}
   for k in shots:
-    run = ml_collections.ConfigDict(json.loads(config.to_json()))
-    run.method, run.init_from, run.seed = "finetune", backbone, seed
+    # Vanilla fine-tuning's config: the run's, without its method's sections.
+    run = ml_collections.ConfigDict(config_base.stored(
+        dict(json.loads(config.to_json()), method="finetune")))
+    run.init_from, run.seed = backbone, seed
     run.total_steps, run.data.kshot = total_steps, k
     run.eval_every = run.checkpoint_every = total_steps
     run.log_every = min(run.log_every, total_steps)

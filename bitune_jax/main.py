@@ -110,12 +110,13 @@ def _parse_flags(argv):
     from bitune_jax import catalog  # pylint: disable=g-import-not-at-top
     print(catalog.text(), end="")
     sys.exit(0)
-  argv = list(argv)
+  argv, config = list(argv), None
   for i, a in enumerate(argv):
     if a.startswith("--config="):
-      argv[i] = "--config=" + _config_file(a[len("--config="):])
+      config = _config_file(a[len("--config="):])
+      argv[i] = "--config=" + config
     elif a == "--config" and i + 1 < len(argv):
-      argv[i + 1] = _config_file(argv[i + 1])
+      argv[i + 1] = config = _config_file(argv[i + 1])
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -123,7 +124,22 @@ def _parse_flags(argv):
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     if "--verbose" in argv:
       raise
-    _fail(_one_line(e))
+    _fail(_foreign_override(argv, config) or _one_line(e))
+
+
+def _foreign_override(argv, config_value):
+  """The error of an override of a field in another method's section (the finetune
+  config has no `bituning.temperature`), naming that method; None if there is none."""
+  from bitune_jax import config_base  # pylint: disable=g-import-not-at-top
+  fields = [m[1] for m in (re.match(r"-{1,2}(?:no)?config\.([^=]+)", a) for a in argv) if m]
+  if not config_value or not any(f.split(".")[0] in config_base.METHOD_SECTIONS
+                                 for f in fields):
+    return None
+  try:  # the config as absl loaded it, without the overrides
+    method = flags.FLAGS["config"].parser.parse(config_value).method
+  except Exception:  # pylint: disable=broad-except
+    return None  # the file's own error: absl's message says it
+  return next(filter(None, (config_base.foreign_field(method, f) for f in fields)), None)
 
 
 def _last_checkpoint(workdir):

@@ -30,7 +30,8 @@ on: the sweep refuses it in `failures.json`.
 A spec row without a method is its pre-trained checkpoint evaluated as it is (0
 steps; see `Run`). A method trained without labels gets, in an ad-hoc grid, the
 feature protocols' columns and k-shot transfer. `--vary KEY=V1,V2,...` runs every cell
-once per value.
+once per value. A `--set` or `--vary` key in a method's section (`bituning.queue_size`)
+goes to that method's runs only: the others' configs have no such field.
 
 `DIR/results.md` and `DIR/results.csv` are written after every run, and by `--report`
 at any time: each cell's mean ± sample std over the seeds that exist, their number,
@@ -143,12 +144,25 @@ def _value(text):
   return tuple(value) if isinstance(value, list) else value
 
 
+def _reads(config, key) -> bool:
+  """Whether a run of `configs/<config>.py` has the field `key`: not when it is in
+  another method's section (`config_base.SECTIONS`)."""
+  from bitune_jax import config_base  # pylint: disable=g-import-not-at-top
+  return config_base.foreign_field(config, key) is None
+
+
+def _own(config, overrides) -> dict:
+  """The `overrides` (`--set`) that a run of `configs/<config>.py` reads: e.g.
+  `bituning.queue_size` for Bi-tuning's runs, not vanilla fine-tuning's."""
+  return {k: v for k, v in overrides.items() if _reads(config, k)}
+
+
 def cells_from_spec(table: tables.Table, seeds, extra, vary=None) -> list[Cell]:
   """The cells of a table spec; a row without a config is its checkpoint evaluated
   as it is (see `Run`)."""
   out = []
   for cell in tables.cells(table):
-    overrides = {**cell.overrides, **extra}
+    overrides = {**cell.overrides, **_own(cell.row.config or "finetune", extra)}
     if not cell.row.config:
       overrides["total_steps"] = 0
     runs = tuple(Run(cell.row.config, cell.arg, tuple(sorted(overrides.items())),
@@ -178,7 +192,7 @@ def cells_from_grid(methods, datasets, rates, arch, seeds, extra, vary=None
       evals = [("", 0)]
     for dataset in datasets:
       for rate in rates:
-        overrides = dict(extra)
+        overrides = _own(method, extra)
         if dataset == "digits":  # the embedded demo: its own arch, rate as an override
           arg = "demo"
           overrides["sampling_rate"] = float(rate)
@@ -195,14 +209,15 @@ def cells_from_grid(methods, datasets, rates, arch, seeds, extra, vary=None
 
 
 def _vary(cells, vary):
-  """Each cell once per combination of the `vary` values (`{key: [values]}`), the
-  values set in its runs' overrides and recorded in `Cell.params`."""
+  """Each cell once per combination of the `vary` values (`{key: [values]}`) of the
+  keys its runs read (`_reads`), the values set in its runs' overrides and recorded in
+  `Cell.params`."""
   if not vary:
     return cells
   import itertools  # pylint: disable=g-import-not-at-top
-  keys = sorted(vary)
   out = []
   for cell in cells:
+    keys = [k for k in sorted(vary) if _reads(cell.runs[0].config_file, k)]
     for values in itertools.product(*(vary[k] for k in keys)):
       params = tuple(zip(keys, values))
       runs = tuple(dataclasses.replace(r, overrides=tuple(sorted(
@@ -558,6 +573,12 @@ def main(argv=None):
   else:
     parser.error("give --spec, or --methods and --datasets")
   runs = {r for c in cells for r in c.runs}
+  for what, keys in (("set", extra), ("vary", vary)):
+    for key in keys:  # another method's field: set in that method's runs, if any
+      if runs and not any(_reads(r.config_file, key) for r in runs):
+        first = min(runs, key=lambda r: r.name)
+        parser.error(f"--{what} {key}: no run of this sweep reads it: "
+                     f"{config_base.foreign_field(first.config_file, key)}")
   if args.print_commands:
     if _source_run(cells, checkpoints) is not None:
       print(source_command(argv if argv is not None else sys.argv[1:], workdir))

@@ -175,7 +175,12 @@ def cells(table: Table, *, runnable_only: bool = True) -> list[Cell]:
 
 
 def set_field(config, dotted: str, value: Any) -> None:
-  """`config.<dotted> = value` for an existing field (else an error naming it)."""
+  """`config.<dotted> = value` for an existing field (else an error naming it, or the
+  method whose section it is in)."""
+  from bitune_jax import config_base  # pylint: disable=g-import-not-at-top
+  foreign = config_base.foreign_field(config.method, dotted)
+  if foreign:
+    raise ValueError(foreign)
   *path, last = dotted.split(".")
   node = config
   for part in path:

@@ -67,11 +67,12 @@ LEGACY = {"head_init": "lecun", "bituning.ce_weight": 1.0, "bituning.cce_weight"
 
 
 def config_changes(config, workdir):
-  """`{field: (recorded, now)}` between `workdir/config.json` and `config`."""
+  """`{field: (recorded, now)}` between `workdir/config.json` (in today's shape:
+  `config_base.stored`) and `config`."""
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
     return {}
-  saved = _flat(json.loads(path.read_text()))
+  saved = _flat(config_base.stored(json.loads(path.read_text())))
   now = _flat(json.loads(config.to_json_best_effort()))
   for field, value in LEGACY.items():
     if field in now:  # (a method's own section: absent from the others' configs)

@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = {"l2sp": l2sp, "bss": bss, "center_loss": center_loss, "gpt_star": gpt_star}
 DEFAULTS = {"l2sp": dict(alpha=0.01, beta=0.01), "bss": dict(eta=0.001, k=1),
             "center_loss": dict(trade_off=0.003, alpha=0.5),
-            "gpt_star": dict(queue_size=1024, temperature=0.07, trade_off=1.0,
-                             ema_momentum=0.999)}
+            "gpt_star": dict(queue_size=1024, projector_dim=128, temperature=0.07,
+                             trade_off=1.0, ema_momentum=0.999)}
 QUEUE = 64  # GPT*'s queue in the tests
 
 

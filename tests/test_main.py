@@ -56,6 +56,57 @@ def test_a_zero_that_would_crash_late_is_refused_first(tmp_path, monkeypatch, ca
   assert os.listdir(tmp_path) == []
 
 
+def test_another_methods_field_is_refused_naming_its_method(tmp_path):
+  """`bitune-train` as a process: vanilla fine-tuning's config has no Bi-tuning
+  section, so an override of a Bi-tuning field (which it would never read) is refused
+  in one line naming the method that reads it, before anything is written."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  run = subprocess.run(
+      [sys.executable, "-m", "bitune_jax.main", "--config", "configs/finetune.py:demo",
+       "--workdir", str(workdir), "--config.bituning.temperature=0"],
+      capture_output=True, text=True, check=False, cwd=ROOT)
+  assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+  assert run.stderr.splitlines() == [
+      "bitune-train: error: config field 'bituning.temperature' belongs to bituning "
+      "(configs/bituning.py); this config is finetune's, which has no 'bituning' section"]
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_config_has_the_sections_of_its_method(tmp_path, monkeypatch, capsys):
+  """Each config carries its method's section alone (`config_base.SECTIONS`); another
+  method's field or section is refused naming whose it is, a misspelt field of its own
+  still gets its suggestion; nothing compiles, nothing is written."""
+  from bitune_jax.configs import bituning, finetune  # pylint: disable=g-import-not-at-top
+  sections = {"bituning", "cotuning", "unsup"}
+  assert not sections & set(finetune.get_config("demo").keys())
+  assert sections & set(bituning.get_config("demo").keys()) == {"bituning"}
+  def compiled(*args, **kwargs):
+    raise AssertionError("the run got as far as setup")
+  monkeypatch.setattr(train, "setup", compiled)
+  workdir = f"--workdir={tmp_path}/run"
+  bituning_demo = f"--config={ROOT}/configs/bituning.py:demo"
+  for argv, said in (
+      ((DEMO, "--noconfig.bituning.ema_cosine"),
+       "config field 'bituning.ema_cosine' belongs to bituning (configs/bituning.py); "
+       "this config is finetune's, which has no 'bituning' section"),
+      ((bituning_demo, "--config.unsup.replay_fraction=0"),
+       "config field 'unsup.replay_fraction' belongs to unsup_finetune "
+       "(configs/unsup_finetune.py); this config is bituning's, which has no 'unsup' "
+       "section"),
+      ((DEMO, "--config.cotuning.relationship=direct"),
+       "config field 'cotuning.relationship' belongs to cotuning (configs/cotuning.py); "
+       "this config is finetune's, which has no 'cotuning' section"),
+      ((bituning_demo, "--config.bituning.temprature=0"),
+       "unknown config field 'temprature' (did you mean 'temperature'?)"),
+      ((DEMO, "--config.totl_steps=3"),
+       "unknown config field 'totl_steps' (did you mean 'total_steps'?)"),
+      ((DEMO, "--config.method=bituning"),
+       "a bituning config needs its 'bituning' section: start from configs/bituning.py")):
+    assert _refused(monkeypatch, capsys, *argv, workdir) == f"bitune-train: error: {said}"
+  assert os.listdir(tmp_path) == []
+
+
 def test_a_workdir_that_cannot_be_one_is_refused(tmp_path, monkeypatch, capsys):
   a_file = tmp_path / "notes.txt"
   a_file.write_text("mine")
@@ -108,7 +159,7 @@ def test_home_and_variables_in_paths_are_expanded(tmp_path, monkeypatch, capsys)
     raise ValueError("stopped before anything compiles")
   monkeypatch.setattr(train, "setup", setup)
   assert _refused(
-      monkeypatch, capsys, DEMO, "--workdir=~/runs/a",
+      monkeypatch, capsys, f"--config={ROOT}/configs/cotuning.py:demo", "--workdir=~/runs/a",
       "--config.data.data_dir=~/tensorflow_datasets", "--config.data.manual_dir=~/manual",
       "--config.data.cache_dir=$HOME/cache", "--config.data.replay_manual_dir=~/imagenet",
       "--config.init_from=~/resnet50.npz",

@@ -36,7 +36,7 @@ CLASSES, PADDED, K = 5, 8, 4  # digits 5-9; queue rows on 8 devices; slots per c
 
 def _config(module, **overrides):
   config = fakes.tiny_config(module.get_config("demo").method, seed=SEED, **overrides)
-  if "bituning" not in overrides or "queue_size" not in overrides["bituning"]:
+  if config.method == "bituning" and "queue_size" not in overrides.get("bituning", {}):
     config.bituning.queue_size = K
   return config
 

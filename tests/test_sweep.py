@@ -418,6 +418,39 @@ def test_a_refused_sweep_leaves_no_folder(tmp_path, capsys):
   assert not workdir.exists()
 
 
+def test_a_methods_own_field_goes_to_that_methods_runs(tmp_path, capsys):
+  """`--set` / `--vary` of a field in Bi-tuning's section, in a grid that also has
+  vanilla fine-tuning: Bi-tuning's runs get it (once per value), vanilla fine-tuning's
+  config has no such field and its runs are made once; a field no run of the sweep
+  has is refused naming the method that reads it, leaving nothing behind."""
+  workdir = tmp_path / "sweep"
+  argv = ["--workdir", str(workdir), "--methods", "finetune,bituning", "--datasets",
+          "digits", "--rates", "50", "--set", "bituning.ccl_weight=0.5", "--vary",
+          "bituning.queue_size=2,8"]
+  assert sweep.main(argv + ["--print_commands"]) == 0
+  lines = capsys.readouterr().out.splitlines()[1:]  # (the first: the shared source)
+  finetune = [line for line in lines if "configs/finetune.py" in line]
+  bituning = [line for line in lines if "configs/bituning.py" in line]
+  assert len(finetune) == 1 and "bituning." not in finetune[0], finetune
+  assert len(bituning) == 2 and all("--config.bituning.ccl_weight=0.5" in line
+                                    for line in bituning), bituning
+  assert sorted(line.split("--config.bituning.queue_size=")[1].split()[0]
+                for line in bituning) == ["2", "8"]
+  cells = sweep.cells_from_grid(["finetune", "bituning"], ["digits"], [50.0], "", [0],
+                                {}, {"bituning.queue_size": [2, 8]})
+  assert [(c.row, c.params) for c in cells] == [
+      ("finetune", ()), ("bituning", (("bituning.queue_size", 2),)),
+      ("bituning", (("bituning.queue_size", 8),))]
+  with pytest.raises(SystemExit):
+    sweep.main(["--workdir", str(workdir), "--methods", "finetune", "--datasets",
+                "digits", "--set", "bituning.queue_size=4"])
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      "bitune-sweep: error: --set bituning.queue_size: no run of this sweep reads it: "
+      "config field 'bituning.queue_size' belongs to bituning (configs/bituning.py); "
+      "this config is finetune's, which has no 'bituning' section")
+  assert not workdir.exists()
+
+
 def _start_sweep(tmp_path, argv):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top

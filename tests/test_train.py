@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -21,7 +22,9 @@ import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _config(method="bituning", **overrides):
-  return fakes.tiny_config(method, **{"bituning": {"queue_size": 4}, **overrides})
+  if method == "bituning":
+    overrides = {"bituning": {"queue_size": 4}, **overrides}
+  return fakes.tiny_config(method, **overrides)
 
 
 def _losses(config, mesh, steps=3):
@@ -118,6 +121,10 @@ def test_interrupted_run_resumes_to_the_same_state(tmp_path, monkeypatch):
     (dict(bituning=dict(trade_off=-1.0)), "bituning.trade_off must be >= 0, got -1.0"),
     (dict(weight_decay=-5e-4), "weight_decay must be >= 0, got -0.0005"),
     (dict(lr_mult=dict(backbone=-0.1)), "lr_mult.backbone must be >= 0, got -0.1"),
+    # A method's config has its own sections alone (`config_base.SECTIONS`).
+    (dict(unsup=ml_collections.ConfigDict({"replay_fraction": 0.0})),
+     "this config is bituning's but has the 'unsup' section of unsup_finetune "
+     "(configs/unsup_finetune.py), which bituning never reads: remove it"),
 ])
 def test_bad_configs_fail_before_compiling(tmp_path, monkeypatch, overrides, needle):
   def no_compile(*args, **kwargs):

@@ -1,13 +1,14 @@
 """A workdir's records: config.json describes the run that trained, every launch is
 kept, a finished run's summary stays, changes that break a resumed run are refused."""
 
+import importlib
 import json
 import math
 import re
 
 import pytest
 
-from bitune_jax import methods, train
+from bitune_jax import config_base, eval_main, methods, train
 
 import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -77,15 +78,12 @@ def test_resume_with_more_steps_is_recorded_and_other_changes_are_refused(
 
 def test_a_run_recorded_before_new_fields_resumes_with_the_values_it_trained_with(
     tmp_path, step_counter):
-  """A config.json written before `head_init` and the Bi-tuning loss weights existed:
-  the run started its head as Flax's default (lecun), so resuming it needs
-  `head_init=lecun`; the weights' defaults (1) are what it trained with."""
+  """A config.json written before `head_init` existed: the run started its head as
+  Flax's default (lecun), so resuming it needs `head_init=lecun`."""
   train.train_and_evaluate(_config(), str(tmp_path))
   path = tmp_path / "config.json"
   old = _json(path)
   del old["head_init"]
-  for name in ("ce_weight", "cce_weight", "ccl_weight"):
-    del old["bituning"][name]
   path.write_text(json.dumps(old))
   with pytest.raises(ValueError, match=re.escape("head_init='lecun' (now '')")):
     train.train_and_evaluate(_config(total_steps=6), str(tmp_path))
@@ -93,6 +91,58 @@ def test_a_run_recorded_before_new_fields_resumes_with_the_values_it_trained_wit
   _, summary = train.train_and_evaluate(_config(total_steps=6, head_init="lecun"),
                                         str(tmp_path))
   assert step_counter == [0, 1, 2, 3, 4, 5] and summary["step"] == 6
+
+
+def _old_shape(config):
+  """`config`'s record as written when every config carried every method's sections:
+  Bi-tuning's, Co-Tuning's and unsupervised fine-tuning's (of their demo configs)."""
+  record = json.loads(config.to_json())
+  for method in ("bituning", "cotuning", "unsup_finetune"):
+    section, = config_base.SECTIONS[method]
+    module = importlib.import_module(f"bitune_jax.configs.{method}")
+    record.setdefault(section, json.loads(module.get_config("demo")[section].to_json()))
+  return record
+
+
+def test_a_run_recorded_with_every_methods_sections_evaluates_and_resumes(
+    tmp_path, step_counter):
+  """A vanilla fine-tuning run recorded with the other methods' sections (and values
+  in them that it never read, which no config takes now): bitune-eval evaluates it,
+  and it resumes as the same run: no change recorded but the longer run, and its
+  config.json then has its own sections alone."""
+  train.train_and_evaluate(_config(), str(tmp_path))
+  path = tmp_path / "config.json"
+  old = _old_shape(_config())
+  old["bituning"]["temperature"] = 0.0
+  path.write_text(json.dumps(old))
+  assert eval_main.evaluate_workdir(str(tmp_path))["step"] == 4
+  _, summary = train.train_and_evaluate(_config(total_steps=6), str(tmp_path))
+  assert step_counter == [0, 1, 2, 3, 4, 5] and summary["step"] == 6
+  launches = sorted((tmp_path / "launches").iterdir())
+  assert _json(launches[-1])["changes"] == {"total_steps": [4, 6]}
+  assert not {"bituning", "cotuning", "unsup"} & set(_json(path))
+
+
+def test_a_recorded_config_is_compared_in_todays_shape(tmp_path):
+  """What a resume compares with (`train.config_changes`, no training here): a
+  Bi-tuning run recorded before its loss weights and key generation existed trained
+  with their defaults; a GPT* run recorded when it read Bi-tuning's projector width
+  has that width as its own `gpt_star.projector_dim` (another is a change)."""
+  config = fakes.tiny_config("bituning")
+  old = json.loads(config.to_json())
+  for name in ("ce_weight", "cce_weight", "ccl_weight", "key_generation",
+               "bank_momentum"):
+    del old["bituning"][name]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert train.config_changes(config, tmp_path) == {}
+  config = fakes.tiny_config("gpt_star")
+  old = _old_shape(config)
+  del old["gpt_star"]["projector_dim"]
+  old["bituning"]["projector_dim"] = 64
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert train.config_changes(config, tmp_path) == {"gpt_star.projector_dim": (64, 128)}
+  config.gpt_star.projector_dim = 64
+  assert train.config_changes(config, tmp_path) == {}
 
 
 def test_a_failed_start_records_nothing(tmp_path):

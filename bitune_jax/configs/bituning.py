@@ -10,8 +10,23 @@
 Overrides: --config.total_steps=N, --config.bituning.queue_size=K, ...
 """
 
+import ml_collections
+
 from bitune_jax import config_base
 
 
 def get_config(arg="demo"):
-  return config_base.base_config(arg, "bituning")
+  config = config_base.base_config(arg, "bituning")
+  config.bituning = ml_collections.ConfigDict(dict(
+      queue_size=config_base.queue_size_for_rate(config.sampling_rate), projector_dim=128,
+      temperature=0.07, trade_off=1.0, ema_momentum=0.999, ema_cosine=False,
+      cce_after_enqueue=True,
+      # The loss: ce_weight * CE + trade_off * (cce_weight * CCE + ccl_weight * CCL); a
+      # term of weight 0 is not computed (Table 5's ablations).
+      ce_weight=1.0, cce_weight=1.0, ccl_weight=1.0,
+      # key_generation: 'momentum' (a momentum key encoder fills per-class queues; the
+      # paper's default) or 'memory_bank' (a snapshot of h and z per training example,
+      # updated with momentum bank_momentum, K keys per class drawn from it; Appendix
+      # B.2). (Not `keys`: a ConfigDict's `.keys` is its method.)
+      key_generation="momentum", bank_momentum=0.5))
+  return config

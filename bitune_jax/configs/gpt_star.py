@@ -8,8 +8,8 @@
       CUB-200-2011, 25%).
 
 Loss `CE + trade_off * InfoNCE` (trade_off 1, tau 0.07 as Bi-tuning's losses), a FIFO
-queue of 1024 negatives, a momentum key encoder (m = 0.999). The projector width is
-Bi-tuning's: `config.bituning.projector_dim` (128). The paper gives no GPT*-specific
+queue of 1024 negatives, a momentum key encoder (m = 0.999), a projector of width 128
+(`gpt_star.projector_dim`, Bi-tuning's default). The paper gives no GPT*-specific
 values; these follow its Bi-tuning settings.
 
 Overrides: --config.gpt_star.queue_size=4096, --config.gpt_star.trade_off=0.5, ...
@@ -23,5 +23,6 @@ from bitune_jax import config_base
 def get_config(arg="demo"):
   config = config_base.base_config(arg, "gpt_star")
   config.gpt_star = ml_collections.ConfigDict(dict(
-      queue_size=1024, temperature=0.07, trade_off=1.0, ema_momentum=0.999))
+      queue_size=1024, projector_dim=128, temperature=0.07, trade_off=1.0,
+      ema_momentum=0.999))
   return config

@@ -12,11 +12,17 @@ retrieval, k-means BCubed precision, linear probe; `bitune-eval --workdir DIR`).
 Ablations: --config.unsup.replay_fraction=0 (no replay), --config.unsup.cutmix=False.
 """
 
+import ml_collections
+
 from bitune_jax import config_base
 
 
 def get_config(arg="demo"):
   config = config_base.base_config(arg, "unsup_finetune")
+  config.unsup = ml_collections.ConfigDict(dict(
+      queue_size=65536, projector_dim=128, mlp=True, temperature=0.2, ema_momentum=0.999,
+      replay_fraction=0.1, cutmix=True, cutmix_alpha=1.0, mixed_weight=1.0,
+      bn_group_size=32))
   config.lr = 0.03  # MoCo v2 (batch 256), cosine
   config.schedule = "cosine"
   config.weight_decay = 1e-4

@@ -68,7 +68,8 @@ def init_data(config, data):
 
 
 def build_model(config, num_classes):
-  return common.build_network(config, num_classes, projector="ccl" in terms(config),
+  projector_dim = config.bituning.projector_dim if "ccl" in terms(config) else None
+  return common.build_network(config, num_classes, projector_dim=projector_dim,
                               reference_init="normal_0.01")
 
 

@@ -97,11 +97,12 @@ def head_init(config, reference="torch"):
   return config.get("head_init", "") or reference
 
 
-def build_network(config, num_classes, *, projector=False, source_classes=None,
+def build_network(config, num_classes, *, projector_dim=None, source_classes=None,
                   reference_init="torch"):
+  """The `Network` of `config` (a projector of width `projector_dim`, if given: the
+  method's own field)."""
   dtype = jnp.bfloat16 if config.get("bf16", False) else jnp.float32
-  return Network(arch=config.arch, num_classes=num_classes,
-                 projector_dim=config.bituning.projector_dim if projector else None,
+  return Network(arch=config.arch, num_classes=num_classes, projector_dim=projector_dim,
                  source_classes=source_classes, dtype=dtype,
                  head_init=head_init(config, reference_init))
 

@@ -9,10 +9,10 @@ instance, of any class, is a negative: the "naive combination" that Bi-tuning's 
 (Eq. 4) replaces by class-aware positives.
 
 Pieces shared with Bi-tuning (`bituning.py`): the projector is one Dense F -> D
-(`config.bituning.projector_dim`, 128); the key encoder is a copy of the query encoder
-(backbone, head and projector) with its own BatchNorm statistics, updated by
-`key <- m key + (1 - m) query` (m = 0.999). Order within a step: EMA update, keys of the
-second view, losses against the queue as it was before this batch, then enqueue.
+(`config.gpt_star.projector_dim`, 128 as Bi-tuning's); the key encoder is a copy of the
+query encoder (backbone, head and projector) with its own BatchNorm statistics, updated
+by `key <- m key + (1 - m) query` (m = 0.999). Order within a step: EMA update, keys of
+the second view, losses against the queue as it was before this batch, then enqueue.
 Defaults (`config.gpt_star`): queue 1024, tau 0.07 (Bi-tuning's), trade_off 1.
 """
 
@@ -36,7 +36,8 @@ class StepConfig:
 
 
 def build_model(config, num_classes):
-  return common.build_network(config, num_classes, projector=True)
+  return common.build_network(config, num_classes,
+                              projector_dim=config.gpt_star.projector_dim)
 
 
 def init_state(rng, sample_images, *, model, tx, config):
