@@ -43,8 +43,9 @@ DEFAULT_L2_GRID = tuple(1.0 / c for c in OFFICIAL_C_GRID)  # 17 values, ascendin
 # temperature of the ImageNet ResNet-50, used in both approaches; the papers' configs
 # take it as `cotuning.source_temperature = 1 / OFFICIAL_SOURCE_SCALE`.
 OFFICIAL_SOURCE_SCALE = 0.8840456604957581
-MIN_TEMPERATURE = 1e-2
-MAX_TEMPERATURE = 1e2
+# The calibration's range: the official code's bounds on the scale, (1e-3, 1e3).
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 1e3
 _PROB_SUM_ATOL = 1e-2
 _HIGHEST = jax.lax.Precision.HIGHEST
 
