@@ -68,14 +68,14 @@ def measured(request):
 def _cpu():
   try:
     with open("/proc/cpuinfo") as f:
-      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-    f.seek(0)
-    avx512 = " avx512f" in f.read()
-    if not names:
-      return "unknown CPU"
-    return f"{names[0]} x {len(names)}, {'with' if avx512 else 'no'} AVX-512"
+      text = f.read()
   except OSError:
     return "unknown CPU"
+  names = [l.split(":", 1)[1].strip() for l in text.splitlines()
+           if l.startswith("model name")]
+  if not names:
+    return "unknown CPU"
+  return f"{names[0]} x {len(names)}, {'with' if ' avx512f' in text else 'no'} AVX-512"
 
 
 def pytest_terminal_summary(terminalreporter):
