@@ -490,29 +490,45 @@ def _make_source(workdir, cells, checkpoints):
 
 
 def _parse(argv):
-  parser = argparse.ArgumentParser(
-      prog="bitune-sweep", description=__doc__.splitlines()[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--spec", default="", help="a table spec (configs/tables/*.py)")
-  parser.add_argument("--methods", default="", help="ad-hoc grid: comma-separated")
-  parser.add_argument("--datasets", default="", help="ad-hoc grid: comma-separated")
-  parser.add_argument("--rates", default="100", help="ad-hoc grid: sampling rates (%%)")
-  parser.add_argument("--arch", default="resnet50", help="ad-hoc grid's arch")
-  parser.add_argument("--seeds", default="0", help="comma-separated")
+  first, _, rest = __doc__.partition("\n")
+  parser = argparse.ArgumentParser(  # the summary once, the examples and rules after
+      prog="bitune-sweep", description=first,
+      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest.strip("\n"))
+  parser.add_argument("--workdir", required=True,
+                      help="DIR: runs/, source/, results.md/csv, plots/ (required)")
+  parser.add_argument("--spec", default="",
+                      help="a table spec, e.g. configs/tables/digits.py (default: none; "
+                           "else give --methods and --datasets)")
+  parser.add_argument("--methods", default="",
+                      help="ad-hoc grid: comma-separated methods (bitune-train --list)")
+  parser.add_argument("--datasets", default="",
+                      help="ad-hoc grid: comma-separated datasets")
+  parser.add_argument("--rates", default="100",
+                      help="ad-hoc grid: comma-separated sampling rates in %% "
+                           "(default: %(default)s)")
+  parser.add_argument("--arch", default="resnet50",
+                      help="ad-hoc grid: the backbone of non-digits datasets "
+                           "(default: %(default)s)")
+  parser.add_argument("--seeds", default="0",
+                      help="comma-separated seeds, one run each (default: %(default)s)")
   parser.add_argument("--checkpoint", action="append", default=[],
-                      metavar="NAME=PATH", help="a converted file for a spec's checkpoint")
+                      metavar="NAME=PATH",
+                      help="a converted file for a spec's checkpoint NAME; NAME@DATASET "
+                           "for one dataset's (repeatable)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="a config override for every run (e.g. total_steps=300)")
+                      help="a config override for every run that reads KEY, e.g. "
+                           "total_steps=300 (repeatable)")
   parser.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
                       help="run every cell once per value (per combination, if "
                            "several); e.g. bituning.queue_size=8,16,32 draws K's "
-                           "sensitivity (Bi-tuning Figure 2)")
-  parser.add_argument("--kshot_steps", type=int, default=100)
+                           "sensitivity (Bi-tuning Figure 2) (repeatable)")
+  parser.add_argument("--kshot_steps", type=int, default=100,
+                      help="training steps of each k-shot transfer (default: "
+                           "%(default)s)")
   parser.add_argument("--print_commands", action="store_true",
                       help="print the sweep's runs as commands: first the one that "
                            "pre-trains the shared digits source model (if a run uses "
-                           "it), then one bitune-train line per run")
+                           "it), then one bitune-train line per run; run nothing")
   parser.add_argument("--source_only", action="store_true",
                       help="only pre-train the shared digits source model (DIR/source)")
   parser.add_argument("--report", action="store_true",

@@ -640,3 +640,18 @@ def test_a_method_without_labels_gets_the_feature_protocols_and_kshot(tmp_path, 
   assert set(rows) == set(expected)
   for column, value in expected.items():
     assert float(rows[column]["mean"]) == pytest.approx(100 * value, abs=1e-4), column
+
+
+def test_help_says_every_flag_once_with_its_default(capsys):
+  with pytest.raises(SystemExit):
+    sweep.main(["--help"])
+  text = capsys.readouterr().out
+  assert text.count(sweep.__doc__.splitlines()[0]) == 1  # the summary once
+  parser, _ = sweep._parse(["--workdir", "x"])  # pylint: disable=protected-access
+  for action in parser._actions:  # pylint: disable=protected-access
+    assert action.help and action.help.strip(), action.option_strings
+  options = " ".join(text.split("options:")[1].split())
+  for flag, default in (("--rates", "100"), ("--seeds", "0"), ("--kshot_steps", "100"),
+                        ("--arch", "resnet50")):
+    said = options.split(f" {flag} ", 1)[1].split(" --")[0]
+    assert f"(default: {default})" in said, (flag, said)
