@@ -331,15 +331,22 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
       state, metrics = train_step(state, batch)
       profiler.after(step, state)
       progress(step)
+      if step == first + 1:  # it compiled the step: the rate counts from its end
+        jax.block_until_ready(state.step)
+        compiled, start = time.perf_counter() - start, time.perf_counter()
       checkpointing = step % config.checkpoint_every == 0 or step == total
       if step % config.log_every == 0 or checkpointing:
         metrics = jax.device_get(metrics)
         _stop_if_not_finite(metrics, step, ckpts)
         writer.write_scalars(step, dict(
             metrics, **common.learning_rates(config, state.params, step - 1)))
-        rate = (step - first) / (time.perf_counter() - start)
-        log.info("step %d/%d  loss %.4f  %.1f steps/s  ETA %.0f s", step, total,
-                     metrics["loss"], rate, (total - step) / rate)
+        if step == first + 1:
+          log.info("step %d/%d  loss %.4f  (compiling and the first step: %.0f s)", step,
+                   total, metrics["loss"], compiled)
+        else:
+          rate = (step - first - 1) / (time.perf_counter() - start)
+          log.info("step %d/%d  loss %.4f  %.1f steps/s  ETA %.0f s", step, total,
+                   metrics["loss"], rate, (total - step) / rate)
       if step % config.eval_every == 0 or step == total:
         eval_metrics = run_eval(run, state, config, mesh)
         writer.write_scalars(step, {f"test_{k}": v for k, v in eval_metrics.items()})

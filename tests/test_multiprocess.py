@@ -122,6 +122,9 @@ def test_two_processes_give_the_numbers_of_one(method, source, bituning_referenc
                              rtol=1e-4, atol=1e-5)
   # One writer: process 0 wrote the records, whole; process 1 printed no summary.
   assert "summary in" in run.log(0) and "summary in" not in run.log(1)
+  # Progress from process 0 alone: process 1 does not print the same lines again.
+  assert re.search(r"step \d+/\d+", run.log(0)), run.log(0)[-2000:]
+  assert not re.search(r"step \d+/\d+|learning rate of", run.log(1)), run.log(1)[-2000:]
   assert len(list((tmp_path / "2x4" / "launches").glob("launch-*.json"))) == 1
   if method == "bituning":  # bitune-eval as 2 processes: the numbers of the run
     run = processes.launch(["--workdir", str(tmp_path / "2x4")], str(tmp_path / "eval"),

@@ -325,3 +325,22 @@ def test_the_demo_source_model_is_the_same_whatever_fine_tunes_it(tmp_path):
     for a, b in zip(jax.tree.leaves(files[method]["backbone"]),
                     jax.tree.leaves(files["finetune"]["backbone"])):
       np.testing.assert_array_equal(a, b, err_msg=method)
+
+
+def test_the_first_rate_and_eta_leave_compilation_out(tmp_path):
+  """The first step's line says it compiled (and how long that took); the rate and ETA
+  of the next lines count the steps after it only."""
+  config = fakes.tiny_config("finetune", total_steps=4, log_every=1, eval_every=4,
+                             checkpoint_every=4)
+  with fakes.our_log() as records:
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  lines = [r.getMessage() for r in records if re.match(r"step \d+/4 ", r.getMessage())]
+  assert len(lines) == 4, lines
+  first = re.fullmatch(r"step 1/4  loss [0-9.]+  \(compiling and the first step: "
+                       r"(\d+) s\)", lines[0])
+  assert first, lines[0]
+  rates = [re.fullmatch(r"step \d/4  loss [0-9.]+  ([0-9.]+) steps/s  ETA (\d+) s", line)
+           for line in lines[1:]]
+  assert all(rates), lines
+  # With the compilation in, step 2's rate would be under 2 steps / its seconds.
+  assert float(rates[0][1]) > 5 / max(1, int(first[1])) and rates[-1][2] == "0", lines
