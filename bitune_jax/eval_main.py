@@ -12,12 +12,15 @@ for each k-shot transfer (trained afresh in `DIR/kshot/` each time).
 
 import argparse
 import json
+import logging
 import os
 import shutil
 
 # jax, ml_collections and the training system are imported where they are used, so
 # that `bitune-eval --help` and argument errors answer at once.
 # pylint: disable=g-import-not-at-top
+
+log = logging.getLogger("bitune_jax")
 
 # The checkpoints a workdir holds, by the names bitune-eval and bitune-export share:
 # the last one saved, and the one with the best evaluation. ('final' is latest's old
@@ -90,10 +93,15 @@ def evaluate_workdir(workdir, *, which="latest", tsne=False):
     which = ("best-on-validation" if config.data.get("val_fraction", 0.0) > 0
              else "best-on-test")
   metrics = {"step": int(state.step), "checkpoint": which}
+  log.info("evaluating %s's %s checkpoint, step %d", workdir, which, metrics["step"])
   if not getattr(run.method, "FEATURE_EVAL", False):  # a classifier to evaluate
     metrics.update(train.run_eval(run, state, config, mesh))
+    log.info("test top-1 %.4f, mean per-class accuracy %.4f", metrics["top1"],
+             metrics["mean_class_acc"])
+  log.info("feature protocols: top-5 retrieval, k-means BCubed, a linear probe")
   metrics.update(train.feature_eval(run, state, config, mesh))
   if tsne:
+    log.info("t-SNE of the test features (a minute or two on a CPU)")
     import jax
     from bitune_jax import plots
     features, labels = train.extract_features(run, state, run.data.test,
@@ -140,7 +148,8 @@ def kshot_transfer(workdir, *, shots=(1, 2, 4, 8), total_steps=100, seed=0,
                                        "notes": [f"{workdir} {which} step {step}"],
                                        "dropped": []}}, backbone)
   results = {}
-  for k in shots:
+  for i, k in enumerate(shots, 1):
+    log.info("k-shot transfer %d/%d: k = %d, %d steps", i, len(shots), k, total_steps)
     # Vanilla fine-tuning's config: the run's, without its method's sections.
     run = ml_collections.ConfigDict(config_base.stored(
         dict(json.loads(config.to_json()), method="finetune")))
@@ -156,6 +165,7 @@ def kshot_transfer(workdir, *, shots=(1, 2, 4, 8), total_steps=100, seed=0,
     files.sync(f"k-shot {name} ready")  # the backbone written, the old run removed
     _, summary = train.train_and_evaluate(run, run_dir)
     results[f"kshot_{k}_top1"] = summary["top1"]
+    log.info("k-shot transfer, k = %d: test top-1 %.4f", k, summary["top1"])
     _write_record(workdir, f"{which}-step{step}-kshot{k}-steps{total_steps}-seed{seed}",
                   {"step": step, "checkpoint": which, "k": k, "kshot_steps": total_steps,
                    "seed": seed, "top1": summary["top1"], "run": run_dir})
@@ -203,7 +213,8 @@ def main(argv=None):
   add_version(parser)
   args = parser.parse_args(argv)
   try:
-    from bitune_jax import config_base, sharding, workdir_lock
+    from bitune_jax import config_base, console, sharding, workdir_lock
+    console.setup()  # our progress lines; orbax, clu, absl only from warnings up
     workdir = os.path.abspath(config_base.expand_path(args.workdir))
     sharding.initialize_multihost(
         bool(_load_config(workdir).get("multi_host", False)),

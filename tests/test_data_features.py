@@ -356,6 +356,10 @@ def test_eval_command_line_kshot(tmp_path):
   result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env=env)
   assert result.returncode == 0, result.stderr[-3000:]
+  # Progress on the console while it works: each phase, each k-shot run's steps.
+  for said in ("evaluating ", "feature protocols", "k-shot transfer 1/2: k = 1, 2 steps",
+               "k-shot transfer 2/2: k = 2, 2 steps", "step 2/2", "k-shot transfer, k = 2"):
+    assert said in result.stderr, (said, result.stderr[-3000:])
   printed = json.loads(result.stdout[result.stdout.index("{"):])
   evals = tmp_path / "evals"
   protocols = {k: v for k, v in printed.items() if not k.startswith("kshot_")}
