@@ -175,9 +175,14 @@ def test_projector_configurations(converted):
                                 sd["base_encoder.fc.4.running_var"].numpy())
   assert any("fc.4 is BatchNorm1d(affine=False)" in n
              for n in moco["result"]["report"]["notes"])
-  assert ("projector: models.Projector(dim=256, hidden_dim=4096, use_bias=False, "
-          "hidden_bn=True, out_bn=True)") in moco["stdout"]
-  assert "moco_v3" in moco["stdout"] and "dropped: " in moco["stdout"]
+  assert ("models.Projector(dim=256, hidden_dim=4096, use_bias=False, hidden_bn=True, "
+          "out_bn=True)") in moco["stdout"]
+  assert "moco_v3" in moco["stdout"] and "\nDropped " in moco["stdout"]
+  # Sentences, each thing once: every line a sentence, the projector said on one line.
+  lines = moco["stdout"].strip().splitlines()
+  assert all(line[0].isupper() and line.endswith(".") for line in lines), lines
+  assert sum("models.Projector(" in line for line in lines) == 1, lines
+  assert len(set(lines)) == len(lines)
 
 
 def test_projector_trains_like_torch():

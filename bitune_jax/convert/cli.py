@@ -40,6 +40,51 @@ def _check_destination(src, dst, overwrite):
   return None
 
 
+def _sentence(text):
+  text = text.strip()
+  return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+def _dropped(items):
+  """'epoch (checkpoint metadata)', 'arch (checkpoint metadata)' -> one clause each
+  reason: 'epoch and arch (checkpoint metadata)'."""
+  groups = {}
+  for item in items:
+    name, _, why = item.partition(" (")
+    groups.setdefault(why, []).append(name)
+  clauses = []
+  for why, names in groups.items():
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    clauses.append(f"{listed} ({why}" if why else listed)
+  return "; ".join(clauses)
+
+
+def report_text(src, dst, digest, result, seconds) -> str:
+  """What a conversion did, in sentences, each thing once."""
+  report = result["report"]
+  lines = [f"Converted {src} ({report['format']} file, sha256 {digest[:12]}...) to {dst} "
+           f"in {seconds:.2f} s.",
+           f"Backbone: {report['arch']} from a {report['kind']} checkpoint, "
+           f"{report['backbone_parameters']:,} parameters."]
+  notes = list(report["notes"])
+  if "source_head" in result and not any(n.startswith("source head") for n in notes):
+    notes.insert(0, f"source head: {result['source_head']['kernel'].shape[1]} classes")
+  if "projector" in result:
+    config = ", ".join(f"{k}={v}" for k, v in report["projector_config"].items())
+    said = [i for i, n in enumerate(notes) if n.startswith("projector from")]
+    if said:
+      notes[said[0]] += f": models.Projector({config})"
+    else:
+      notes.insert(0, f"projector: models.Projector({config})")
+  for note in notes:
+    if " num_batches_tracked buffers" in note:  # counters Flax's BatchNorm has no use for
+      note = f"left out {note}"
+    lines.append(_sentence(note))
+  if report["dropped"]:
+    lines.append(_sentence(f"dropped {_dropped(report['dropped'])}"))
+  return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   refusal = _check_destination(args.src, args.dst, args.overwrite)
@@ -57,18 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (OSError, ValueError) as e:  # CheckpointError, ConversionError are ValueErrors
     print(f"bitune-convert: error: {e}", file=sys.stderr)
     return 2
-  report = result["report"]
-  print(f"converted {args.src} ({report['format']}, sha256 {digest[:12]}...) -> {args.dst}")
-  print(f"  arch {report['arch']}, {report['kind']}, "
-        f"{report['backbone_parameters']:,} backbone parameters")
-  if "source_head" in result:
-    print(f"  source head: {result['source_head']['kernel'].shape[1]} classes")
-  if "projector" in result:
-    config = ", ".join(f"{k}={v}" for k, v in report["projector_config"].items())
-    print(f"  projector: models.Projector({config})")
-  for line in report["notes"] + [f"dropped: {d}" for d in report["dropped"]]:
-    print(f"  {line}")
-  print(f"  done in {time.perf_counter() - start:.2f} s")
+  print(report_text(args.src, args.dst, digest, result, time.perf_counter() - start))
   return 0
 
 
