@@ -59,7 +59,7 @@ def _dropped(items):
   return "; ".join(clauses)
 
 
-def report_text(src, dst, digest, result, seconds) -> str:
+def report_text(src: str, dst: str, digest: str, result: dict, seconds: float) -> str:
   """What a conversion did, in sentences, each thing once."""
   report = result["report"]
   lines = [f"Converted {src} ({report['format']} file, sha256 {digest[:12]}...) to {dst} "
