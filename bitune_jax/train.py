@@ -300,11 +300,8 @@ def _missing_folders(workdir):
   if "://" in str(workdir):
     return []
   paths = [os.path.join(workdir, "checkpoints"), os.path.join(workdir, "best")]
-  folder = os.path.abspath(workdir)
-  while not os.path.exists(folder):
-    paths.append(folder)
-    folder = os.path.dirname(folder)
-  return [p for p in paths if not os.path.exists(p)]
+  return ([p for p in paths if not os.path.exists(p)]
+          + workdir_lock.missing_folders(os.path.abspath(workdir)))
 
 
 def _remove_if_empty(folders):

@@ -101,7 +101,7 @@ def check_workdir(workdir):
                      "give a --workdir you can write to")
 
 
-def _missing(workdir):
+def missing_folders(workdir: str) -> list[str]:
   """The folders that making `workdir` creates, deepest first."""
   missing = []
   while not os.path.exists(workdir):
@@ -150,7 +150,7 @@ def hold(workdir: str, command: str):
   fd = None
   check_workdir(workdir)  # a file, under a file, not writable: one line, nothing made
   if index == 0:
-    created = _missing(workdir)
+    created = missing_folders(workdir)
     try:
       fd = _acquire(workdir, command)
     except BaseException as e:
