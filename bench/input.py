@@ -41,7 +41,7 @@ import step as step_bench  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from bitune_jax import methods, queues, sharding, train  # noqa: E402
 from bitune_jax.data import cache, device_views, pipeline  # noqa: E402
-from bitune_jax.methods import common  # noqa: E402
+from bitune_jax.methods import base, common  # noqa: E402
 
 
 def photos(count, seed=0, size=(375, 500)):
@@ -132,14 +132,11 @@ def device_share(kind, *, arch, size, batch, bf16, reps):
   mesh = sharding.make_mesh()
   model = method.build_model(config, config.num_classes)
   tx = common.make_optimizer(config)
-  init = lambda rng: method.init_state(  # noqa: E731
-      rng, jnp.zeros((1, size, size, 3)), model=model, tx=tx, config=config)
-  shardings = method.state_shardings(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh,
-                                     config)
-  state = [jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))]
+  state, shardings, _ = step_bench.initial_state(method, model, tx, config, mesh)
+  state = [state]
   data, views = views_input(kind, size=size, batch=batch, num_classes=config.num_classes,
                             mesh=mesh)
-  step = jax.jit(train.with_views(method.make_train_step(model, tx, config), views),
+  step = jax.jit(train.with_views(base.make_train_step(method, model, tx, config), views),
                  in_shardings=(shardings, None), donate_argnums=0,
                  compiler_options=queues.inplace_update_compiler_options())
   compiled = step.lower(state[0], data).compile()

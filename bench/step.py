@@ -18,11 +18,13 @@ The last line is `ratio=<x>`: the largest ratio over the cases run.
 """
 
 import argparse
+import functools
 import importlib
 import os
 import statistics
 import sys
 import time
+import types
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -32,7 +34,7 @@ import numpy as np
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)  # this checkout's bitune_jax
 from bitune_jax import methods, queues, sharding  # noqa: E402
-from bitune_jax.methods import common  # noqa: E402
+from bitune_jax.methods import base, common  # noqa: E402
 
 CASES = {"r50": ("resnet50", 224, 16), "r18": ("resnet18", 112, 32)}
 # Dense bf16 peak TFLOP/s by device kind (for MFU), the most specific name first: the
@@ -62,6 +64,17 @@ def make_config(arch, size, batch, method, bf16, *, queue_size=32):
   return config
 
 
+def initial_state(method, model, tx, config, mesh):
+  """`(state, shardings, abstract state)` of `method` at step 0, sharded on `mesh`."""
+  shape = (config.image_size, config.image_size, 3)
+  data = types.SimpleNamespace(image_shape=shape)  # all a synthetic batch has
+  init = functools.partial(base.init_state, method, sample_images=jnp.zeros((1,) + shape),
+                           model=model, tx=tx, config=config, data=data)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = base.state_shardings(method, abstract, mesh, config)
+  return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0)), shardings, abstract
+
+
 def compiled_step(config):
   """`Step`: `run()` does one train step on a synthetic on-device batch."""
   method = methods.get(config.method)
@@ -69,18 +82,15 @@ def compiled_step(config):
   model = method.build_model(config, config.num_classes)
   tx = common.make_optimizer(config)
   shape = (config.batch_size, config.image_size, config.image_size, 3)
-  init = lambda rng: method.init_state(rng, jnp.zeros((1,) + shape[1:]), model=model,  # noqa: E731
-                                       tx=tx, config=config)
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-  shardings = method.state_shardings(abstract, mesh, config)
-  state = [jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))]
+  state, shardings, abstract = initial_state(method, model, tx, config, mesh)
+  state = [state]
   rng = np.random.default_rng(0)
   images = rng.standard_normal(shape).astype(np.float32)
   labels = rng.integers(0, config.num_classes, config.batch_size).astype(np.int32)
   host = ({"image_q": images, "image_k": images[::-1].copy(), "label": labels}
-          if method.TWO_VIEWS else {"image": images, "label": labels})
+          if method.views == "two" else {"image": images, "label": labels})
   batch = sharding.global_batch(host, mesh)
-  step_fn = method.make_train_step(model, tx, config)
+  step_fn = base.make_train_step(method, model, tx, config)
   step = jax.jit(step_fn, in_shardings=(shardings, None), donate_argnums=0,
                  compiler_options=queues.inplace_update_compiler_options())
   compiled = step.lower(state[0], batch).compile()

@@ -9,7 +9,8 @@ import os
 
 import ml_collections
 
-from bitune_jax import models
+from bitune_jax import methods, models
+from bitune_jax.methods import base
 from bitune_jax.models import resnet
 from bitune_jax.data import datasets
 
@@ -41,14 +42,10 @@ def parse_arg(arg):
 
 
 # Each method's sections: the fields only that method reads, built by its
-# `configs/<method>.py` (a config has these and no other method's). Every config also
-# has the shared fields, `data` and `lr_mult`, and the demo's `pretrain` (its source
-# model's pre-training).
-SECTIONS = {
-    "finetune": (), "bituning": ("bituning",), "cotuning": ("cotuning",),
-    "unsup_finetune": ("unsup",), "fixmatch": ("fixmatch",), "gpt_star": ("gpt_star",),
-    "l2sp": ("l2sp",), "bss": ("bss",), "delta": ("delta",),
-    "center_loss": ("center_loss",)}
+# `configs/<method>.py` (a config has these and no other method's; `Method.sections`).
+# Every config also has the shared fields, `data` and `lr_mult`, and the demo's
+# `pretrain` (its source model's pre-training).
+SECTIONS = {name: m.sections for name, m in methods.METHODS.items()}
 METHOD_SECTIONS = frozenset(s for sections in SECTIONS.values() for s in sections)
 # Fields moved into a method's own section: field -> where configs recorded before the
 # move kept it (GPT* read Bi-tuning's projector width).
@@ -215,20 +212,11 @@ def validate(config):
   if config.get("head_init", "") not in ("",) + models.HEAD_INITS:
     raise ValueError(f"head_init {config.head_init!r} is not one of: '' (the method's "
                      f"reference), {', '.join(models.HEAD_INITS)}")
+  method = methods.get(config.method)
   _validate_sections(config)
+  method.validate(config)
   if not 0 < config.sampling_rate <= 100:
     raise ValueError(f"sampling_rate must be in (0, 100], got {config.sampling_rate}")
-  if config.method == "bituning" and not any(
-      config.bituning.get(f"{t}_weight", 1.0) > 0 for t in ("ce", "cce", "ccl")):
-    raise ValueError("bituning.ce_weight, cce_weight and ccl_weight are all 0: nothing "
-                     "to train")
-  if config.method == "bituning" and config.bituning.get(
-      "key_generation", "momentum") not in ("momentum", "memory_bank"):
-    raise ValueError(f"bituning.key_generation must be 'momentum' or 'memory_bank', got "
-                     f"{config.bituning.key_generation!r}")
-  if config.method == "bituning" and config.bituning.queue_size < 1:
-    raise ValueError(f"bituning.queue_size (K) must be >= 1, got "
-                     f"{config.bituning.queue_size}")
   if config.num_classes < 1:
     raise ValueError(f"num_classes must be >= 1, got {config.num_classes}")
   if config.total_steps < 0 or config.batch_size < 1:
@@ -252,47 +240,23 @@ def _validate_sections(config):
                        "reads: remove it")
 
 
-_POSITIVE, _NON_NEGATIVE = ("> 0", lambda v: v > 0), (">= 0", lambda v: v >= 0)
-_MOMENTUM = ("in [0, 1)", lambda v: 0 <= v < 1)
-_COUNT = ("an integer >= 1", lambda v: int(v) == v and v >= 1)
-_EMA = ("in [0, 1]", lambda v: 0 <= v <= 1)
-_FRACTION = ("in (0, 1)", lambda v: 0 < v < 1)
 # Settings that cannot train (a negative lr trains to chance, a zero temperature gives
-# NaN): field -> rule. Method sections are checked only when present.
+# NaN): field -> rule; each method's own are its `Method.rules`.
 _RULES = {
-    "eval_batch_size": _COUNT, "log_every": _COUNT, "eval_every": _COUNT,
-    "checkpoint_every": _COUNT,
+    "eval_batch_size": base.COUNT, "log_every": base.COUNT, "eval_every": base.COUNT,
+    "checkpoint_every": base.COUNT,
     "profile_steps": ("an integer >= 0", lambda v: int(v) == v and v >= 0),
-    "lr": _POSITIVE, "momentum": _MOMENTUM, "weight_decay": _NON_NEGATIVE,
+    "lr": base.POSITIVE, "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "weight_decay": base.NON_NEGATIVE,
     "decay_factor": ("in (0, 1]", lambda v: 0 < v <= 1),
-    "bituning.temperature": _POSITIVE, "bituning.trade_off": _NON_NEGATIVE,
-    "bituning.ce_weight": _NON_NEGATIVE, "bituning.cce_weight": _NON_NEGATIVE,
-    "bituning.ccl_weight": _NON_NEGATIVE,
-    "bituning.ema_momentum": _EMA, "bituning.bank_momentum": _EMA,
-    "cotuning.trade_off": _NON_NEGATIVE, "cotuning.source_temperature": _POSITIVE,
-    "cotuning.holdout_fraction": _FRACTION,
-    "unsup.temperature": _POSITIVE, "unsup.ema_momentum": _EMA,
-    "unsup.mixed_weight": _NON_NEGATIVE, "unsup.cutmix_alpha": _POSITIVE,
-    "unsup.replay_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
     "data.val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
-    "gpt_star.temperature": _POSITIVE, "gpt_star.trade_off": _NON_NEGATIVE,
-    "gpt_star.ema_momentum": _EMA, "l2sp.alpha": _NON_NEGATIVE,
-    "l2sp.beta": _NON_NEGATIVE, "bss.eta": _NON_NEGATIVE,
-    "delta.alpha": _NON_NEGATIVE, "delta.beta": _NON_NEGATIVE,
-    "delta.attention_temperature": _POSITIVE, "delta.attention_l2": _POSITIVE,
-    "delta.attention_batches": _COUNT, "delta.attention_batch_size": _COUNT,
-    "delta.feature_maps": ("'last_conv' or 'stage_output'",
-                           lambda v: v in ("last_conv", "stage_output")),
-    "center_loss.trade_off": _NON_NEGATIVE, "center_loss.alpha": _NON_NEGATIVE,
-    "fixmatch.threshold": ("in [0, 1]", lambda v: 0 <= v <= 1),
-    "fixmatch.mu": _COUNT,
-    "fixmatch.unlabelled_weight": _NON_NEGATIVE,
 }
 
 
 def _validate_values(config):
-  fields = dict(_RULES, **{f"lr_mult.{g}": _NON_NEGATIVE for g in config.lr_mult})
-  for field, (rule, ok) in fields.items():
+  fields = dict(_RULES, **methods.get(config.method).rules,
+                **{f"lr_mult.{g}": base.NON_NEGATIVE for g in config.lr_mult})
+  for field, (what, ok) in fields.items():
     section, _, name = field.rpartition(".")
     if section and section not in config:
       continue
@@ -300,7 +264,7 @@ def _validate_values(config):
       continue  # a run's config written before the field existed: its default holds
     value = (config[section] if section else config)[name]
     if not ok(value):
-      raise ValueError(f"{field} must be {rule}, got {value}: it cannot train")
+      raise ValueError(f"{field} must be {what}, got {value}: it cannot train")
 
 
 def _validate_data(config):
@@ -316,7 +280,7 @@ def _validate_data(config):
                      f"{config.image_size}")
   if int(data.kshot) != data.kshot or data.kshot < 0:
     raise ValueError(f"data.kshot must be a non-negative integer, got {data.kshot}")
-  replay = config.method == "unsup_finetune" and config.unsup.replay_fraction > 0
+  replay = methods.get(config.method).replay_fraction(config) > 0
   if replay and config.dataset != "digits" and data.replay_source not in datasets.SPECS:
     raise ValueError(f"unknown data.replay_source {data.replay_source!r}; expected one "
                      f"of {', '.join(datasets.SPECS)}")

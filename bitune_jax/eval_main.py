@@ -94,7 +94,7 @@ def evaluate_workdir(workdir, *, which="latest", tsne=False):
              else "best-on-test")
   metrics = {"step": int(state.step), "checkpoint": which}
   log.info("evaluating %s's %s checkpoint, step %d", workdir, which, metrics["step"])
-  if not getattr(run.method, "FEATURE_EVAL", False):  # a classifier to evaluate
+  if run.method.evaluation == "classifier":  # a classifier to evaluate
     metrics.update(train.run_eval(run, state, config, mesh))
     log.info("test top-1 %.4f, mean per-class accuracy %.4f", metrics["top1"],
              metrics["mean_class_acc"])

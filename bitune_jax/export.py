@@ -54,7 +54,7 @@ def export_workdir(workdir, out, *, which="latest", overwrite=False):
       "class_names": list(run.data.class_names),
       "step": int(state.step), "checkpoint": which,
       "preprocessing": preprocessing(config),
-      "feature_eval": bool(getattr(run.method, "FEATURE_EVAL", False)),
+      "feature_eval": run.method.evaluation == "features",
       "notes": [f"exported from {workdir} ({which}, step {int(state.step)})"],
       "dropped": []}
   folder = os.path.dirname(os.path.abspath(out))

@@ -185,7 +185,7 @@ def cells_from_grid(methods, datasets, rates, arch, seeds, extra, vary=None
   from bitune_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
   out = []
   for method in methods:
-    if getattr(methods_lib.get(method), "FEATURE_EVAL", False):
+    if methods_lib.get(method).evaluation == "features":
       evals = [("retrieval", 0), ("bcubed", 0), ("linear_probe", 0)] + [
           ("kshot", k) for k in KSHOTS]
     else:

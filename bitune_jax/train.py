@@ -21,7 +21,7 @@ from etils import epath
 from bitune_jax import checkpoint, config_base, convert, evaluate, files, methods, queues
 from bitune_jax import sharding, stopping, workdir_lock
 from bitune_jax.data import input as input_lib
-from bitune_jax.methods import common
+from bitune_jax.methods import base, common
 
 log = logging.getLogger("bitune_jax")
 
@@ -60,10 +60,9 @@ def _flat(tree, prefix=""):
 
 
 # Fields added after runs were recorded without them: the value that describes how
-# those runs trained (a resumed one then says so, e.g. --config.head_init=lecun).
-LEGACY = {"head_init": "lecun", "bituning.ce_weight": 1.0, "bituning.cce_weight": 1.0,
-          "bituning.ccl_weight": 1.0, "bituning.key_generation": "momentum",
-          "bituning.bank_momentum": 0.5, "delta.feature_maps": "stage_output"}
+# those runs trained (a resumed one then says so, e.g. --config.head_init=lecun); each
+# method's own are its `Method.legacy`.
+LEGACY = {"head_init": "lecun"}
 
 
 def config_changes(config, workdir):
@@ -74,8 +73,8 @@ def config_changes(config, workdir):
     return {}
   saved = _flat(config_base.stored(json.loads(path.read_text())))
   now = _flat(json.loads(config.to_json_best_effort()))
-  for field, value in LEGACY.items():
-    if field in now:  # (a method's own section: absent from the others' configs)
+  for field, value in dict(LEGACY, **methods.get(config.method).legacy).items():
+    if field in now:
       saved.setdefault(field, value)
   return {k: (saved.get(k), now.get(k)) for k in sorted(saved.keys() | now.keys())
           if saved.get(k) != now.get(k)}
@@ -139,11 +138,13 @@ def _load_pretrained(config, workdir):
   return pretrained
 
 
-def _with_pretrained(state, pretrained, shardings):
-  """Copies the pretrained backbone into the query (and key) encoders."""
+def _with_pretrained(state, pretrained, shardings, keeps):
+  """Copies the pretrained backbone into the query (and key) encoders, and what else
+  the method `keeps` of it (Co-Tuning: the pre-trained classifier, "source_head")."""
   params = dict(state.params, backbone=pretrained["backbone"]["params"])
-  if "source_head" in state.params:  # the pre-trained classifier (Co-Tuning)
-    params["source_head"] = pretrained["source_head"]
+  for part in keeps:
+    if part != "backbone":
+      params[part] = pretrained[part]
   stats = dict(state.batch_stats, backbone=pretrained["backbone"]["batch_stats"])
   new = state.replace(params=params, batch_stats=stats)
   if state.key_params:  # the key encoder starts as a copy (its own buffers: donated)
@@ -157,31 +158,29 @@ def _with_pretrained(state, pretrained, shardings):
 
 def create_state(config, method, model, tx, mesh, data, workdir, ckpts):
   sample = jnp.zeros((1,) + tuple(data.image_shape), jnp.float32)
-  extra = method.init_data(config, data) if hasattr(method, "init_data") else {}
-  init = functools.partial(method.init_state, sample_images=sample, model=model, tx=tx,
-                           config=config, **extra)
+  init = functools.partial(base.init_state, method, sample_images=sample, model=model,
+                           tx=tx, config=config, data=data)
   # Parameters are replicated, so partitioning their random draws gains nothing, and
   # partitionable threefry makes the init compile ~4x slower (19 s vs 5 s for the demo).
   # Both traces (shapes, then values) under the same setting: one init, any process.
   with jax.threefry_partitionable(False):
     abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
-  shardings = method.state_shardings(abstract, mesh, config)
+  shardings = base.state_shardings(method, abstract, mesh, config)
   restored = None if ckpts is None else ckpts.restore(abstract, shardings)
   if restored is not None:
     log.info("resumed from %s at step %d", ckpts.directory, int(restored.step))
     return restored, shardings
   pretrained = _load_pretrained(config, workdir)
-  if hasattr(method, "check_pretrained"):  # before anything compiles
-    method.check_pretrained(pretrained, config)
+  method.check_pretrained(pretrained, config)  # before anything compiles
   with jax.threefry_partitionable(False):
     state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
   if pretrained is not None:
-    state = _with_pretrained(state, pretrained, shardings)
+    state = _with_pretrained(state, pretrained, shardings, method.keeps)
     log.info("initialised the backbone from %s", config.init_from)
-  if hasattr(method, "prepare"):  # e.g. Co-Tuning's relationship, from the data
-    state = method.prepare(state, model=model, config=config, data=data, mesh=mesh,
-                           workdir=workdir, pretrained=pretrained)
-    state = jax.device_put(state, shardings)
+  # e.g. Co-Tuning's relationship, from the data; the starting point of L2-SP, DELTA
+  state = method.prepare(state, model=model, config=config, data=data, mesh=mesh,
+                         workdir=workdir, pretrained=pretrained)
+  state = jax.device_put(state, shardings)
   return state, shardings
 
 
@@ -205,8 +204,8 @@ def feature_eval(run, state, config, mesh, split=None):
 def run_eval(run, state, config, mesh, split=None):
   """Top-1 and mean per-class accuracy of the classifier on `split` (default: test),
   and `score`, the dataset's headline metric (`Input.metric`); for methods trained
-  without labels (`FEATURE_EVAL`), the feature protocols instead."""
-  if getattr(run.method, "FEATURE_EVAL", False):
+  without labels (`evaluation="features"`), the feature protocols instead."""
+  if run.method.evaluation == "features":
     return feature_eval(run, state, config, mesh, split)
   outputs = []
   for batch in (split or run.data.test).batches(config.eval_batch_size):
@@ -239,7 +238,7 @@ def setup(config, mesh, workdir=None, ckpts=None):
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh)
   method = methods.get(config.method)
-  data = input_lib.load(config, two_views=method.TWO_VIEWS)
+  data = input_lib.load(config, two_views=method.views == "two")
   if data.num_classes != config.num_classes:
     raise ValueError(f"num_classes={config.num_classes} but dataset {config.dataset!r} "
                      f"has {data.num_classes} classes")
@@ -252,7 +251,7 @@ def setup(config, mesh, workdir=None, ckpts=None):
   state, shardings = create_state(config, method, model, tx, mesh, data, workdir, ckpts)
   common.log_learning_rates(config, state.params)
   rep = sharding.replicated(mesh)
-  method_step = method.make_train_step(model, tx, config)
+  method_step = base.make_train_step(method, model, tx, config)
   train_step = jax.jit(with_views(method_step, data.views),
                        in_shardings=(shardings, None), out_shardings=(shardings, rep),
                        donate_argnums=0,

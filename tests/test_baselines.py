@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitune_jax import config_base, methods, sharding, train
+from bitune_jax import config_base, convert, methods, models, sharding, train
 from bitune_jax.methods import bss, center_loss, common, gpt_star, l2sp
 import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -44,9 +44,9 @@ def _config(name):
   return config
 
 
-def _setup(name, monkeypatch):
-  """`train.setup` on 8 devices with `name` registered (the registry is not ours)."""
-  monkeypatch.setitem(methods.METHODS, name, MODULES[name])
+def _setup(name):
+  """`train.setup` on 8 devices of the method `name` (the module's `METHOD`)."""
+  assert methods.get(name) is MODULES[name].METHOD
   config, mesh = _config(name), sharding.make_mesh()
   return config, mesh, train.setup(config, mesh)
 
@@ -96,7 +96,7 @@ def test_configs(name):
     config_base.validate(config)
     assert config.method == name
     assert dict(config[name]) == DEFAULTS[name]
-  assert MODULES[name].TWO_VIEWS == (name == "gpt_star")
+  assert (MODULES[name].METHOD.views == "two") == (name == "gpt_star")
   if name == "l2sp":
     assert config.weight_decay == 0.0  # the penalty replaces the decay
 
@@ -129,18 +129,25 @@ def test_l2sp_penalty_and_gradient_match_numpy():
     np.testing.assert_allclose(g, beta * h, rtol=1e-5, atol=1e-7)
 
 
-def test_l2sp_trains_and_w0_is_the_backbone_of_step_0(monkeypatch):
-  config, mesh, run = _setup("l2sp", monkeypatch)
-  initial = jax.device_get(run.state)
-  # What `train._with_pretrained` would load: a known backbone, set before step 0.
+def test_l2sp_trains_and_w0_is_the_backbone_it_starts_from(tmp_path):
+  config, mesh = _config("l2sp"), sharding.make_mesh()
+  # A known backbone, loaded as every run loads one: a converted checkpoint.
+  variables = jax.device_get(dict(models.create_backbone(config.arch).init(
+      jax.random.PRNGKey(7), jnp.zeros((1, config.image_size, config.image_size, 3)))))
   rng = np.random.default_rng(1)
-  loaded = jax.tree.map(
+  variables["params"] = jax.tree.map(
       lambda w: (w + 0.05 * rng.standard_normal(w.shape)).astype(np.float32),
-      initial.params["backbone"])
+      variables["params"])
+  loaded = variables["params"]
+  config.init_from = str(tmp_path / "backbone.npz")
+  convert.save_converted({"backbone": variables, "report": {
+      "format": "test", "arch": config.arch, "kind": "supervised", "notes": [],
+      "dropped": []}}, config.init_from)
+  run = train.setup(config, mesh)
+  initial = jax.device_get(run.state)
+  for a, b in zip(jax.tree.leaves(initial.extras["w0"]), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(a, b)  # w0: the loaded backbone, before step 1
   runner = Runner(config, mesh, run)
-  runner.state = jax.device_put(
-      run.state.replace(params=dict(run.state.params, backbone=loaded)),
-      run.state_shardings)
   _, first = runner.step()
   assert first["sp_distance"] == 0.0  # exactly: w0 is the backbone of step 0
   head = initial.params["head"]
@@ -180,11 +187,11 @@ def test_bss_rejects_a_bad_k():
   config = _config("bss")
   config.bss.k = 17  # > batch_size 16
   with pytest.raises(ValueError, match="bss.k must be"):
-    bss.build_model(config, 5)
+    config_base.validate(config)  # refused with the config, before anything loads
 
 
-def test_bss_trains_with_the_global_batch_spectrum(monkeypatch):
-  config, mesh, run = _setup("bss", monkeypatch)
+def test_bss_trains_with_the_global_batch_spectrum():
+  config, mesh, run = _setup("bss")
   initial = jax.device_get(run.state)
   runner = Runner(config, mesh, run)
   batch, metrics = runner.step()
@@ -231,8 +238,8 @@ def test_center_loss_and_update_match_a_per_sample_loop():
                              atol=1e-7)
 
 
-def test_center_loss_trains_and_moves_the_centers(monkeypatch):
-  config, mesh, run = _setup("center_loss", monkeypatch)
+def test_center_loss_trains_and_moves_the_centers():
+  config, mesh, run = _setup("center_loss")
   initial = jax.device_get(run.state)
   centers = initial.extras["centers"]
   assert centers.shape == (5, 64) and not centers.any()  # [C, F], zeros
@@ -253,8 +260,8 @@ def test_center_loss_trains_and_moves_the_centers(monkeypatch):
 
 
 # --------------------------------------------------------------------------- GPT*
-def test_gpt_star_enqueues_the_keys_and_moves_the_key_encoder_by_ema(monkeypatch):
-  config, mesh, run = _setup("gpt_star", monkeypatch)
+def test_gpt_star_enqueues_the_keys_and_moves_the_key_encoder_by_ema():
+  config, mesh, run = _setup("gpt_star")
   initial = jax.device_get(run.state)
   assert initial.extras["queue"].keys.shape == (QUEUE, 128)
   runner = Runner(config, mesh, run)

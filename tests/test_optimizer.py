@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bitune_jax import sharding, train
-from bitune_jax.methods import bituning, common
+from bitune_jax.methods import base, bituning, common
 import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,8 +195,9 @@ def test_key_encoder_momentum_in_real_bituning_steps(bituning_run, cosine):
   if not cosine:  # the same run with a constant momentum: only the step differs
     config = config.copy_and_resolve_references()
     config.bituning.ema_cosine = False
-    train_step = jax.jit(bituning.make_train_step(
-        run.model, common.make_optimizer(config), config), donate_argnums=0)
+    train_step = jax.jit(base.make_train_step(bituning.METHOD, run.model,
+                                              common.make_optimizer(config), config),
+                         donate_argnums=0)
   state = jax.device_put(initial, run.state_shardings)
   fitted = []
   for t, batch in zip(range(3), fakes.view_batches(run)):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bitune_jax import checkpoint, sharding, train
-from bitune_jax.methods import bituning
+from bitune_jax.methods import base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -58,7 +58,7 @@ def test_one_and_eight_devices_give_the_same_losses(method):
 
 def test_step_traced_once_and_summary(tmp_path, monkeypatch):
   traces = []
-  make = bituning.make_train_step
+  make = base.make_train_step
 
   def counting(*args, **kwargs):
     step = make(*args, **kwargs)
@@ -66,7 +66,7 @@ def test_step_traced_once_and_summary(tmp_path, monkeypatch):
       traces.append(1)
       return step(state, batch)
     return traced
-  monkeypatch.setattr(bituning, "make_train_step", counting)
+  monkeypatch.setattr(base, "make_train_step", counting)
   _, summary = train.train_and_evaluate(_config(), str(tmp_path))
   assert len(traces) == 1
   saved = json.load(open(tmp_path / "summary.json"))

@@ -1,20 +1,30 @@
-"""One module per method: its model, state extras, shardings and train step.
+"""The methods: one module each, ending with `METHOD = base.Method(...)`.
 
-Each exposes `TWO_VIEWS`, `build_model(config, num_classes)`,
-`init_state(rng, sample_images, *, model, tx, config)`,
-`state_shardings(abstract_state, mesh, config)` and
-`make_train_step(model, tx, config) -> train_step(state, batch) -> (state, metrics)`;
-optionally `check_pretrained(pretrained, config)` (before anything compiles) and
-`prepare(state, ...) -> state` (once, before training, not on resume).
+`base.Method` is everything the loop, the data and the evaluation know of a method;
+`base.train_step` the one step they all run. A module of this package that defines
+`METHOD` is a method (its name is `config.method`); adding one is that module and its
+`configs/<name>.py`.
 """
 
-from bitune_jax.methods import (bituning, bss, center_loss, cotuning, delta, finetune,
-                                fixmatch, gpt_star, l2sp, unsup_finetune)
+import importlib
+import pkgutil
 
-METHODS = {"bituning": bituning, "bss": bss, "center_loss": center_loss,
-           "cotuning": cotuning, "delta": delta, "finetune": finetune,
-           "fixmatch": fixmatch, "gpt_star": gpt_star, "l2sp": l2sp,
-           "unsup_finetune": unsup_finetune}
+from bitune_jax.methods import base
+
+
+def _discover():
+  found = {}
+  for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    method = getattr(importlib.import_module(f"{__name__}.{info.name}"), "METHOD", None)
+    if isinstance(method, base.Method):
+      if method.name != info.name:
+        raise ImportError(f"bitune_jax.methods.{info.name} declares the method "
+                          f"{method.name!r}: a method is named after its module")
+      found[method.name] = method
+  return found
+
+
+METHODS = _discover()
 
 
 def get(name):

@@ -23,7 +23,6 @@ snapshot. One view per example is used.
 """
 
 import dataclasses
-import functools
 from typing import Callable
 
 import jax
@@ -32,9 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bitune_jax import ema, losses, queues, sharding
-from bitune_jax.methods import common
-
-TWO_VIEWS = True
+from bitune_jax.methods import base, common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +45,7 @@ class StepConfig:
   ccl_weight: float = 1.0
   queue_size: int = 0  # K, drawn per class from a memory bank
   bank_momentum: float = 0.5
+  memory_bank: bool = False  # the keys from memory banks, not a key encoder
 
 
 def terms(config):
@@ -61,10 +59,16 @@ def memory_bank(config):
   return config.bituning.get("key_generation", "momentum") == "memory_bank"
 
 
-def init_data(config, data):
-  """What `init_state` needs from the data: a memory bank's labels (its rows are the
-  training pool's rows, the batches' `index`)."""
-  return {"train_labels": np.asarray(data.pool.labels)} if memory_bank(config) else {}
+def validate(config):
+  b = config.bituning
+  if not any(b.get(f"{t}_weight", 1.0) > 0 for t in ("ce", "cce", "ccl")):
+    raise ValueError("bituning.ce_weight, cce_weight and ccl_weight are all 0: nothing "
+                     "to train")
+  if b.get("key_generation", "momentum") not in ("momentum", "memory_bank"):
+    raise ValueError(f"bituning.key_generation must be 'momentum' or 'memory_bank', got "
+                     f"{b.key_generation!r}")
+  if b.queue_size < 1:
+    raise ValueError(f"bituning.queue_size (K) must be >= 1, got {b.queue_size}")
 
 
 def build_model(config, num_classes):
@@ -110,39 +114,39 @@ def _init_banks(rng_h, rng_z, train_labels, padded, feat, config, used):
   return extras
 
 
-def init_state(rng, sample_images, *, model, tx, config, train_labels=None):
-  """`train_labels`: the training pool's labels, for a memory bank (`init_data`)."""
-  rng, init_rng, queue_rng_h, queue_rng_z = jax.random.split(rng, 4)
-  params, batch_stats = common.init_variables(model, init_rng, sample_images)
+def init_extras(keys, params, batch_stats, *, model, config, data):
+  """The queues (or memory banks: one row per example of the training pool, the
+  batches' `index`) of the terms in use."""
+  del batch_stats
+  rng_h, rng_z = keys
   num_classes = model.num_classes
   feat = params["head"]["dense"]["kernel"].shape[0]
   padded = queue_classes(num_classes, config)
   used, extras = terms(config), {}
   if memory_bank(config):
-    if train_labels is None:
-      raise ValueError("bituning.key_generation='memory_bank' needs the training labels")
-    extras = _init_banks(queue_rng_h, queue_rng_z, train_labels, padded, feat, config,
-                         used)
-    return common.new_state(rng, params, batch_stats, tx, key_encoder=False,
-                            extras=extras)
+    return _init_banks(rng_h, rng_z, np.asarray(data.pool.labels), padded, feat,
+                       config, used)
   if "cce" in used:
-    extras["queue_h"] = _padded_queues(queue_rng_h, num_classes, padded,
+    extras["queue_h"] = _padded_queues(rng_h, num_classes, padded,
                                        config.bituning.queue_size, feat + 1)
   if "ccl" in used:
-    extras["queue_z"] = _padded_queues(queue_rng_z, num_classes, padded,
+    extras["queue_z"] = _padded_queues(rng_z, num_classes, padded,
                                        config.bituning.queue_size,
                                        config.bituning.projector_dim)
-  # The key encoder starts as a copy of the query encoder.
-  return common.new_state(rng, params, batch_stats, tx, key_encoder=bool(extras),
-                          extras=extras)
+  return extras
 
 
-def state_shardings(abstract_state, mesh, config):
-  """Replicated, except the queues' class axis when `config.shard_queues`."""
+def key_encoder(config):
+  """A momentum key encoder, for the contrastive terms' keys (not with memory banks)."""
+  return not memory_bank(config) and bool({"cce", "ccl"} & set(terms(config)))
+
+
+def extras_shardings(abstract_extras, mesh, config):
+  """Replicated, except the queues' class axis when `config.shard_queues` (and the
+  memory banks' rows)."""
   rep = sharding.replicated(mesh)
-  shardings = jax.tree.map(lambda _: rep, abstract_state)
-  extras = dict(shardings.extras)
-  for name, q in abstract_state.extras.items():
+  extras = {}
+  for name, q in abstract_extras.items():
     if isinstance(q, queues.ClassQueues):
       keys = sharding.queue_sharding(mesh, q.keys.shape, shard=config.shard_queues)
       ptr = NamedSharding(mesh, P(*keys.spec[:1]))  # pointers follow the class axis
@@ -150,7 +154,9 @@ def state_shardings(abstract_state, mesh, config):
     elif isinstance(q, queues.MemoryBank):  # rows over the devices
       extras[name] = queues.MemoryBank(keys=sharding.queue_sharding(
           mesh, q.keys.shape, shard=config.shard_queues))
-  return shardings.replace(extras=extras)
+    else:
+      extras[name] = jax.tree.map(lambda _: rep, q)
+  return extras
 
 
 def _loss(params, out, labels, *, cfg, num_classes, queue_h, z_key, queue_z):
@@ -176,97 +182,110 @@ def _loss(params, out, labels, *, cfg, num_classes, queue_h, z_key, queue_z):
   return loss, metrics
 
 
-def train_step(state, batch, *, model, tx, cfg):
-  """`batch`: image_q, image_k [B, H, W, 3] (two views), label [B]."""
+def before(state, batch, *, model, cfg):
+  """The keys the losses compare with (`context`): momentum keys of the second view
+  (the key encoder moved by EMA first; `queue_h` takes this batch's keys ahead of the
+  CCE when `cce_after_enqueue`), or keys drawn from the memory banks."""
+  if cfg.memory_bank:
+    return state, _bank_keys(state, batch, cfg)
   labels = batch["label"]
-  extras = dict(state.extras)
-  key_params, key_batch_stats = state.key_params, state.key_batch_stats
   use_cce, use_ccl = cfg.cce_weight > 0, cfg.ccl_weight > 0
-  z_k = None
-  if use_cce or use_ccl:
-    key_params = ema.ema_update(state.key_params, state.params,
-                                momentum=cfg.momentum(state.step))
-    key_out, key_batch_stats = common.forward(model, key_params, state.key_batch_stats,
-                                              batch["image_k"], train=True)
+  context = {"queue_h": None, "z_key": None, "queue_z": None}
+  if not (use_cce or use_ccl):
+    return state, context
+  key_params = ema.ema_update(state.key_params, state.params,
+                              momentum=cfg.momentum(state.step))
+  key_out, key_batch_stats = common.forward(model, key_params, state.key_batch_stats,
+                                            batch["image_k"], train=True)
+  extras = dict(state.extras)
   if use_cce:
     h_k = jax.lax.stop_gradient(losses.append_one_and_normalize(key_out["features"]))
     extras["queue_h"] = queues.enqueue_by_class(state.extras["queue_h"], keys=h_k,
                                                 labels=labels)
-    cce_queue = extras["queue_h"] if cfg.cce_after_enqueue else state.extras["queue_h"]
+    context["queue_h"] = (extras["queue_h"] if cfg.cce_after_enqueue
+                          else state.extras["queue_h"]).keys
   if use_ccl:
-    z_k = jax.lax.stop_gradient(losses.l2_normalize(key_out["projection"]))
-
-  def loss_fn(params):
-    out, batch_stats = common.forward(model, params, state.batch_stats, batch["image_q"],
-                                      train=True)
-    loss, metrics = _loss(params, out, labels, cfg=cfg, num_classes=model.num_classes,
-                          queue_h=cce_queue.keys if use_cce else None, z_key=z_k,
-                          queue_z=state.extras["queue_z"].keys if use_ccl else None)
-    return loss, (batch_stats, metrics)
-
-  (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  params, opt_state = common.apply_gradients(state, grads, tx)
-  if use_ccl:
-    extras["queue_z"] = queues.enqueue_by_class(state.extras["queue_z"], keys=z_k,
-                                                labels=labels)
-  state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                        opt_state=opt_state, key_params=key_params,
-                        key_batch_stats=key_batch_stats, extras=extras)
-  return state, dict(metrics, loss=loss)
+    context["z_key"] = jax.lax.stop_gradient(
+        losses.l2_normalize(key_out["projection"]))
+    context["queue_z"] = state.extras["queue_z"].keys
+  return state.replace(key_params=key_params, key_batch_stats=key_batch_stats,
+                       extras=extras), context
 
 
-def bank_train_step(state, batch, *, model, tx, cfg):
-  """The memory-bank variant (see the module docstring). `batch`: image_q [B, H, W, 3],
-  label [B], index [B] (each example's bank row)."""
-  labels, index = batch["label"], batch["index"]
-  extras = dict(state.extras)
+def _bank_keys(state, batch, cfg):
+  """K keys per class drawn from the banks' snapshots (with replacement), and each
+  example's own snapshot as its CCL positive."""
+  extras = state.extras
   table, counts = extras["bank_table"], extras["bank_counts"]
   rng_h, rng_z = jax.random.split(jax.random.fold_in(state.rng, state.step))
-  use_cce, use_ccl = cfg.cce_weight > 0, cfg.ccl_weight > 0
-  queue_h = queue_z = z_key = None
-  if use_cce:
-    queue_h = queues.sample_class_keys(extras["bank_h"].keys, table=table, counts=counts,
-                                       rng=rng_h, size=cfg.queue_size)  # [C', K, F+1]
-  if use_ccl:
-    queue_z = queues.sample_class_keys(extras["bank_z"].keys, table=table, counts=counts,
-                                       rng=rng_z, size=cfg.queue_size)  # [C', K, D]
-    z_key = jnp.take(extras["bank_z"].keys, index, axis=0)  # [B, D] own snapshots
-
-  def loss_fn(params):
-    out, batch_stats = common.forward(model, params, state.batch_stats, batch["image_q"],
-                                      train=True)
-    loss, metrics = _loss(params, out, labels, cfg=cfg, num_classes=model.num_classes,
-                          queue_h=queue_h, z_key=z_key, queue_z=queue_z)
-    return loss, (batch_stats, metrics, out)
-
-  (loss, (batch_stats, metrics, out)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  params, opt_state = common.apply_gradients(state, grads, tx)
-  if use_cce:  # Eq. (8)
-    h_q = jax.lax.stop_gradient(losses.append_one_and_normalize(out["features"]))
-    extras["bank_h"] = queues.update_memory_bank(
-        extras["bank_h"], indices=index, values=h_q, momentum=cfg.bank_momentum)
-  if use_ccl:  # Eq. (7)
-    z_q = jax.lax.stop_gradient(losses.l2_normalize(out["projection"]))
-    extras["bank_z"] = queues.update_memory_bank(
-        extras["bank_z"], indices=index, values=z_q, momentum=cfg.bank_momentum)
-  state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                        opt_state=opt_state, extras=extras)
-  return state, dict(metrics, loss=loss)
+  context = {"queue_h": None, "z_key": None, "queue_z": None}
+  if cfg.cce_weight > 0:
+    context["queue_h"] = queues.sample_class_keys(
+        extras["bank_h"].keys, table=table, counts=counts, rng=rng_h,
+        size=cfg.queue_size)  # [C', K, F+1]
+  if cfg.ccl_weight > 0:
+    context["queue_z"] = queues.sample_class_keys(
+        extras["bank_z"].keys, table=table, counts=counts, rng=rng_z,
+        size=cfg.queue_size)  # [C', K, D]
+    context["z_key"] = jnp.take(extras["bank_z"].keys, batch["index"], axis=0)
+  return context
 
 
-def make_train_step(model, tx, config):
-  cfg = StepConfig(
-      temperature=config.bituning.temperature, trade_off=config.bituning.trade_off,
-      cce_after_enqueue=config.bituning.cce_after_enqueue,
-      ce_weight=config.bituning.get("ce_weight", 1.0),
-      cce_weight=config.bituning.get("cce_weight", 1.0),
-      ccl_weight=config.bituning.get("ccl_weight", 1.0),
-      queue_size=config.bituning.queue_size,
-      bank_momentum=config.bituning.get("bank_momentum", 0.5),
+def loss(params, state, batch, context, *, model, cfg):
+  """Eq. (5) on the first view. `batch`: image_q (and image_k: the key encoder's
+  view) [B, H, W, 3], label [B] (and index [B], each example's bank row)."""
+  out, batch_stats = common.forward(model, params, state.batch_stats, batch["image_q"],
+                                    train=True)
+  total, metrics = _loss(params, out, batch["label"], cfg=cfg,
+                         num_classes=model.num_classes, **context)
+  return total, (batch_stats, metrics, out)
+
+
+def after(state, batch, context, out, *, cfg):
+  """Enqueues the CCL's keys (after the loss), or moves the banks' rows of this batch
+  towards the query's own (Eqs. 7-8)."""
+  extras = dict(state.extras)
+  if cfg.memory_bank:
+    if cfg.cce_weight > 0:  # Eq. (8)
+      h_q = jax.lax.stop_gradient(losses.append_one_and_normalize(out["features"]))
+      extras["bank_h"] = queues.update_memory_bank(
+          extras["bank_h"], indices=batch["index"], values=h_q,
+          momentum=cfg.bank_momentum)
+    if cfg.ccl_weight > 0:  # Eq. (7)
+      z_q = jax.lax.stop_gradient(losses.l2_normalize(out["projection"]))
+      extras["bank_z"] = queues.update_memory_bank(
+          extras["bank_z"], indices=batch["index"], values=z_q,
+          momentum=cfg.bank_momentum)
+  elif cfg.ccl_weight > 0:
+    extras["queue_z"] = queues.enqueue_by_class(extras["queue_z"], keys=context["z_key"],
+                                                labels=batch["label"])
+  return state.replace(extras=extras)
+
+
+def step_config(config):
+  b = config.bituning
+  return StepConfig(
+      temperature=b.temperature, trade_off=b.trade_off,
+      cce_after_enqueue=b.cce_after_enqueue, ce_weight=b.get("ce_weight", 1.0),
+      cce_weight=b.get("cce_weight", 1.0), ccl_weight=b.get("ccl_weight", 1.0),
+      queue_size=b.queue_size, bank_momentum=b.get("bank_momentum", 0.5),
+      memory_bank=memory_bank(config),
       momentum=ema.momentum_schedule(
-          config.bituning.ema_momentum,
-          total_steps=config.total_steps if config.bituning.ema_cosine else None))
-  step = bank_train_step if memory_bank(config) else train_step
-  return functools.partial(step, model=model, tx=tx, cfg=cfg)
+          b.ema_momentum, total_steps=config.total_steps if b.ema_cosine else None))
+
+
+METHOD = base.Method(
+    name="bituning", sections=("bituning",), views="two",
+    rules={"bituning.temperature": base.POSITIVE,
+           "bituning.trade_off": base.NON_NEGATIVE,
+           "bituning.ce_weight": base.NON_NEGATIVE,
+           "bituning.cce_weight": base.NON_NEGATIVE,
+           "bituning.ccl_weight": base.NON_NEGATIVE,
+           "bituning.ema_momentum": base.EMA, "bituning.bank_momentum": base.EMA},
+    legacy={"bituning.ce_weight": 1.0, "bituning.cce_weight": 1.0,
+            "bituning.ccl_weight": 1.0, "bituning.key_generation": "momentum",
+            "bituning.bank_momentum": 0.5},
+    validate=validate, build_model=build_model, extra_keys=2,
+    init_extras=init_extras, key_encoder=key_encoder,
+    extras_shardings=extras_shardings, step_config=step_config, before=before,
+    loss=loss, after=after)

@@ -13,15 +13,11 @@ for any spectrum (no 1 / (sigma_i^2 - sigma_j^2) terms without the vectors).
 """
 
 import dataclasses
-import functools
 
-import jax
 import jax.numpy as jnp
 
 from bitune_jax import models
-from bitune_jax.methods import common
-
-TWO_VIEWS = False
+from bitune_jax.methods import base, common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,41 +46,27 @@ def bss_penalty(*, features, k=1):
   return jnp.sum(jnp.square(sigma[-k:]))
 
 
-def build_model(config, num_classes):
-  """The plain network; checks `bss.k` first (before anything compiles)."""
+def validate(config):
   limit = min(config.batch_size, models.num_features(config.arch))
   if not 1 <= config.bss.k <= limit:
     raise ValueError(f"bss.k must be in [1, min(batch_size, features)={limit}], got "
                      f"{config.bss.k}")
-  return common.build_network(config, num_classes)
 
 
-def init_state(rng, sample_images, *, model, tx, config):
-  del config
-  rng, init_rng = jax.random.split(rng)
-  params, batch_stats = common.init_variables(model, init_rng, sample_images)
-  return common.new_state(rng, params, batch_stats, tx)
-
-
-def state_shardings(abstract_state, mesh, config):
-  del config
-  return common.replicated_shardings(abstract_state, mesh)
-
-
-def train_step(state, batch, *, model, tx, cfg):
+def loss(params, state, batch, context, *, model, cfg):
   """CE + eta * BSS. `batch`: image [B, H, W, 3], label [B]."""
-  def loss_fn(params):
-    out, batch_stats = common.forward(model, params, state.batch_stats, batch["image"],
-                                      train=True)
-    ce = common.ce_loss(out, batch["label"])
-    shrinkage = bss_penalty(features=out["features"], k=cfg.k)  # [B, F] -> []
-    metrics = {"ce": ce, "bss": shrinkage,
-               "train_accuracy": common.accuracy(out["logits"], batch["label"])}
-    return ce + cfg.eta * shrinkage, (batch_stats, metrics)
-
-  return common.optimizer_step(state, loss_fn, tx)
+  del context
+  out, batch_stats = common.forward(model, params, state.batch_stats, batch["image"],
+                                    train=True)
+  ce = common.ce_loss(out, batch["label"])
+  shrinkage = bss_penalty(features=out["features"], k=cfg.k)  # [B, F] -> []
+  metrics = {"ce": ce, "bss": shrinkage,
+             "train_accuracy": common.accuracy(out["logits"], batch["label"])}
+  return ce + cfg.eta * shrinkage, (batch_stats, metrics, None)
 
 
-def make_train_step(model, tx, config):
-  cfg = StepConfig(eta=config.bss.eta, k=config.bss.k)
-  return functools.partial(train_step, model=model, tx=tx, cfg=cfg)
+METHOD = base.Method(
+    name="bss", sections=("bss",), rules={"bss.eta": base.NON_NEGATIVE},
+    validate=validate, step_config=lambda config: StepConfig(eta=config.bss.eta,
+                                                             k=config.bss.k),
+    loss=loss)

@@ -15,14 +15,12 @@ alpha = 0.5, Wen et al.'s setting (`config.center_loss.trade_off`, `.alpha`).
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 
-from bitune_jax.methods import common
+from bitune_jax.methods import base, common
 
-TWO_VIEWS = False
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -70,49 +68,38 @@ def update_centers(*, centers, features, labels, alpha):
 
 
 # --------------------------------------------------------------------------- method
-def build_model(config, num_classes):
-  return common.build_network(config, num_classes)
-
-
-def init_state(rng, sample_images, *, model, tx, config):
-  del config
-  rng, init_rng = jax.random.split(rng)
-  params, batch_stats = common.init_variables(model, init_rng, sample_images)
+def init_extras(keys, params, batch_stats, *, model, config, data):
+  del keys, batch_stats, config, data
   feat = params["head"]["dense"]["kernel"].shape[0]
-  centers = jnp.zeros((model.num_classes, feat), jnp.float32)  # [C, F]
-  return common.new_state(rng, params, batch_stats, tx, extras={"centers": centers})
+  return {"centers": jnp.zeros((model.num_classes, feat), jnp.float32)}  # [C, F]
 
 
-def state_shardings(abstract_state, mesh, config):
-  del config
-  return common.replicated_shardings(abstract_state, mesh)
-
-
-def train_step(state, batch, *, model, tx, cfg):
-  """CE + lambda * center loss, then the center update. `batch`: image, label [B]."""
+def loss(params, state, batch, context, *, model, cfg):
+  """CE + lambda * center loss (Eq. 5). `batch`: image, label [B]."""
+  del context
   labels = batch["label"]
-  centers = state.extras["centers"]
-
-  def loss_fn(params):
-    out, batch_stats = common.forward(model, params, state.batch_stats, batch["image"],
-                                      train=True)
-    ce = common.ce_loss(out, labels)
-    lc = center_loss(features=out["features"], centers=centers, labels=labels)
-    metrics = {"ce": ce, "center_loss": lc,
-               "train_accuracy": common.accuracy(out["logits"], labels)}
-    return ce + cfg.trade_off * lc, (batch_stats, out["features"], metrics)  # Eq. (5)
-
-  (loss, (batch_stats, features, metrics)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  params, opt_state = common.apply_gradients(state, grads, tx)
-  centers = update_centers(centers=centers, features=features, labels=labels,
-                           alpha=cfg.center_lr)
-  state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                        opt_state=opt_state, extras={"centers": centers})
-  return state, dict(metrics, loss=loss)
+  out, batch_stats = common.forward(model, params, state.batch_stats, batch["image"],
+                                    train=True)
+  ce = common.ce_loss(out, labels)
+  lc = center_loss(features=out["features"], centers=state.extras["centers"],
+                   labels=labels)
+  metrics = {"ce": ce, "center_loss": lc,
+             "train_accuracy": common.accuracy(out["logits"], labels)}
+  return ce + cfg.trade_off * lc, (batch_stats, metrics, out["features"])
 
 
-def make_train_step(model, tx, config):
-  cfg = StepConfig(trade_off=config.center_loss.trade_off,
-                   center_lr=config.center_loss.alpha)
-  return functools.partial(train_step, model=model, tx=tx, cfg=cfg)
+def after(state, batch, context, features, *, cfg):
+  """The center update (Eq. 4), from this batch's features."""
+  del context
+  return state.replace(extras={"centers": update_centers(
+      centers=state.extras["centers"], features=features, labels=batch["label"],
+      alpha=cfg.center_lr)})
+
+
+METHOD = base.Method(
+    name="center_loss", sections=("center_loss",),
+    rules={"center_loss.trade_off": base.NON_NEGATIVE,
+           "center_loss.alpha": base.NON_NEGATIVE},
+    init_extras=init_extras, loss=loss, after=after,
+    step_config=lambda config: StepConfig(trade_off=config.center_loss.trade_off,
+                                          center_lr=config.center_loss.alpha))

@@ -12,23 +12,20 @@ cached or given relationship computed from another checkpoint is refused.
 """
 
 import dataclasses
-import functools
 import hashlib
 import io
 import json
 import logging
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
 from bitune_jax import files, losses, relationship
 from bitune_jax.data import splits
-from bitune_jax.methods import common
+from bitune_jax.methods import base, common
 
 log = logging.getLogger("bitune_jax")
-TWO_VIEWS = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +36,12 @@ class StepConfig:
 def build_model(config, num_classes):
   return common.build_network(config, num_classes,
                               source_classes=config.cotuning.source_classes)
+
+
+def validate(config):
+  if config.cotuning.relationship not in ("direct", "reverse"):
+    raise ValueError(f"cotuning.relationship must be 'direct' or 'reverse', got "
+                     f"{config.cotuning.relationship!r}")
 
 
 def check_pretrained(pretrained, config):
@@ -53,17 +56,11 @@ def check_pretrained(pretrained, config):
                      f"cotuning.source_classes={config.cotuning.source_classes}")
 
 
-def init_state(rng, sample_images, *, model, tx, config):
-  del config
-  rng, init_rng = jax.random.split(rng)
-  params, batch_stats = common.init_variables(model, init_rng, sample_images)
-  uniform = jnp.full((model.num_classes, model.source_classes), 1.0 / model.source_classes)
-  return common.new_state(rng, params, batch_stats, tx, extras={"relationship": uniform})
-
-
-def state_shardings(abstract_state, mesh, config):
-  del config
-  return common.replicated_shardings(abstract_state, mesh)
+def init_extras(keys, params, batch_stats, *, model, config, data):
+  """A uniform relationship of the right shape: `prepare` computes the real one."""
+  del keys, params, batch_stats, config, data
+  return {"relationship": jnp.full((model.num_classes, model.source_classes),
+                                   1.0 / model.source_classes)}
 
 
 # --------------------------------------------------------------------------- relationship
@@ -139,24 +136,28 @@ def prepare(state, *, model, config, data, mesh, workdir, pretrained):
 
 
 # --------------------------------------------------------------------------- step
-def train_step(state, batch, *, model, tx, cfg):
-  """`batch`: image [B, H, W, 3], label [B]."""
+def loss(params, state, batch, context, *, model, cfg):
+  """CE + trade_off * the source head's soft CE against R[y]. `batch`: image
+  [B, H, W, 3], label [B]."""
+  del context
   labels = batch["label"]
   targets = state.extras["relationship"][labels]  # [B, C_s]
-
-  def loss_fn(params):
-    out, batch_stats = common.forward(model, params, state.batch_stats, batch["image"],
-                                      train=True)
-    ce = common.ce_loss(out, labels)
-    co = losses.co_tuning_loss(source_logits=out["source_logits"],
-                               relationship_targets=targets)
-    return ce + cfg.trade_off * co, (batch_stats, {
-        "ce": ce, "co_tuning": co,
-        "train_accuracy": common.accuracy(out["logits"], labels)})
-
-  return common.optimizer_step(state, loss_fn, tx)
+  out, batch_stats = common.forward(model, params, state.batch_stats, batch["image"],
+                                    train=True)
+  ce = common.ce_loss(out, labels)
+  co = losses.co_tuning_loss(source_logits=out["source_logits"],
+                             relationship_targets=targets)
+  return ce + cfg.trade_off * co, (batch_stats, {
+      "ce": ce, "co_tuning": co,
+      "train_accuracy": common.accuracy(out["logits"], labels)}, None)
 
 
-def make_train_step(model, tx, config):
-  return functools.partial(train_step, model=model, tx=tx,
-                           cfg=StepConfig(trade_off=config.cotuning.trade_off))
+METHOD = base.Method(
+    name="cotuning", sections=("cotuning",),
+    rules={"cotuning.trade_off": base.NON_NEGATIVE,
+           "cotuning.source_temperature": base.POSITIVE,
+           "cotuning.holdout_fraction": base.FRACTION},
+    validate=validate, keeps=("backbone", "source_head"),
+    check_pretrained=check_pretrained, build_model=build_model,
+    init_extras=init_extras, prepare=prepare, loss=loss,
+    step_config=lambda config: StepConfig(trade_off=config.cotuning.trade_off))

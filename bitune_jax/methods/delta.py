@@ -50,10 +50,9 @@ import numpy as np
 
 from bitune_jax import losses, relationship, sharding
 from bitune_jax.data import pipeline
-from bitune_jax.methods import common
+from bitune_jax.methods import base, common
 
 log = logging.getLogger("bitune_jax")
-TWO_VIEWS = False
 
 
 FEATURE_MAPS = ("last_conv", "stage_output")
@@ -185,10 +184,6 @@ def attention_batches(split, *, num_batches, batch_size, seed):
 
 
 # --------------------------------------------------------------------------- method
-def build_model(config, num_classes):
-  return common.build_network(config, num_classes)
-
-
 def stage_channels(model, sample_images, feature_maps):
   """`{map: C}` of the maps DELTA regularises (`regularised_maps`)."""
   out, _ = jax.eval_shape(
@@ -198,21 +193,15 @@ def stage_channels(model, sample_images, feature_maps):
           for name, v in regularised_maps(out["stages"], feature_maps).items()}
 
 
-def init_state(rng, sample_images, *, model, tx, config):
-  rng, init_rng = jax.random.split(rng)
-  params, batch_stats = common.init_variables(model, init_rng, sample_images)
-  channels = stage_channels(model, sample_images, config.delta.feature_maps)
-  # Placeholders of the right shapes: `prepare` puts w* and W in before training.
-  extras = {"w0": jax.tree.map(jnp.copy, params["backbone"]),
-            "w0_stats": jax.tree.map(jnp.copy, batch_stats["backbone"]),
-            "attention": {n: jnp.full((c,), 1.0 / c, jnp.float32)
-                          for n, c in channels.items()}}
-  return common.new_state(rng, params, batch_stats, tx, extras=extras)
-
-
-def state_shardings(abstract_state, mesh, config):
-  del config
-  return common.replicated_shardings(abstract_state, mesh)
+def init_extras(keys, params, batch_stats, *, model, config, data):
+  """Placeholders of the right shapes: `prepare` puts w* and W in before training."""
+  del keys
+  sample = jnp.zeros((1,) + tuple(data.image_shape), jnp.float32)
+  channels = stage_channels(model, sample, config.delta.feature_maps)
+  return {"w0": jax.tree.map(jnp.copy, params["backbone"]),
+          "w0_stats": jax.tree.map(jnp.copy, batch_stats["backbone"]),
+          "attention": {n: jnp.full((c,), 1.0 / c, jnp.float32)
+                        for n, c in channels.items()}}
 
 
 def prepare(state, *, model, config, data, mesh, workdir, pretrained):
@@ -238,38 +227,46 @@ def prepare(state, *, model, config, data, mesh, workdir, pretrained):
   log.info("DELTA attention (%s) from %d batches of %d training images: %s",
            cfg.feature_maps, len(batches), cfg.attention_batch_size, ", ".join(
                f"{n} max {w.max() * len(w):.2f}x uniform" for n, w in weights.items()))
-  extras = {"w0": jax.tree.map(jnp.copy, state.params["backbone"]),
-            "w0_stats": jax.tree.map(jnp.copy, state.batch_stats["backbone"]),
-            "attention": {n: jnp.asarray(w) for n, w in weights.items()}}
-  return state.replace(extras=extras)
+  return state.replace(extras=dict(
+      base.starting_point(state),
+      attention={n: jnp.asarray(w) for n, w in weights.items()}))
 
 
-def train_step(state, batch, *, model, tx, cfg):
+def loss(params, state, batch, context, *, model, cfg):
   """CE + DELTA's penalty. `batch`: image [B, H, W, 3], label [B]."""
+  del context
   extras = state.extras
   reference_params = dict(state.params, backbone=extras["w0"])
   reference_stats = dict(state.batch_stats, backbone=extras["w0_stats"])
   reference = model.apply({"params": reference_params, "batch_stats": reference_stats},
                           batch["image"], train=False, stages=True)["stages"]
-
-  def loss_fn(params):
-    variables = {"params": params, "batch_stats": state.batch_stats}
-    out, updated = model.apply(variables, batch["image"], train=True, stages=True,
-                               mutable=["batch_stats"])
-    ce = losses.cross_entropy_loss(logits=out["logits"], labels=batch["label"])
-    fm = feature_map_penalty(out["stages"], reference, extras["attention"])
-    l2 = head_penalty(params["head"])
-    metrics = {"ce": ce, "feature_map_distance": fm, "head_sq_norm": l2,
-               "train_accuracy": common.accuracy(out["logits"], batch["label"])}
-    return ce + cfg.alpha * fm + 0.5 * cfg.beta * l2, (updated["batch_stats"], metrics)
-
-  return common.optimizer_step(state, loss_fn, tx)
+  variables = {"params": params, "batch_stats": state.batch_stats}
+  out, updated = model.apply(variables, batch["image"], train=True, stages=True,
+                             mutable=["batch_stats"])
+  ce = losses.cross_entropy_loss(logits=out["logits"], labels=batch["label"])
+  fm = feature_map_penalty(out["stages"], reference, extras["attention"])
+  l2 = head_penalty(params["head"])
+  metrics = {"ce": ce, "feature_map_distance": fm, "head_sq_norm": l2,
+             "train_accuracy": common.accuracy(out["logits"], batch["label"])}
+  return (ce + cfg.alpha * fm + 0.5 * cfg.beta * l2,
+          (updated["batch_stats"], metrics, None))
 
 
-def make_train_step(model, tx, config):
+def step_config(config):
   if config.weight_decay:
     log.warning("delta with weight_decay=%g: the optimizer also decays every group "
                 "towards 0, on top of DELTA's penalty (configs/delta.py sets 0)",
                 config.weight_decay)
-  cfg = StepConfig(alpha=config.delta.alpha, beta=config.delta.beta)
-  return functools.partial(train_step, model=model, tx=tx, cfg=cfg)
+  return StepConfig(alpha=config.delta.alpha, beta=config.delta.beta)
+
+
+METHOD = base.Method(
+    name="delta", sections=("delta",),
+    rules={"delta.alpha": base.NON_NEGATIVE, "delta.beta": base.NON_NEGATIVE,
+           "delta.attention_temperature": base.POSITIVE,
+           "delta.attention_l2": base.POSITIVE, "delta.attention_batches": base.COUNT,
+           "delta.attention_batch_size": base.COUNT,
+           "delta.feature_maps": ("'last_conv' or 'stage_output'",
+                                  lambda v: v in FEATURE_MAPS)},
+    legacy={"delta.feature_maps": "stage_output"},
+    init_extras=init_extras, prepare=prepare, step_config=step_config, loss=loss)

@@ -12,14 +12,11 @@ pseudo-labels used).
 """
 
 import dataclasses
-import functools
 
 import jax.numpy as jnp
 
 from bitune_jax import losses
-from bitune_jax.methods import common, finetune
-
-TWO_VIEWS = False
+from bitune_jax.methods import base, common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,35 +25,32 @@ class StepConfig:
   unlabelled_weight: float
 
 
-# The model and the state are vanilla fine-tuning's (a new head, no extras).
-build_model = finetune.build_model
-init_state = finetune.init_state
-state_shardings = finetune.state_shardings
-
-
-def train_step(state, batch, *, model, tx, cfg):
+def loss(params, state, batch, context, *, model, cfg):
   """`batch`: image [B, H, W, 3] (labelled, weak), label [B], u_weak and u_strong
   [U, H, W, 3] (the unlabelled images' two views)."""
+  del context
   labels = batch["label"]
   labelled, unlabelled = labels.shape[0], batch["u_weak"].shape[0]
   images = jnp.concatenate([batch["image"], batch["u_weak"], batch["u_strong"]])
-
-  def loss_fn(params):
-    out, batch_stats = common.forward(model, params, state.batch_stats, images,
-                                      train=True)
-    logits = out["logits"]  # [B + 2U, C]
-    ce = losses.cross_entropy_loss(logits=logits[:labelled], labels=labels)
-    l_u, mask_rate = losses.fixmatch_loss(
-        logits_weak=logits[labelled:labelled + unlabelled],
-        logits_strong=logits[labelled + unlabelled:], threshold=cfg.threshold)
-    metrics = {"ce": ce, "unlabelled": l_u, "mask_rate": mask_rate,
-               "train_accuracy": common.accuracy(logits[:labelled], labels)}
-    return ce + cfg.unlabelled_weight * l_u, (batch_stats, metrics)
-
-  return common.optimizer_step(state, loss_fn, tx)
+  out, batch_stats = common.forward(model, params, state.batch_stats, images, train=True)
+  logits = out["logits"]  # [B + 2U, C]
+  ce = losses.cross_entropy_loss(logits=logits[:labelled], labels=labels)
+  l_u, mask_rate = losses.fixmatch_loss(
+      logits_weak=logits[labelled:labelled + unlabelled],
+      logits_strong=logits[labelled + unlabelled:], threshold=cfg.threshold)
+  metrics = {"ce": ce, "unlabelled": l_u, "mask_rate": mask_rate,
+             "train_accuracy": common.accuracy(logits[:labelled], labels)}
+  return ce + cfg.unlabelled_weight * l_u, (batch_stats, metrics, None)
 
 
-def make_train_step(model, tx, config):
-  cfg = StepConfig(threshold=config.fixmatch.threshold,
-                   unlabelled_weight=config.fixmatch.unlabelled_weight)
-  return functools.partial(train_step, model=model, tx=tx, cfg=cfg)
+def step_config(config):
+  return StepConfig(threshold=config.fixmatch.threshold,
+                    unlabelled_weight=config.fixmatch.unlabelled_weight)
+
+
+# The model and the state are vanilla fine-tuning's (a new head, no extras).
+METHOD = base.Method(
+    name="fixmatch", sections=("fixmatch",), views="weak_strong", unlabelled=True,
+    rules={"fixmatch.threshold": ("in [0, 1]", lambda v: 0 <= v <= 1),
+           "fixmatch.mu": base.COUNT, "fixmatch.unlabelled_weight": base.NON_NEGATIVE},
+    step_config=step_config, loss=loss)

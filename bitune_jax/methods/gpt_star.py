@@ -17,15 +17,12 @@ Defaults (`config.gpt_star`): queue 1024, tau 0.07 (Bi-tuning's), trade_off 1.
 """
 
 import dataclasses
-import functools
 from typing import Callable
 
 import jax
 
 from bitune_jax import ema, losses, queues
-from bitune_jax.methods import common
-
-TWO_VIEWS = True
+from bitune_jax.methods import base, common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,56 +37,54 @@ def build_model(config, num_classes):
                               projector_dim=config.gpt_star.projector_dim)
 
 
-def init_state(rng, sample_images, *, model, tx, config):
-  rng, init_rng, queue_rng = jax.random.split(rng, 3)
-  params, batch_stats = common.init_variables(model, init_rng, sample_images)
-  queue = queues.init_fifo_queue(queue_rng, size=config.gpt_star.queue_size,
-                                 dim=model.projector_dim)  # keys [N, D]
-  # The key encoder starts as a copy of the query encoder.
-  return common.new_state(rng, params, batch_stats, tx, key_encoder=True,
-                          extras={"queue": queue})
+def init_extras(keys, params, batch_stats, *, model, config, data):
+  del params, batch_stats, data
+  return {"queue": queues.init_fifo_queue(keys[0], size=config.gpt_star.queue_size,
+                                          dim=model.projector_dim)}  # keys [N, D]
 
 
-def state_shardings(abstract_state, mesh, config):
-  """Everything replicated (the queue is small: N x 128)."""
-  del config
-  return common.replicated_shardings(abstract_state, mesh)
-
-
-def train_step(state, batch, *, model, tx, cfg):
-  """`batch`: image_q, image_k [B, H, W, 3] (two views), label [B]."""
-  labels = batch["label"]
+def before(state, batch, *, model, cfg):
+  """The key encoder moved by EMA, then the normalised keys of the second view."""
   key_params = ema.ema_update(state.key_params, state.params,
                               momentum=cfg.momentum(state.step))
   key_out, key_batch_stats = common.forward(model, key_params, state.key_batch_stats,
                                             batch["image_k"], train=True)
   z_k = jax.lax.stop_gradient(losses.l2_normalize(key_out["projection"]))  # [B, D]
-  queue = state.extras["queue"]
-
-  def loss_fn(params):
-    out, batch_stats = common.forward(model, params, state.batch_stats, batch["image_q"],
-                                      train=True)
-    ce = common.ce_loss(out, labels)
-    info_nce = losses.info_nce_loss(
-        query=losses.l2_normalize(out["projection"]), key=z_k, queue=queue.keys,
-        temperature=cfg.temperature)  # Bi-tuning Eq. (1)
-    loss = ce + cfg.trade_off * info_nce
-    metrics = {"ce": ce, "info_nce": info_nce,
-               "train_accuracy": common.accuracy(out["logits"], labels)}
-    return loss, (batch_stats, metrics)
-
-  (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  params, opt_state = common.apply_gradients(state, grads, tx)
-  queue = queues.enqueue_fifo(queue, keys=z_k)  # after the loss
-  state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                        opt_state=opt_state, key_params=key_params,
-                        key_batch_stats=key_batch_stats, extras={"queue": queue})
-  return state, dict(metrics, loss=loss)
+  return state.replace(key_params=key_params, key_batch_stats=key_batch_stats), z_k
 
 
-def make_train_step(model, tx, config):
-  cfg = StepConfig(
+def loss(params, state, batch, z_k, *, model, cfg):
+  """CE + trade_off * InfoNCE (Bi-tuning Eq. 1). `batch`: image_q, image_k
+  [B, H, W, 3] (two views), label [B]."""
+  labels = batch["label"]
+  out, batch_stats = common.forward(model, params, state.batch_stats, batch["image_q"],
+                                    train=True)
+  ce = common.ce_loss(out, labels)
+  info_nce = losses.info_nce_loss(
+      query=losses.l2_normalize(out["projection"]), key=z_k,
+      queue=state.extras["queue"].keys, temperature=cfg.temperature)
+  metrics = {"ce": ce, "info_nce": info_nce,
+             "train_accuracy": common.accuracy(out["logits"], labels)}
+  return ce + cfg.trade_off * info_nce, (batch_stats, metrics, None)
+
+
+def after(state, batch, z_k, aux, *, cfg):
+  """The keys enqueued, after the loss."""
+  del batch, aux, cfg
+  return state.replace(extras={"queue": queues.enqueue_fifo(state.extras["queue"],
+                                                            keys=z_k)})
+
+
+def step_config(config):
+  return StepConfig(
       temperature=config.gpt_star.temperature, trade_off=config.gpt_star.trade_off,
       momentum=ema.momentum_schedule(config.gpt_star.ema_momentum))
-  return functools.partial(train_step, model=model, tx=tx, cfg=cfg)
+
+
+METHOD = base.Method(
+    name="gpt_star", sections=("gpt_star",), views="two",
+    rules={"gpt_star.temperature": base.POSITIVE,
+           "gpt_star.trade_off": base.NON_NEGATIVE, "gpt_star.ema_momentum": base.EMA},
+    build_model=build_model, extra_keys=1, init_extras=init_extras,
+    key_encoder=lambda config: True, step_config=step_config, before=before,
+    loss=loss, after=after)

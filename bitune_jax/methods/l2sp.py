@@ -12,26 +12,23 @@ Weight decay. The penalty IS the regulariser: `configs/l2sp.py` sets
 pull the backbone away from w0. An override with a non-zero decay is allowed (it adds to
 the penalty) and logged as a warning.
 
-The starting point w0. The train loop loads the pre-trained backbone into
-`state.params["backbone"]` AFTER `init_state` (`train._with_pretrained`), so w0 cannot
-be taken at init. `extras["w0"]` starts as a copy of the (random) backbone and the
-jitted step replaces it by the current backbone while `state.step == 0`: the penalty of
-the first step is exactly 0 and every later step measures the distance to the weights
-the training started from, whatever was loaded. A resumed run (step > 0) keeps the w0
-of its checkpoint.
+The starting point w0. The train loop loads the pre-trained backbone into the state
+after `init_state`, so `extras["w0"]` starts as a placeholder of its shape, and
+`prepare` (once, before the first step) copies the backbone the training starts from
+into it, whatever was loaded: the penalty of the first step is exactly 0. DELTA keeps
+its w* the same way (`base.starting_point`). A resumed run keeps the w0 of its
+checkpoint.
 """
 
 import dataclasses
-import functools
 import logging
 
 import jax
 import jax.numpy as jnp
 
-from bitune_jax.methods import common
+from bitune_jax.methods import base, common
 
 log = logging.getLogger("bitune_jax")
-TWO_VIEWS = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,58 +65,41 @@ def l2sp_penalty(*, backbone, w0, head, alpha, beta):
 
 
 # --------------------------------------------------------------------------- method
-def build_model(config, num_classes):
-  return common.build_network(config, num_classes)
+def init_extras(keys, params, batch_stats, *, model, config, data):
+  """A placeholder of w0's shape: `prepare` puts the loaded backbone in."""
+  del keys, batch_stats, model, config, data
+  return {"w0": jax.tree.map(jnp.copy, params["backbone"])}
 
 
-def init_state(rng, sample_images, *, model, tx, config):
-  del config
-  rng, init_rng = jax.random.split(rng)
-  params, batch_stats = common.init_variables(model, init_rng, sample_images)
-  # A placeholder of the right shape: replaced by the loaded backbone at step 0.
-  w0 = jax.tree.map(jnp.copy, params["backbone"])
-  return common.new_state(rng, params, batch_stats, tx, extras={"w0": w0})
+def prepare(state, *, model, config, data, mesh, workdir, pretrained):
+  """w0: the backbone the training starts from (the loaded one), before step 1."""
+  del model, config, data, mesh, workdir, pretrained
+  return state.replace(extras={"w0": base.starting_point(state)["w0"]})
 
 
-def state_shardings(abstract_state, mesh, config):
-  del config
-  return common.replicated_shardings(abstract_state, mesh)
-
-
-def starting_point(state):
-  """w0: the current backbone at step 0, else `extras["w0"]` (no gradient)."""
-  first = state.step == 0
-  w0 = jax.tree.map(lambda ref, w: jnp.where(first, w, ref), state.extras["w0"],
-                    state.params["backbone"])
-  return jax.lax.stop_gradient(w0)
-
-
-def train_step(state, batch, *, model, tx, cfg):
+def loss(params, state, batch, context, *, model, cfg):
   """CE + L2-SP penalty. `batch`: image [B, H, W, 3], label [B]."""
-  w0 = starting_point(state)
-
-  def loss_fn(params):
-    out, batch_stats = common.forward(model, params, state.batch_stats, batch["image"],
-                                      train=True)
-    ce = common.ce_loss(out, batch["label"])
-    penalty, sp, l2 = l2sp_penalty(backbone=params["backbone"], w0=w0,
-                                   head=params["head"], alpha=cfg.alpha, beta=cfg.beta)
-    metrics = {"ce": ce, "l2sp": penalty, "sp_distance": sp, "head_sq_norm": l2,
-               "train_accuracy": common.accuracy(out["logits"], batch["label"])}
-    return ce + penalty, (batch_stats, metrics)
-
-  (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  params, opt_state = common.apply_gradients(state, grads, tx)
-  state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                        opt_state=opt_state, extras={"w0": w0})
-  return state, dict(metrics, loss=loss)
+  del context
+  out, batch_stats = common.forward(model, params, state.batch_stats, batch["image"],
+                                    train=True)
+  ce = common.ce_loss(out, batch["label"])
+  penalty, sp, l2 = l2sp_penalty(backbone=params["backbone"],
+                                 w0=jax.lax.stop_gradient(state.extras["w0"]),
+                                 head=params["head"], alpha=cfg.alpha, beta=cfg.beta)
+  metrics = {"ce": ce, "l2sp": penalty, "sp_distance": sp, "head_sq_norm": l2,
+             "train_accuracy": common.accuracy(out["logits"], batch["label"])}
+  return ce + penalty, (batch_stats, metrics, None)
 
 
-def make_train_step(model, tx, config):
+def step_config(config):
   if config.weight_decay:
     log.warning("l2sp with weight_decay=%g: the optimizer also decays every group "
                 "towards 0, on top of the L2-SP penalty (configs/l2sp.py sets 0)",
                 config.weight_decay)
-  cfg = StepConfig(alpha=config.l2sp.alpha, beta=config.l2sp.beta)
-  return functools.partial(train_step, model=model, tx=tx, cfg=cfg)
+  return StepConfig(alpha=config.l2sp.alpha, beta=config.l2sp.beta)
+
+
+METHOD = base.Method(
+    name="l2sp", sections=("l2sp",),
+    rules={"l2sp.alpha": base.NON_NEGATIVE, "l2sp.beta": base.NON_NEGATIVE},
+    init_extras=init_extras, prepare=prepare, step_config=step_config, loss=loss)
