@@ -39,9 +39,10 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step as step_bench  # noqa: E402  pylint: disable=g-import-not-at-top
 
-from bitune_jax import methods, queues, sharding, train  # noqa: E402
+from bitune_jax import methods, queues, sharding  # noqa: E402
 from bitune_jax.data import cache, device_views, pipeline  # noqa: E402
 from bitune_jax.methods import base, common  # noqa: E402
+from bitune_jax.training import loop
 
 
 def photos(count, seed=0, size=(375, 500)):
@@ -136,7 +137,7 @@ def device_share(kind, *, arch, size, batch, bf16, reps):
   state = [state]
   data, views = views_input(kind, size=size, batch=batch, num_classes=config.num_classes,
                             mesh=mesh)
-  step = jax.jit(train.with_views(base.make_train_step(method, model, tx, config), views),
+  step = jax.jit(loop.with_views(base.make_train_step(method, model, tx, config), views),
                  in_shardings=(shardings, None), donate_argnums=0,
                  compiler_options=queues.inplace_update_compiler_options())
   compiled = step.lower(state[0], data).compile()

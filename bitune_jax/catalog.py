@@ -24,6 +24,15 @@ def _modules(folder: str) -> list[tuple[str, str]]:
   return [(n, _summary(os.path.join(folder, f"{n}.py"))) for n in names]
 
 
+def _declares_a_method(path: str) -> bool:
+  """Whether the module assigns `METHOD` (`bitune_jax.methods`' rule, read, not run)."""
+  with open(path, encoding="utf-8") as f:
+    tree = ast.parse(f.read())
+  return any(isinstance(node, ast.Assign) and any(
+      isinstance(t, ast.Name) and t.id == "METHOD" for t in node.targets)
+             for node in tree.body)
+
+
 def _datasets() -> list[tuple[str, str]]:
   from bitune_jax.data import datasets  # pylint: disable=g-import-not-at-top
   rows = [("digits", "5 classes: the offline demo (scikit-learn's digits 5-9)")]
@@ -36,8 +45,9 @@ def _datasets() -> list[tuple[str, str]]:
 
 def groups() -> dict[str, list[tuple[str, str]]]:
   """`{group: [(name, description), ...]}`."""
-  methods = [(n, d) for n, d in _modules(os.path.join(_PACKAGE, "methods"))
-             if n != "common"]
+  folder = os.path.join(_PACKAGE, "methods")
+  methods = [(n, d) for n, d in _modules(folder)
+             if _declares_a_method(os.path.join(folder, f"{n}.py"))]
   return {
       "methods (config.method)": methods,
       "configs (--config configs/NAME.py:ARG)": _modules(os.path.join(_PACKAGE, "configs")),

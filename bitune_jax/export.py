@@ -20,49 +20,6 @@ from bitune_jax import eval_main
 # pylint: disable=g-import-not-at-top
 
 
-def preprocessing(config):
-  """How the model's eval-mode inputs are made (see `bitune_jax.inference`)."""
-  if config.dataset == "digits":
-    return {"kind": "digits", "image_size": config.image_size}
-  from bitune_jax.data import pipeline
-  return {"kind": "imagenet", "image_size": config.image_size,
-          "resize": pipeline.eval_resize(config.image_size),
-          "mean": list(pipeline.MEAN_RGB), "std": list(pipeline.STD_RGB)}
-
-
-def export_workdir(workdir, out, *, which="latest", overwrite=False):
-  """Writes the `which` ('latest' checkpoint, or 'best'; bitune-eval's names) model of
-  a bitune-train workdir to `out`. Returns the file's report."""
-  which = eval_main.which_checkpoint(which)
-  if which not in eval_main.WHICH:
-    raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
-  if os.path.exists(out) and not overwrite:
-    raise ValueError(f"{out} exists; pass --overwrite to replace it")
-  import jax
-  from bitune_jax import convert
-  config = eval_main._load_config(workdir)  # pylint: disable=protected-access
-  run, state, _ = eval_main._restore(workdir, config, which)  # pylint: disable=protected-access
-  params, stats = jax.device_get((state.params, state.batch_stats))
-  result = {"backbone": {"params": params["backbone"], "batch_stats": stats["backbone"]}}
-  result["head"] = dict(params["head"]["dense"])
-  for extra in ("projector", "source_head"):
-    if extra in params:
-      result[extra] = params[extra]
-  result["report"] = {
-      "format": "bitune_jax", "arch": config.arch, "kind": config.method,
-      "num_classes": config.num_classes, "dataset": config.dataset,
-      "class_names": list(run.data.class_names),
-      "step": int(state.step), "checkpoint": which,
-      "preprocessing": preprocessing(config),
-      "feature_eval": run.method.evaluation == "features",
-      "notes": [f"exported from {workdir} ({which}, step {int(state.step)})"],
-      "dropped": []}
-  folder = os.path.dirname(os.path.abspath(out))
-  os.makedirs(folder, exist_ok=True)
-  convert.save_converted(result, out, source=os.path.join(workdir, "config.json"))
-  return result["report"]
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(
       prog="bitune-export", description="Write a fine-tuned model (backbone, heads, "
@@ -79,9 +36,11 @@ def main(argv=None):
   eval_main.add_version(parser)
   args = parser.parse_args(argv)
   from bitune_jax import config_base
+  from bitune_jax.training import export
   try:
-    report = export_workdir(os.path.abspath(config_base.expand_path(args.workdir)),
-                            config_base.expand_path(args.out), which=args.which,
+    report = export.export_workdir(os.path.abspath(config_base.expand_path(args.workdir)),
+                            config_base.expand_path(args.out),
+                            which=eval_main.which_checkpoint(args.which),
                             overwrite=args.overwrite)
   except (OSError, ValueError) as e:
     print(f"bitune-export: error: {e}", file=sys.stderr)

@@ -75,22 +75,13 @@ def _fail(message):
   sys.exit(2)
 
 
-def _shipped_config(value):
-  """`configs/X.py[:ARG]` (or `X[:ARG]`) names the shipped config X when there is no
-  such file here: an installed wheel, or another working directory."""
-  path, sep, arg = value.partition(":")
-  if os.path.exists(path):
-    return value
-  name = os.path.splitext(os.path.basename(path))[0]
-  shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                         f"{name}.py")
-  return shipped + sep + arg if os.path.exists(shipped) else value
-
-
 def _config_file(value):
-  """The `--config` value, shipped configs found; a missing file is said in a line."""
-  value = _shipped_config(os.path.expanduser(value))
-  path = value.partition(":")[0]
+  """The `--config` value, shipped configs found (`configs.find`: `configs/X.py[:ARG]`
+  or `X[:ARG]` from any directory); a missing file is said in a line."""
+  from bitune_jax import configs  # pylint: disable=g-import-not-at-top
+  path, sep, arg = os.path.expanduser(value).partition(":")
+  path = configs.find(path)
+  value = path + sep + arg
   if not os.path.isfile(path):
     _fail(f"--config {path}: no such file; give a config file and its argument, e.g. "
           "configs/bituning.py:demo")
@@ -158,7 +149,8 @@ def main(argv):
   # Imported after flag parsing so that --help is quick.
   # pylint: disable-next=g-import-not-at-top
   import jax
-  from bitune_jax import config_base, console, sharding, stopping, train, workdir_lock
+  from bitune_jax import config_base, console, sharding, stopping, workdir_lock
+  from bitune_jax.experiments import demo
   console.setup()  # our progress lines; orbax, clu, absl only from warnings up
   f = flags.FLAGS
   try:
@@ -173,7 +165,7 @@ def main(argv):
     workdir = os.path.abspath(config_base.expand_path(workdir))
   try:  # a second command in the same workdir is refused before anything compiles
     with workdir_lock.hold(workdir, "bitune-train"):
-      _, summary = train.train_and_evaluate(flags.FLAGS.config, workdir)
+      _, summary = demo.train_and_evaluate(flags.FLAGS.config, workdir)
   except (ValueError, FileNotFoundError) as e:  # bad input: said in a line
     if flags.FLAGS.verbose:
       raise

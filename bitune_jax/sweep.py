@@ -64,6 +64,13 @@ log = logging.getLogger("bitune_jax")
 AS_IS = "as_is"  # the name of runs that evaluate a checkpoint as it is
 
 
+def config_file(config: str) -> str:
+  """The `configs/<name>.py` of a run of `config` (a table row's; "": vanilla
+  fine-tuning's, with 0 steps: the checkpoint as it is)."""
+  from bitune_jax import methods  # pylint: disable=g-import-not-at-top
+  return config or methods.VANILLA
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One training run of the sweep. `config` "": the pre-trained checkpoint evaluated
@@ -77,7 +84,7 @@ class Run:
 
   @property
   def config_file(self) -> str:
-    return self.config or "finetune"
+    return config_file(self.config)
 
   @property
   def name(self) -> str:
@@ -162,7 +169,7 @@ def cells_from_spec(table: tables.Table, seeds, extra, vary=None) -> list[Cell]:
   as it is (see `Run`)."""
   out = []
   for cell in tables.cells(table):
-    overrides = {**cell.overrides, **_own(cell.row.config or "finetune", extra)}
+    overrides = {**cell.overrides, **_own(config_file(cell.row.config), extra)}
     if not cell.row.config:
       overrides["total_steps"] = 0
     runs = tuple(Run(cell.row.config, cell.arg, tuple(sorted(overrides.items())),
@@ -231,6 +238,7 @@ def build_config(run: Run, checkpoints, source=""):
   the shared digits source model, for the demo's `demo:digits_source`)."""
   import importlib  # pylint: disable=g-import-not-at-top
   from bitune_jax import config_base  # pylint: disable=g-import-not-at-top
+  from bitune_jax.experiments import demo  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(
       f"bitune_jax.configs.{run.config_file}").get_config(run.arg)
   for key, value in run.overrides:
@@ -238,7 +246,7 @@ def build_config(run: Run, checkpoints, source=""):
   if run.checkpoint:
     config.init_from = ("none" if run.checkpoint == "none"
                         else checkpoints[checkpoint_name(run, checkpoints)])
-  if source and config.init_from == "demo:digits_source":
+  if source and config.init_from == demo.NAME:
     config.init_from = source
   config.seed = run.seed
   config_base.validate(config)
@@ -260,20 +268,21 @@ def _digits_source(workdir, run, checkpoints):
   whole sweep in `DIR/source` and shared by its digits runs, instead of once per
   run; `run` is the first run that needs it
   (`_source_run`), whose config the pre-training takes its seed and sizes from."""
-  from bitune_jax import train  # pylint: disable=g-import-not-at-top
-  return train._demo_pretrained(build_config(run, checkpoints),  # pylint: disable=protected-access
-                                os.path.join(workdir, "source"))
+  from bitune_jax.experiments import demo  # pylint: disable=g-import-not-at-top
+  return demo.source_model(build_config(run, checkpoints),
+                           os.path.join(workdir, "source"))
 
 
 def source_file(workdir) -> str:
   """The sweep's shared digits source model (written by `_digits_source`)."""
-  from bitune_jax import train  # pylint: disable=g-import-not-at-top
-  return train.demo_source_file(os.path.join(workdir, "source"))
+  from bitune_jax.experiments import demo  # pylint: disable=g-import-not-at-top
+  return demo.source_file(os.path.join(workdir, "source"))
 
 
 def _uses_source(run, checkpoints) -> bool:
+  from bitune_jax.experiments import demo  # pylint: disable=g-import-not-at-top
   return not run.checkpoint and (
-      build_config(run, checkpoints).init_from == "demo:digits_source")
+      build_config(run, checkpoints).init_from == demo.NAME)
 
 
 def _ordered_runs(cells) -> dict:
@@ -293,9 +302,9 @@ def _source_run(cells, checkpoints):
 def made_otherwise(workdir, run, checkpoints) -> dict:
   """`{field: (recorded, the sweep's)}` where `DIR/runs/<run>/config.json` is not the
   run this sweep makes (e.g. another init_from: a run that pre-trained its own source
-  model); fields a resumed run may change (`train.RESUMABLE`) do not count. `{}` when
+  model); fields a resumed run may change (`records.RESUMABLE`) do not count. `{}` when
   nothing is recorded, or the sweep's config cannot be built (a checkpoint not given)."""
-  from bitune_jax import train  # pylint: disable=g-import-not-at-top
+  from bitune_jax.training import records  # pylint: disable=g-import-not-at-top
   folder = run.folder(workdir)
   if not os.path.exists(os.path.join(folder, "config.json")):
     return {}
@@ -303,8 +312,8 @@ def made_otherwise(workdir, run, checkpoints) -> dict:
     config = build_config(run, checkpoints, source_file(workdir))
   except (KeyError, ValueError):
     return {}
-  return {k: v for k, v in train.config_changes(config, folder).items()
-          if k not in train.RESUMABLE}
+  return {k: v for k, v in records.config_changes(config, folder).items()
+          if k not in records.RESUMABLE}
 
 
 def _report(workdir, cells, checkpoints) -> str:
@@ -358,18 +367,19 @@ def _train_and_evaluate(run, config, folder, keys, kshot_steps, signals):
   stopping between these phases on a signal (each training phase stops on its own).
   Holds the run folder's lock: no bitune-train or bitune-eval in it meanwhile."""
   # pylint: disable-next=g-import-not-at-top
-  from bitune_jax import eval_main, train, workdir_lock
+  from bitune_jax import workdir_lock
+  from bitune_jax.experiments import demo, protocols
   with workdir_lock.hold(folder, "bitune-sweep"):
-    summary = train.train_and_evaluate(config, folder)[1]
+    summary = demo.train_and_evaluate(config, folder)[1]
     _stop_if_asked(signals, f"after training {run.name}")
     if any(k in keys and k not in summary for k in _FEATURE_KEYS):
-      metrics = eval_main.evaluate_workdir(folder)
+      metrics = protocols.evaluate_workdir(folder)
       sweep_results.write(os.path.join(folder, "sweep_features.json"),
              json.dumps({k: metrics[k] for k in _FEATURE_KEYS}))
       _stop_if_asked(signals, f"after evaluating {run.name}")
     shots = sorted(int(k.split("_")[1]) for k in keys if k.startswith("kshot_"))
     if shots:
-      kshot = eval_main.kshot_transfer(folder, shots=shots, seed=run.seed,
+      kshot = protocols.kshot_transfer(folder, shots=shots, seed=run.seed,
                                        total_steps=kshot_steps)
       sweep_results.write(os.path.join(folder, "sweep_kshot.json"), json.dumps(kshot))
 

@@ -23,6 +23,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from bitune_jax import configs
+
 # The papers a table comes from; "" for a grid of this project's own (no paper numbers:
 # every (row, column) is a cell), e.g. the offline digits grid.
 PAPERS = ("bi-tuning", "co-tuning", "unsupervised-finetuning", "")
@@ -114,21 +116,10 @@ class Cell:
     return self.row.numbers.get(self.column.label)
 
 
-def shipped_spec(path: str) -> str:
-  """`path`, or where there is no such file, the shipped spec of that name
-  (`configs/tables/X.py` or `X`: `bitune_jax/configs/tables/X.py`; an installed wheel
-  or another working directory)."""
-  if os.path.isfile(path):
-    return path
-  name = os.path.splitext(os.path.basename(path))[0]
-  shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                         "tables", f"{name}.py")
-  return shipped if os.path.isfile(shipped) and name != "__init__" else path
-
-
 def load(path: str) -> Table:
-  """The `TABLE` of a spec file (`shipped_spec(path)`)."""
-  path = shipped_spec(path)
+  """The `TABLE` of a spec file: `path`, or the shipped spec of its name
+  (`configs.find`: `configs/tables/X.py` or `X`, from any directory)."""
+  path = configs.find(path, folder="tables")
   if not os.path.isfile(path):
     raise ValueError(f"no table spec at {path}")
   spec = importlib.util.spec_from_file_location(

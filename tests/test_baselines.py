@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitune_jax import config_base, convert, methods, models, sharding, train
+from bitune_jax import config_base, convert, methods, models, sharding
 from bitune_jax.methods import bss, center_loss, common, gpt_star, l2sp
+from bitune_jax.training import loop
 import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,10 +46,10 @@ def _config(name):
 
 
 def _setup(name):
-  """`train.setup` on 8 devices of the method `name` (the module's `METHOD`)."""
+  """`loop.setup` on 8 devices of the method `name` (the module's `METHOD`)."""
   assert methods.get(name) is MODULES[name].METHOD
   config, mesh = _config(name), sharding.make_mesh()
-  return config, mesh, train.setup(config, mesh)
+  return config, mesh, loop.setup(config, mesh)
 
 
 class Runner:
@@ -101,6 +102,22 @@ def test_configs(name):
     assert config.weight_decay == 0.0  # the penalty replaces the decay
 
 
+@pytest.mark.parametrize("name, penalty", [("l2sp", "the L2-SP penalty"),
+                                           ("delta", "DELTA's penalty")])
+def test_a_penalty_method_with_weight_decay_says_so(name, penalty):
+  """L2-SP's and DELTA's penalties replace weight decay (their configs set 0): a decay
+  given anyway trains, and is said once, when the step is made."""
+  config = fakes.tiny_config(name, weight_decay=1e-4)
+  with fakes.our_log("WARNING") as records:
+    methods.get(name).step_config(config)
+  assert [r.getMessage() for r in records] == [
+      f"{name} with weight_decay=0.0001: the optimizer also decays every group towards "
+      f"0, on top of {penalty} (configs/{name}.py sets 0)"]
+  with fakes.our_log("WARNING") as records:
+    methods.get(name).step_config(fakes.tiny_config(name))
+  assert not records
+
+
 # --------------------------------------------------------------------------- L2-SP
 def test_l2sp_penalty_and_gradient_match_numpy():
   rng = np.random.default_rng(0)
@@ -143,7 +160,7 @@ def test_l2sp_trains_and_w0_is_the_backbone_it_starts_from(tmp_path):
   convert.save_converted({"backbone": variables, "report": {
       "format": "test", "arch": config.arch, "kind": "supervised", "notes": [],
       "dropped": []}}, config.init_from)
-  run = train.setup(config, mesh)
+  run = loop.setup(config, mesh)
   initial = jax.device_get(run.state)
   for a, b in zip(jax.tree.leaves(initial.extras["w0"]), jax.tree.leaves(loaded)):
     np.testing.assert_array_equal(a, b)  # w0: the loaded backbone, before step 1

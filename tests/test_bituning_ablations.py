@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import fakes
-from bitune_jax import sharding, train
+from bitune_jax import sharding
+from bitune_jax.training import loop
 
 TABLE_5 = {  # name: (ce, cce, ccl) weights
     "CE": (1.0, 0.0, 0.0), "CE+CCE": (1.0, 1.0, 0.0), "CE+CCL": (1.0, 0.0, 1.0),
@@ -24,7 +25,7 @@ def _run(method, weights=None):
   if weights is not None:
     config.bituning.update(dict(zip(("ce_weight", "cce_weight", "ccl_weight"), weights)))
   mesh = sharding.make_mesh()
-  run = train.setup(config, mesh)
+  run = loop.setup(config, mesh)
   batch = sharding.global_batch(next(run.data.train_batches(0)), mesh)
   cost = run.train_step.lower(run.state, batch).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per computation

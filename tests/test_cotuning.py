@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitune_jax import convert, models, relationship, sharding, train
+from bitune_jax import convert, models, relationship, sharding
 from bitune_jax.methods import cotuning
+from bitune_jax.training import loop
 import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
 import outside  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -51,7 +52,7 @@ def test_trains_with_the_relationship_of_its_checkpoint(tmp_path):
   ckpt = _checkpoint(tmp_path / "a.npz", seed=0)
   config = _config(ckpt, relationship="direct")
   mesh = sharding.make_mesh()
-  run = train.setup(config, mesh, workdir=str(tmp_path / "w"))
+  run = loop.setup(config, mesh, workdir=str(tmp_path / "w"))
   matrix = np.asarray(run.state.extras["relationship"])
   # Independently: the source model's eval-mode softmax, averaged per target class.
   loaded = convert.load_converted(ckpt)
@@ -79,7 +80,7 @@ def test_reverse_relationship_is_cached_and_tied_to_its_checkpoint(tmp_path, mon
   ckpt_b = _checkpoint(tmp_path / "b.npz", seed=1)
   mesh = sharding.make_mesh()
   workdir = tmp_path / "w"
-  first = train.setup(_config(ckpt_a), mesh, workdir=str(workdir))
+  first = loop.setup(_config(ckpt_a), mesh, workdir=str(workdir))
   cached = list((workdir / "relationship").iterdir())
   assert len(cached) == 1
   np.testing.assert_allclose(np.asarray(first.state.extras["relationship"]).sum(1), 1.0,
@@ -87,12 +88,12 @@ def test_reverse_relationship_is_cached_and_tied_to_its_checkpoint(tmp_path, mon
   # A second run with the same checkpoint, split and transforms reuses the cache.
   monkeypatch.setattr(cotuning, "compute_relationship",
                       lambda *a, **k: pytest.fail("recomputed despite the cache"))
-  second = train.setup(_config(ckpt_a), mesh, workdir=str(workdir))
+  second = loop.setup(_config(ckpt_a), mesh, workdir=str(workdir))
   np.testing.assert_array_equal(np.asarray(second.state.extras["relationship"]),
                                 np.asarray(first.state.extras["relationship"]))
   # The same relationship given to a run from another checkpoint is refused.
   with pytest.raises(ValueError, match="refusing"):
-    train.setup(_config(ckpt_b, relationship_file=str(cached[0])), mesh,
+    loop.setup(_config(ckpt_b, relationship_file=str(cached[0])), mesh,
                 workdir=str(tmp_path / "w2"))
 
 
@@ -111,7 +112,7 @@ def test_refuses_checkpoints_without_a_matching_source_head(tmp_path, monkeypatc
     config = _config(_checkpoint(tmp_path / "c.npz", seed=0), source_classes=7)
   monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled"))
   with pytest.raises(ValueError, match=needle):
-    train.setup(config, sharding.make_mesh(), workdir=str(tmp_path / "w"))
+    loop.setup(config, sharding.make_mesh(), workdir=str(tmp_path / "w"))
 
 
 # ------------------------------------------------------------ against the official code

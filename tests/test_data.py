@@ -153,6 +153,7 @@ def test_steps_per_epoch():
 _RESUME_SCRIPT = """
 import hashlib, sys
 from bitune_jax.data import pipeline
+from bitune_jax.training import loop
 
 def digest(steps):
   result = hashlib.sha256()
@@ -228,9 +229,9 @@ def test_kshot_draws_from_the_whole_split_whatever_the_rate():
 def test_kshot_more_than_a_class_has_is_an_error(tmp_path):
   """Digit 8 has 122 training images (TARGET_TRAIN): kshot=123 names it, before the run
   compiles or writes anything."""
-  from bitune_jax import train  # pylint: disable=g-import-not-at-top
+  from bitune_jax.training import loop  # pylint: disable=g-import-not-at-top
   config, _ = _demo_input(kshot=122)  # every class has 122 or more
   config.data.kshot = 123
   with pytest.raises(ValueError, match="class 8 has only 122 training images"):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()

@@ -31,9 +31,10 @@ import scipy.stats
 import tensorflow as tf
 from PIL import Image
 
-from bitune_jax import eval_main, train
+from bitune_jax import eval_main
 from bitune_jax.data import cache, pipeline
 from bitune_jax.data import input as input_lib
+from bitune_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -346,7 +347,7 @@ def test_eval_command_line_kshot(tmp_path):
   config.init_from, config.image_size, config.batch_size = "", SIZE, 16
   config.eval_batch_size = 64
   config.total_steps, config.eval_every, config.checkpoint_every = 2, 2, 2
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   cmd = [sys.executable, "-m", "bitune_jax.eval_main", "--workdir", str(tmp_path),
          "--kshot", "1,2", "--kshot_steps", "2"]
   # One CPU device in the command (half the time of 8 on a small machine): the

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import fakes
-from bitune_jax import sharding, train
+from bitune_jax import sharding
 from bitune_jax.methods import delta
+from bitune_jax.training import loop
 
 
 def _np_penalty(stages, reference, attention):
@@ -102,7 +103,7 @@ def test_a_delta_step_penalises_the_attention_weighted_distance_to_w_star(rng):
   config = fakes.tiny_config("delta", delta={"alpha": 0.5, "beta": 0.1,
                                              "attention_batches": 1})
   mesh = sharding.make_mesh()
-  run = train.setup(config, mesh)
+  run = loop.setup(config, mesh)
   state = run.state
   start = jax.device_get(state)
   attention = start.extras["attention"]

@@ -7,8 +7,10 @@ import sys
 import pytest
 
 import outside
-from bitune_jax import eval_main, methods, train
+from bitune_jax import eval_main, methods
 from bitune_jax.data import input as input_lib
+from bitune_jax.experiments import protocols
+from bitune_jax.training import loop
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
 import finetune as finetune_config  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -18,7 +20,7 @@ def test_evaluates_a_workdir_checkpoint(tmp_path, capsys):
   config = finetune_config.get_config("demo")
   config.init_from, config.image_size, config.batch_size = "", 16, 16
   config.total_steps, config.eval_every, config.checkpoint_every = 6, 3, 3
-  state, summary = train.train_and_evaluate(config, str(tmp_path))
+  state, summary = loop.train_and_evaluate(config, str(tmp_path))
   assert eval_main.main(["--workdir", str(tmp_path)]) == 0
   metrics = json.loads(capsys.readouterr().out)
   assert metrics["step"] == 6
@@ -38,7 +40,7 @@ def test_evaluates_a_workdir_checkpoint(tmp_path, capsys):
       metrics, (train_out["features"], data.train.labels),
       (test_out["features"], data.test.labels), num_classes=5)
   assert json.load(open(tmp_path / "evals" / "latest-step6.json")) == metrics
-  best = eval_main.evaluate_workdir(str(tmp_path), which="best")
+  best = protocols.evaluate_workdir(str(tmp_path), which="best")
   assert best["step"] in (3, 6) and best["top1"] >= metrics["top1"] - 1e-9
   # --tsne: the test features drawn; the embedding keeps their neighbourhoods.
   assert eval_main.main(["--workdir", str(tmp_path), "--tsne"]) == 0
@@ -90,8 +92,8 @@ def test_kshot_transfer_from_an_unsupervised_run(tmp_path):
   config.init_from, config.image_size, config.batch_size = "", 16, 16
   config.total_steps, config.eval_every, config.checkpoint_every = 2, 2, 2
   config.unsup.queue_size, config.unsup.bn_group_size = 64, 4
-  train.train_and_evaluate(config, str(tmp_path))
-  results = eval_main.kshot_transfer(str(tmp_path), shots=(1, 4), total_steps=3)
+  loop.train_and_evaluate(config, str(tmp_path))
+  results = protocols.kshot_transfer(str(tmp_path), shots=(1, 4), total_steps=3)
   assert set(results) == {"kshot_1_top1", "kshot_4_top1"}
   folder = tmp_path / "kshot" / "latest-step2"
   for k in (1, 4):  # each k's number is its own run's, trained on k images per class

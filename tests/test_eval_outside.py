@@ -14,9 +14,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bitune_jax import eval_main, train
 from bitune_jax.data import digits
+from bitune_jax.experiments import protocols
 from bitune_jax.methods import common
+from bitune_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -45,7 +46,7 @@ def finished_run(tmp_path_factory):
   """`(config, workdir, summary)` of a 6-step Bi-tuning run evaluated at steps 3, 6."""
   config = _config()
   workdir = str(tmp_path_factory.mktemp("eval_outside"))
-  _, summary = train.train_and_evaluate(config, workdir)
+  _, summary = loop.train_and_evaluate(config, workdir)
   return config, workdir, summary
 
 
@@ -135,7 +136,7 @@ def test_evaluate_workdir_matches_a_numpy_count(finished_run, which, folder):
   images, labels = _test_split(config)
   step, tree = _restore(os.path.join(workdir, folder))
   outcomes = _reference(_logits(config, tree, images), labels, config.num_classes)
-  metrics = eval_main.evaluate_workdir(workdir, which=which)
+  metrics = protocols.evaluate_workdir(workdir, which=which)
   assert metrics["step"] == step
   # The best checkpoint is named by how it was chosen (here: on the test split).
   assert metrics["checkpoint"] == {"latest": "latest", "best": "best-on-test"}[which]

@@ -11,9 +11,12 @@ import pytest
 from PIL import Image
 
 import outside
-from bitune_jax import export, inference, train
+from bitune_jax import inference
 from bitune_jax.data import digits
 from bitune_jax.data import input as input_lib
+from bitune_jax.experiments import protocols
+from bitune_jax.training import loop
+from bitune_jax.training import export as export_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -27,14 +30,14 @@ def trained(tmp_path_factory):
   config = finetune_config.get_config("demo")
   config.init_from, config.image_size, config.batch_size = "", 16, 16
   config.total_steps, config.eval_every, config.checkpoint_every = 6, 3, 3
-  state, summary = train.train_and_evaluate(config, str(workdir))
+  state, summary = loop.train_and_evaluate(config, str(workdir))
   return config, workdir, state, summary
 
 
 def test_exported_model_classifies_the_test_set_as_the_run_did(trained, tmp_path):
   config, workdir, state, summary = trained
   out = tmp_path / "model.npz"
-  report = export.export_workdir(str(workdir), str(out))
+  report = export_lib.export_workdir(str(workdir), str(out))
   assert report["step"] == 6 and report["preprocessing"] == {"kind": "digits",
                                                              "image_size": 16}
   model = inference.load(str(out))
@@ -58,7 +61,7 @@ def train_model(config):
 def test_image_files_are_preprocessed_as_in_training(trained, tmp_path):
   config, workdir, _, _ = trained
   out = tmp_path / "model.npz"
-  export.export_workdir(str(workdir), str(out), which="best")
+  export_lib.export_workdir(str(workdir), str(out), which="best")
   model = inference.load(str(out))
   raw = digits.raw_uint8()[:6]  # [6, 8, 8] uint8
   files = []
@@ -86,10 +89,10 @@ def test_init_from_an_exported_model(trained, tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   _, workdir, state, _ = trained
   out = tmp_path / "model.npz"
-  export.export_workdir(str(workdir), str(out))
+  export_lib.export_workdir(str(workdir), str(out))
   config = bituning_config.get_config("demo")
   config.init_from, config.image_size, config.batch_size = str(out), 16, 16
-  run = train.setup(config, sharding.make_mesh())
+  run = loop.setup(config, sharding.make_mesh())
   for a, b in zip(jax.tree.leaves(jax.device_get(run.state.params["backbone"])),
                   jax.tree.leaves(jax.device_get(state.params["backbone"]))):
     np.testing.assert_array_equal(a, b)
@@ -117,7 +120,7 @@ def test_imagenet_preprocessing_is_the_eval_view(rng):
   crop and normalisation, from a decoded image of any size."""
   config = finetune_config.get_config("cub,resnet18,25")
   config.image_size = 64
-  model = inference.Model(report={"preprocessing": export.preprocessing(config)},
+  model = inference.Model(report={"preprocessing": export_lib.preprocessing(config)},
                           apply=None)
   image = rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)
   got = model.preprocess([image])[0]
@@ -140,7 +143,7 @@ def test_float_images_are_classified_as_their_uint8_originals(trained, tmp_path)
   """`plt.imread` of a PNG, or a PIL image through numpy / 255: float32 in [0, 1]."""
   _, workdir, _, _ = trained
   out = tmp_path / "model.npz"
-  export.export_workdir(str(workdir), str(out))
+  export_lib.export_workdir(str(workdir), str(out))
   model = inference.load(str(out))
   pictures = _digit_pictures(20)
   floats = [(x / 255.0).astype(np.float32) for x in pictures]
@@ -159,7 +162,7 @@ def test_float_images_are_classified_as_their_uint8_originals(trained, tmp_path)
 def test_a_single_path_is_one_image(trained, tmp_path):
   _, workdir, _, _ = trained
   out = tmp_path / "model.npz"
-  export.export_workdir(str(workdir), str(out))
+  export_lib.export_workdir(str(workdir), str(out))
   model = inference.load(str(out))
   path = tmp_path / "digit.png"
   Image.fromarray(_digit_pictures(1)[0]).save(path)
@@ -172,14 +175,14 @@ def test_a_single_path_is_one_image(trained, tmp_path):
 def test_class_names_round_trip_through_export(trained, tmp_path, monkeypatch):
   """The digits demo fine-tunes on digits 5-9: its classes are "5".."9", in the
   exported file and in the t-SNE legend of `bitune-eval --tsne`."""
-  from bitune_jax import eval_main, plots  # pylint: disable=g-import-not-at-top
+  from bitune_jax import plots  # pylint: disable=g-import-not-at-top
   _, workdir, _, _ = trained
   out = tmp_path / "model.npz"
-  report = export.export_workdir(str(workdir), str(out))
+  report = export_lib.export_workdir(str(workdir), str(out))
   assert report["class_names"] == ["5", "6", "7", "8", "9"]
   model = inference.load(str(out))
   assert model.class_names == ["5", "6", "7", "8", "9"]
   drawn = {}
   monkeypatch.setattr(plots, "tsne", lambda *a, **k: drawn.update(k))
-  eval_main.evaluate_workdir(str(workdir), tsne=True)
+  protocols.evaluate_workdir(str(workdir), tsne=True)
   assert drawn["class_names"] == ["5", "6", "7", "8", "9"]

@@ -10,6 +10,8 @@ import pytest
 
 import test_method_steps as steps
 from bitune_jax import losses, sharding
+from bitune_jax.training import loop
+from bitune_jax.training import export as export_lib
 
 
 def _numpy_fixmatch(weak, strong, threshold, valid=None):
@@ -115,22 +117,22 @@ def test_fixmatch_trains_from_an_unsupervised_fine_tuning_run(tmp_path):
   exactly; then FixMatch trains on the demo and logs its terms."""
   import json  # pylint: disable=g-import-not-at-top
   import processes  # pylint: disable=g-import-not-at-top
-  from bitune_jax import convert, export, plots, train  # pylint: disable=g-import-not-at-top
+  from bitune_jax import convert, plots  # pylint: disable=g-import-not-at-top
   unsup = steps._config("unsup_finetune", total_steps=3)  # pylint: disable=protected-access
   unsup.unsup.queue_size = 64
-  train.train_and_evaluate(unsup, str(tmp_path / "unsup"))
+  loop.train_and_evaluate(unsup, str(tmp_path / "unsup"))
   exported = str(tmp_path / "unsupft.npz")
-  export.export_workdir(str(tmp_path / "unsup"), exported)
+  export_lib.export_workdir(str(tmp_path / "unsup"), exported)
   backbone = convert.load_converted(exported)["backbone"]
   config = steps._config("fixmatch", init_from=exported, total_steps=0)  # pylint: disable=protected-access
-  train.train_and_evaluate(config, str(tmp_path / "as_is"))
+  loop.train_and_evaluate(config, str(tmp_path / "as_is"))
   start = processes.final_state(str(tmp_path / "as_is"), 0)
   for a, b in zip(jax.tree.leaves(start["params"]["backbone"]),
                   jax.tree.leaves(backbone["params"])):
     np.testing.assert_array_equal(a, b)
   config = steps._config("fixmatch", init_from=exported, total_steps=4,  # pylint: disable=protected-access
                          log_every=2, eval_every=4, checkpoint_every=4)
-  _, summary = train.train_and_evaluate(config, str(tmp_path / "fixmatch"))
+  _, summary = loop.train_and_evaluate(config, str(tmp_path / "fixmatch"))
   assert summary["step"] == 4 and summary["method"] == "fixmatch"
   scalars = plots.read_scalars(str(tmp_path / "fixmatch"))
   assert {"ce", "unlabelled", "mask_rate", "loss"} <= set(scalars)

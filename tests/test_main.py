@@ -8,7 +8,8 @@ import sys
 import pytest
 from absl import flags
 
-from bitune_jax import main, train
+from bitune_jax import main
+from bitune_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = f"--config={ROOT}/configs/finetune.py:demo"
@@ -48,7 +49,7 @@ def test_a_zero_that_would_crash_late_is_refused_first(tmp_path, monkeypatch, ca
   workdir = tmp_path / "run"
   def compiled(*args, **kwargs):
     raise AssertionError("the run got as far as setup")
-  monkeypatch.setattr(train, "setup", compiled)
+  monkeypatch.setattr(loop, "setup", compiled)
   line = _refused(monkeypatch, capsys, DEMO, f"--workdir={workdir}",
                   f"--config.{field}={value}", *more)
   assert line == (f"bitune-train: error: {field} must be {rule}, got {value}: it "
@@ -83,7 +84,7 @@ def test_a_config_has_the_sections_of_its_method(tmp_path, monkeypatch, capsys):
   assert sections & set(bituning.get_config("demo").keys()) == {"bituning"}
   def compiled(*args, **kwargs):
     raise AssertionError("the run got as far as setup")
-  monkeypatch.setattr(train, "setup", compiled)
+  monkeypatch.setattr(loop, "setup", compiled)
   workdir = f"--workdir={tmp_path}/run"
   bituning_demo = f"--config={ROOT}/configs/bituning.py:demo"
   for argv, said in (
@@ -154,10 +155,11 @@ def test_home_and_variables_in_paths_are_expanded(tmp_path, monkeypatch, capsys)
   monkeypatch.setenv("RELS", str(tmp_path / "rels"))
   monkeypatch.chdir(here)
   seen = {}
-  def setup(config, mesh, workdir=None, ckpts=None):
+  def setup(config, mesh, workdir=None, ckpts=None, sources=None):
+    del mesh, ckpts, sources
     seen["config"], seen["workdir"] = config, workdir
     raise ValueError("stopped before anything compiles")
-  monkeypatch.setattr(train, "setup", setup)
+  monkeypatch.setattr(loop, "setup", setup)
   assert _refused(
       monkeypatch, capsys, f"--config={ROOT}/configs/cotuning.py:demo", "--workdir=~/runs/a",
       "--config.data.data_dir=~/tensorflow_datasets", "--config.data.manual_dir=~/manual",

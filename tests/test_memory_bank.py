@@ -11,7 +11,8 @@ import pytest
 
 import processes
 import test_method_steps as steps
-from bitune_jax import queues, sharding, train
+from bitune_jax import queues, sharding
+from bitune_jax.training import loop
 
 MOMENTUM_RTOL = 1e-4
 
@@ -163,10 +164,10 @@ def test_memory_bank_resumes_exactly_and_trains_alike_on_1_device(tmp_path):
   gradients amplify that order to 0.5% of some biases.)"""
   case = dict(BANK[0], shard_queues=True)
   straight = tmp_path / "straight"
-  final, _ = train.train_and_evaluate(_config(case), str(straight))
+  final, _ = loop.train_and_evaluate(_config(case), str(straight))
   final = jax.device_get(final)
   resumed = tmp_path / "resumed"
-  real_batches = train._train_batches  # pylint: disable=protected-access
+  real_batches = loop.train_batches  # pylint: disable=protected-access
 
   def stop_after_4(run, mesh, start_step):
     for step, batch in enumerate(real_batches(run, mesh, start_step), start_step):
@@ -174,17 +175,17 @@ def test_memory_bank_resumes_exactly_and_trains_alike_on_1_device(tmp_path):
         raise KeyboardInterrupt("stopped before step 5")
       yield batch
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train, "_train_batches", stop_after_4)
+    mp.setattr(loop, "train_batches", stop_after_4)
     with pytest.raises(KeyboardInterrupt):
-      train.train_and_evaluate(_config(case), str(resumed))  # checkpoint at step 3
-  again, _ = train.train_and_evaluate(_config(case), str(resumed))
+      loop.train_and_evaluate(_config(case), str(resumed))  # checkpoint at step 3
+  again, _ = loop.train_and_evaluate(_config(case), str(resumed))
   again = jax.device_get(again)
   launches = sorted((resumed / "launches").iterdir())
   assert json.loads(launches[-1].read_text())["start_step"] == 3
   for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(final)):
     np.testing.assert_array_equal(a, b)
   # One device: a real process, 2 steps of the same config, against 2 steps on 8.
-  two = jax.device_get(train.train_and_evaluate(
+  two = jax.device_get(loop.train_and_evaluate(
       _config(case, total_steps=2, checkpoint_every=2), str(tmp_path / "eight"))[0])
   config = _config(case)
   args = ["--config", "configs/bituning.py:demo", "--workdir", str(tmp_path / "one")] + [

@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 
 import fakes
-from bitune_jax import convert, models, sharding, train
+from bitune_jax import convert, models, sharding
 from bitune_jax.data import cutmix
 from bitune_jax.data import input as input_lib
 from bitune_jax.methods import common
+from bitune_jax.training import loop
 
 RTOL = 1e-4  # float32 step (8 devices) vs float64 reference on one device's forward
 
@@ -34,13 +35,13 @@ _config = fakes.tiny_config  # `configs/<name>.py:demo`, tiny
 
 
 def _setup(config, monkeypatch, workdir=None):
-  """`train.setup` on 8 devices; `config.num_classes` may differ from the digits' 5
+  """`loop.setup` on 8 devices; `config.num_classes` may differ from the digits' 5
   (the test then draws its own labels)."""
   real_load = input_lib.load
   monkeypatch.setattr(input_lib, "load", lambda c, two_views: dataclasses.replace(
       real_load(c, two_views=two_views), num_classes=c.num_classes))
   mesh = sharding.make_mesh()
-  return mesh, train.setup(config, mesh, workdir=workdir)
+  return mesh, loop.setup(config, mesh, workdir=workdir)
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,7 +89,7 @@ _METHOD_STEPS = {}
 
 
 def _method_step(run):
-  """The run's method step, jitted as `train.setup` jits the whole step."""
+  """The run's method step, jitted as `loop.setup` jits the whole step."""
   if id(run) not in _METHOD_STEPS:
     rep = sharding.replicated(sharding.make_mesh())
     _METHOD_STEPS[id(run)] = (run, jax.jit(

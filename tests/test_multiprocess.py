@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 import processes
-from bitune_jax import train
+from bitune_jax.training import loop
+from bitune_jax.experiments import demo
+
 
 TOTAL = 8
 # The runs are short and their numbers stable: training starts from a pre-trained
@@ -40,7 +42,7 @@ def source(tmp_path_factory):
   config = importlib.import_module("bitune_jax.configs.bituning").get_config("demo")
   config.image_size, config.batch_size, config.eval_batch_size = 16, 16, 64
   config.pretrain.total_steps = 6
-  return train._demo_pretrained(config, str(folder))  # pylint: disable=protected-access
+  return demo.source_model(config, str(folder))  # pylint: disable=protected-access
 
 
 def _overrides(source, **more):
@@ -62,7 +64,7 @@ def _config(method, overrides, arg="demo"):
 
 def _reference(method, overrides, workdir):
   """1 process x 8 devices (this one): the run's scalars and summary."""
-  _, summary = train.train_and_evaluate(_config(method, overrides), str(workdir))
+  _, summary = loop.train_and_evaluate(_config(method, overrides), str(workdir))
   return processes.scalars(workdir), summary
 
 
@@ -165,7 +167,7 @@ def test_two_processes_on_a_tfds_dataset_prepared_once(source, tmp_path):
 
 
 def _reference_of(config, workdir):
-  return train.train_and_evaluate(config, str(workdir))
+  return loop.train_and_evaluate(config, str(workdir))
 
 
 def _flat(tree):
@@ -285,7 +287,7 @@ def test_an_unreadable_checkpoint_is_named_and_the_one_before_it_used(tmp_path):
   before it; the step is written afresh when the run reaches it again."""
   import fakes  # pylint: disable=g-import-not-at-top
   config = fakes.tiny_config("finetune")  # checkpoints at 3 and 6
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]  # two kept
   truncated = list((tmp_path / "checkpoints" / "6").glob("default/ocdbt.process_0/d/*"))
   assert truncated
@@ -294,7 +296,7 @@ def test_an_unreadable_checkpoint_is_named_and_the_one_before_it_used(tmp_path):
       handle.truncate(10)
   config.total_steps = 9
   with fakes.our_log() as records:
-    _, summary = train.train_and_evaluate(config, str(tmp_path))
+    _, summary = loop.train_and_evaluate(config, str(tmp_path))
   text = "\n".join(r.getMessage() for r in records)
   assert re.search(rf"checkpoint {tmp_path}/checkpoints/6 cannot be read \(.+\); moved "
                    rf"to {tmp_path}/checkpoints-unreadable/6, resuming from step 3 "

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from bitune_jax import sharding, train
+from bitune_jax import sharding
 from bitune_jax.methods import base, bituning, common
+from bitune_jax.training import loop
 import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,7 +181,7 @@ def bituning_run():
   config.bituning.ema_momentum = MOMENTUM_M0
   config.bituning.ema_cosine = True
   mesh = sharding.make_mesh()
-  run = train.setup(config, mesh)
+  run = loop.setup(config, mesh)
   return config, mesh, run, jax.device_get(run.state)
 
 

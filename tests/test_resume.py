@@ -17,8 +17,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bitune_jax import checkpoint, train
+from bitune_jax import checkpoint
 from bitune_jax.data import input as input_lib
+from bitune_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -75,7 +76,7 @@ class _Recorder:
     self.saved, self.saved_best, self.scores, self.calls = {}, {}, {}, []
     self.restored = None
     save, save_best, setup = (checkpoint.Checkpoints.save,
-                              checkpoint.Checkpoints.save_best, train.setup)
+                              checkpoint.Checkpoints.save_best, loop.setup)
 
     def recording_save(ckpts, step, state):
       self.saved[step] = jax.device_get(state)  # before the next step donates it
@@ -100,7 +101,7 @@ class _Recorder:
 
     monkeypatch.setattr(checkpoint.Checkpoints, "save", recording_save)
     monkeypatch.setattr(checkpoint.Checkpoints, "save_best", recording_save_best)
-    monkeypatch.setattr(train, "setup", recording_setup)
+    monkeypatch.setattr(loop, "setup", recording_setup)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def resumed_run(tmp_path_factory):
   between them."""
   workdir = str(tmp_path_factory.mktemp("resume") / "run")
   config = _config()
-  real_batches = train._train_batches
+  real_batches = loop.train_batches
 
   def stop_after(run, mesh, start_step):
     for step, batch in enumerate(real_batches(run, mesh, start_step), start_step):
@@ -120,16 +121,16 @@ def resumed_run(tmp_path_factory):
 
   with pytest.MonkeyPatch.context() as mp:
     first = _Recorder(mp)
-    mp.setattr(train, "_train_batches", stop_after)
+    mp.setattr(loop, "train_batches", stop_after)
     with pytest.raises(KeyboardInterrupt, match=f"stopped before step {STOPPED + 1}"):
-      train.train_and_evaluate(config, workdir)
+      loop.train_and_evaluate(config, workdir)
   latest_dir = os.path.join(workdir, "checkpoints")
   on_disk = dict(latest=_steps_on_disk(latest_dir),
                  best=_steps_on_disk(os.path.join(workdir, "best")))
   written = {s: _read_checkpoint(latest_dir, s) for s in on_disk["latest"]}
   with pytest.MonkeyPatch.context() as mp:
     second = _Recorder(mp)
-    final, summary = train.train_and_evaluate(config, workdir)
+    final, summary = loop.train_and_evaluate(config, workdir)
   return dict(config=config, workdir=workdir, first=first, second=second,
               on_disk=on_disk, written=written, final=jax.device_get(final),
               summary=summary)

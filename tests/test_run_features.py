@@ -17,9 +17,10 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from bitune_jax import convert, models, relationship, sharding, train
+from bitune_jax import convert, models, relationship, sharding
 from bitune_jax.data import splits
 from bitune_jax.methods import common
+from bitune_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -99,7 +100,7 @@ def _aliased(a, b):
 def bituning_run(ckpt):
   """Bi-tuning from `ckpt`, 5 classes on 8 devices with sharded queues (the default)."""
   config, mesh = _config(bituning_config, init_from=ckpt), sharding.make_mesh()
-  run = train.setup(config, mesh)
+  run = loop.setup(config, mesh)
   state = run.state
   shared = (_aliased(state.params, state.key_params)
             + _aliased(state.batch_stats, state.key_batch_stats))
@@ -159,7 +160,7 @@ def test_init_from_fills_query_and_key_encoders_then_ema(bituning_run, ckpt):
 def test_replicated_queues_give_the_sharded_losses(bituning_run, ckpt):
   config = _config(bituning_config, init_from=ckpt, shard_queues=False)
   mesh = bituning_run.mesh
-  run = train.setup(config, mesh)
+  run = loop.setup(config, mesh)
   sharded = bituning_run.states
   for name in ("queue_h", "queue_z"):
     q = run.state.extras[name]
@@ -217,7 +218,7 @@ def test_padding_rows_of_sharded_queues_never_change_nor_count(bituning_run):
 def test_bf16_activations_float32_state(bituning_run, ckpt):
   config = _config(bituning_config, init_from=ckpt, bf16=True)
   mesh = bituning_run.mesh
-  run = train.setup(config, mesh)
+  run = loop.setup(config, mesh)
   batch = sharding.global_batch(bituning_run.batches[0], mesh)
   # The compiled step convolves in bfloat16: every convolution's operands are bf16.
   convs = [line for line in run.train_step.lower(run.state, batch).as_text().splitlines()
@@ -246,7 +247,7 @@ def test_cosine_schedule_is_the_learning_rate_applied():
   float64 from the step's logits: the learning rate they imply is the cosine's."""
   config = _config(finetune_config, schedule="cosine")
   mesh = sharding.make_mesh()
-  run = train.setup(config, mesh)
+  run = loop.setup(config, mesh)
   state, trace = run.state, np.zeros(CLASSES)
   mu, wd, lr, total = config.momentum, config.weight_decay, config.lr, config.total_steps
   step_lr = [config.lr * (config.decay_factor if t >= int(0.7 * total) else 1.0)
@@ -293,7 +294,7 @@ def test_cotuning_reverse_relationship_holdout_and_calibrate(tmp_path, ckpt):
   for calibrate in (False, True):
     config = _config(cotuning_config, init_from=ckpt,
                      cotuning=dict(relationship="reverse", calibrate=calibrate))
-    run = train.setup(config, mesh, workdir=str(tmp_path / f"calibrate_{calibrate}"))
+    run = loop.setup(config, mesh, workdir=str(tmp_path / f"calibrate_{calibrate}"))
     matrices[calibrate] = np.asarray(run.state.extras["relationship"])
   fraction = config.cotuning.holdout_fraction
   labels = run.data.train.labels

@@ -10,7 +10,9 @@ import statistics
 
 import pytest
 
-from bitune_jax import plots, sweep, sweep_results, train
+from bitune_jax import plots, sweep, sweep_results
+from bitune_jax.experiments import demo
+from bitune_jax.training import loop
 
 TINY = ["--set", "total_steps=3", "--set", "eval_every=3", "--set", "checkpoint_every=3",
         "--set", "log_every=3", "--set", "pretrain.total_steps=3", "--set",
@@ -29,17 +31,17 @@ def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatc
   ± std are those of the runs' own summaries."""
   argv = ["--workdir", str(tmp_path), "--methods", "finetune", "--datasets", "digits",
           "--rates", "50,100", "--seeds", "0,1"] + TINY
-  real = train.train_and_evaluate
+  real = loop.train_and_evaluate
   trained = []
 
-  def flaky(config, workdir):
+  def flaky(config, workdir, sources=None):
     if os.path.basename(workdir) == "pretrain":  # the shared source model
-      return real(config, workdir)
+      return real(config, workdir, sources)
     trained.append(os.path.basename(workdir))
     if len(trained) == 2 and not os.environ.get("SWEEP_AGAIN"):
       raise RuntimeError("out of memory (on purpose)")
-    return real(config, workdir)
-  monkeypatch.setattr(train, "train_and_evaluate", flaky)
+    return real(config, workdir, sources)
+  monkeypatch.setattr(loop, "train_and_evaluate", flaky)
   assert sweep.main(argv) == 1
   failures = json.loads((tmp_path / "failures.json").read_text())
   assert list(failures) == [trained[1]] and "on purpose" in failures[trained[1]]
@@ -237,12 +239,12 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, monkey
     log.close()
   assert (first / "summary.json").exists() and not (second / "summary.json").exists()
   finished = (first / "summary.json").stat().st_mtime_ns
-  real, trained = train.train_and_evaluate, []
+  real, trained = loop.train_and_evaluate, []
 
-  def recorded(config, workdir):
+  def recorded(config, workdir, sources=None):
     trained.append(os.path.basename(workdir))
-    return real(config, workdir)
-  monkeypatch.setattr(train, "train_and_evaluate", recorded)
+    return real(config, workdir, sources)
+  monkeypatch.setattr(loop, "train_and_evaluate", recorded)
   assert sweep.main(argv) == 0
   assert trained == [second.name]  # the finished run: not trained again
   assert (first / "summary.json").stat().st_mtime_ns == finished
@@ -502,12 +504,12 @@ def test_ctrl_c_stops_the_sweep_and_the_next_sweep_resumes(tmp_path, monkeypatch
   assert not (first / "summary.json").exists() and not second.exists()
   saved = max(int(p.name) for p in (first / "checkpoints").iterdir() if p.name.isdigit())
   assert 5 <= saved < 20
-  real, trained = train.train_and_evaluate, []
+  real, trained = loop.train_and_evaluate, []
 
-  def recorded(config, workdir):
+  def recorded(config, workdir, sources=None):
     trained.append(os.path.basename(workdir))
-    return real(config, workdir)
-  monkeypatch.setattr(train, "train_and_evaluate", recorded)
+    return real(config, workdir, sources)
+  monkeypatch.setattr(loop, "train_and_evaluate", recorded)
   assert sweep.main(argv + ["--seeds", "0"]) == 0  # (seed 1's run: the same code)
   assert trained == [first.name]
   launches = sorted((first / "launches").iterdir())
@@ -564,12 +566,13 @@ def test_printed_commands_are_the_sweeps_runs(tmp_path, capsys, monkeypatch):
 
   def pretrain(config, workdir):  # records the source it would pre-train
     made["source"].append((str(config), workdir))
-    path = train.demo_source_file(workdir)
+    path = demo.source_file(workdir)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     open(path, "w").close()
     return path
 
-  def fake_train(config, workdir):  # records the run, writes what training would
+  def fake_train(config, workdir, sources=None):  # records the run, writes training's
+    del sources
     made["runs"].setdefault(os.path.basename(workdir), []).append(str(config))
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -578,8 +581,8 @@ def test_printed_commands_are_the_sweeps_runs(tmp_path, capsys, monkeypatch):
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f)
     return None, summary
-  monkeypatch.setattr(train, "_demo_pretrained", pretrain)
-  monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+  monkeypatch.setattr(demo, "source_model", pretrain)
+  monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
   import shlex  # pylint: disable=g-import-not-at-top
   assert sweep.main(shlex.split(first)[1:]) == 0  # the printed source line
   assert sweep.main(argv) == 0  # the sweep

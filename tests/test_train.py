@@ -12,8 +12,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bitune_jax import checkpoint, sharding, train
+from bitune_jax import checkpoint, sharding
 from bitune_jax.methods import base
+from bitune_jax.training import state as state_lib
+from bitune_jax.training import loop
+from bitune_jax.experiments import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -28,7 +31,7 @@ def _config(method="bituning", **overrides):
 
 
 def _losses(config, mesh, steps=3):
-  run = train.setup(config, mesh)
+  run = loop.setup(config, mesh)
   state, out = run.state, []
   for _, batch in zip(range(steps), run.data.train_batches(0)):
     state, metrics = run.train_step(state, sharding.global_batch(batch, mesh))
@@ -67,7 +70,7 @@ def test_step_traced_once_and_summary(tmp_path, monkeypatch):
       return step(state, batch)
     return traced
   monkeypatch.setattr(base, "make_train_step", counting)
-  _, summary = train.train_and_evaluate(_config(), str(tmp_path))
+  _, summary = loop.train_and_evaluate(_config(), str(tmp_path))
   assert len(traces) == 1
   saved = json.load(open(tmp_path / "summary.json"))
   assert saved == summary and saved["step"] == 6
@@ -80,20 +83,20 @@ def test_step_traced_once_and_summary(tmp_path, monkeypatch):
 
 def test_interrupted_run_resumes_to_the_same_state(tmp_path, monkeypatch):
   config = _config(total_steps=6, checkpoint_every=3)
-  straight, _ = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  straight, _ = loop.train_and_evaluate(config, str(tmp_path / "straight"))
   straight = jax.device_get(straight)
 
-  real_batches = train._train_batches
+  real_batches = loop.train_batches
   def interrupt_at_step_5(run, mesh, start_step):
     for step, batch in enumerate(real_batches(run, mesh, start_step), start_step):
       if step == 4:  # 0-based: after the checkpoint at step 3 and one more step
         raise KeyboardInterrupt("planted at step 5")
       yield batch
-  monkeypatch.setattr(train, "_train_batches", interrupt_at_step_5)
+  monkeypatch.setattr(loop, "train_batches", interrupt_at_step_5)
   with pytest.raises(KeyboardInterrupt, match="planted at step 5"):
-    train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  monkeypatch.setattr(train, "_train_batches", real_batches)
-  resumed, summary = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    loop.train_and_evaluate(config, str(tmp_path / "resumed"))
+  monkeypatch.setattr(loop, "train_batches", real_batches)
+  resumed, summary = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
   resumed = jax.device_get(resumed)
   assert summary["step"] == 6
   leaves_a, leaves_b = jax.tree.leaves(straight), jax.tree.leaves(resumed)
@@ -131,21 +134,21 @@ def test_bad_configs_fail_before_compiling(tmp_path, monkeypatch, overrides, nee
     raise AssertionError("compiled before the config error was found")
   monkeypatch.setattr(jax, "jit", no_compile)
   with pytest.raises(ValueError, match=re.escape(needle)):
-    train.train_and_evaluate(_config(**overrides), str(tmp_path))
+    loop.train_and_evaluate(_config(**overrides), str(tmp_path))
 
 
 def test_queue_size_and_class_count_checks(tmp_path, monkeypatch):
   config = _config()
   config.bituning.queue_size = 0
   with pytest.raises(ValueError, match="queue_size"):
-    train.train_and_evaluate(config, str(tmp_path / "k"))
+    loop.train_and_evaluate(config, str(tmp_path / "k"))
   # A workdir holding another experiment (here: another class count) is refused.
   os.makedirs(tmp_path / "w")
   json.dump({"method": "bituning", "arch": "resnet_small", "num_classes": 200,
              "dataset": "digits"}, open(tmp_path / "w" / "config.json", "w"))
   monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled"))
   with pytest.raises(ValueError, match="num_classes=200"):
-    train.train_and_evaluate(_config(), str(tmp_path / "w"))
+    loop.train_and_evaluate(_config(), str(tmp_path / "w"))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -153,7 +156,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                    eval_every=100)
   config.lr_mult = {"backbone": 1.0, "head": 1.0}
   with pytest.raises(FloatingPointError, match="training stopped") as info:
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
   ckpts = checkpoint.Checkpoints(str(tmp_path))
   last_good = ckpts.latest_step()
   ckpts.close()
@@ -275,20 +278,20 @@ def test_nan_before_any_checkpoint_says_there_is_none(tmp_path):
   with pytest.raises(FloatingPointError, match=r"loss is (nan|-?inf) at step \d+: "
                      r"training stopped\. There is no checkpoint yet: nothing was "
                      r"saved\.$"):
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
 
 
 def test_no_init_from_on_a_real_dataset_warns_and_none_is_explicit():
   config = bituning_config.get_config("cub,resnet50,25")
   with fakes.our_log("WARNING") as records:
-    assert train._load_pretrained(config, None) is None
+    assert state_lib.load_pretrained(config, None) is None
   assert [r.getMessage() for r in records] == [
       "no init_from: bituning starts from RANDOM weights on cub. Give a bitune-convert "
       "output (--config.init_from=FILE.npz), or --config.init_from=none to say that "
       "this is meant."]
   config.init_from = "none"
   with fakes.our_log("WARNING") as records:
-    assert train._load_pretrained(config, None) is None
+    assert state_lib.load_pretrained(config, None) is None
   assert not records
 
 
@@ -325,7 +328,7 @@ def test_the_demo_source_model_is_the_same_whatever_fine_tunes_it(tmp_path):
   for method in ("finetune", "unsup_finetune", "fixmatch"):
     config = _config(method)
     config.pretrain.total_steps = 2
-    files[method] = convert.load_converted(train._demo_pretrained(  # pylint: disable=protected-access
+    files[method] = convert.load_converted(demo.source_model(  # pylint: disable=protected-access
         config, str(tmp_path / method)))
   for method in ("unsup_finetune", "fixmatch"):
     for a, b in zip(jax.tree.leaves(files[method]["backbone"]),
@@ -339,7 +342,7 @@ def test_the_first_rate_and_eta_leave_compilation_out(tmp_path):
   config = fakes.tiny_config("finetune", total_steps=4, log_every=1, eval_every=4,
                              checkpoint_every=4)
   with fakes.our_log() as records:
-    train.train_and_evaluate(config, str(tmp_path / "w"))
+    loop.train_and_evaluate(config, str(tmp_path / "w"))
   lines = [r.getMessage() for r in records if re.match(r"step \d+/4 ", r.getMessage())]
   assert len(lines) == 4, lines
   first = re.fullmatch(r"step 1/4  loss [0-9.]+  \(compiling and the first step: "

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 import outside
-from bitune_jax import sharding, train
+from bitune_jax import sharding
 from bitune_jax.data import cutmix, pipeline
 from bitune_jax.data import input as input_lib
 from bitune_jax.methods import common, unsup_finetune
+from bitune_jax.training import loop
 import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
@@ -106,7 +107,7 @@ def test_grouped_batchnorm_is_per_group():
 def test_trains_on_eight_devices(use_cutmix):
   config = _config(cutmix=use_cutmix)
   mesh = sharding.make_mesh()
-  run = train.setup(config, mesh)
+  run = loop.setup(config, mesh)
   state = run.state
   for _, batch in zip(range(3), fakes.view_batches(run)):
     before = jax.device_get(state)
@@ -127,7 +128,7 @@ def test_trains_on_eight_devices(use_cutmix):
 
 def test_loop_evaluates_features(tmp_path):
   config = _config()
-  state, summary = train.train_and_evaluate(config, str(tmp_path))
+  state, summary = loop.train_and_evaluate(config, str(tmp_path))
   assert summary["step"] == 4 and "top1" not in summary
   # The protocols recomputed from outside, on the final state's eval-mode features.
   data = input_lib.load(config, two_views=True)

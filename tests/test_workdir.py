@@ -8,7 +8,9 @@ import re
 
 import pytest
 
-from bitune_jax import config_base, eval_main, methods, train
+from bitune_jax import config_base, methods
+from bitune_jax.experiments import protocols
+from bitune_jax.training import loop, records
 
 import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -22,7 +24,7 @@ def _config(**overrides):
 def step_counter(monkeypatch):
   """The steps that really ran: each call of the jitted train step, by its start step."""
   calls = []  # the step each call starts from
-  real_setup = train.setup
+  real_setup = loop.setup
 
   def setup(*args, **kwargs):
     run = real_setup(*args, **kwargs)
@@ -33,7 +35,7 @@ def step_counter(monkeypatch):
       return jitted(state, batch)
     run.train_step = step
     return run
-  monkeypatch.setattr(train, "setup", setup)
+  monkeypatch.setattr(loop, "setup", setup)
   return calls
 
 
@@ -43,11 +45,11 @@ def _json(path):
 
 def test_rerunning_a_finished_workdir_keeps_its_summary(tmp_path, step_counter):
   config = _config()
-  _, first = train.train_and_evaluate(config, str(tmp_path))
+  _, first = loop.train_and_evaluate(config, str(tmp_path))
   assert step_counter == [0, 1, 2, 3]
   before = (tmp_path / "summary.json").read_bytes()
   assert first["train_loss"] is not None
-  _, again = train.train_and_evaluate(_config(), str(tmp_path))
+  _, again = loop.train_and_evaluate(_config(), str(tmp_path))
   assert step_counter == [0, 1, 2, 3]  # nothing trained
   assert (tmp_path / "summary.json").read_bytes() == before
   assert again == first
@@ -55,17 +57,17 @@ def test_rerunning_a_finished_workdir_keeps_its_summary(tmp_path, step_counter):
 
 def test_resume_with_more_steps_is_recorded_and_other_changes_are_refused(
     tmp_path, step_counter):
-  train.train_and_evaluate(_config(), str(tmp_path))
+  loop.train_and_evaluate(_config(), str(tmp_path))
   # A change that would make the checkpoint another run's: refused, naming it, and
   # nothing about the workdir changes.
   recorded = (tmp_path / "config.json").read_bytes()
   with pytest.raises(ValueError, match=re.escape(
       "trained with lr=0.05 (now 0.5). A resumed run may change only total_steps")):
-    train.train_and_evaluate(_config(lr=0.5, total_steps=6), str(tmp_path))
+    loop.train_and_evaluate(_config(lr=0.5, total_steps=6), str(tmp_path))
   assert (tmp_path / "config.json").read_bytes() == recorded
   assert step_counter == [0, 1, 2, 3]
   # More steps: accepted; exactly steps 5 and 6 run, and config.json says 6.
-  _, summary = train.train_and_evaluate(_config(total_steps=6), str(tmp_path))
+  _, summary = loop.train_and_evaluate(_config(total_steps=6), str(tmp_path))
   assert step_counter == [0, 1, 2, 3, 4, 5]
   assert summary["step"] == 6 and _json(tmp_path / "summary.json")["step"] == 6
   assert _json(tmp_path / "config.json")["total_steps"] == 6
@@ -80,15 +82,15 @@ def test_a_run_recorded_before_new_fields_resumes_with_the_values_it_trained_wit
     tmp_path, step_counter):
   """A config.json written before `head_init` existed: the run started its head as
   Flax's default (lecun), so resuming it needs `head_init=lecun`."""
-  train.train_and_evaluate(_config(), str(tmp_path))
+  loop.train_and_evaluate(_config(), str(tmp_path))
   path = tmp_path / "config.json"
   old = _json(path)
   del old["head_init"]
   path.write_text(json.dumps(old))
   with pytest.raises(ValueError, match=re.escape("head_init='lecun' (now '')")):
-    train.train_and_evaluate(_config(total_steps=6), str(tmp_path))
+    loop.train_and_evaluate(_config(total_steps=6), str(tmp_path))
   assert step_counter == [0, 1, 2, 3]
-  _, summary = train.train_and_evaluate(_config(total_steps=6, head_init="lecun"),
+  _, summary = loop.train_and_evaluate(_config(total_steps=6, head_init="lecun"),
                                         str(tmp_path))
   assert step_counter == [0, 1, 2, 3, 4, 5] and summary["step"] == 6
 
@@ -110,13 +112,13 @@ def test_a_run_recorded_with_every_methods_sections_evaluates_and_resumes(
   in them that it never read, which no config takes now): bitune-eval evaluates it,
   and it resumes as the same run: no change recorded but the longer run, and its
   config.json then has its own sections alone."""
-  train.train_and_evaluate(_config(), str(tmp_path))
+  loop.train_and_evaluate(_config(), str(tmp_path))
   path = tmp_path / "config.json"
   old = _old_shape(_config())
   old["bituning"]["temperature"] = 0.0
   path.write_text(json.dumps(old))
-  assert eval_main.evaluate_workdir(str(tmp_path))["step"] == 4
-  _, summary = train.train_and_evaluate(_config(total_steps=6), str(tmp_path))
+  assert protocols.evaluate_workdir(str(tmp_path))["step"] == 4
+  _, summary = loop.train_and_evaluate(_config(total_steps=6), str(tmp_path))
   assert step_counter == [0, 1, 2, 3, 4, 5] and summary["step"] == 6
   launches = sorted((tmp_path / "launches").iterdir())
   assert _json(launches[-1])["changes"] == {"total_steps": [4, 6]}
@@ -124,7 +126,7 @@ def test_a_run_recorded_with_every_methods_sections_evaluates_and_resumes(
 
 
 def test_a_recorded_config_is_compared_in_todays_shape(tmp_path):
-  """What a resume compares with (`train.config_changes`, no training here): a
+  """What a resume compares with (`records.config_changes`, no training here): a
   Bi-tuning run recorded before its loss weights and key generation existed trained
   with their defaults; a GPT* run recorded when it read Bi-tuning's projector width
   has that width as its own `gpt_star.projector_dim` (another is a change)."""
@@ -134,24 +136,24 @@ def test_a_recorded_config_is_compared_in_todays_shape(tmp_path):
                "bank_momentum"):
     del old["bituning"][name]
   (tmp_path / "config.json").write_text(json.dumps(old))
-  assert train.config_changes(config, tmp_path) == {}
+  assert records.config_changes(config, tmp_path) == {}
   config = fakes.tiny_config("gpt_star")
   old = _old_shape(config)
   del old["gpt_star"]["projector_dim"]
   old["bituning"]["projector_dim"] = 64
   (tmp_path / "config.json").write_text(json.dumps(old))
-  assert train.config_changes(config, tmp_path) == {"gpt_star.projector_dim": (64, 128)}
+  assert records.config_changes(config, tmp_path) == {"gpt_star.projector_dim": (64, 128)}
   config.gpt_star.projector_dim = 64
-  assert train.config_changes(config, tmp_path) == {}
+  assert records.config_changes(config, tmp_path) == {}
 
 
 def test_a_failed_start_records_nothing(tmp_path):
   with pytest.raises(Exception, match="missing.npz"):
-    train.train_and_evaluate(_config(init_from=str(tmp_path / "missing.npz")),
+    loop.train_and_evaluate(_config(init_from=str(tmp_path / "missing.npz")),
                              str(tmp_path / "w"))
   assert not (tmp_path / "w" / "config.json").exists()
   # The corrected command then runs, and config.json records it.
-  train.train_and_evaluate(_config(total_steps=2), str(tmp_path / "w"))
+  loop.train_and_evaluate(_config(total_steps=2), str(tmp_path / "w"))
   assert _json(tmp_path / "w" / "config.json")["init_from"] == ""
   assert _json(tmp_path / "w" / "config.json")["total_steps"] == 2
 
@@ -160,7 +162,7 @@ def test_learning_rates_logged_per_group_and_a_profile_written(tmp_path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   config = _config(total_steps=5, log_every=1, profile_steps=2, lr=0.1,
                    schedule="cosine")
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   logged = {}
   for events in tmp_path.glob("events.out.tfevents.*"):
     for event in tf.compat.v1.train.summary_iterator(str(events)):
@@ -204,7 +206,7 @@ def test_best_checkpoint_chosen_on_a_held_out_validation_split(tmp_path, monkeyp
                                                                  data.val.labels)[0])
     return real_save_best(ckpts, step, state, metrics)
   monkeypatch.setattr(checkpoint.Checkpoints, "save_best", save_best)
-  _, summary = train.train_and_evaluate(config, str(tmp_path))
+  _, summary = loop.train_and_evaluate(config, str(tmp_path))
   assert sorted(chosen) == [2, 4, 6]
   for step, (given, recomputed) in chosen.items():
     assert given == pytest.approx(recomputed, abs=1.01 / len(data.val.labels)), step
@@ -229,13 +231,13 @@ def test_a_rerun_of_a_finished_run_records_nothing_and_results_are_readable(
   umask 022 a teammate reads the results (0644, not mkstemp's 0600)."""
   import os  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from bitune_jax import convert, eval_main, files  # pylint: disable=g-import-not-at-top
+  from bitune_jax import convert, files  # pylint: disable=g-import-not-at-top
   old = os.umask(0o022)
   try:
-    train.train_and_evaluate(_config(), str(tmp_path))
+    loop.train_and_evaluate(_config(), str(tmp_path))
     written = [tmp_path / "config.json", tmp_path / "summary.json",
                tmp_path / "launches" / "launch-000.json",
-               eval_main._write_record(  # pylint: disable=protected-access
+               protocols._write_record(  # pylint: disable=protected-access
                    str(tmp_path), "latest-step4", {"top1": 0.5}),
                convert.save_converted(  # converted and exported models
                    {"backbone": {"w": np.zeros(2)}, "report": {"arch": "resnet18"}},
@@ -251,7 +253,7 @@ def test_a_rerun_of_a_finished_run_records_nothing_and_results_are_readable(
   assert "launches/launch-000.json" in before and any(
       name.startswith("events.out.tfevents") for name in before)
   for total_steps in (4, 2):
-    _, summary = train.train_and_evaluate(_config(total_steps=total_steps),
+    _, summary = loop.train_and_evaluate(_config(total_steps=total_steps),
                                           str(tmp_path))
     assert summary["step"] == 4
   assert step_counter == [0, 1, 2, 3]

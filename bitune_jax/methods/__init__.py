@@ -25,6 +25,9 @@ def _discover():
 
 
 METHODS = _discover()
+# Vanilla fine-tuning: what the k-shot protocol trains, and what evaluates a
+# pre-trained checkpoint as it is (the sweep's rows without a method).
+VANILLA = "finetune"
 
 
 def get(name):

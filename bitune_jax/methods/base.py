@@ -13,12 +13,15 @@ and `after` updates what follows the optimizer (queues, memory banks, class cent
 
 import dataclasses
 import functools
+import logging
 from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 
 from bitune_jax.methods import common
+
+log = logging.getLogger("bitune_jax")
 
 # A rule of a config field: (what it must be, in words; the test of a value).
 Rule = tuple[str, Callable[[Any], bool]]
@@ -193,6 +196,15 @@ def make_train_step(method, model, tx, config):
   """`train_step(state, batch) -> (state, metrics)` of `method` under `config`."""
   return functools.partial(train_step, method=method, model=model, tx=tx,
                            cfg=method.step_config(config))
+
+
+def warn_weight_decay(config, penalty):
+  """For the methods whose penalty replaces weight decay (their configs set 0): an
+  override that decays too is allowed, and said."""
+  if config.weight_decay:
+    log.warning("%s with weight_decay=%g: the optimizer also decays every group towards "
+                "0, on top of %s (configs/%s.py sets 0)", config.method,
+                config.weight_decay, penalty, config.method)
 
 
 def starting_point(state):

@@ -253,10 +253,7 @@ def loss(params, state, batch, context, *, model, cfg):
 
 
 def step_config(config):
-  if config.weight_decay:
-    log.warning("delta with weight_decay=%g: the optimizer also decays every group "
-                "towards 0, on top of DELTA's penalty (configs/delta.py sets 0)",
-                config.weight_decay)
+  base.warn_weight_decay(config, "DELTA's penalty")
   return StepConfig(alpha=config.delta.alpha, beta=config.delta.beta)
 
 

@@ -21,14 +21,11 @@ checkpoint.
 """
 
 import dataclasses
-import logging
 
 import jax
 import jax.numpy as jnp
 
 from bitune_jax.methods import base, common
-
-log = logging.getLogger("bitune_jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +89,7 @@ def loss(params, state, batch, context, *, model, cfg):
 
 
 def step_config(config):
-  if config.weight_decay:
-    log.warning("l2sp with weight_decay=%g: the optimizer also decays every group "
-                "towards 0, on top of the L2-SP penalty (configs/l2sp.py sets 0)",
-                config.weight_decay)
+  base.warn_weight_decay(config, "the L2-SP penalty")
   return StepConfig(alpha=config.l2sp.alpha, beta=config.l2sp.beta)
 
 
