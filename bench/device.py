@@ -122,9 +122,9 @@ def _phase(name, limit, setup, env, work, peak):
 
 def _quickstart(limit, setup, env, work):
   """The README's quick start (`bitune-train --config configs/bituning.py:demo`), run
-  from this checkout as `python -m bitune_jax.main`."""
+  from this checkout as `python -m bitune_jax.cli.train`."""
   workdir = os.path.join(work, "quickstart")
-  command = [sys.executable, "-m", "bitune_jax.main", "--config",
+  command = [sys.executable, "-m", "bitune_jax.cli.train", "--config",
              "configs/bituning.py:demo", "--workdir", workdir,
              *setup["quickstart_overrides"]]
   _say("quickstart: " + " ".join(command[1:]))

@@ -72,7 +72,7 @@ class Run:
         p.wait()
 
 
-def launch(args, folder, *, processes=1, devices=8, module="bitune_jax.main"):
+def launch(args, folder, *, processes=1, devices=8, module="bitune_jax.cli.train"):
   """`python -m module ARGS` as `processes` processes of `devices` CPU devices each
   (jax.distributed over localhost when more than one). Logs go to `folder`."""
   port = free_port()

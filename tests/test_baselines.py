@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitune_jax import config_base, convert, methods, models, sharding
+from bitune_jax import convert, methods, models, sharding
+from bitune_jax.training import config_base
 from bitune_jax.methods import bss, center_loss, common, gpt_star, l2sp
 from bitune_jax.training import loop
 import fakes  # noqa: E402  pylint: disable=g-import-not-at-top

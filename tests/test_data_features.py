@@ -31,7 +31,7 @@ import scipy.stats
 import tensorflow as tf
 from PIL import Image
 
-from bitune_jax import eval_main
+from bitune_jax.cli import eval as eval_cli
 from bitune_jax.data import cache, pipeline
 from bitune_jax.data import input as input_lib
 from bitune_jax.training import loop
@@ -339,7 +339,7 @@ def test_sampling_rate_subsets_are_nested_with_exact_counts(mocked, seed):
 # --------------------------------------------------------------- bitune-eval --kshot
 @pytest.mark.slow
 def test_eval_command_line_kshot(tmp_path):
-  """`python -m bitune_jax.eval_main --workdir W --kshot 1,2 --kshot_steps 2` on a tiny
+  """`python -m bitune_jax.cli.eval --workdir W --kshot 1,2 --kshot_steps 2` on a tiny
   trained run (2 steps of the finetune demo): exit 0; the printed JSON's kshot_k_top1
   is the top-1 in the k-shot run's summary.json (k1_seed0, k2_seed0), each run trained
   2 steps from the exported backbone on exactly k images of each of the 5 classes."""
@@ -348,7 +348,7 @@ def test_eval_command_line_kshot(tmp_path):
   config.eval_batch_size = 64
   config.total_steps, config.eval_every, config.checkpoint_every = 2, 2, 2
   loop.train_and_evaluate(config, str(tmp_path))
-  cmd = [sys.executable, "-m", "bitune_jax.eval_main", "--workdir", str(tmp_path),
+  cmd = [sys.executable, "-m", "bitune_jax.cli.eval", "--workdir", str(tmp_path),
          "--kshot", "1,2", "--kshot_steps", "2"]
   # One CPU device in the command (half the time of 8 on a small machine): the
   # checkpoint written on 8 devices is restored on 1, as a user's evaluation would.
@@ -381,7 +381,7 @@ def test_eval_command_line_kshot(tmp_path):
                                   err_msg=f"k={k}")
   # Asked again with other steps, it runs what was asked (a 3-step run, not the
   # 2-step result again), and the earlier records stay.
-  assert eval_main.main(["--workdir", str(tmp_path), "--kshot", "1",
+  assert eval_cli.main(["--workdir", str(tmp_path), "--kshot", "1",
                          "--kshot_steps", "3"]) == 0
   again = json.load(open(folder / "k1-steps3-seed0" / "summary.json"))
   assert again["step"] == 3
@@ -392,4 +392,4 @@ def test_eval_command_line_kshot(tmp_path):
       "latest-step2-kshot2-steps2-seed0.json", "latest-step2.json"]
   # A bad k is refused before anything runs.
   with pytest.raises(SystemExit, match="2"):
-    eval_main.main(["--workdir", str(tmp_path), "--kshot", "1,x"])
+    eval_cli.main(["--workdir", str(tmp_path), "--kshot", "1,x"])

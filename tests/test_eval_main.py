@@ -7,7 +7,8 @@ import sys
 import pytest
 
 import outside
-from bitune_jax import eval_main, methods
+from bitune_jax import methods
+from bitune_jax.cli import eval as eval_cli
 from bitune_jax.data import input as input_lib
 from bitune_jax.experiments import protocols
 from bitune_jax.training import loop
@@ -21,7 +22,7 @@ def test_evaluates_a_workdir_checkpoint(tmp_path, capsys):
   config.init_from, config.image_size, config.batch_size = "", 16, 16
   config.total_steps, config.eval_every, config.checkpoint_every = 6, 3, 3
   state, summary = loop.train_and_evaluate(config, str(tmp_path))
-  assert eval_main.main(["--workdir", str(tmp_path)]) == 0
+  assert eval_cli.main(["--workdir", str(tmp_path)]) == 0
   metrics = json.loads(capsys.readouterr().out)
   assert metrics["step"] == 6
   assert metrics["top1"] == pytest.approx(summary["top1"])
@@ -43,7 +44,7 @@ def test_evaluates_a_workdir_checkpoint(tmp_path, capsys):
   best = protocols.evaluate_workdir(str(tmp_path), which="best")
   assert best["step"] in (3, 6) and best["top1"] >= metrics["top1"] - 1e-9
   # --tsne: the test features drawn; the embedding keeps their neighbourhoods.
-  assert eval_main.main(["--workdir", str(tmp_path), "--tsne"]) == 0
+  assert eval_cli.main(["--workdir", str(tmp_path), "--tsne"]) == 0
   drawn = json.loads(capsys.readouterr().out)["tsne"]
   assert drawn == str(tmp_path / "plots" / "tsne-latest-step6.png")
   assert open(drawn, "rb").read(4) == b"\x89PNG"
@@ -52,7 +53,7 @@ def test_evaluates_a_workdir_checkpoint(tmp_path, capsys):
     assert list(saved["labels"]) == list(data.test.labels)
     assert saved["embedding"].shape == (len(data.test.labels), 2)
   from sklearn.manifold import trustworthiness  # pylint: disable=g-import-not-at-top
-  from bitune_jax import plots  # pylint: disable=g-import-not-at-top
+  from bitune_jax.experiments import plots  # pylint: disable=g-import-not-at-top
   embedding, labels = plots.tsne(test_out["features"], data.test.labels,
                                  str(tmp_path / "tsne.png"), title="t")
   assert embedding.shape == (len(data.test.labels), 2)
@@ -62,7 +63,7 @@ def test_evaluates_a_workdir_checkpoint(tmp_path, capsys):
 
 def test_refuses_a_folder_that_is_not_a_workdir(tmp_path, capsys):
   with pytest.raises(SystemExit, match="2") as info:
-    eval_main.main(["--workdir", str(tmp_path)])
+    eval_cli.main(["--workdir", str(tmp_path)])
   assert info.value.code == 2
   assert capsys.readouterr().err == (
       f"bitune-eval: error: {tmp_path} has no config.json: not a bitune-train workdir\n")
@@ -110,8 +111,8 @@ def test_kshot_transfer_from_an_unsupervised_run(tmp_path):
 def test_help_explains_every_flag_without_importing_jax():
   import subprocess  # pylint: disable=g-import-not-at-top
   run = subprocess.run(
-      [sys.executable, "-c", "import sys; from bitune_jax import eval_main\n"
-       "try:\n  eval_main.main(['--help'])\nexcept SystemExit:\n  pass\n"
+      [sys.executable, "-c", "import sys; from bitune_jax.cli import eval as eval_cli\n"
+       "try:\n  eval_cli.main(['--help'])\nexcept SystemExit:\n  pass\n"
        "print('jax imported:', 'jax' in sys.modules)"],
       capture_output=True, text=True, check=True)
   assert run.stdout.splitlines()[-1] == "jax imported: False"  # --help answers at once

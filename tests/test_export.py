@@ -102,12 +102,12 @@ def test_command_line_refuses_to_overwrite(trained, tmp_path):
   _, workdir, _, _ = trained
   out = tmp_path / "model.npz"
   out.write_bytes(b"an earlier model")
-  run = subprocess.run([sys.executable, "-m", "bitune_jax.export", str(out),
+  run = subprocess.run([sys.executable, "-m", "bitune_jax.cli.export", str(out),
                         "--workdir", str(workdir)], capture_output=True, text=True)
   assert run.returncode == 2
   assert run.stderr == f"bitune-export: error: {out} exists; pass --overwrite to replace it\n"
   assert out.read_bytes() == b"an earlier model"
-  run = subprocess.run([sys.executable, "-m", "bitune_jax.export", str(out),
+  run = subprocess.run([sys.executable, "-m", "bitune_jax.cli.export", str(out),
                         "--workdir", str(workdir), "--overwrite"],
                        capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-2000:]
@@ -175,7 +175,7 @@ def test_a_single_path_is_one_image(trained, tmp_path):
 def test_class_names_round_trip_through_export(trained, tmp_path, monkeypatch):
   """The digits demo fine-tunes on digits 5-9: its classes are "5".."9", in the
   exported file and in the t-SNE legend of `bitune-eval --tsne`."""
-  from bitune_jax import plots  # pylint: disable=g-import-not-at-top
+  from bitune_jax.experiments import plots  # pylint: disable=g-import-not-at-top
   _, workdir, _, _ = trained
   out = tmp_path / "model.npz"
   report = export_lib.export_workdir(str(workdir), str(out))

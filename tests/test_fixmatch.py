@@ -117,7 +117,8 @@ def test_fixmatch_trains_from_an_unsupervised_fine_tuning_run(tmp_path):
   exactly; then FixMatch trains on the demo and logs its terms."""
   import json  # pylint: disable=g-import-not-at-top
   import processes  # pylint: disable=g-import-not-at-top
-  from bitune_jax import convert, plots  # pylint: disable=g-import-not-at-top
+  from bitune_jax import convert  # pylint: disable=g-import-not-at-top
+  from bitune_jax.experiments import plots  # pylint: disable=g-import-not-at-top
   unsup = steps._config("unsup_finetune", total_steps=3)  # pylint: disable=protected-access
   unsup.unsup.queue_size = 64
   loop.train_and_evaluate(unsup, str(tmp_path / "unsup"))

@@ -8,7 +8,7 @@ import sys
 import pytest
 from absl import flags
 
-from bitune_jax import main
+from bitune_jax.cli import train as train_cli
 from bitune_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +22,7 @@ def _train_cli(monkeypatch, capsys, *argv):
     delattr(flags.FLAGS, name)  # the overrides' flags, defined by each parse anew
   monkeypatch.setattr(sys, "argv", ["bitune-train", *argv])
   with pytest.raises(SystemExit) as exited:
-    main.run()
+    train_cli.run()
   out = capsys.readouterr()
   return exited.value.code or 0, out.out, out.err
 
@@ -64,7 +64,7 @@ def test_another_methods_field_is_refused_naming_its_method(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "run"
   run = subprocess.run(
-      [sys.executable, "-m", "bitune_jax.main", "--config", "configs/finetune.py:demo",
+      [sys.executable, "-m", "bitune_jax.cli.train", "--config", "configs/finetune.py:demo",
        "--workdir", str(workdir), "--config.bituning.temperature=0"],
       capture_output=True, text=True, check=False, cwd=ROOT)
   assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
@@ -181,7 +181,7 @@ def test_every_path_field_of_every_config_is_expanded():
   """A path field added later must join `PATH_FIELDS`: every string field named like a
   path, in every shipped config."""
   import importlib  # pylint: disable=g-import-not-at-top
-  from bitune_jax import config_base  # pylint: disable=g-import-not-at-top
+  from bitune_jax.training import config_base  # pylint: disable=g-import-not-at-top
   from bitune_jax.methods import METHODS  # pylint: disable=g-import-not-at-top
   named = set()
   for method in METHODS:
@@ -200,13 +200,14 @@ def test_every_path_field_of_every_config_is_expanded():
 # ----------------------------------------------------------------- the smaller things
 def test_every_tool_says_its_version(monkeypatch, capsys):
   import importlib.metadata  # pylint: disable=g-import-not-at-top
-  from bitune_jax import eval_main, export, sweep  # pylint: disable=g-import-not-at-top
+  from bitune_jax.cli import eval as eval_cli, export as export_cli  # pylint: disable=g-import-not-at-top
+  from bitune_jax.cli import sweep as sweep_cli  # pylint: disable=g-import-not-at-top
   from bitune_jax.convert import cli  # pylint: disable=g-import-not-at-top
   version = importlib.metadata.version("bitune-jax")
   assert _train_cli(monkeypatch, capsys, "--version") == (0, f"bitune-train {version}\n",
                                                           "")
-  for name, tool in (("bitune-eval", eval_main.main), ("bitune-export", export.main),
-                     ("bitune-sweep", sweep.main), ("bitune-convert", cli.main)):
+  for name, tool in (("bitune-eval", eval_cli.main), ("bitune-export", export_cli.main),
+                     ("bitune-sweep", sweep_cli.main), ("bitune-convert", cli.main)):
     with pytest.raises(SystemExit) as exited:
       tool(["--version"])
     assert exited.value.code == 0, name
@@ -214,7 +215,8 @@ def test_every_tool_says_its_version(monkeypatch, capsys):
 
 
 def test_list_names_methods_configs_datasets_and_table_specs(monkeypatch, capsys):
-  from bitune_jax import config_base, methods  # pylint: disable=g-import-not-at-top
+  from bitune_jax import methods  # pylint: disable=g-import-not-at-top
+  from bitune_jax.training import config_base  # pylint: disable=g-import-not-at-top
   code, out, _ = _train_cli(monkeypatch, capsys, "--list")
   assert code == 0
   groups, rows = {}, None
@@ -244,17 +246,17 @@ def test_an_error_keeps_its_closing_quote(tmp_path, monkeypatch, capsys):
   assert err.strip().splitlines()[-1] == (
       "bitune-train: error: schedule must be 'step' or 'cosine', got 'cosin'")
   assert os.listdir(tmp_path) == []
-  assert main._one_line(KeyError("no field 'x'")) == "no field 'x'"  # pylint: disable=protected-access
+  assert train_cli._one_line(KeyError("no field 'x'")) == "no field 'x'"  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("tool", ["bitune-eval", "bitune-export"])
 def test_eval_and_export_take_the_same_which(tool, tmp_path, capsys):
-  from bitune_jax import eval_main, export  # pylint: disable=g-import-not-at-top
+  from bitune_jax.cli import eval as eval_cli, export as export_cli  # pylint: disable=g-import-not-at-top
   def call(*argv):
     args = [*argv, "--workdir", str(tmp_path)]
     try:
-      code = (eval_main.main(args) if tool == "bitune-eval"
-              else export.main([str(tmp_path / "out.npz"), *args]))
+      code = (eval_cli.main(args) if tool == "bitune-eval"
+              else export_cli.main([str(tmp_path / "out.npz"), *args]))
     except SystemExit as e:
       code = e.code
     return code, capsys.readouterr().err
@@ -266,7 +268,7 @@ def test_eval_and_export_take_the_same_which(tool, tmp_path, capsys):
   assert code == 2 and ("argument --which: invalid choice: 'last' (choose from "
                         "'latest', 'best')") in err
   with pytest.raises(SystemExit):
-    (eval_main.main if tool == "bitune-eval" else export.main)(["--help"])
+    (eval_cli.main if tool == "bitune-eval" else export_cli.main)(["--help"])
   assert "--which {latest,best}" in capsys.readouterr().out
 
 
@@ -278,7 +280,7 @@ def test_eval_and_export_take_the_same_which(tool, tmp_path, capsys):
 def test_the_stop_notice_names_the_signal_it_got(signum, said):
   import signal  # pylint: disable=g-import-not-at-top
   import fakes  # pylint: disable=g-import-not-at-top
-  from bitune_jax import stopping  # pylint: disable=g-import-not-at-top
+  from bitune_jax.training import stopping  # pylint: disable=g-import-not-at-top
   signals = stopping.StopSignals()
   with fakes.our_log("WARNING") as records:
     signals._on_signal(getattr(signal, signum), None)  # pylint: disable=protected-access

@@ -130,7 +130,7 @@ def test_two_processes_give_the_numbers_of_one(method, source, bituning_referenc
   assert len(list((tmp_path / "2x4" / "launches").glob("launch-*.json"))) == 1
   if method == "bituning":  # bitune-eval as 2 processes: the numbers of the run
     run = processes.launch(["--workdir", str(tmp_path / "2x4")], str(tmp_path / "eval"),
-                           processes=2, devices=4, module="bitune_jax.eval_main")
+                           processes=2, devices=4, module="bitune_jax.cli.eval")
     assert run.wait() == [0, 0], run.log(0)[-3000:] + run.log(1)[-3000:]
     record = json.loads((tmp_path / "2x4" / "evals" / f"latest-step{TOTAL}.json")
                         .read_text())

@@ -298,7 +298,7 @@ def test_a_second_run_maps_its_caches_without_reading_the_images(mocked, monkeyp
 def test_aircraft_command_line_on_the_official_layout(tmp_path):
   archive = fakes.make_fgvc_aircraft(str(tmp_path / "manual"), per_split=1)
   workdir = tmp_path / "run"
-  cmd = [sys.executable, "-m", "bitune_jax.main",
+  cmd = [sys.executable, "-m", "bitune_jax.cli.train",
          "--config", os.path.join(ROOT, "configs", "finetune.py") + ":aircraft,resnet18,100",
          "--workdir", str(workdir), f"--config.data.manual_dir={archive}",
          f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.total_steps=2",
@@ -314,7 +314,7 @@ def test_aircraft_command_line_on_the_official_layout(tmp_path):
 
 
 def test_unknown_replay_source_is_refused():
-  from bitune_jax import config_base  # pylint: disable=g-import-not-at-top
+  from bitune_jax.training import config_base  # pylint: disable=g-import-not-at-top
   config = _config("pets", module=unsup_config, replay_source="places365")
   config.image_size = 32  # resnet18's total stride (validated before the source)
   with pytest.raises(ValueError, match="unknown data.replay_source 'places365'"):

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bitune_jax import checkpoint
+from bitune_jax.training import checkpoint
 from bitune_jax.data import input as input_lib
 from bitune_jax.training import loop
 

@@ -10,7 +10,8 @@ import statistics
 
 import pytest
 
-from bitune_jax import plots, sweep, sweep_results
+from bitune_jax.cli import sweep as sweep_cli
+from bitune_jax.experiments import grid, plots, sweep, sweep_results
 from bitune_jax.experiments import demo
 from bitune_jax.training import loop
 
@@ -42,7 +43,7 @@ def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatc
       raise RuntimeError("out of memory (on purpose)")
     return real(config, workdir, sources)
   monkeypatch.setattr(loop, "train_and_evaluate", flaky)
-  assert sweep.main(argv) == 1
+  assert sweep_cli.main(argv) == 1
   failures = json.loads((tmp_path / "failures.json").read_text())
   assert list(failures) == [trained[1]] and "on purpose" in failures[trained[1]]
   assert len(trained) == 4
@@ -53,7 +54,7 @@ def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatc
   assert "-rate50-" in finished or "-rate100-" in finished, finished
   earlier = re.sub(r"-rate\d+-", "-", finished)
   os.rename(tmp_path / "runs" / finished, tmp_path / "runs" / earlier)
-  assert sweep.main(argv) == 0
+  assert sweep_cli.main(argv) == 0
   assert trained == [list(failures)[0]]  # finished runs are not trained again
   assert not (tmp_path / "runs" / finished).exists()
   assert json.loads((tmp_path / "failures.json").read_text()) == {}
@@ -96,7 +97,7 @@ def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatc
 
 def _extra(argv):
   """The `{key: value}` of `--set KEY=VALUE` arguments, as the sweep reads them."""
-  return {k: sweep._value(v)  # pylint: disable=protected-access
+  return {k: grid.parse_value(v)  # pylint: disable=protected-access
           for k, _, v in (a.partition("=") for a in argv[1::2])}
 
 
@@ -104,13 +105,13 @@ def _digest(rate):
   overrides = {"sampling_rate": float(rate)}
   for item in TINY[1::2]:
     key, _, value = item.partition("=")
-    overrides[key] = sweep._value(value)  # pylint: disable=protected-access
-  run = sweep.Run("finetune", "demo", tuple(sorted(overrides.items())), "", 0)
+    overrides[key] = grid.parse_value(value)  # pylint: disable=protected-access
+  run = grid.Run("finetune", "demo", tuple(sorted(overrides.items())), "", 0)
   return run.name.split("-")[-2]
 
 
 SPEC = '''
-from bitune_jax.tables import Column, Row, Table
+from bitune_jax.experiments.tables import Column, Row, Table
 _C = (Column("Digits 50%", "digits", rate=50), Column("Digits 100%", "digits", rate=100))
 TABLE = Table("bi-tuning", 99, "a test table", "top-1 (%)", _C, (
     Row("Fine-tuning", "finetune", "resnet_small", "none",
@@ -131,8 +132,8 @@ def test_spec_report_carries_the_papers_numbers_and_differences(tmp_path, capsys
   spec.write_text(SPEC)
   workdir = tmp_path / "sweep"
   argv = ["--workdir", str(workdir), "--spec", str(spec), "--seeds", "0,1,2"]
-  from bitune_jax import tables  # pylint: disable=g-import-not-at-top
-  cells = sweep.cells_from_spec(tables.load(str(spec)), [0, 1, 2], {})
+  from bitune_jax.experiments import tables  # pylint: disable=g-import-not-at-top
+  cells = grid.cells_from_spec(tables.load(str(spec)), [0, 1, 2], {})
   scores = {("Fine-tuning", "Digits 50%"): [0.91, 0.93, 0.92],
             ("Fine-tuning", "Digits 100%"): [0.95, 0.97],  # seed 2 not run yet
             ("Bi-tuning", "Digits 50%"): [0.9]}
@@ -141,7 +142,7 @@ def test_spec_report_carries_the_papers_numbers_and_differences(tmp_path, capsys
       folder = workdir / "runs" / run.name
       folder.mkdir(parents=True, exist_ok=True)
       (folder / "summary.json").write_text(json.dumps({"step": 1, "score": score}))
-  assert sweep.main(argv + ["--report"]) == 0
+  assert sweep_cli.main(argv + ["--report"]) == 0
   out = capsys.readouterr().out
   rows = {(r["row"], r["column"]): r for r in _csv(workdir)}
   assert set(rows) == set(scores)  # DELTA (cannot run) is not a cell
@@ -158,14 +159,14 @@ def test_spec_report_carries_the_papers_numbers_and_differences(tmp_path, capsys
   assert (workdir / "plots" / "bi_tuning_table_99.png").read_bytes()[:4] == b"\x89PNG"
   # Training would need the Bi-tuning row's checkpoint: named, before anything runs.
   with pytest.raises(SystemExit):
-    sweep.main(argv)
+    sweep_cli.main(argv)
   assert "--checkpoint supervised_resnet50=PATH" in capsys.readouterr().err
 
 
 def test_print_commands_one_line_per_run(tmp_path, capsys):
   spec = tmp_path / "table.py"
   spec.write_text(SPEC)
-  assert sweep.main(["--workdir", str(tmp_path / "w"), "--spec", str(spec), "--seeds",
+  assert sweep_cli.main(["--workdir", str(tmp_path / "w"), "--spec", str(spec), "--seeds",
                      "0,1", "--checkpoint", "supervised_resnet50=/ckpt/r50.npz",
                      "--set", "data.crop_scale=[0.5, 1.0]", "--print_commands"]) == 0
   lines = capsys.readouterr().out.splitlines()
@@ -197,12 +198,12 @@ def test_a_shipped_spec_runs_from_any_directory(tmp_path, monkeypatch, capsys):
   """`--spec configs/tables/X.py` where there is no such file (an installed wheel, or
   another directory) is the shipped spec."""
   monkeypatch.chdir(tmp_path)
-  assert sweep.main(["--workdir", "w", "--spec", "configs/tables/bituning_table5.py",
+  assert sweep_cli.main(["--workdir", "w", "--spec", "configs/tables/bituning_table5.py",
                      "--checkpoint", "moco_v1_resnet50=m.npz", "--print_commands"]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) == 20  # 5 loss combinations x 4 rates, one seed
   with pytest.raises(SystemExit):
-    sweep.main(["--workdir", "w", "--spec", "configs/tables/no_such_table.py"])
+    sweep_cli.main(["--workdir", "w", "--spec", "configs/tables/no_such_table.py"])
 
 
 @pytest.mark.slow
@@ -218,12 +219,12 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, monkey
            "eval_every=200", "--set", "log_every=20"]
   argv = ["--workdir", str(tmp_path), "--methods", "finetune", "--datasets", "digits",
           "--rates", "50", "--seeds", "0,1"] + TINY + steps
-  cells = sweep.cells_from_grid(["finetune"], ["digits"], [50.0], "", [0, 1],
+  cells = grid.cells_from_grid(["finetune"], ["digits"], [50.0], "", [0, 1],
                                 _extra(TINY + steps))
   first, second = (tmp_path / "runs" / r.name for r in cells[0].runs)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   log = open(tmp_path / "first.log", "w")
-  proc = subprocess.Popen([sys.executable, "-m", "bitune_jax.sweep"] + argv,
+  proc = subprocess.Popen([sys.executable, "-m", "bitune_jax.cli.sweep"] + argv,
                           stdout=log, stderr=subprocess.STDOUT, env=env)
   try:
     end = time.time() + 300
@@ -245,7 +246,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, monkey
     trained.append(os.path.basename(workdir))
     return real(config, workdir, sources)
   monkeypatch.setattr(loop, "train_and_evaluate", recorded)
-  assert sweep.main(argv) == 0
+  assert sweep_cli.main(argv) == 0
   assert trained == [second.name]  # the finished run: not trained again
   assert (first / "summary.json").stat().st_mtime_ns == finished
   launches = sorted((second / "launches").iterdir())
@@ -261,7 +262,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, monkey
 
 
 AS_IS_SPEC = '''
-from bitune_jax.tables import Column, Row, Table
+from bitune_jax.experiments.tables import Column, Row, Table
 _C = (Column("retrieval", "digits", rate=100, eval="retrieval"),
       Column("2-shot", "digits", kshot=2, eval="kshot"))
 TABLE = Table("", 0, "as is", "top-5 retrieval / 2-shot top-1 (%)", _C, (
@@ -278,14 +279,16 @@ def test_a_checkpoint_evaluated_as_it_is(tmp_path):
   column comes from a k-shot transfer of it."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from bitune_jax import checkpoint, convert, models, tables  # pylint: disable=g-import-not-at-top
+  from bitune_jax import convert, models  # pylint: disable=g-import-not-at-top
+  from bitune_jax.experiments import tables  # pylint: disable=g-import-not-at-top
+  from bitune_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   from bitune_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
   spec = tmp_path / "as_is.py"
   spec.write_text(AS_IS_SPEC)
   workdir = tmp_path / "sweep"
   argv = ["--workdir", str(workdir), "--spec", str(spec), "--kshot_steps", "3"] + TINY
-  assert sweep.main(argv) == 0
-  (run,) = {r for c in sweep.cells_from_spec(tables.load(str(spec)), [0], _extra(TINY))
+  assert sweep_cli.main(argv) == 0
+  (run,) = {r for c in grid.cells_from_spec(tables.load(str(spec)), [0], _extra(TINY))
             for r in c.runs}  # one run: both columns read it
   folder = workdir / "runs" / run.name
   assert run.name.startswith("as_is-demo-")
@@ -331,11 +334,11 @@ def test_vary_makes_one_cell_per_value_and_draws_the_sensitivity(tmp_path, capsy
   carry each cell's mean, against K."""
   argv = ["--workdir", str(tmp_path), "--methods", "bituning", "--datasets", "digits",
           "--rates", "25,100", "--seeds", "0,1", "--vary", "bituning.queue_size=2,8"]
-  assert sweep.main(argv + ["--print_commands"]) == 0
+  assert sweep_cli.main(argv + ["--print_commands"]) == 0
   source, *lines = capsys.readouterr().out.splitlines()  # first: the shared source
   assert source.startswith("bitune-sweep ") and source.endswith(" --source_only")
   assert len(lines) == 8 and sum("--config.bituning.queue_size=8" in l for l in lines) == 4
-  cells = sweep.cells_from_grid(["bituning"], ["digits"], [25.0, 100.0], "", [0, 1], {},
+  cells = grid.cells_from_grid(["bituning"], ["digits"], [25.0, 100.0], "", [0, 1], {},
                                 {"bituning.queue_size": [2, 8]})
   assert [(c.column, c.params) for c in cells] == [
       ("digits 25%", (("bituning.queue_size", 2),)),
@@ -345,14 +348,14 @@ def test_vary_makes_one_cell_per_value_and_draws_the_sensitivity(tmp_path, capsy
   scores = {}
   for i, cell in enumerate(cells):
     for j, run in enumerate(cell.runs):
-      assert sweep.build_config(run, {}).bituning.queue_size == dict(cell.params)[
+      assert grid.build_config(run, {}).bituning.queue_size == dict(cell.params)[
           "bituning.queue_size"]
       folder = tmp_path / "runs" / run.name
       folder.mkdir(parents=True)
       score = 0.5 + 0.1 * i + 0.02 * j
       scores.setdefault(cell.label + cell.column, []).append(100 * score)
       (folder / "summary.json").write_text(json.dumps({"step": 300, "score": score}))
-  assert sweep.main(argv + ["--report"]) == 0
+  assert sweep_cli.main(argv + ["--report"]) == 0
   out = capsys.readouterr().out
   # No paper numbers: one line per row, one column per rate, as a paper lays it out.
   assert "| row | digits 25% | digits 100% |" in out
@@ -370,20 +373,20 @@ def test_vary_makes_one_cell_per_value_and_draws_the_sensitivity(tmp_path, capsy
   png = tmp_path / "plots" / "sensitivity_bituning_queue_size.png"
   assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
   with pytest.raises(SystemExit):  # one value is not a sensitivity
-    sweep.main(argv[:-1] + ["bituning.queue_size=2", "--print_commands"])
+    sweep_cli.main(argv[:-1] + ["bituning.queue_size=2", "--print_commands"])
 
 
 def test_the_digits_spec_is_the_readme_grid(capsys):
   """`--spec configs/tables/digits.py`: vanilla, Bi-tuning and Co-Tuning at 3 rates,
   each the method's demo config at that rate, from the shared source model."""
-  from bitune_jax import tables  # pylint: disable=g-import-not-at-top
-  cells = sweep.cells_from_spec(tables.load("configs/tables/digits.py"), [0, 1], {})
+  from bitune_jax.experiments import tables  # pylint: disable=g-import-not-at-top
+  cells = grid.cells_from_spec(tables.load("configs/tables/digits.py"), [0, 1], {})
   assert [(c.row, c.column) for c in cells][:3] == [
       ("vanilla fine-tuning", "digits 25%"), ("vanilla fine-tuning", "digits 50%"),
       ("vanilla fine-tuning", "digits 100%")]
   assert len(cells) == 9 and len({r for c in cells for r in c.runs}) == 18
   for cell in cells:
-    config = sweep.build_config(cell.runs[1], {})
+    config = grid.build_config(cell.runs[1], {})
     assert (config.method, config.sampling_rate, config.seed, config.init_from) == (
         {"vanilla fine-tuning": "finetune", "Bi-tuning": "bituning",
          "Co-Tuning": "cotuning"}[cell.row], cell.x, 1, "demo:digits_source")
@@ -398,7 +401,7 @@ def test_a_checkpoint_given_per_dataset(tmp_path, capsys):
           "--checkpoint", "moco_v2_resnet50=m.npz"]
   for dataset in ("caltech101", "pets", "cifar100", "food101"):
     argv += ["--checkpoint", f"unsupft_resnet50@{dataset}={dataset}.npz"]
-  assert sweep.main(argv + ["--print_commands"]) == 0
+  assert sweep_cli.main(argv + ["--print_commands"]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) == 24  # 2 rows x 4 datasets x 3 k
   for line in lines:
@@ -407,14 +410,14 @@ def test_a_checkpoint_given_per_dataset(tmp_path, capsys):
     assert init == (f"{dataset}.npz" if "unsupft" in line else "m.npz"), line
     assert "configs/fixmatch.py" in line and "--config.data.kshot=" in line
   with pytest.raises(SystemExit):
-    sweep.main(argv[:-2])  # food101's is missing
+    sweep_cli.main(argv[:-2])  # food101's is missing
   assert "--checkpoint unsupft_resnet50@food101=PATH" in capsys.readouterr().err
 
 
 def test_a_refused_sweep_leaves_no_folder(tmp_path, capsys):
   workdir = tmp_path / "sweep"
   with pytest.raises(SystemExit):
-    sweep.main(["--workdir", str(workdir), "--methods", "bituning", "--datasets",
+    sweep_cli.main(["--workdir", str(workdir), "--methods", "bituning", "--datasets",
                 "digits", "--set", "bituning.queue_sise=4"])
   assert "unknown config field 'bituning.queue_sise'" in capsys.readouterr().err
   assert not workdir.exists()
@@ -429,7 +432,7 @@ def test_a_methods_own_field_goes_to_that_methods_runs(tmp_path, capsys):
   argv = ["--workdir", str(workdir), "--methods", "finetune,bituning", "--datasets",
           "digits", "--rates", "50", "--set", "bituning.ccl_weight=0.5", "--vary",
           "bituning.queue_size=2,8"]
-  assert sweep.main(argv + ["--print_commands"]) == 0
+  assert sweep_cli.main(argv + ["--print_commands"]) == 0
   lines = capsys.readouterr().out.splitlines()[1:]  # (the first: the shared source)
   finetune = [line for line in lines if "configs/finetune.py" in line]
   bituning = [line for line in lines if "configs/bituning.py" in line]
@@ -438,13 +441,13 @@ def test_a_methods_own_field_goes_to_that_methods_runs(tmp_path, capsys):
                                     for line in bituning), bituning
   assert sorted(line.split("--config.bituning.queue_size=")[1].split()[0]
                 for line in bituning) == ["2", "8"]
-  cells = sweep.cells_from_grid(["finetune", "bituning"], ["digits"], [50.0], "", [0],
+  cells = grid.cells_from_grid(["finetune", "bituning"], ["digits"], [50.0], "", [0],
                                 {}, {"bituning.queue_size": [2, 8]})
   assert [(c.row, c.params) for c in cells] == [
       ("finetune", ()), ("bituning", (("bituning.queue_size", 2),)),
       ("bituning", (("bituning.queue_size", 8),))]
   with pytest.raises(SystemExit):
-    sweep.main(["--workdir", str(workdir), "--methods", "finetune", "--datasets",
+    sweep_cli.main(["--workdir", str(workdir), "--methods", "finetune", "--datasets",
                 "digits", "--set", "bituning.queue_size=4"])
   assert capsys.readouterr().err.splitlines()[-1] == (
       "bitune-sweep: error: --set bituning.queue_size: no run of this sweep reads it: "
@@ -458,7 +461,7 @@ def _start_sweep(tmp_path, argv):
   import sys  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   log = open(tmp_path / "first.log", "w")
-  proc = subprocess.Popen([sys.executable, "-m", "bitune_jax.sweep"] + argv,
+  proc = subprocess.Popen([sys.executable, "-m", "bitune_jax.cli.sweep"] + argv,
                           stdout=log, stderr=subprocess.STDOUT, env=env)
   return proc, log
 
@@ -491,7 +494,7 @@ def test_ctrl_c_stops_the_sweep_and_the_next_sweep_resumes(tmp_path, monkeypatch
            "eval_every=20", "--set", "log_every=5"]
   argv = ["--workdir", str(tmp_path), "--methods", "finetune", "--datasets", "digits",
           "--rates", "50"] + TINY + steps
-  cells = sweep.cells_from_grid(["finetune"], ["digits"], [50.0], "", [0, 1],
+  cells = grid.cells_from_grid(["finetune"], ["digits"], [50.0], "", [0, 1],
                                 _extra(TINY + steps))
   first, second = (tmp_path / "runs" / r.name for r in cells[0].runs)
   proc, log = _start_sweep(tmp_path, argv + ["--seeds", "0,1"])
@@ -510,7 +513,7 @@ def test_ctrl_c_stops_the_sweep_and_the_next_sweep_resumes(tmp_path, monkeypatch
     trained.append(os.path.basename(workdir))
     return real(config, workdir, sources)
   monkeypatch.setattr(loop, "train_and_evaluate", recorded)
-  assert sweep.main(argv + ["--seeds", "0"]) == 0  # (seed 1's run: the same code)
+  assert sweep_cli.main(argv + ["--seeds", "0"]) == 0  # (seed 1's run: the same code)
   assert trained == [first.name]
   launches = sorted((first / "launches").iterdir())
   assert len(launches) == 2
@@ -526,7 +529,7 @@ def test_a_signal_at_the_last_step_of_the_source_stops_the_sweep(tmp_path,
   source is finished and kept, and the sweep stops there (143) instead of going on; a
   signal in any earlier step stops the pre-training as it stops a run's training."""
   import signal  # pylint: disable=g-import-not-at-top
-  from bitune_jax import stopping  # pylint: disable=g-import-not-at-top
+  from bitune_jax.training import stopping  # pylint: disable=g-import-not-at-top
   real = stopping.StopSignals.should_stop
 
   def signal_at_last_step(self, step):
@@ -536,7 +539,7 @@ def test_a_signal_at_the_last_step_of_the_source_stops_the_sweep(tmp_path,
   monkeypatch.setattr(stopping.StopSignals, "should_stop", signal_at_last_step)
   argv = ["--workdir", str(tmp_path), "--methods", "finetune", "--datasets", "digits",
           "--rates", "50", "--seeds", "0"] + TINY
-  assert sweep.main(argv) == 143
+  assert sweep_cli.main(argv) == 143
   err = capfd.readouterr().err
   assert "SIGTERM: stopping after the current step" in err and "Ctrl-C" not in err
   assert "bitune-sweep: stopped by SIGTERM after pre-training the source" in err
@@ -556,7 +559,7 @@ def test_printed_commands_are_the_sweeps_runs(tmp_path, capsys, monkeypatch):
   import sys  # pylint: disable=g-import-not-at-top
   argv = ["--workdir", str(tmp_path), "--methods", "finetune", "--datasets", "digits",
           "--rates", "50", "--seeds", "1,0"] + TINY
-  assert sweep.main(argv + ["--print_commands"]) == 0
+  assert sweep_cli.main(argv + ["--print_commands"]) == 0
   first, *lines = capsys.readouterr().out.splitlines()
   source = sweep.source_file(str(tmp_path))
   assert first.startswith("bitune-sweep --workdir") and first.endswith("--source_only")
@@ -584,8 +587,8 @@ def test_printed_commands_are_the_sweeps_runs(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(demo, "source_model", pretrain)
   monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
   import shlex  # pylint: disable=g-import-not-at-top
-  assert sweep.main(shlex.split(first)[1:]) == 0  # the printed source line
-  assert sweep.main(argv) == 0  # the sweep
+  assert sweep_cli.main(shlex.split(first)[1:]) == 0  # the printed source line
+  assert sweep_cli.main(argv) == 0  # the sweep
   assert len(made["source"]) == 2 and made["source"][0] == made["source"][1]
   assert made["source"][0][1] == str(tmp_path / "source")
   # Each printed bitune-train line builds the config the sweep trained the run with.
@@ -594,7 +597,7 @@ def test_printed_commands_are_the_sweeps_runs(tmp_path, capsys, monkeypatch):
     args = shlex.split(line)
     name = os.path.basename(args[args.index("--workdir") + 1])
     printed = subprocess.run(
-        [sys.executable, "-m", "bitune_jax.main"] + args[1:] + ["--print_config"],
+        [sys.executable, "-m", "bitune_jax.cli.train"] + args[1:] + ["--print_config"],
         capture_output=True, text=True, check=True, env=env).stdout
     assert made["runs"][name] == [printed]
   rows = _csv(tmp_path)
@@ -604,10 +607,10 @@ def test_printed_commands_are_the_sweeps_runs(tmp_path, capsys, monkeypatch):
   recorded = json.loads(other.read_text())
   recorded["init_from"] = "demo:digits_source"
   other.write_text(json.dumps(recorded))
-  assert sweep.main(argv + ["--report"]) == 0
+  assert sweep_cli.main(argv + ["--report"]) == 0
   assert _csv(tmp_path)[0]["seeds"] == "1"
   made["runs"].clear()
-  assert sweep.main(argv) == 1
+  assert sweep_cli.main(argv) == 1
   assert made["runs"] == {}
   failures = json.loads((tmp_path / "failures.json").read_text())
   assert list(failures) == [other.parent.name]
@@ -623,7 +626,7 @@ def test_a_method_without_labels_gets_the_feature_protocols_and_kshot(tmp_path, 
   our progress lines and no INFO of orbax, clu or absl."""
   argv = ["--workdir", str(tmp_path), "--methods", "unsup_finetune", "--datasets",
           "digits", "--rates", "25", "--seeds", "0", "--kshot_steps", "2"] + TINY
-  assert sweep.main(argv) == 0
+  assert sweep_cli.main(argv) == 0
   captured = capsys.readouterr()
   info = [line for line in captured.err.splitlines() if re.match(r"I\d{4} |INFO:", line)]
   assert not info, info[:5]
@@ -647,10 +650,10 @@ def test_a_method_without_labels_gets_the_feature_protocols_and_kshot(tmp_path, 
 
 def test_help_says_every_flag_once_with_its_default(capsys):
   with pytest.raises(SystemExit):
-    sweep.main(["--help"])
+    sweep_cli.main(["--help"])
   text = capsys.readouterr().out
   assert text.count(sweep.__doc__.splitlines()[0]) == 1  # the summary once
-  parser, _ = sweep._parse(["--workdir", "x"])  # pylint: disable=protected-access
+  parser, _ = sweep_cli._parse(["--workdir", "x"])  # pylint: disable=protected-access
   for action in parser._actions:  # pylint: disable=protected-access
     assert action.help and action.help.strip(), action.option_strings
   options = " ".join(text.split("options:")[1].split())

@@ -12,7 +12,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bitune_jax import checkpoint, sharding
+from bitune_jax import sharding
+from bitune_jax.training import checkpoint
 from bitune_jax.methods import base
 from bitune_jax.training import state as state_lib
 from bitune_jax.training import loop
@@ -190,7 +191,7 @@ def test_command_line_quick_start(tmp_path, measured):
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   run = subprocess.run(
-      [sys.executable, "-m", "bitune_jax.main",
+      [sys.executable, "-m", "bitune_jax.cli.train",
        f"--config={ROOT}/configs/bituning.py:demo", f"--workdir={workdir}"],
       capture_output=True, text=True, check=False, cwd=tmp_path,
       env=dict(os.environ, XLA_FLAGS=" ".join(flags)))
@@ -211,7 +212,7 @@ def test_command_line_quick_start(tmp_path, measured):
   readme, band = _readme_quick_start()
   assert abs(100 * summary["top1"] - readme) <= band, (summary["top1"], readme, band)
   bad = subprocess.run(
-      [sys.executable, "-m", "bitune_jax.main",
+      [sys.executable, "-m", "bitune_jax.cli.train",
        f"--config={ROOT}/configs/bituning.py:demo", f"--workdir={tmp_path}/x",
        "--config.totl_steps=3"], capture_output=True, text=True, check=False)
   assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
@@ -224,7 +225,7 @@ def test_command_line_errors_are_one_line_and_leave_nothing(tmp_path):
   """User errors: one line, exit 2, no traceback, no empty folders left behind."""
   workdir = tmp_path / "new" / "run"
   run = subprocess.run(
-      [sys.executable, "-m", "bitune_jax.main", f"--config={ROOT}/configs/bituning.py:demo",
+      [sys.executable, "-m", "bitune_jax.cli.train", f"--config={ROOT}/configs/bituning.py:demo",
        f"--workdir={workdir}", f"--config.init_from={tmp_path}/missing.npz"],
       capture_output=True, text=True, check=False, cwd=tmp_path)
   assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
@@ -237,7 +238,7 @@ def test_command_line_errors_are_one_line_and_leave_nothing(tmp_path):
   # failed on them, with a traceback, in 2 of 3 such starts).
   for _ in range(2):
     run = subprocess.run(
-        [sys.executable, "-m", "bitune_jax.main",
+        [sys.executable, "-m", "bitune_jax.cli.train",
          f"--config={ROOT}/configs/bituning.py:demo", f"--workdir={workdir}",
          "--config.data.crop_scale=(0.0,1.0)"],
         capture_output=True, text=True, check=False, cwd=tmp_path)
@@ -249,7 +250,7 @@ def test_command_line_errors_are_one_line_and_leave_nothing(tmp_path):
 
 
 def test_help_and_print_config(tmp_path):
-  main = [sys.executable, "-m", "bitune_jax.main"]
+  main = [sys.executable, "-m", "bitune_jax.cli.train"]
   help_text = subprocess.run(main + ["--help"], capture_output=True, text=True,
                              check=True).stdout
   assert help_text.splitlines()[0] == ("usage: bitune-train --config FILE[:ARG] --workdir "
@@ -299,7 +300,7 @@ def test_shipped_configs_run_from_anywhere_and_are_in_the_wheel(tmp_path):
   """`--config configs/X.py:ARG` from a directory without configs/ (an installed
   wheel) finds the shipped config; the wheel carries every config."""
   printed = subprocess.run(
-      [sys.executable, "-m", "bitune_jax.main", "--config=configs/finetune.py:demo",
+      [sys.executable, "-m", "bitune_jax.cli.train", "--config=configs/finetune.py:demo",
        "--print_config"], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
   assert "method: finetune" in printed.splitlines()
   wheel_dir = tmp_path / "wheel"

@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from bitune_jax import config_base, methods
+from bitune_jax import methods
+from bitune_jax.training import config_base
 from bitune_jax.experiments import protocols
 from bitune_jax.training import loop, records
 
@@ -183,7 +184,7 @@ def test_best_checkpoint_chosen_on_a_held_out_validation_split(tmp_path, monkeyp
   (recomputed from outside); summary.json's headline stays the final checkpoint's."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import outside  # pylint: disable=g-import-not-at-top
-  from bitune_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from bitune_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   from bitune_jax.data import digits  # pylint: disable=g-import-not-at-top
   from bitune_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
   config = _config(total_steps=6, eval_every=2, checkpoint_every=2)

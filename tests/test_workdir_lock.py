@@ -15,11 +15,13 @@ import time
 import pytest
 
 import processes
-from bitune_jax import eval_main, sweep, workdir_lock
+from bitune_jax.cli import eval as eval_cli
+from bitune_jax.cli import sweep as sweep_cli
+from bitune_jax.training import workdir_lock
 
 HOLD = """
 import sys, time
-from bitune_jax import workdir_lock
+from bitune_jax.training import workdir_lock
 with workdir_lock.hold(sys.argv[1], "holder"):
   print("held", flush=True)
   time.sleep(120)
@@ -99,11 +101,11 @@ def test_sweep_and_eval_refuse_a_held_workdir(holder, capsys):
   workdir, proc = holder
   before = _contents(workdir)
   with pytest.raises(SystemExit) as exit_:
-    eval_main.main(["--workdir", str(workdir)])
+    eval_cli.main(["--workdir", str(workdir)])
   assert exit_.value.code == 2
   _assert_refused(capsys.readouterr().err, workdir, proc, "bitune-eval")
   with pytest.raises(SystemExit) as exit_:
-    sweep.main(["--workdir", str(workdir), "--methods", "finetune", "--datasets",
+    sweep_cli.main(["--workdir", str(workdir), "--methods", "finetune", "--datasets",
                 "digits", "--set", "total_steps=2"])
   assert exit_.value.code == 2
   _assert_refused(capsys.readouterr().err, workdir, proc, "bitune-sweep")
@@ -148,7 +150,7 @@ def test_sweep_and_eval_refuse_a_workdir_that_cannot_be_one(tmp_path, capsys):
   for workdir, says in ((a_file, f"workdir {a_file} is a file, not a folder"),
                         (a_file / "grid", f"would be under {a_file}, which is a file")):
     with pytest.raises(SystemExit) as exit_:
-      sweep.main(["--workdir", str(workdir), "--methods", "finetune", "--datasets",
+      sweep_cli.main(["--workdir", str(workdir), "--methods", "finetune", "--datasets",
                   "digits", "--set", "total_steps=2"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()

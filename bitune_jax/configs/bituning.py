@@ -12,7 +12,7 @@ Overrides: --config.total_steps=N, --config.bituning.queue_size=K, ...
 
 import ml_collections
 
-from bitune_jax import config_base
+from bitune_jax.training import config_base
 
 
 def get_config(arg="demo"):

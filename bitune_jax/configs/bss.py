@@ -14,7 +14,7 @@ Overrides: --config.bss.eta=0.001, --config.bss.k=1
 
 import ml_collections
 
-from bitune_jax import config_base
+from bitune_jax.training import config_base
 
 
 def get_config(arg="demo"):

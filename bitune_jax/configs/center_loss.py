@@ -15,7 +15,7 @@ Overrides: --config.center_loss.trade_off=0.003, --config.center_loss.alpha=0.5
 
 import ml_collections
 
-from bitune_jax import config_base
+from bitune_jax.training import config_base
 
 
 def get_config(arg="demo"):

@@ -12,7 +12,8 @@ Overrides: --config.cotuning.relationship=direct|reverse, --config.cotuning.trad
 
 import ml_collections
 
-from bitune_jax import config_base, relationship
+from bitune_jax import relationship
+from bitune_jax.training import config_base
 
 
 def get_config(arg="demo"):

@@ -23,7 +23,7 @@ Overrides: --config.delta.alpha=0.1, --config.delta.feature_maps=stage_output,
 
 import ml_collections
 
-from bitune_jax import config_base
+from bitune_jax.training import config_base
 
 
 def get_config(arg="demo"):

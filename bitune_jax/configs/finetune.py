@@ -6,7 +6,7 @@
       --config.init_from=resnet50.npz
 """
 
-from bitune_jax import config_base
+from bitune_jax.training import config_base
 
 
 def get_config(arg="demo"):

@@ -20,7 +20,7 @@ no FixMatch hyper-parameters of its own).
 
 import ml_collections
 
-from bitune_jax import config_base
+from bitune_jax.training import config_base
 
 
 def get_config(arg="demo"):

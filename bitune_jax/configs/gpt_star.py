@@ -17,7 +17,7 @@ Overrides: --config.gpt_star.queue_size=4096, --config.gpt_star.trade_off=0.5, .
 
 import ml_collections
 
-from bitune_jax import config_base
+from bitune_jax.training import config_base
 
 
 def get_config(arg="demo"):

@@ -15,7 +15,7 @@ Overrides: --config.l2sp.alpha=0.1, --config.l2sp.beta=0.01, ...
 
 import ml_collections
 
-from bitune_jax import config_base
+from bitune_jax.training import config_base
 
 
 def get_config(arg="demo"):

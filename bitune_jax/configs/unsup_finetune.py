@@ -14,7 +14,7 @@ Ablations: --config.unsup.replay_fraction=0 (no replay), --config.unsup.cutmix=F
 
 import ml_collections
 
-from bitune_jax import config_base
+from bitune_jax.training import config_base
 
 
 def get_config(arg="demo"):

@@ -6,7 +6,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from bitune_jax import console, models
+from bitune_jax import models
+from bitune_jax.cli import console
 
 
 def _parser():

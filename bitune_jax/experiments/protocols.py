@@ -17,7 +17,9 @@ import shutil
 import jax
 import ml_collections
 
-from bitune_jax import config_base, files, methods, plots
+from bitune_jax import files, methods
+from bitune_jax.experiments import plots
+from bitune_jax.training import config_base
 from bitune_jax.training import evaluation, export, loop, records
 
 log = logging.getLogger("bitune_jax")

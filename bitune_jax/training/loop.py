@@ -15,8 +15,9 @@ import jax
 import numpy as np
 from etils import epath
 
-from bitune_jax import checkpoint, config_base, files, methods, queues, sharding
-from bitune_jax import stopping, workdir_lock
+from bitune_jax import files, methods, queues, sharding
+from bitune_jax.training import checkpoint, config_base
+from bitune_jax.training import stopping, workdir_lock
 from bitune_jax.data import input as input_lib
 from bitune_jax.methods import base, common
 from bitune_jax.training import evaluation, records

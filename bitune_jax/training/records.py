@@ -10,7 +10,8 @@ import os
 import jax
 from etils import epath
 
-from bitune_jax import config_base, files, methods, workdir_lock
+from bitune_jax import files, methods
+from bitune_jax.training import config_base, workdir_lock
 
 log = logging.getLogger("bitune_jax")
 

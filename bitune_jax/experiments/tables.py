@@ -135,7 +135,7 @@ def load(path: str) -> Table:
 
 def check(table: Table) -> None:
   """Fails on a malformed spec: unknown names, numbers for no column, duplicates."""
-  from bitune_jax import config_base  # pylint: disable=g-import-not-at-top
+  from bitune_jax.training import config_base  # pylint: disable=g-import-not-at-top
   if table.paper not in PAPERS:
     raise ValueError(f"{table.name}: paper must be one of {PAPERS}")
   labels = [c.label for c in table.columns]
@@ -168,7 +168,7 @@ def cells(table: Table, *, runnable_only: bool = True) -> list[Cell]:
 def set_field(config, dotted: str, value: Any) -> None:
   """`config.<dotted> = value` for an existing field (else an error naming it, or the
   method whose section it is in)."""
-  from bitune_jax import config_base  # pylint: disable=g-import-not-at-top
+  from bitune_jax.training import config_base  # pylint: disable=g-import-not-at-top
   foreign = config_base.foreign_field(config.method, dotted)
   if foreign:
     raise ValueError(foreign)
@@ -183,7 +183,7 @@ def set_field(config, dotted: str, value: Any) -> None:
 
 def build_config(cell: Cell, *, seed: int = 0):
   """The validated `ml_collections` config of one cell (its checkpoint not set)."""
-  from bitune_jax import config_base  # pylint: disable=g-import-not-at-top
+  from bitune_jax.training import config_base  # pylint: disable=g-import-not-at-top
   if cell.row.missing:
     raise ValueError(f"{cell.table.name}, {cell.row.label}: {cell.row.missing}")
   if not cell.row.config:

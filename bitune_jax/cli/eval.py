@@ -29,7 +29,7 @@ def which_checkpoint(text):
 
 def add_version(parser):
   """`--version`: the installed package's."""
-  from bitune_jax import console
+  from bitune_jax.cli import console
   parser.add_argument("--version", action="version",
                       version=f"{parser.prog} {console.version()}")
 
@@ -75,7 +75,9 @@ def main(argv=None):
   add_version(parser)
   args = parser.parse_args(argv)
   try:
-    from bitune_jax import config_base, console, sharding, workdir_lock
+    from bitune_jax import sharding
+    from bitune_jax.cli import console
+    from bitune_jax.training import config_base, workdir_lock
     console.setup()  # our progress lines; orbax, clu, absl only from warnings up
     from bitune_jax.experiments import protocols
     from bitune_jax.training import records

@@ -126,7 +126,7 @@ def _slug(text):
 def _plots(workdir, cells, rows):
   """`DIR/plots/<table>.png` (accuracy against the rate or k, the paper's beside it)
   and `DIR/plots/curves/<run>.png` for each finished run without an up-to-date one."""
-  from bitune_jax import plots  # pylint: disable=g-import-not-at-top
+  from bitune_jax.experiments import plots  # pylint: disable=g-import-not-at-top
   folder = os.path.join(workdir, "plots")
   by_table = {}
   for cell, mean, std, _, pm, ps, _ in rows:
@@ -168,7 +168,7 @@ def sensitivity_points(rows, key):
 def _sensitivity_plots(folder, rows):
   """`plots/sensitivity_<key>.png` for each key the cells vary over two or more values
   (Bi-tuning Figure 2: K and L): the metric against the value, log2 x axis."""
-  from bitune_jax import plots  # pylint: disable=g-import-not-at-top
+  from bitune_jax.experiments import plots  # pylint: disable=g-import-not-at-top
   keys = sorted({k for cell, *_ in rows for k, _ in cell.params})
   for key in keys:
     points = sensitivity_points(rows, key)
@@ -182,7 +182,7 @@ def _sensitivity_plots(folder, rows):
 
 
 def _curves(workdir, folder, cells):
-  from bitune_jax import plots  # pylint: disable=g-import-not-at-top
+  from bitune_jax.experiments import plots  # pylint: disable=g-import-not-at-top
   for run in {r for c in cells for r in c.runs if r.config}:  # as-is runs: no curves
     run_dir = run.folder(workdir)
     summary = os.path.join(run_dir, "summary.json")

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from bitune_jax import eval_main
+from bitune_jax.cli import eval as eval_cli
 
 # jax and the training system are imported where they are used (quick --help).
 # pylint: disable=g-import-not-at-top
@@ -27,20 +27,20 @@ def main(argv=None):
       "bitune_jax.inference.")
   parser.add_argument("out", help="the output file (.npz)")
   parser.add_argument("--workdir", required=True, help="a bitune-train workdir")
-  parser.add_argument("--which", choices=eval_main.WHICH, type=eval_main.which_checkpoint,
+  parser.add_argument("--which", choices=eval_cli.WHICH, type=eval_cli.which_checkpoint,
                       default="latest",
                       help="the checkpoint to export: the last one saved, or the one with "
                            "the best evaluation (as bitune-eval; 'final' is latest)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing output file")
-  eval_main.add_version(parser)
+  eval_cli.add_version(parser)
   args = parser.parse_args(argv)
-  from bitune_jax import config_base
+  from bitune_jax.training import config_base
   from bitune_jax.training import export
   try:
     report = export.export_workdir(os.path.abspath(config_base.expand_path(args.workdir)),
                             config_base.expand_path(args.out),
-                            which=eval_main.which_checkpoint(args.which),
+                            which=eval_cli.which_checkpoint(args.which),
                             overwrite=args.overwrite)
   except (OSError, ValueError) as e:
     print(f"bitune-export: error: {e}", file=sys.stderr)

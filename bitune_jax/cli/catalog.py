@@ -6,7 +6,7 @@ import ast
 import os
 import re
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bitune_jax/
 
 
 def _summary(path: str) -> str:

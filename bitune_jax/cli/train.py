@@ -94,11 +94,11 @@ def _parse_flags(argv):
     print(HELP, end="")
     sys.exit(0)
   if "--version" in argv[1:]:
-    from bitune_jax import console  # pylint: disable=g-import-not-at-top
+    from bitune_jax.cli import console  # pylint: disable=g-import-not-at-top
     print(f"bitune-train {console.version()}")
     sys.exit(0)
   if "--list" in argv[1:]:
-    from bitune_jax import catalog  # pylint: disable=g-import-not-at-top
+    from bitune_jax.cli import catalog  # pylint: disable=g-import-not-at-top
     print(catalog.text(), end="")
     sys.exit(0)
   argv, config = list(argv), None
@@ -121,7 +121,7 @@ def _parse_flags(argv):
 def _foreign_override(argv, config_value):
   """The error of an override of a field in another method's section (the finetune
   config has no `bituning.temperature`), naming that method; None if there is none."""
-  from bitune_jax import config_base  # pylint: disable=g-import-not-at-top
+  from bitune_jax.training import config_base  # pylint: disable=g-import-not-at-top
   fields = [m[1] for m in (re.match(r"-{1,2}(?:no)?config\.([^=]+)", a) for a in argv) if m]
   if not config_value or not any(f.split(".")[0] in config_base.METHOD_SECTIONS
                                  for f in fields):
@@ -149,7 +149,9 @@ def main(argv):
   # Imported after flag parsing so that --help is quick.
   # pylint: disable-next=g-import-not-at-top
   import jax
-  from bitune_jax import config_base, console, sharding, stopping, workdir_lock
+  from bitune_jax import sharding
+  from bitune_jax.cli import console
+  from bitune_jax.training import config_base, stopping, workdir_lock
   from bitune_jax.experiments import demo
   console.setup()  # our progress lines; orbax, clu, absl only from warnings up
   f = flags.FLAGS
