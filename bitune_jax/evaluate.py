@@ -1,10 +1,7 @@
-"""Evaluation protocols.
-
-Top-1 and mean per-class accuracy from masked predictions (padding rows of the last
-eval batch carry mask 0 and are never counted), used by the trainer; and the
-feature-quality protocols of Bi-tuning and of unsupervised fine-tuning on frozen
-features: cosine top-k retrieval, k-means clustering scored by BCubed precision,
-and a linear probe (`feature_metrics` runs all three).
+"""The feature-quality protocols of Bi-tuning and of unsupervised fine-tuning on
+frozen features: cosine top-k retrieval, k-means clustering scored by BCubed
+precision, and a linear probe (`feature_metrics` runs all three). The classifier's
+accuracies are `bitune_jax.training.evaluation`'s.
 """
 
 import functools
@@ -14,28 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from numpy.typing import ArrayLike
-
-
-def top1_accuracy(predictions: ArrayLike, labels: ArrayLike, mask: ArrayLike) -> float:
-  mask = np.asarray(mask, bool)
-  return float(np.mean(np.asarray(predictions)[mask] == np.asarray(labels)[mask]))
-
-
-def mean_class_accuracy(predictions: ArrayLike, labels: ArrayLike, mask: ArrayLike,
-                        num_classes: int) -> float:
-  """Mean over the classes present in `labels` of each class's accuracy."""
-  mask = np.asarray(mask, bool)
-  predictions, labels = np.asarray(predictions)[mask], np.asarray(labels)[mask]
-  correct = np.bincount(labels, weights=predictions == labels, minlength=num_classes)
-  counts = np.bincount(labels, minlength=num_classes)
-  present = counts > 0
-  return float(np.mean(correct[present] / counts[present]))
-
-
-def classification_metrics(predictions: ArrayLike, labels: ArrayLike, mask: ArrayLike,
-                           num_classes: int) -> Dict[str, float]:
-  return {"top1": top1_accuracy(predictions, labels, mask),
-          "mean_class_acc": mean_class_accuracy(predictions, labels, mask, num_classes)}
 
 
 # --------------------------------------------------------------- feature protocols

@@ -10,7 +10,7 @@ import re
 import bitune_jax
 import bitune_jax.convert
 import bitune_jax.data
-from bitune_jax import ema, evaluate, losses, queues, relationship
+from bitune_jax import class_kl, ema, evaluate, losses, queues, relationship
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +25,7 @@ def _modules_of(package):
 
 def test_public_functions_of_the_importable_modules_are_typed():
   missing = []
-  modules = [losses, queues, ema, evaluate, relationship,
+  modules = [losses, class_kl, queues, ema, evaluate, relationship,
              *_modules_of(bitune_jax.convert), *_modules_of(bitune_jax.data)]
   assert {"bitune_jax.convert.reader", "bitune_jax.data.datasets",
           "bitune_jax.data.builders.coco70"} <= {m.__name__ for m in modules}

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from bitune_jax.convert.safe_pickle import (DTYPES, CheckpointError, ForeignObject,
+from bitune_jax.convert import dtypes
+from bitune_jax.convert.safe_pickle import (CheckpointError, ForeignObject,
                                             UnsafeCheckpointError, int_tuple,
                                             load_pickle, to_plain)
 
@@ -33,10 +34,6 @@ __all__ = ["CheckpointError", "ForeignObject", "UnsafeCheckpointError", "read_ch
 
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 _LEGACY_PROTOCOL = 1001
-_SAFETENSORS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64",
-                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool"}
 
 
 # ------------------------------------------------------------------------------ formats
@@ -108,9 +105,9 @@ def _read_legacy(path, raw):
 
 def _safetensors_array(name, info, data):
   """One safetensors entry {dtype, shape, data_offsets} -> a numpy array."""
-  if not (isinstance(info, dict) and info.get("dtype") in _SAFETENSORS):
+  if not (isinstance(info, dict) and info.get("dtype") in dtypes.SAFETENSORS):
     raise CheckpointError(f"tensor '{name}': unsupported entry {info!r:.200}")
-  dtype = DTYPES[_SAFETENSORS[info["dtype"]]]
+  dtype = dtypes.DTYPES[dtypes.SAFETENSORS[info["dtype"]]]
   shape = int_tuple(info.get("shape"), f"tensor '{name}' shape")
   offsets = int_tuple(info.get("data_offsets"), f"tensor '{name}' data_offsets")
   count = math.prod(shape)

@@ -31,22 +31,9 @@ import sys
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-import ml_dtypes
 import numpy as np
 
-DTYPES = {name: np.dtype(t) for name, t in {
-    "float64": np.float64, "float32": np.float32, "float16": np.float16,
-    "bfloat16": ml_dtypes.bfloat16, "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
-    "float8_e5m2": ml_dtypes.float8_e5m2, "complex64": np.complex64,
-    "complex128": np.complex128, "int64": np.int64, "int32": np.int32, "int16": np.int16,
-    "int8": np.int8, "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32,
-    "uint64": np.uint64, "bool": np.bool_}.items()}
-_STORAGES = {"DoubleStorage": "float64", "FloatStorage": "float32",
-             "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
-             "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16",
-             "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
-             "ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128"}
-
+from bitune_jax.convert import dtypes
 
 class CheckpointError(ValueError):
   """The file is missing, truncated, corrupt or in no format this reader knows."""
@@ -227,14 +214,14 @@ def _allow_list():
       ("torch", "Size"): lambda dims=(): int_tuple(dims, "torch.Size"),
       ("torch", "device"): _torch_device,
       ("_codecs", "encode"): _codecs_encode,
-      ("torch", "UntypedStorage"): _StorageType(DTYPES["uint8"]),
-      ("torch.storage", "UntypedStorage"): _StorageType(DTYPES["uint8"])})
+      ("torch", "UntypedStorage"): _StorageType(dtypes.DTYPES["uint8"]),
+      ("torch.storage", "UntypedStorage"): _StorageType(dtypes.DTYPES["uint8"])})
   for module in ("builtins", "__builtin__"):  # protocol 2 spells builtins __builtin__
     allowed.update({(module, "set"): set, (module, "frozenset"): frozenset,
                     (module, "complex"): complex})
-  for name, dtype in _STORAGES.items():
-    allowed["torch", name] = _StorageType(DTYPES[dtype])
-  for name, dtype in DTYPES.items():  # torch.float32 etc. pickle as `torch float32`.
+  for name, dtype in dtypes.STORAGES.items():
+    allowed["torch", name] = _StorageType(dtypes.DTYPES[dtype])
+  for name, dtype in dtypes.DTYPES.items():  # torch.float32 etc. pickle as `torch float32`.
     allowed["torch", name] = _Dtype(dtype)
   return {k: _Callable(v) if callable(v) and not isinstance(v, type) else v
           for k, v in allowed.items()}
