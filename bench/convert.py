@@ -19,10 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CHILD = r"""
 import json, resource, sys, time
-from bitune_jax.convert import cli
+from bitune_jax.cli import convert as convert_cli
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
-code = cli.main([sys.argv[1], sys.argv[2], "--arch", "resnet50"])
+code = convert_cli.main([sys.argv[1], sys.argv[2], "--arch", "resnet50"])
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"code": code, "seconds": seconds, "baseline_mb": base / 1024,

@@ -76,6 +76,12 @@ def _check_rank(fn, name, x, rank):
     raise _shape_error(fn, f"{name} must have rank {rank}", **{name: x})
 
 
+def _check_ranks(fn, **arrays):
+  """`_check_rank` of each `name=(array, rank)`, in order."""
+  for name, (x, rank) in arrays.items():
+    _check_rank(fn, name, x, rank)
+
+
 def _known(x):
   """NumPy value of `x` when it is known without staging an operation, else None.
 
@@ -145,9 +151,7 @@ def categorical_contrastive_loss(*, z_query: ArrayLike, z_key: ArrayLike,
     Scalar float32 loss.
   """
   fn = "categorical_contrastive_loss"
-  _check_rank(fn, "z_query", z_query, 2)
-  _check_rank(fn, "z_key", z_key, 2)
-  _check_rank(fn, "queue_z", queue_z, 3)
+  _check_ranks(fn, z_query=(z_query, 2), z_key=(z_key, 2), queue_z=(queue_z, 3))
   if z_key.shape != z_query.shape or queue_z.shape[-1] != z_query.shape[-1]:
     raise _shape_error(fn, "z_query [B,D], z_key [B,D] and queue_z [C,K,D] must agree",
                        z_query=z_query, z_key=z_key, queue_z=queue_z)
@@ -191,10 +195,8 @@ def contrastive_cross_entropy_loss(*, h_query: ArrayLike, head_kernel: ArrayLike
     Scalar float32 loss.
   """
   fn = "contrastive_cross_entropy_loss"
-  _check_rank(fn, "h_query", h_query, 2)
-  _check_rank(fn, "head_kernel", head_kernel, 2)
-  _check_rank(fn, "head_bias", head_bias, 1)
-  _check_rank(fn, "queue_h", queue_h, 3)
+  _check_ranks(fn, h_query=(h_query, 2), head_kernel=(head_kernel, 2),
+               head_bias=(head_bias, 1), queue_h=(queue_h, 3))
   feat, num_classes = head_kernel.shape
   if (h_query.shape[1] != feat or head_bias.shape[0] != num_classes
       or queue_h.shape[0] < num_classes or queue_h.shape[2] != feat + 1):

@@ -40,6 +40,13 @@ def _random_unit_keys(rng, shape, dtype):
   return l2_normalize(jax.random.normal(rng, shape, jnp.float32)).astype(dtype)
 
 
+def _initial_keys(fn, rng, size, dim, dtype):
+  """`[size, dim]` random unit keys of a FIFO queue or memory bank."""
+  if size < 1 or dim < 1:
+    raise ValueError(f"{fn}: size and dim must be >= 1, got {size}, {dim}")
+  return _random_unit_keys(rng, (size, dim), dtype)
+
+
 def _rank_in_group(ids):
   """For `ids [B]`: rank of each entry among equal ids in batch order, and group size."""
   batch = ids.shape[0]
@@ -161,9 +168,7 @@ class FifoQueue:
 def init_fifo_queue(rng: jax.Array, *, size: int, dim: int,
                     dtype: Any = jnp.float32) -> "FifoQueue":
   """`[size, dim]` of L2-normalised random normals, pointer at 0."""
-  if size < 1 or dim < 1:
-    raise ValueError(f"init_fifo_queue: size and dim must be >= 1, got {size}, {dim}")
-  return FifoQueue(keys=_random_unit_keys(rng, (size, dim), dtype),
+  return FifoQueue(keys=_initial_keys("init_fifo_queue", rng, size, dim, dtype),
                    ptr=jnp.zeros((), jnp.int32))
 
 
@@ -194,9 +199,7 @@ class MemoryBank:
 def init_memory_bank(rng: jax.Array, *, size: int, dim: int,
                      dtype: Any = jnp.float32) -> "MemoryBank":
   """`[size, dim]` of L2-normalised random normals."""
-  if size < 1 or dim < 1:
-    raise ValueError(f"init_memory_bank: size and dim must be >= 1, got {size}, {dim}")
-  return MemoryBank(keys=_random_unit_keys(rng, (size, dim), dtype))
+  return MemoryBank(keys=_initial_keys("init_memory_bank", rng, size, dim, dtype))
 
 
 def update_memory_bank(bank: "MemoryBank", *, indices: ArrayLike, values: ArrayLike,

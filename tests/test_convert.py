@@ -15,7 +15,7 @@ import torch
 import torch_models
 
 from bitune_jax import convert, models
-from bitune_jax.convert import cli
+from bitune_jax.cli import convert as convert_cli
 
 RTOL = 1e-4
 
@@ -133,7 +133,7 @@ def test_cli_round_trip(tmp_path, resnet50_file, capsys):
   model, path = resnet50_file
   dst = tmp_path / "out" / "r50.npz"
   dst.parent.mkdir()
-  assert cli.main([path, str(dst), "--arch", "resnet50"]) == 0
+  assert convert_cli.main([path, str(dst), "--arch", "resnet50"]) == 0
   out = capsys.readouterr().out
   assert "resnet50" in out and "1000 classes" in out
   loaded = convert.load_converted(dst)
@@ -149,7 +149,7 @@ def test_cli_round_trip(tmp_path, resnet50_file, capsys):
 
 def test_module_entry_point(tmp_path, resnet50_file):
   _, path = resnet50_file
-  run = subprocess.run([sys.executable, "-m", "bitune_jax.convert", path,
+  run = subprocess.run([sys.executable, "-m", "bitune_jax.cli.convert", path,
                         str(tmp_path / "x.npz"), "--arch", "resnet18"],
                        capture_output=True, text=True, check=False)
   assert run.returncode == 2
@@ -177,7 +177,7 @@ def test_bad_inputs_fail_cleanly(tmp_path, resnet50_file, capsys):
   cases["missing file"] = (str(tmp_path / "nope.pth"), "resnet50", "nope.pth")
   for name, (src, arch, needle) in cases.items():
     dst = tmp_path / f"{name.replace(' ', '_')}.npz"
-    assert cli.main([src, str(dst), "--arch", arch]) == 2, name
+    assert convert_cli.main([src, str(dst), "--arch", arch]) == 2, name
     err = capsys.readouterr().err
     assert needle in err, (name, err)
     assert not dst.exists(), name
@@ -197,7 +197,7 @@ def test_malicious_checkpoint_refused_by_cli(tmp_path, capsys):
   src = tmp_path / "evil.pth"
   torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "x": Evil()}, src)
   dst = tmp_path / "out.npz"
-  assert cli.main([str(src), str(dst), "--arch", "resnet18"]) == 2
+  assert convert_cli.main([str(src), str(dst), "--arch", "resnet18"]) == 2
   err = capsys.readouterr().err
   assert "system" in err and not marker.exists() and not dst.exists()
 
@@ -256,23 +256,23 @@ def test_never_writes_over_the_source_or_an_existing_file(tmp_path, resnet50_fil
   original = src.read_bytes()
   for dst in (src, tmp_path / "." / "model.pth"):
     for flags in ([], ["--overwrite"]):
-      assert cli.main([str(src), str(dst), "--arch", "resnet50", *flags]) == 2
+      assert convert_cli.main([str(src), str(dst), "--arch", "resnet50", *flags]) == 2
       assert capsys.readouterr().err == (
           f"bitune-convert: error: {dst} is the source checkpoint: refusing to write "
           "over it\n")
   link = tmp_path / "link.pth"
   os.symlink(src, link)
-  assert cli.main([str(src), str(link), "--arch", "resnet50", "--overwrite"]) == 2
+  assert convert_cli.main([str(src), str(link), "--arch", "resnet50", "--overwrite"]) == 2
   assert "is the source checkpoint" in capsys.readouterr().err
   assert src.read_bytes() == original
   # An existing destination is kept unless --overwrite is given.
   dst = tmp_path / "out.npz"
   dst.write_bytes(b"earlier result")
-  assert cli.main([str(src), str(dst), "--arch", "resnet50"]) == 2
+  assert convert_cli.main([str(src), str(dst), "--arch", "resnet50"]) == 2
   assert capsys.readouterr().err == (
       f"bitune-convert: error: {dst} exists; pass --overwrite to replace it\n")
   assert dst.read_bytes() == b"earlier result"
-  assert cli.main([str(src), str(dst), "--arch", "resnet50", "--overwrite"]) == 0
+  assert convert_cli.main([str(src), str(dst), "--arch", "resnet50", "--overwrite"]) == 0
   assert convert.load_converted(dst)["report"]["source_sha256"] == convert.sha256_of(src)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["link.pth", "model.pth", "out.npz"]
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bitune_jax import convert, models
-from bitune_jax.convert import cli
+from bitune_jax.cli import convert as convert_cli
 
 RTOL = 1e-4
 
@@ -112,7 +112,7 @@ def converted(tmp_path_factory):
       out = io.StringIO()
       if source == "moco_v3":
         with contextlib.redirect_stdout(out):
-          assert cli.main([path, str(folder / "out.npz"), "--arch", "resnet50"]) == 0
+          assert convert_cli.main([path, str(folder / "out.npz"), "--arch", "resnet50"]) == 0
         result = convert.load_converted(folder / "out.npz")
       else:
         result = convert.convert_checkpoint(path, arch="resnet50")
@@ -217,7 +217,7 @@ def test_projector_trains_like_torch():
 def test_moco_v3_on_the_wrong_arch_fails_cleanly(converted, tmp_path, capsys):
   path = converted("moco_v3")["path"]
   dst = tmp_path / "r18.npz"
-  assert cli.main([path, str(dst), "--arch", "resnet18"]) == 2
+  assert convert_cli.main([path, str(dst), "--arch", "resnet18"]) == 2
   err = capsys.readouterr().err
   assert err.startswith("bitune-convert: error: MoCo v3 checkpoint does not match arch "
                         "'resnet18': ") and err.count("\n") == 1, err

@@ -202,12 +202,12 @@ def test_every_tool_says_its_version(monkeypatch, capsys):
   import importlib.metadata  # pylint: disable=g-import-not-at-top
   from bitune_jax.cli import eval as eval_cli, export as export_cli  # pylint: disable=g-import-not-at-top
   from bitune_jax.cli import sweep as sweep_cli  # pylint: disable=g-import-not-at-top
-  from bitune_jax.convert import cli  # pylint: disable=g-import-not-at-top
+  from bitune_jax.cli import convert as convert_cli  # pylint: disable=g-import-not-at-top
   version = importlib.metadata.version("bitune-jax")
   assert _train_cli(monkeypatch, capsys, "--version") == (0, f"bitune-train {version}\n",
                                                           "")
   for name, tool in (("bitune-eval", eval_cli.main), ("bitune-export", export_cli.main),
-                     ("bitune-sweep", sweep_cli.main), ("bitune-convert", cli.main)):
+                     ("bitune-sweep", sweep_cli.main), ("bitune-convert", convert_cli.main)):
     with pytest.raises(SystemExit) as exited:
       tool(["--version"])
     assert exited.value.code == 0, name

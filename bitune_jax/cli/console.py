@@ -6,6 +6,12 @@ import logging
 import sys
 
 
+def add_version(parser):
+  """`--version` of a tool: its name and the installed package's version."""
+  parser.add_argument("--version", action="version",
+                      version=f"{parser.prog} {version()}")
+
+
 def version() -> str:
   """The installed package's version (`--version` of every tool)."""
   try:

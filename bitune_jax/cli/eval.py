@@ -10,6 +10,8 @@ import json
 import logging
 import os
 
+from bitune_jax.cli import console
+
 # jax, ml_collections and the training system are imported where they are used, so
 # that `bitune-eval --help` and argument errors answer at once.
 # pylint: disable=g-import-not-at-top
@@ -25,13 +27,6 @@ WHICH = ("latest", "best")
 def which_checkpoint(text):
   """`--which` of bitune-eval and bitune-export: 'final' -> 'latest'."""
   return "latest" if text == "final" else text
-
-
-def add_version(parser):
-  """`--version`: the installed package's."""
-  from bitune_jax.cli import console
-  parser.add_argument("--version", action="version",
-                      version=f"{parser.prog} {console.version()}")
 
 
 def _parse_shots(text, steps):
@@ -72,11 +67,10 @@ def main(argv=None):
                       help="how many processes run this command")
   parser.add_argument("--process_id", type=int, default=None,
                       help="this process's index in [0, num_processes)")
-  add_version(parser)
+  console.add_version(parser)
   args = parser.parse_args(argv)
   try:
     from bitune_jax import sharding
-    from bitune_jax.cli import console
     from bitune_jax.training import config_base, workdir_lock
     console.setup()  # our progress lines; orbax, clu, absl only from warnings up
     from bitune_jax.experiments import protocols

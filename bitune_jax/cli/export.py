@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+from bitune_jax.cli import console
 from bitune_jax.cli import eval as eval_cli
 
 # jax and the training system are imported where they are used (quick --help).
@@ -33,7 +34,7 @@ def main(argv=None):
                            "the best evaluation (as bitune-eval; 'final' is latest)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing output file")
-  eval_cli.add_version(parser)
+  console.add_version(parser)
   args = parser.parse_args(argv)
   from bitune_jax.training import config_base
   from bitune_jax.training import export

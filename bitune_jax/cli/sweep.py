@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from bitune_jax.cli import console
 from bitune_jax.experiments import grid, sweep, tables
 
 # pylint: disable=g-import-not-at-top
@@ -55,9 +56,7 @@ def _parse(argv):
                       help="only pre-train the shared digits source model (DIR/source)")
   parser.add_argument("--report", action="store_true",
                       help="only write the results table of the runs that exist")
-  from bitune_jax.cli import console  # pylint: disable=g-import-not-at-top
-  parser.add_argument("--version", action="version",
-                      version=f"bitune-sweep {console.version()}")
+  console.add_version(parser)
   return parser, parser.parse_args(argv)
 
 
@@ -72,7 +71,6 @@ def _pairs(parser, items, what):
 
 
 def main(argv=None):
-  from bitune_jax.cli import console  # pylint: disable=g-import-not-at-top
   parser, args = _parse(argv)
   try:
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -13,11 +13,15 @@ import jax.numpy as jnp
 from bitune_jax.models import layers
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convs (ResNet-18/34); the stride is on the first."""
+class _Block(nn.Module):
+  """A residual block's fields: its width, stride and compute dtype."""
   planes: int
   stride: int = 1
   dtype: Any = jnp.float32
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convs (ResNet-18/34); the stride is on the first."""
   expansion = 1
 
   @nn.compact
@@ -27,17 +31,12 @@ class BasicBlock(nn.Module):
     y = layers.conv(self.planes, 3, stride=self.stride, padding=1, dtype=self.dtype,
                     name="conv1")(x)
     y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn1")(y))
-    y = _scaled(layers.conv(self.planes, 3, padding=1, dtype=self.dtype, name="conv2")(y),
-                conv_scale)
-    out = layers.batch_norm(train, dtype=self.dtype, name="bn2")(y)
-    return nn.relu(out + _shortcut(self, x, train)), y
+    y = layers.conv(self.planes, 3, padding=1, dtype=self.dtype, name="conv2")(y)
+    return _residual(self, x, y, train, conv_scale, "bn2")
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
   """1x1 -> 3x3 (strided, v1.5) -> 1x1 x4 (ResNet-50/101/152)."""
-  planes: int
-  stride: int = 1
-  dtype: Any = jnp.float32
   expansion = 4
 
   @nn.compact
@@ -49,10 +48,15 @@ class Bottleneck(nn.Module):
     y = layers.conv(self.planes, 3, stride=self.stride, padding=1, dtype=self.dtype,
                     name="conv2")(y)
     y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn2")(y))
-    y = _scaled(layers.conv(self.planes * 4, 1, dtype=self.dtype, name="conv3")(y),
-                conv_scale)
-    out = layers.batch_norm(train, dtype=self.dtype, name="bn3")(y)
-    return nn.relu(out + _shortcut(self, x, train)), y
+    y = layers.conv(self.planes * 4, 1, dtype=self.dtype, name="conv3")(y)
+    return _residual(self, x, y, train, conv_scale, "bn3")
+
+
+def _residual(block, x, y, train, conv_scale, bn):
+  """`(relu(bn(y') + shortcut(x)), y')`, y' the last conv's output `y` scaled."""
+  y = _scaled(y, conv_scale)
+  out = layers.batch_norm(train, dtype=block.dtype, name=bn)(y)
+  return nn.relu(out + _shortcut(block, x, train)), y
 
 
 def _scaled(x, scale):

@@ -24,8 +24,7 @@ def _parser():
                       help="tolerate (and report) tensors the architecture has no place for")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing DST (never the source checkpoint itself)")
-  parser.add_argument("--version", action="version",
-                      version=f"bitune-convert {console.version()}")
+  console.add_version(parser)
   return parser
 
 
