@@ -111,7 +111,7 @@ def _digest(rate):
 
 
 SPEC = '''
-from bitune_jax.experiments.tables import Column, Row, Table
+from bitune_jax.configs.tables import Column, Row, Table
 _C = (Column("Digits 50%", "digits", rate=50), Column("Digits 100%", "digits", rate=100))
 TABLE = Table("bi-tuning", 99, "a test table", "top-1 (%)", _C, (
     Row("Fine-tuning", "finetune", "resnet_small", "none",
@@ -262,7 +262,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, monkey
 
 
 AS_IS_SPEC = '''
-from bitune_jax.experiments.tables import Column, Row, Table
+from bitune_jax.configs.tables import Column, Row, Table
 _C = (Column("retrieval", "digits", rate=100, eval="retrieval"),
       Column("2-shot", "digits", kshot=2, eval="kshot"))
 TABLE = Table("", 0, "as is", "top-5 retrieval / 2-shot top-1 (%)", _C, (

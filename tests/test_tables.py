@@ -62,11 +62,11 @@ def test_bituning_table5_rows_are_the_loss_ablations():
 
 def test_a_malformed_spec_is_refused(tmp_path):
   bad = tmp_path / "bad.py"
-  bad.write_text("from bitune_jax.experiments.tables import Column, Row, Table\n"
+  bad.write_text("from bitune_jax.configs.tables import Column, Row, Table\n"
                  "TABLE = Table('bi-tuning', 9, 't', 'm', (Column('A', 'nowhere'),), ())\n")
   with pytest.raises(ValueError, match="unknown dataset 'nowhere'"):
     tables.load(str(bad))
-  bad.write_text("from bitune_jax.experiments.tables import Column, Row, Table\n"
+  bad.write_text("from bitune_jax.configs.tables import Column, Row, Table\n"
                  "TABLE = Table('bi-tuning', 9, 't', 'm', (Column('A', 'cub'),),\n"
                  "  (Row('r', 'bituning', 'resnet50', 'supervised_resnet50',\n"
                  "       {'B': (1.0, None)}),))\n")

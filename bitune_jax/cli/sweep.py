@@ -7,6 +7,7 @@ import os
 import sys
 
 from bitune_jax.cli import console
+from bitune_jax.configs import tables as specs
 from bitune_jax.experiments import grid, sweep, tables
 
 # pylint: disable=g-import-not-at-top
@@ -128,7 +129,7 @@ def main(argv=None):
                   - set(checkpoints) - {"none"})
   if needed:
     parser.error("the spec's runs start from checkpoints not given: "
-                 + ", ".join(f"--checkpoint {n}=PATH ({tables.CHECKPOINTS[n.split('@')[0]]})"
+                 + ", ".join(f"--checkpoint {n}=PATH ({specs.CHECKPOINTS[n.split('@')[0]]})"
                              for n in needed))
   for run in runs:  # every config error before anything trains
     try:

@@ -8,6 +8,7 @@ import json
 import os
 from typing import Any
 
+from bitune_jax.configs import tables as specs
 from bitune_jax.experiments import sweep_results, tables
 
 
@@ -29,7 +30,7 @@ class Run:
   config: str  # configs/<config>.py, or ""
   arg: str  # its argument: `dataset,arch,rate` or `demo`
   overrides: tuple[tuple[str, Any], ...]  # sorted (dotted key, value)
-  checkpoint: str  # a `tables.CHECKPOINTS` name, or "" (the config's own init_from)
+  checkpoint: str  # a `specs.CHECKPOINTS` name, or "" (the config's own init_from)
   seed: int
 
   @property
@@ -112,7 +113,7 @@ def _own(config, overrides) -> dict:
   return {k: v for k, v in overrides.items() if reads(config, k)}
 
 
-def cells_from_spec(table: tables.Table, seeds, extra, vary=None) -> list[Cell]:
+def cells_from_spec(table: specs.Table, seeds, extra, vary=None) -> list[Cell]:
   """The cells of a table spec; a row without a config is its checkpoint evaluated
   as it is (see `Run`)."""
   out = []
@@ -207,5 +208,5 @@ def checkpoint_name(run: Run, checkpoints) -> str:
   fine-tuning run exported by bitune-export), else `NAME`."""
   dataset = run.arg.split(",")[0]
   specific = f"{run.checkpoint}@{dataset}"
-  return specific if specific in checkpoints or tables.CHECKPOINTS.get(
-      run.checkpoint, "").startswith(tables.PER_DATASET) else run.checkpoint
+  return specific if specific in checkpoints or specs.CHECKPOINTS.get(
+      run.checkpoint, "").startswith(specs.PER_DATASET) else run.checkpoint

@@ -8,7 +8,7 @@ import json
 import os
 import statistics
 
-# Where each column's number is read from a run's results (`eval` of `tables.Column`).
+# Where each column's number is read from a run's results (`eval` of `configs.tables.Column`).
 _RESULT_KEY = {"": "score", "retrieval": "retrieval_top5",
                "bcubed": "kmeans_bcubed_precision", "linear_probe": "linear_probe_top1"}
 

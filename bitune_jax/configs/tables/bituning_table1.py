@@ -9,7 +9,7 @@ whose numbers cover the columns of all three datasets. DELTA runs with
 `configs/delta.py`.
 """
 
-from bitune_jax.experiments.tables import Column, Row, Table
+from bitune_jax.configs.tables import Column, Row, Table
 
 _RATES = (25, 50, 75, 100)
 _DATASETS = (("CUB", "cub"), ("Cars", "cars"), ("Aircraft", "aircraft"))

@@ -12,7 +12,7 @@ Transcription note: L2SP's 50% number, 80.67 +- 0.29, is only 0.10 above its 25%
 extracted text is unambiguous, so it is transcribed as printed.
 """
 
-from bitune_jax.experiments.tables import Column, Row, Table
+from bitune_jax.configs.tables import Column, Row, Table
 
 _RATES = (25, 50, 75, 100)
 _COLUMNS = tuple(Column(f"COCO-70 {r}%", "coco70", rate=r) for r in _RATES)

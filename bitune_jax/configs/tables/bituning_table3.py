@@ -20,7 +20,7 @@ Transcription notes: the Cars 100% std of the Center row is printed with one dec
 but 77.12 in Tables 5 and 6 (the same setting); transcribed as printed.
 """
 
-from bitune_jax.experiments.tables import Column, Row, Table
+from bitune_jax.configs.tables import Column, Row, Table
 
 _RATES = (25, 50, 75, 100)
 _DATASETS = (("CUB", "cub"), ("Cars", "cars"), ("Aircraft", "aircraft"))

@@ -25,7 +25,7 @@ two-branch ResNet on the L and ab channels of Lab images has no converter (see t
 README's converter section).
 """
 
-from bitune_jax.experiments.tables import Column, Row, Table
+from bitune_jax.configs.tables import Column, Row, Table
 
 _COLUMN = Column("Cars 100%", "cars", rate=100)
 

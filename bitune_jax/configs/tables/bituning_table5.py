@@ -6,7 +6,7 @@ CE / CE+CCE / CE+CCL / CCE+CCL / CE+CCE+CCL (its ablation text and the numbers, 
 rise with each term, agree with that order).
 """
 
-from bitune_jax.experiments.tables import Column, Row, Table
+from bitune_jax.configs.tables import Column, Row, Table
 
 _RATES = (25, 50, 75, 100)
 _COLUMNS = tuple(Column(f"CUB {r}%", "cub", rate=r) for r in _RATES)

@@ -21,7 +21,7 @@ in Tables 3 and 5 for the same setting; transcribed as printed. Row labels are a
 printed, with the appendix's citation style ("MoCo He et al. (2020)").
 """
 
-from bitune_jax.experiments.tables import Column, Row, Table
+from bitune_jax.configs.tables import Column, Row, Table
 
 _RATES = (25, 50, 75, 100)
 _COLUMNS = tuple(Column(f"CUB {r}%", "cub", rate=r) for r in _RATES)

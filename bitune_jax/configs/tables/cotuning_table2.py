@@ -17,7 +17,7 @@ each of the three dataset blocks and is one row here, its numbers covering the 1
 columns. DELTA runs with `configs/delta.py`.
 """
 
-from bitune_jax.experiments.tables import Column, Row, Table
+from bitune_jax.configs.tables import Column, Row, Table
 
 _RATES = (15, 30, 50, 100)
 _DATASETS = (("CUB", "cub"), ("Cars", "cars"), ("Aircraft", "aircraft"))

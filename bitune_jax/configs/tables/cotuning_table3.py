@@ -16,7 +16,7 @@ extraction); the row is labelled "L2-SP (Li et al., 2018)". DELTA runs with
 `configs/delta.py`.
 """
 
-from bitune_jax.experiments.tables import Column, Row, Table
+from bitune_jax.configs.tables import Column, Row, Table
 
 _RATES = (15, 30, 50, 100)
 _COLUMNS = tuple(Column(f"COCO-70 {r}%", "coco70", rate=r) for r in _RATES)

@@ -8,7 +8,7 @@ Each run is the method's `demo` config (`configs/<method>.py:demo`, 300 steps) a
 column's sampling rate; the 18 runs of two seeds take about 12 minutes on 2 CPU cores.
 """
 
-from bitune_jax.experiments.tables import Column, Row, Table
+from bitune_jax.configs.tables import Column, Row, Table
 
 _RATES = (25, 50, 100)
 _COLUMNS = tuple(Column(f"digits {r}%", "digits", rate=r) for r in _RATES)

@@ -30,7 +30,7 @@ prints the row labels with an overline ("\\overline{Unsupft-}T") and the caption
 labelled "Unsupft-T". Its numbers and Unsup-S's equal those of Tables 2 and 6.
 """
 
-from bitune_jax.experiments.tables import Column, Row, Table
+from bitune_jax.configs.tables import Column, Row, Table
 
 _SHOTS = (2, 4, 8)
 _DATASETS = (("Pet37", "pets"), ("Caltech101", "caltech101"))

@@ -38,7 +38,7 @@ Unsupft-T" Caltech101 2-shot "(+17.88)" (81.02 - 63.12 = 17.90) and CIFAR100 8-s
 gain is the misprint).
 """
 
-from bitune_jax.experiments.tables import Column, Row, Table
+from bitune_jax.configs.tables import Column, Row, Table
 
 _DATASETS = (("Caltech101", "caltech101"), ("Pet", "pets"), ("CIFAR100", "cifar100"),
              ("Food101", "food101"))

@@ -29,7 +29,7 @@ they are kept as printed. The row label "+ Our Unsupft- T" is read "+ Our Unsupf
 (the caption calls it "Our Unsup-T").
 """
 
-from bitune_jax.experiments.tables import Column, Row, Table
+from bitune_jax.configs.tables import Column, Row, Table
 
 _DATASETS = (("Caltech101", "caltech101"), ("Pet", "pets"), ("CIFAR100", "cifar100"),
              ("Food101", "food101"))

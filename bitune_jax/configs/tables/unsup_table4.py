@@ -22,7 +22,7 @@ transcribed. The row label "+ Our Unsupft- T" is read "+ Our Unsupft-T"; the
 extraction prints "Sup ext{-}S" (a lost "\\text"), read "Sup-S".
 """
 
-from bitune_jax.experiments.tables import Column, Row, Table
+from bitune_jax.configs.tables import Column, Row, Table
 
 _DATASETS = (("Caltech101", "caltech101"), ("Pet", "pets"), ("CIFAR100", "cifar100"),
              ("Food101", "food101"))

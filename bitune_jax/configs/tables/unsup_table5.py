@@ -26,7 +26,7 @@ second-row K as "Sellii-2 Acc" (read "Semi-2 Acc") and the row label
 "+ Our Unsupft- T" (read "+ Our Unsupft-T").
 """
 
-from bitune_jax.experiments.tables import Column, Row, Table
+from bitune_jax.configs.tables import Column, Row, Table
 
 _DATASETS = (("Caltech101", "caltech101"), ("Pet", "pets"), ("CIFAR100", "cifar100"),
              ("Food101", "food101"))

@@ -35,7 +35,7 @@ columns. A row appears in the four dataset blocks and is one row here.
 Food101's "—" 2-shot is 15.84 here but 15.80 in Table 2; each table keeps its own.
 """
 
-from bitune_jax.experiments.tables import Column, Row, Table
+from bitune_jax.configs.tables import Column, Row, Table
 
 _DATASETS = (("Caltech101", "caltech101"), ("Pet", "pets"), ("CIFAR100", "cifar100"),
              ("Food101", "food101"))
