@@ -95,6 +95,8 @@ class Method:
     rules: `{"section.field": Rule}`: values that cannot train, refused up front.
     legacy: `{"section.field": value}`: fields added after runs were recorded without
       them, with the value that describes how those runs trained.
+    moved: `{"section.field": "old_section.field"}`: fields moved into its section,
+      and where runs recorded before the move kept them.
     validate: `(config) -> None`, raising ValueError on settings that cannot work
       together (before anything is loaded or compiled).
     views: the training views of a batch: "one" (`image`), "two" (`image_q`,
@@ -128,6 +130,7 @@ class Method:
   sections: tuple[str, ...] = ()
   rules: Mapping[str, Rule] = dataclasses.field(default_factory=dict)
   legacy: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  moved: Mapping[str, str] = dataclasses.field(default_factory=dict)
   validate: Callable[[Any], None] = _no_check
   views: str = "one"
   unlabelled: bool = False

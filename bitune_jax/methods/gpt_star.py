@@ -85,6 +85,7 @@ METHOD = base.Method(
     name="gpt_star", sections=("gpt_star",), views="two",
     rules={"gpt_star.temperature": base.POSITIVE,
            "gpt_star.trade_off": base.NON_NEGATIVE, "gpt_star.ema_momentum": base.EMA},
+    moved={"gpt_star.projector_dim": "bituning.projector_dim"},  # GPT* read Bi-tuning's
     build_model=build_model, extra_keys=1, init_extras=init_extras,
     key_encoder=lambda config: True, step_config=step_config, before=before,
     loss=loss, after=after)

@@ -48,8 +48,8 @@ def parse_arg(arg):
 SECTIONS = {name: m.sections for name, m in methods.METHODS.items()}
 METHOD_SECTIONS = frozenset(s for sections in SECTIONS.values() for s in sections)
 # Fields moved into a method's own section: field -> where configs recorded before the
-# move kept it (GPT* read Bi-tuning's projector width).
-MOVED = {"gpt_star.projector_dim": "bituning.projector_dim"}
+# move kept it (`Method.moved`).
+MOVED = {f: old for m in methods.METHODS.values() for f, old in m.moved.items()}
 
 
 def foreign_field(method, field):
