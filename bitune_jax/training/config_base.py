@@ -213,7 +213,7 @@ def validate(config):
     raise ValueError(f"head_init {config.head_init!r} is not one of: '' (the method's "
                      f"reference), {', '.join(models.HEAD_INITS)}")
   method = methods.get(config.method)
-  _validate_sections(config)
+  _validate_sections(config, method)
   method.validate(config)
   if not 0 < config.sampling_rate <= 100:
     raise ValueError(f"sampling_rate must be in (0, 100], got {config.sampling_rate}")
@@ -223,18 +223,18 @@ def validate(config):
     raise ValueError(f"total_steps must be >= 0 (0: evaluate the initial checkpoint as "
                      f"it is) and batch_size >= 1, got {config.total_steps} and "
                      f"{config.batch_size}")
-  _validate_values(config)
-  _validate_data(config)
+  _validate_values(config, method)
+  _validate_data(config, method)
 
 
-def _validate_sections(config):
-  """Its method's sections (`SECTIONS`), and no other method's."""
-  for section in SECTIONS.get(config.method, ()):
+def _validate_sections(config, method):
+  """Its method's sections (`Method.sections`), and no other method's."""
+  for section in method.sections:
     if section not in config:
       raise ValueError(f"a {config.method} config needs its {section!r} section: start "
                        f"from configs/{config.method}.py")
   for section in sorted(METHOD_SECTIONS & set(config.keys())):
-    if section not in SECTIONS.get(config.method, ()):
+    if section not in method.sections:
       raise ValueError(f"this config is {config.method}'s but has the {section!r} "
                        f"section of {_owners(section)}, which {config.method} never "
                        "reads: remove it")
@@ -253,8 +253,8 @@ _RULES = {
 }
 
 
-def _validate_values(config):
-  fields = dict(_RULES, **methods.get(config.method).rules,
+def _validate_values(config, method):
+  fields = dict(_RULES, **method.rules,
                 **{f"lr_mult.{g}": base.NON_NEGATIVE for g in config.lr_mult})
   for field, (what, ok) in fields.items():
     section, _, name = field.rpartition(".")
@@ -267,7 +267,7 @@ def _validate_values(config):
       raise ValueError(f"{field} must be {what}, got {value}: it cannot train")
 
 
-def _validate_data(config):
+def _validate_data(config, method):
   data = config.data
   if data.views not in ("reference", "moco"):
     raise ValueError(f"data.views must be 'reference' or 'moco', got {data.views!r}")
@@ -280,7 +280,7 @@ def _validate_data(config):
                      f"{config.image_size}")
   if int(data.kshot) != data.kshot or data.kshot < 0:
     raise ValueError(f"data.kshot must be a non-negative integer, got {data.kshot}")
-  replay = methods.get(config.method).replay_fraction(config) > 0
+  replay = method.replay_fraction(config) > 0
   if replay and config.dataset != "digits" and data.replay_source not in datasets.SPECS:
     raise ValueError(f"unknown data.replay_source {data.replay_source!r}; expected one "
                      f"of {', '.join(datasets.SPECS)}")
