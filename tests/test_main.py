@@ -75,7 +75,7 @@ def test_another_methods_field_is_refused_naming_its_method(tmp_path):
 
 
 def test_a_config_has_the_sections_of_its_method(tmp_path, monkeypatch, capsys):
-  """Each config carries its method's section alone (`config_base.SECTIONS`); another
+  """Each config carries its method's section alone (`config_base.sections`); another
   method's field or section is refused naming whose it is, a misspelt field of its own
   still gets its suggestion; nothing compiles, nothing is written."""
   from bitune_jax.configs import bituning, finetune  # pylint: disable=g-import-not-at-top

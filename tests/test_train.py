@@ -125,7 +125,7 @@ def test_interrupted_run_resumes_to_the_same_state(tmp_path, monkeypatch):
     (dict(bituning=dict(trade_off=-1.0)), "bituning.trade_off must be >= 0, got -1.0"),
     (dict(weight_decay=-5e-4), "weight_decay must be >= 0, got -0.0005"),
     (dict(lr_mult=dict(backbone=-0.1)), "lr_mult.backbone must be >= 0, got -0.1"),
-    # A method's config has its own sections alone (`config_base.SECTIONS`).
+    # A method's config has its own sections alone (`config_base.sections`).
     (dict(unsup=ml_collections.ConfigDict({"replay_fraction": 0.0})),
      "this config is bituning's but has the 'unsup' section of unsup_finetune "
      "(configs/unsup_finetune.py), which bituning never reads: remove it"),

@@ -101,7 +101,7 @@ def _old_shape(config):
   Bi-tuning's, Co-Tuning's and unsupervised fine-tuning's (of their demo configs)."""
   record = json.loads(config.to_json())
   for method in ("bituning", "cotuning", "unsup_finetune"):
-    section, = config_base.SECTIONS[method]
+    section, = config_base.sections()[method]
     module = importlib.import_module(f"bitune_jax.configs.{method}")
     record.setdefault(section, json.loads(module.get_config("demo")[section].to_json()))
   return record

@@ -123,7 +123,7 @@ def _foreign_override(argv, config_value):
   config has no `bituning.temperature`), naming that method; None if there is none."""
   from bitune_jax.training import config_base  # pylint: disable=g-import-not-at-top
   fields = [m[1] for m in (re.match(r"-{1,2}(?:no)?config\.([^=]+)", a) for a in argv) if m]
-  if not config_value or not any(f.split(".")[0] in config_base.METHOD_SECTIONS
+  if not config_value or not any(f.split(".")[0] in config_base.method_sections()
                                  for f in fields):
     return None
   try:  # the config as absl loaded it, without the overrides

@@ -102,7 +102,7 @@ def parse_value(text):
 
 def reads(config, key) -> bool:
   """Whether a run of `configs/<config>.py` has the field `key`: not when it is in
-  another method's section (`config_base.SECTIONS`)."""
+  another method's section (`config_base.sections`)."""
   from bitune_jax.training import config_base  # pylint: disable=g-import-not-at-top
   return config_base.foreign_field(config, key) is None
 

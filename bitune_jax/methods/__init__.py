@@ -12,7 +12,8 @@ import pkgutil
 from bitune_jax.methods import base
 
 
-def _discover():
+def discover():
+  """`{name: Method}` of every module of this package that defines `METHOD`."""
   found = {}
   for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     method = getattr(importlib.import_module(f"{__name__}.{info.name}"), "METHOD", None)
@@ -24,7 +25,7 @@ def _discover():
   return found
 
 
-METHODS = _discover()
+METHODS = discover()
 # Vanilla fine-tuning: what the k-shot protocol trains, and what evaluates a
 # pre-trained checkpoint as it is (the sweep's rows without a method).
 VANILLA = "finetune"

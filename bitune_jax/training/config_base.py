@@ -41,49 +41,52 @@ def parse_arg(arg):
   return dataset, arch, rate
 
 
-# Each method's sections: the fields only that method reads, built by its
-# `configs/<method>.py` (a config has these and no other method's; `Method.sections`).
-# Every config also has the shared fields, `data` and `lr_mult`, and the demo's
-# `pretrain` (its source model's pre-training).
-SECTIONS = {name: m.sections for name, m in methods.METHODS.items()}
-METHOD_SECTIONS = frozenset(s for sections in SECTIONS.values() for s in sections)
-# Fields moved into a method's own section: field -> where configs recorded before the
-# move kept it (`Method.moved`).
-MOVED = {f: old for m in methods.METHODS.values() for f, old in m.moved.items()}
+def sections() -> dict:
+  """`{method: its sections}`: the fields only that method reads, built by its
+  `configs/<method>.py` (`Method.sections`; a config has these and no other method's).
+  Every config also has the shared fields, `data` and `lr_mult`, and the demo's
+  `pretrain` (its source model's pre-training)."""
+  return {name: m.sections for name, m in methods.METHODS.items()}
+
+
+def method_sections() -> frozenset:
+  """Every section of a method (`sections`)."""
+  return frozenset(s for own in sections().values() for s in own)
 
 
 def foreign_field(method, field):
   """Why the dotted `field` is not in a config of `method`: the message that names the
   methods whose section it is in; None for a shared field or one of the method's own."""
   section = field.split(".")[0]
-  if section not in METHOD_SECTIONS or section in SECTIONS.get(method, ()):
+  if section not in method_sections() or section in sections().get(method, ()):
     return None
   return (f"config field {field!r} belongs to {_owners(section)}; this config is "
           f"{method}'s, which has no {section!r} section")
 
 
 def _owners(section):
-  return ", ".join(f"{m} (configs/{m}.py)" for m, own in SECTIONS.items()
+  return ", ".join(f"{m} (configs/{m}.py)" for m, own in sections().items()
                    if section in own)
 
 
 def stored(tree):
-  """A recorded config (the dict of a run's `config.json`) in today's shape: `MOVED`
-  fields in their new place, and the sections its method does not read dropped (a
+  """A recorded config (the dict of a run's `config.json`) in today's shape: moved
+  fields (`Method.moved`) in their new place, and the sections its method does not read dropped (a
   config recorded before each config had only its method's sections carries every
   method's; their values never counted)."""
   tree = copy.deepcopy(dict(tree))
-  for field, old in MOVED.items():
+  moved = {f: old for m in methods.METHODS.values() for f, old in m.moved.items()}
+  for field, old in moved.items():
     (section, name), (old_section, old_name) = field.split("."), old.split(".")
     if (section in tree and name not in tree[section]
         and old_name in tree.get(old_section, {})):
       tree[section][name] = tree[old_section][old_name]
-  own = SECTIONS.get(tree.get("method"), ())
-  return {k: v for k, v in tree.items() if k not in METHOD_SECTIONS or k in own}
+  own = sections().get(tree.get("method"), ())
+  return {k: v for k, v in tree.items() if k not in method_sections() or k in own}
 
 
 def base_config(arg, method):
-  """The fields every method's config has (`SECTIONS`: its own are added by its
+  """The fields every method's config has (`sections`: its own are added by its
   `configs/<method>.py`)."""
   config = ml_collections.ConfigDict()
   config.method = method
@@ -233,7 +236,7 @@ def _validate_sections(config, method):
     if section not in config:
       raise ValueError(f"a {config.method} config needs its {section!r} section: start "
                        f"from configs/{config.method}.py")
-  for section in sorted(METHOD_SECTIONS & set(config.keys())):
+  for section in sorted(method_sections() & set(config.keys())):
     if section not in method.sections:
       raise ValueError(f"this config is {config.method}'s but has the {section!r} "
                        f"section of {_owners(section)}, which {config.method} never "
