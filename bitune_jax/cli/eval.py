@@ -77,7 +77,7 @@ def main(argv=None):
     from bitune_jax.training import records
     workdir = os.path.abspath(config_base.expand_path(args.workdir))
     sharding.initialize_multihost(
-        bool(records.load_config(workdir).get("multi_host", False)),
+        bool(records.load_config(workdir).multi_host),
         args.coordinator_address, args.num_processes, args.process_id)
     shots = _parse_shots(args.kshot, args.kshot_steps) if args.kshot else None
     # Every evaluation writes into the workdir (evals/, plots/, kshot/) and reads its

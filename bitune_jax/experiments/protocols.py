@@ -37,7 +37,7 @@ def evaluate_workdir(workdir, *, which="latest", tsne=False):
   config = records.load_config(workdir)
   run, state, mesh = loop.restore(workdir, config, which)
   if which == "best":  # named by how it was chosen
-    which = ("best-on-validation" if config.data.get("val_fraction", 0.0) > 0
+    which = ("best-on-validation" if config.data.val_fraction > 0
              else "best-on-test")
   metrics = {"step": int(state.step), "checkpoint": which}
   log.info("evaluating %s's %s checkpoint, step %d", workdir, which, metrics["step"])

@@ -51,20 +51,19 @@ class StepConfig:
 def terms(config):
   """The loss terms of weight > 0, of ("ce", "cce", "ccl")."""
   b = config.bituning
-  return tuple(name for name in ("ce", "cce", "ccl")
-               if b.get(f"{name}_weight", 1.0) > 0)
+  return tuple(name for name in ("ce", "cce", "ccl") if b[f"{name}_weight"] > 0)
 
 
 def memory_bank(config):
-  return config.bituning.get("key_generation", "momentum") == "memory_bank"
+  return config.bituning.key_generation == "memory_bank"
 
 
 def validate(config):
   b = config.bituning
-  if not any(b.get(f"{t}_weight", 1.0) > 0 for t in ("ce", "cce", "ccl")):
+  if not any(b[f"{t}_weight"] > 0 for t in ("ce", "cce", "ccl")):
     raise ValueError("bituning.ce_weight, cce_weight and ccl_weight are all 0: nothing "
                      "to train")
-  if b.get("key_generation", "momentum") not in ("momentum", "memory_bank"):
+  if b.key_generation not in ("momentum", "memory_bank"):
     raise ValueError(f"bituning.key_generation must be 'momentum' or 'memory_bank', got "
                      f"{b.key_generation!r}")
   if b.queue_size < 1:
@@ -266,9 +265,9 @@ def step_config(config):
   b = config.bituning
   return StepConfig(
       temperature=b.temperature, trade_off=b.trade_off,
-      cce_after_enqueue=b.cce_after_enqueue, ce_weight=b.get("ce_weight", 1.0),
-      cce_weight=b.get("cce_weight", 1.0), ccl_weight=b.get("ccl_weight", 1.0),
-      queue_size=b.queue_size, bank_momentum=b.get("bank_momentum", 0.5),
+      cce_after_enqueue=b.cce_after_enqueue, ce_weight=b.ce_weight,
+      cce_weight=b.cce_weight, ccl_weight=b.ccl_weight, queue_size=b.queue_size,
+      bank_momentum=b.bank_momentum,
       memory_bank=memory_bank(config),
       momentum=ema.momentum_schedule(
           b.ema_momentum, total_steps=config.total_steps if b.ema_cosine else None))

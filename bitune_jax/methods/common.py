@@ -94,14 +94,14 @@ class Network(nn.Module):
 def head_init(config, reference="torch"):
   """The classifier's initialisation: `config.head_init`, or where that is empty the
   method's `reference` one (Bi-tuning's "normal_0.01", the others' "torch")."""
-  return config.get("head_init", "") or reference
+  return config.head_init or reference
 
 
 def build_network(config, num_classes, *, projector_dim=None, source_classes=None,
                   reference_init="torch"):
   """The `Network` of `config` (a projector of width `projector_dim`, if given: the
   method's own field)."""
-  dtype = jnp.bfloat16 if config.get("bf16", False) else jnp.float32
+  dtype = jnp.bfloat16 if config.bf16 else jnp.float32
   return Network(arch=config.arch, num_classes=num_classes, projector_dim=projector_dim,
                  source_classes=source_classes, dtype=dtype,
                  head_init=head_init(config, reference_init))

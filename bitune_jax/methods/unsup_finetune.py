@@ -38,7 +38,7 @@ class StepConfig:
 
 def build_model(config, num_classes):
   width = models.num_features(config.arch)
-  dtype = jnp.bfloat16 if config.get("bf16", False) else jnp.float32
+  dtype = jnp.bfloat16 if config.bf16 else jnp.float32
   return common.Network(arch=config.arch, num_classes=num_classes,
                         projector_dim=config.unsup.projector_dim,
                         projector_hidden=width if config.unsup.mlp else None, dtype=dtype,

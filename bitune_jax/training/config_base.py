@@ -69,11 +69,19 @@ def _owners(section):
                    if section in own)
 
 
+# Fields added after runs were recorded without them: the value that describes how
+# those runs trained (a resumed one then says so, e.g. --config.head_init=lecun); each
+# method's own are its `Method.legacy`.
+LEGACY = {"head_init": "lecun", "bf16": False, "profile_steps": 0, "multi_host": False,
+          "data.val_fraction": 0.0}
+
+
 def stored(tree):
   """A recorded config (the dict of a run's `config.json`) in today's shape: moved
-  fields (`Method.moved`) in their new place, and the sections its method does not read dropped (a
-  config recorded before each config had only its method's sections carries every
-  method's; their values never counted)."""
+  fields (`Method.moved`) in their new place, the sections its method does not read
+  dropped (a config recorded before each config had only its method's sections
+  carries every method's; their values never counted), and the fields added since
+  (`LEGACY`, `Method.legacy`) with the values it trained with."""
   tree = copy.deepcopy(dict(tree))
   moved = {f: old for m in methods.METHODS.values() for f, old in m.moved.items()}
   for field, old in moved.items():
@@ -82,7 +90,14 @@ def stored(tree):
         and old_name in tree.get(old_section, {})):
       tree[section][name] = tree[old_section][old_name]
   own = sections().get(tree.get("method"), ())
-  return {k: v for k, v in tree.items() if k not in method_sections() or k in own}
+  tree = {k: v for k, v in tree.items() if k not in method_sections() or k in own}
+  method = methods.METHODS.get(tree.get("method"))
+  for field, value in dict(LEGACY, **(method.legacy if method else {})).items():
+    section, _, name = field.rpartition(".")
+    holder = tree.get(section) if section else tree
+    if isinstance(holder, dict):
+      holder.setdefault(name, value)
+  return tree
 
 
 def base_config(arg, method):
@@ -212,7 +227,7 @@ def validate(config):
   if int(config.image_size) != config.image_size or config.image_size < least:
     raise ValueError(f"image_size must be an integer >= {least} ({config.arch}'s total "
                      f"stride), got {config.image_size}: it cannot train")
-  if config.get("head_init", "") not in ("",) + models.HEAD_INITS:
+  if config.head_init not in ("",) + models.HEAD_INITS:
     raise ValueError(f"head_init {config.head_init!r} is not one of: '' (the method's "
                      f"reference), {', '.join(models.HEAD_INITS)}")
   method = methods.get(config.method)

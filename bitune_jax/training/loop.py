@@ -128,7 +128,7 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
   total = config.total_steps
   summary_path = epath.Path(workdir) / "summary.json"
   metrics, eval_metrics, start = None, {}, time.perf_counter()
-  profiler = _Profiler(workdir, first, config.get("profile_steps", 0))
+  profiler = _Profiler(workdir, first, config.profile_steps)
   signals = stopping.StopSignals()  # SIGTERM (preemption), Ctrl-C: save, then stop
   try:
     signals.install()

@@ -10,7 +10,7 @@ import os
 import jax
 from etils import epath
 
-from bitune_jax import files, methods
+from bitune_jax import files
 from bitune_jax.training import config_base, workdir_lock
 
 log = logging.getLogger("bitune_jax")
@@ -34,23 +34,15 @@ def _flat(tree, prefix=""):
   return out
 
 
-# Fields added after runs were recorded without them: the value that describes how
-# those runs trained (a resumed one then says so, e.g. --config.head_init=lecun); each
-# method's own are its `Method.legacy`.
-LEGACY = {"head_init": "lecun"}
-
-
 def config_changes(config, workdir):
-  """`{field: (recorded, now)}` between `workdir/config.json` (in today's shape:
-  `config_base.stored`) and `config`."""
+  """`{field: (recorded, now)}` between `workdir/config.json` (in today's shape, the
+  fields added since with the values it trained with: `config_base.stored`) and
+  `config`."""
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
     return {}
   saved = _flat(config_base.stored(json.loads(path.read_text())))
   now = _flat(json.loads(config.to_json_best_effort()))
-  for field, value in dict(LEGACY, **methods.get(config.method).legacy).items():
-    if field in now:
-      saved.setdefault(field, value)
   return {k: (saved.get(k), now.get(k)) for k in sorted(saved.keys() | now.keys())
           if saved.get(k) != now.get(k)}
 
