@@ -316,7 +316,3 @@ def _validate_data(config):
                      f"{config.image_size}")
   if int(data.kshot) != data.kshot or data.kshot < 0:
     raise ValueError(f"data.kshot must be a non-negative integer, got {data.kshot}")
-  replay = config.method == "unsup_finetune" and config.unsup.replay_fraction > 0
-  if replay and config.dataset != "digits" and data.replay_source not in datasets.SPECS:
-    raise ValueError(f"unknown data.replay_source {data.replay_source!r}; expected one "
-                     f"of {', '.join(datasets.SPECS)}")

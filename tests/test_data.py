@@ -141,15 +141,6 @@ def test_stratified_subset_bad_arguments():
 
 
 # ----------------------------------------------------------------------------- order
-def test_steps_per_epoch():
-  assert pipeline.steps_per_epoch(10, 5) == 2
-  assert pipeline.steps_per_epoch(11, 5) == 3
-  assert pipeline.steps_per_epoch(3, 8) == 1
-  assert pipeline.steps_per_epoch(0, 8) == 0
-  with pytest.raises(ValueError, match="batch_size must be a positive integer"):
-    pipeline.steps_per_epoch(10, 0)
-
-
 _RESUME_SCRIPT = """
 import hashlib, sys
 from bitune_jax.data import pipeline
@@ -182,7 +173,7 @@ def test_resume_in_new_process_gives_same_batches(tmp_path):
 
 @pytest.mark.parametrize("n,batch_size", [(24, 6), (24, 24), (25, 1)])
 def test_each_example_once_per_epoch(n, batch_size):
-  per_epoch = pipeline.steps_per_epoch(n, batch_size)
+  per_epoch = n // batch_size  # the batches of one epoch (n is a multiple here)
   for epoch in range(3):
     seen = np.concatenate([
         pipeline.stream_indices(n, step=epoch * per_epoch + s, batch_size=batch_size,
@@ -203,6 +194,7 @@ def test_stream_crosses_epoch_boundaries(n, batch_size, step):
 def _demo_input(**data):
   import os  # pylint: disable=g-import-not-at-top
   from bitune_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
+  from bitune_jax.data.spec import Needs  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
   import finetune as finetune_config  # pylint: disable=g-import-not-at-top
   config = finetune_config.get_config("demo")
@@ -212,7 +204,7 @@ def _demo_input(**data):
       config.sampling_rate = value
     else:
       config.data[key] = value
-  return config, input_lib.load(config, two_views=False)
+  return config, input_lib.load(config, Needs())
 
 
 def test_kshot_draws_from_the_whole_split_whatever_the_rate():

@@ -80,6 +80,22 @@ def holdout_split(labels: np.ndarray, *, fraction: float,
   return np.sort(train), np.sort(val)
 
 
+def train_subset(labels: np.ndarray, *, rate: float, shots: int, seed: int,
+                 num_classes: int,
+                 class_names: Sequence[str] | None = None) -> np.ndarray | None:
+  """Sorted indices of a run's training examples, or None for all of them: k-shot (k
+  per class of the whole split, the rate ignored), or a sampling rate. Every one of
+  the `num_classes` classes must have examples."""
+  present = np.unique(labels)
+  if len(present) != num_classes:
+    raise ValueError(f"the training split has {len(present)} classes with examples, "
+                     f"expected {num_classes}")
+  if shots:
+    return kshot_subset(labels, shots=shots, seed=seed, class_names=class_names)
+  if rate < 100:
+    return stratified_subset(labels, rate=rate, seed=seed)
+  return None
+
 
 def replay_subset(n: int, *, fraction: float, seed: int) -> np.ndarray:
   """Sorted indices of a fixed random `fraction` of `n` source examples (at least one):
