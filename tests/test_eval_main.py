@@ -26,7 +26,7 @@ def test_evaluates_a_workdir_checkpoint(tmp_path, capsys):
   assert metrics["mean_class_acc"] == pytest.approx(summary["mean_class_acc"])
   # The numbers from outside: the final state's eval-mode outputs on exactly the
   # training and test images.
-  data = input_lib.load(config, two_views=False)
+  data = input_lib.load(config, methods.data_needs(config))
   model = methods.get("finetune").build_model(config, 5)
   train_out, test_out = (
       outside.eval_outputs(model, state.params, state.batch_stats, outside.eval_images(split))
@@ -79,7 +79,7 @@ def test_kshot_subset_by_hand():
     digits.kshot_subset(labels, shots=3, seed=0)
   config = finetune_config.get_config("demo")
   config.data.kshot = 2
-  data = input_lib.load(config, two_views=False)
+  data = input_lib.load(config, methods.data_needs(config))
   np.testing.assert_array_equal(np.bincount(data.train.labels), [2] * 5)
 
 

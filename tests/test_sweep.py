@@ -10,7 +10,7 @@ import statistics
 
 import pytest
 
-from bitune_jax import plots, sweep, sweep_results, train
+from bitune_jax import methods, plots, sweep, sweep_results, train
 
 TINY = ["--set", "total_steps=3", "--set", "eval_every=3", "--set", "checkpoint_every=3",
         "--set", "log_every=3", "--set", "pretrain.total_steps=3", "--set",
@@ -298,7 +298,7 @@ def test_a_checkpoint_evaluated_as_it_is(tmp_path):
   finally:
     ckpts.close()
   # The source model's features, by hand: its variables straight from the file.
-  data = input_lib.load(config, two_views=False)
+  data = input_lib.load(config, methods.data_needs(config))
   backbone = models.create_backbone(config.arch)
 
   def features(split):
