@@ -15,8 +15,10 @@ examples a run takes is `bitune_jax.data.input`'s business.
 import collections.abc
 import dataclasses
 import logging
+import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -112,8 +114,6 @@ def _prepare(name, s, data_dir, manual_dir):
 def _unreachable_host(urls, timeout=5.0):
   """The first download host of `urls` that does not answer a TCP connection within
   `timeout` seconds, or None (all answer, or nothing to download)."""
-  import socket  # pylint: disable=g-import-not-at-top
-  import urllib.parse  # pylint: disable=g-import-not-at-top
   for url in urls:
     parts = urllib.parse.urlsplit(url)
     if not parts.hostname:

@@ -83,7 +83,7 @@ def assemble(spec: DataSpec) -> Input:
   unlabelled as the module docstring says, each through the cache."""
   source = _source(spec)
 
-  def split(name, keep, role, unlabelled=False, reader=source):
+  def split(name, keep, role, *, unlabelled=False, reader=source):
     return cached_split(spec, *reader.read(name, keep, role=role, unlabelled=unlabelled))
 
   keep, held = None, None
@@ -108,7 +108,8 @@ def assemble(spec: DataSpec) -> Input:
                                   seed=spec.seed)
     log.info("replay: %d of %d %s images (%.0f%%)", len(chosen), total, replay.name,
              100 * spec.needs.replay_fraction)
-    pool = pipeline.Concatenated(train, split("train", chosen, "replay", True, replay))
+    replayed = split("train", chosen, "replay", unlabelled=True, reader=replay)
+    pool = pipeline.Concatenated(train, replayed)
   unlabelled = None
   if spec.needs.unlabelled:  # every training image of the target, labels hidden
     every = train if keep is None else split("train", None, "train-all")
