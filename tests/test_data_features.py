@@ -33,7 +33,7 @@ from PIL import Image
 
 from bitune_jax import eval_main, train
 from bitune_jax import methods
-from bitune_jax.data import cache
+from bitune_jax.data import decode
 from bitune_jax.data import input as input_lib
 from bitune_jax.data.spec import Needs
 from bitune_jax.data.views import batch as views_batch
@@ -208,7 +208,7 @@ def _moco_views(image, seed):
   image is the image), rows 0..N_MOCO-1 of one batch."""
   side = image.shape[0]
   assert image.shape[1] == side
-  images = np.broadcast_to(cache.resize_image(image, side), (N_MOCO, side, side, 3))
+  images = np.broadcast_to(decode.resize_image(image, side), (N_MOCO, side, side, 3))
   batch = {"image_u8": images, "hw": np.full((N_MOCO, 2), side, np.int32),
            "label": np.zeros(N_MOCO, np.int32)}
   spec = views_batch.ViewSpec(kind="moco", size=MOCO_SIZE, seed=seed, two_views=False)

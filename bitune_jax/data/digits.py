@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bitune_jax.data import cache, pipeline
+from bitune_jax.data import cache, decode, pipeline
 from bitune_jax.data.views.crop import eval_resize
 from bitune_jax.data.splits import _round_half_up, kshot_subset, stratified_subset  # noqa: F401  pylint: disable=unused-import
 
@@ -57,7 +57,7 @@ def eval_images(images_u8: np.ndarray, image_size: int) -> np.ndarray:
   `S` (`eval_resize`, PIL bilinear, as the cache), its centre `image_size` square,
   normalised: float32 `[n, image_size, image_size, 3]`, what a run evaluates."""
   side = eval_resize(image_size)
-  resized = np.stack([cache.resize_image(image, side) for image in images_u8])
+  resized = np.stack([decode.resize_image(image, side) for image in images_u8])
   return pipeline.eval_view(resized, image_size)
 
 
