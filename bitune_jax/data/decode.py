@@ -3,6 +3,7 @@ resized to `S x S` (the reference transform's `Resize((S, S))`: PIL bilinear wit
 antialiasing, aspect not kept)."""
 
 import io
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -31,12 +32,12 @@ def decode(encoded: bytes) -> np.ndarray:
   return np.asarray(decode_pil(encoded, "the image"))
 
 
-def resize(img, side):
+def resize(img: Image.Image, side: int) -> np.ndarray:
   """uint8 [side, side, 3] from an RGB PIL image."""
   return np.asarray(img.resize((side, side), Image.BILINEAR))
 
 
-def decode_pil(encoded, where):
+def decode_pil(encoded: bytes, where: str) -> Image.Image:
   """The RGB PIL image of encoded bytes; ValueError naming `where` if undecodable."""
   try:
     img = Image.open(io.BytesIO(encoded))
@@ -46,7 +47,7 @@ def decode_pil(encoded, where):
     raise ValueError(f"{where} cannot be decoded: {type(e).__name__}: {e}") from e
 
 
-def from_array(item, where):
+def from_array(item: Any, where: str) -> Image.Image:
   """The RGB PIL image of a uint8 [H, W, 3] / [H, W, 1] / [H, W] array."""
   a = np.asarray(item)
   if a.dtype != np.uint8:
@@ -60,14 +61,14 @@ def from_array(item, where):
   return img.convert("RGB") if a.ndim == 2 else img
 
 
-def to_rgb(item, where):
+def to_rgb(item: Any, where: str) -> Image.Image:
   """The RGB PIL image of a source item: encoded bytes or a uint8 array."""
   if isinstance(item, (bytes, bytearray, memoryview)):
     return decode_pil(item, where)
   return from_array(item, where)
 
 
-def check_side(side):
+def check_side(side: Any) -> None:
   """ValueError unless `side` is an integer >= 1."""
   if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < 1:
     raise ValueError(f"side must be an integer >= 1, got {side!r}")

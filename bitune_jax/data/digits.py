@@ -156,4 +156,5 @@ class Source:
     if unlabelled:
       labels = np.full(len(rows), -1, np.int32)
     name = "digits-replay" if role == "replay" else f"digits-{self.part}-{role}"
-    return {"dataset": "digits", "rows": cache.rows_key(rows)}, raw_uint8()[rows], labels, name
+    key = {"dataset": "digits", "rows": cache.rows_key(rows)}
+    return key, raw_uint8()[rows], labels, name

@@ -83,7 +83,9 @@ def _affine_passes(planes, coefficients):
   return jax.lax.fori_loop(0, coefficients.shape[0], one, planes)
 
 
-def adjust_colour_planes(planes, factors, order, *, active, grey=False):
+def adjust_colour_planes(planes: jax.Array, factors: jax.Array, order: jax.Array, *,
+                         active: bool | jax.Array,
+                         grey: bool | jax.Array = False) -> jax.Array:
   """torchvision's ColorJitter given its draws, on float `[3, H, W]` in [0, 1] (channels
   first: every op is then a pass over three contiguous planes), where `active` (may be
   traced); else the image unchanged. Then, where `grey` (may be traced), the grayscale
@@ -170,7 +172,8 @@ def _blur_taps(sigma, kernel_size):
 _NO_BLUR = 1e-3  # a sigma whose normalised taps are exactly (0, ..., 1, ..., 0)
 
 
-def blur_planes(planes, sigma, *, kernel_size, apply=True):
+def blur_planes(planes: jax.Array, sigma: float | jax.Array, *, kernel_size: int,
+                apply: bool | jax.Array = True) -> jax.Array:
   """`gaussian_blur` of float `[C, H, W]` (channels first)."""
   if kernel_size % 2 != 1:
     raise ValueError(f"kernel_size must be odd, got {kernel_size}")

@@ -122,7 +122,10 @@ def _resize_taps(start, length, size, side):
   return jnp.clip(pixel, 0, side - 1), weights
 
 
-def crop_and_resize_planes(image_u8, top, left, h, w, *, size, mirror=False):
+def crop_and_resize_planes(image_u8: jax.Array, top: int | jax.Array,
+                           left: int | jax.Array, h: int | jax.Array,
+                           w: int | jax.Array, *, size: int,
+                           mirror: bool | jax.Array = False) -> jax.Array:
   """`crop_and_resize` with channels first: float32 `[3, size, size]` in [0, 1].
 
   Rows: each output row is a weighted sum of the few cache rows under its triangle
@@ -157,11 +160,13 @@ def crop_and_resize(image_u8: jax.Array, top: int | jax.Array, left: int | jax.A
                                                 mirror=mirror))
 
 
-def channels_first(image):
+def channels_first(image: jax.Array) -> jax.Array:
+  """`[H, W, C]` -> `[C, H, W]`."""
   return jnp.transpose(image, (2, 0, 1))
 
 
-def channels_last(planes):
+def channels_last(planes: jax.Array) -> jax.Array:
+  """`[C, H, W]` -> `[H, W, C]`."""
   return jnp.transpose(planes, (1, 2, 0))
 
 

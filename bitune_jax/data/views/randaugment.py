@@ -276,7 +276,8 @@ def _apply_planes(planes, op, parameter, fill):
 # ---------------------------------------------------------------- public ops
 
 
-def check_image(image, name="image"):
+def check_image(image: jax.Array, name: str = "image") -> None:
+  """ValueError unless `image` is `[H, W, 3]`, 3 to 8192 pixels a side."""
   if image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f"{name} must be [H, W, 3], got shape {tuple(image.shape)}")
   if not 3 <= min(image.shape[:2]) <= max(image.shape[:2]) <= 8192:
@@ -284,7 +285,8 @@ def check_image(image, name="image"):
                      f"warps), got {image.shape[:2]}")
 
 
-def check_options(num_ops=0, apply_prob=0.0, fill=FILL):
+def check_options(num_ops: int = 0, apply_prob: float = 0.0, fill: float = FILL) -> None:
+  """ValueError unless the RandAugment options are in range."""
   if not isinstance(num_ops, int) or num_ops < 0:
     raise ValueError(f"num_ops must be an int >= 0, got {num_ops!r}")
   if not 0 <= apply_prob <= 1:
@@ -348,7 +350,9 @@ def op_parameter(op: jax.Array, fraction: jax.Array, height: int, width: int
                            jnp.where(op == OPS.index("translate_y"), height, 1))
 
 
-def rand_augment_planes(planes, key, num_ops, apply_prob, fill):
+def rand_augment_planes(planes: jax.Array, key: jax.Array, num_ops: int,
+                        apply_prob: float, fill: float) -> jax.Array:
+  """`rand_augment` of levels `[3, H, W]` (channels first)."""
   if num_ops == 0:
     return planes
   ops, fractions, applied = rand_augment_draws(key, num_ops=num_ops,
