@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bitune_jax import models, sharding  # noqa: E402
-from bitune_jax.data import device_views, pipeline  # noqa: E402
+from bitune_jax.data.views import augment, crop  # noqa: E402
 
 CPU_GHZ, CPU_FLOP_PER_CYCLE = 3.0, 32  # nominal: AVX2, two float32 FMA units per core
 
@@ -164,8 +164,8 @@ def host(setup, peak):
   encoded = input_bench.photos(setup["host_images"])
   out = {"threads": cores}
   with tempfile.TemporaryDirectory() as directory:
-    for kind, side in (("reference", pipeline.eval_resize(size)),
-                       ("moco", device_views.moco_side(size))):
+    for kind, side in (("reference", crop.eval_resize(size)),
+                       ("moco", augment.moco_side(size))):
       pool, _ = input_bench.build_cache(encoded, side, directory, size)
       rates = {n: input_bench.host_rate(pool, batch=_global_batch(setup), mesh=mesh,
                                         seconds=setup["host_seconds"], threads=n)

@@ -3,11 +3,11 @@ measured in one run.
 
 The path is the real one (`bitune_jax.data`): synthetic photo-like JPEGs of 500x375 (the
 size of a CUB image) are decoded and resized once into the uint8 cache (`data.cache`, S
-= 256 for the reference views at 224, `device_views.moco_side(224)` = 384 for MoCo v2);
+= 256 for the reference views at 224, `views.augment.moco_side(224)` = 384 for MoCo v2);
 then, per step, the host only gathers its rows of the global batch from the memory-mapped
 cache and puts them on the devices (`pipeline.train_stream`, `sharding.global_batch`),
 and the two views of each example are made inside the jitted Bi-tuning step
-(`pipeline.make_views`).
+(`views.batch.make_views`).
 
 Printed, for each view kind ('reference': the papers' fine-tuning views; 'moco': MoCo v2's,
 for unsupervised fine-tuning):
@@ -40,9 +40,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step as step_bench  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from bitune_jax import methods, queues, sharding  # noqa: E402
-from bitune_jax.data import cache, device_views, pipeline  # noqa: E402
+from bitune_jax.data import cache, pipeline  # noqa: E402
+from bitune_jax.data.views import augment, crop  # noqa: E402
+from bitune_jax.data.views.batch import ViewSpec, make_views  # noqa: E402
 from bitune_jax.methods import base, common  # noqa: E402
-from bitune_jax.training import loop
+from bitune_jax.training import loop  # noqa: E402
 
 
 def photos(count, seed=0, size=(375, 500)):
@@ -110,13 +112,12 @@ def views_input(kind, *, size, batch, num_classes, mesh):
   """`(data, views)`: a global batch as the host puts it on the devices (uint8 cache
   images of `kind`'s side, original sizes, labels) and the two-view function that the
   step makes its views with, `views(data, step)`."""
-  side = (device_views.moco_side(size) if kind == "moco" else pipeline.eval_resize(size))
+  side = (augment.moco_side(size) if kind == "moco" else crop.eval_resize(size))
   rng = np.random.default_rng(0)
   host = {"image_u8": rng.integers(0, 256, (batch, side, side, 3), dtype=np.uint8),
           "hw": np.tile([375, 500], (batch, 1)).astype(np.int32),
           "label": rng.integers(0, num_classes, batch).astype(np.int32)}
-  views = pipeline.make_views(pipeline.ViewSpec(kind=kind, size=size, seed=0,
-                                                two_views=True))
+  views = make_views(ViewSpec(kind=kind, size=size, seed=0, two_views=True))
   return sharding.global_batch(host, mesh), views
 
 
@@ -173,8 +174,8 @@ def main():
         f"{jax.devices()[0].platform} device(s)", flush=True)
   host, share = {}, {}
   with tempfile.TemporaryDirectory() as directory:
-    for kind, side in (("reference", pipeline.eval_resize(224)),
-                       ("moco", device_views.moco_side(224))):
+    for kind, side in (("reference", crop.eval_resize(224)),
+                       ("moco", augment.moco_side(224))):
       pool, built = build_cache(encoded, side, directory)
       host[kind] = host_rate(pool, batch=args.batch, seconds=args.seconds, mesh=mesh)
       views, full = device_share(kind, arch=arch, size=size, batch=batch, bf16=args.gpu,

@@ -1,7 +1,7 @@
 """Benchmark: the side S of the uint8 cache that MoCo v2 views are cut from.
 
 A MoCo view crops 20-100% of the ORIGINAL image's area and resizes it to 224; the
-device views (`bitune_jax.data.device_views.moco_view`) take that box from a cache of
+device views (`bitune_jax.data.views.augment.moco_view`) take that box from a cache of
 the image resized once to S x S instead. This script measures what that costs in
 pixels: synthetic photo-like images of 500 x 375 (a CUB image's size: smooth random
 colour fields plus multi-scale texture, or i.i.d. pixel noise with `--texture noise`,
@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bitune_jax.data import device_views as dv  # noqa: E402
+from bitune_jax.data.views import augment, crop  # noqa: E402
 
 HEIGHT, WIDTH = 375, 500
 BIN = 0.01  # histogram bin of the errors, in /255 units
@@ -78,8 +78,8 @@ def reference(image: np.ndarray, box, size: int) -> np.ndarray:
 def _boxes_and_views(cache, keys, hw, *, side, size):
   """The original and cache boxes of `keys`, and the views from the cache."""
   def one(key):
-    original, box = dv.moco_box(key, hw, side)
-    return original, dv.crop_and_resize(cache, *box, size=size)
+    original, box = augment.moco_box(key, hw, side)
+    return original, crop.crop_and_resize(cache, *box, size=size)
   return jax.vmap(one)(keys)
 
 
@@ -132,7 +132,7 @@ def main():
           f"{side * side * 3:>12,}")
   pick = min(side for side in sides if results[side][0] - floor < 1.0)
   print(f"smallest S with an excess under 1/255: {pick}")
-  print(f"moco_side({args.size}) = {dv.moco_side(args.size)}")
+  print(f"moco_side({args.size}) = {augment.moco_side(args.size)}")
 
 
 if __name__ == "__main__":

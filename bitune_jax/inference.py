@@ -118,7 +118,7 @@ def _preprocess_one(image, spec):
   """One decoded image -> the evaluation view a run makes of it (`data.pipeline`): the
   cache's PIL bilinear resize to S x S in uint8, the centre crop, normalisation."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from bitune_jax.data import cache, digits  # pylint: disable=g-import-not-at-top
+  from bitune_jax.data import decode, digits  # pylint: disable=g-import-not-at-top
   size = spec["image_size"]
   image = np.asarray(image)
   if image.ndim == 3 and image.shape[-1] == 1:  # grey [H, W, 1]
@@ -130,7 +130,7 @@ def _preprocess_one(image, spec):
   if spec["kind"] == "digits":  # grey 8x8, as scikit-learn's (area averaging)
     grey = Image.fromarray(image.astype(np.uint8)).convert("L").resize((8, 8), Image.BOX)
     return digits.eval_images(np.asarray(grey)[None], size)[0]
-  resized = cache.resize_image(image.astype(np.uint8), spec["resize"])[None]
+  resized = decode.resize_image(image.astype(np.uint8), spec["resize"])[None]
   offset = (spec["resize"] - size) // 2
   crop = resized[:, offset:offset + size, offset:offset + size].astype(np.float32) / 255
   return ((crop[0] - np.asarray(spec["mean"], np.float32)) /

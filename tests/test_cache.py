@@ -1,7 +1,6 @@
 """Decoded image caches: equal to a plain PIL reference, memory-mapped when reopened,
 rebuilt (never used) when stale, truncated, corrupt or unreadable, atomic builds."""
 
-import io
 import json
 import os
 import shutil
@@ -12,85 +11,17 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from bitune_jax.data import cache
+from bitune_jax.data import cache, decode
 
 import fakes  # pylint: disable=g-bad-import-order
+import image_samples as samples  # pylint: disable=g-bad-import-order
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# --------------------------------------------------------------------------- inputs
-def _encode(img, fmt, **kwargs):
-  out = io.BytesIO()
-  img.save(out, format=fmt, **kwargs)
-  return out.getvalue()
-
-
-def _pixels(rng, channels=3):
-  h, w = rng.integers(5, 48, size=2)
-  shape = (h, w) if channels == 1 else (h, w, channels)
-  return rng.integers(0, 256, size=shape, dtype=np.uint8)
-
-
-def _palette(rng, transparent):
-  img = Image.fromarray(_pixels(rng)).quantize(colors=int(rng.integers(2, 64)))
-  return _encode(img, "PNG", **({"transparency": 0} if transparent else {}))
-
-
-def _item(kind, rng):
-  """A source item of `kind`: encoded bytes of some Pillow mode, or a uint8 array."""
-  if kind == "jpeg":
-    return _encode(Image.fromarray(_pixels(rng)), "JPEG", quality=90)
-  if kind == "cmyk_jpeg":
-    return _encode(Image.fromarray(_pixels(rng)).convert("CMYK"), "JPEG")
-  if kind == "png":
-    return _encode(Image.fromarray(_pixels(rng)), "PNG")
-  if kind == "grey_png":
-    return _encode(Image.fromarray(_pixels(rng, 1)), "PNG")
-  if kind == "rgba_png":
-    return _encode(Image.fromarray(_pixels(rng, 4)), "PNG")
-  if kind in ("palette_png", "palette_alpha_png"):
-    return _palette(rng, kind == "palette_alpha_png")
-  if kind == "grey_array":
-    return _pixels(rng, 1)
-  if kind == "grey1_array":
-    return _pixels(rng, 1)[..., None]
-  if kind == "rgb_array":
-    return _pixels(rng)
-  if kind == "strided_array":
-    return _pixels(rng)[::-1, ::2]
-  raise ValueError(kind)
-
-
-KINDS = ("jpeg", "cmyk_jpeg", "png", "grey_png", "rgba_png", "palette_png",
-         "palette_alpha_png", "grey_array", "grey1_array", "rgb_array", "strided_array")
-
-
-def _source(rng, n=None):
-  """n items of random kinds (every kind at least once when n is None)."""
-  kinds = list(KINDS) if n is None else list(rng.choice(KINDS, size=n))
-  return [_item(kind, rng) for kind in kinds]
-
-
-def _reference(source, side):
-  """(images [N, S, S, 3], hw [N, 2]): PIL decode, RGB, resize, one item at a time."""
-  images, hw = [], []
-  for item in source:
-    if isinstance(item, bytes):
-      with Image.open(io.BytesIO(item)) as img:
-        rgb = img.convert("RGB")
-    else:
-      a = np.asarray(item).reshape(item.shape[0], item.shape[1], -1)
-      rgb = Image.fromarray(np.ascontiguousarray(np.broadcast_to(a, (*a.shape[:2], 3))))
-    hw.append((rgb.height, rgb.width))
-    images.append(np.asarray(rgb.resize((side, side), Image.BILINEAR)))
-  return np.stack(images), np.array(hw, np.int32)
-
-
 def _assert_reference(got, source, side):
-  images, hw = _reference(source, side)
+  images, hw = samples.reference(source, side)
   assert got.images.dtype == np.uint8
   assert got.images.shape == (len(source), side, side, 3)
   assert got.hw.dtype == np.int32 and got.hw.shape == (len(source), 2)
@@ -113,14 +44,14 @@ def _no_rebuild(monkeypatch):
   """Makes any decode or resize fail: a load that returns did not build."""
   def fail(*args):
     raise AssertionError("rebuilt")
-  monkeypatch.setattr(cache, "_resize", fail)
-  monkeypatch.setattr(cache, "_decode", fail)
+  monkeypatch.setattr(decode, "resize", fail)
+  monkeypatch.setattr(decode, "decode_pil", fail)
 
 
 # --------------------------------------------------------------------------- builds
 @pytest.mark.parametrize("directory", ["disk", ""])
 def test_build_equals_pil_reference(rng, tmp_path, directory):
-  source, side = _source(rng), int(rng.integers(8, 40))
+  source, side = samples.source(rng), int(rng.integers(8, 40))
   got = cache.load({"t": 1}, source, side=side,
                    directory=str(tmp_path) if directory else "", name="mix")
   _assert_reference(got, source, side)
@@ -129,22 +60,8 @@ def test_build_equals_pil_reference(rng, tmp_path, directory):
                                        directory=str(tmp_path), name="mix"))
 
 
-def test_decode_and_resize_image_equal_reference(rng):
-  side = int(rng.integers(4, 40))
-  for kind in KINDS:
-    item = _item(kind, rng)
-    images, hw = _reference([item], side)
-    if isinstance(item, bytes):
-      decoded = cache.decode(item)
-      assert decoded.dtype == np.uint8 and decoded.shape == (*hw[0], 3), kind
-      image = decoded
-    else:
-      image = item
-    np.testing.assert_array_equal(cache.resize_image(image, side), images[0], kind)
-
-
 def test_reopen_maps_without_rebuilding(rng, tmp_path, monkeypatch):
-  source, side, key = _source(rng, 12), 16, {"dataset": "x", "rows": "abc"}
+  source, side, key = samples.source(rng, 12), 16, {"dataset": "x", "rows": "abc"}
   first = cache.load(key, source, side=side, directory=str(tmp_path), name="x-train")
   _no_rebuild(monkeypatch)
   start = time.perf_counter()
@@ -163,7 +80,7 @@ def test_reopen_maps_without_rebuilding(rng, tmp_path, monkeypatch):
 
 
 def test_other_side_is_another_file(rng, tmp_path, monkeypatch):
-  source, key = _source(rng, 5), {"k": [1, 2]}
+  source, key = samples.source(rng, 5), {"k": [1, 2]}
   small = cache.load(key, source, side=8, directory=str(tmp_path))
   large = cache.load(key, source, side=12, directory=str(tmp_path))
   assert small.path != large.path
@@ -181,7 +98,7 @@ def test_other_side_is_another_file(rng, tmp_path, monkeypatch):
 
 def test_stale_key_is_rebuilt(rng, tmp_path):
   """A file holding another key's images, under this key's name, is never used."""
-  old, new, side = _source(rng, 6), _source(rng, 6), 10
+  old, new, side = samples.source(rng, 6), samples.source(rng, 6), 10
   built = cache.load({"rows": "old"}, old, side=side, directory=str(tmp_path))
   path = cache.cache_path({"rows": "new"}, side=side, count=6, directory=str(tmp_path))
   shutil.copyfile(built.path, path)
@@ -246,7 +163,7 @@ def _damage(kind, path, rng, count, side):
 @pytest.mark.parametrize("kind", ["truncated", "header_cut", "longer", "image_byte",
                                   "hw_byte", "garbage_header", "version", "count"])
 def test_bad_file_is_rebuilt(rng, tmp_path, kind):
-  source, side, key = _source(rng, 7), 12, {"split": "train"}
+  source, side, key = samples.source(rng, 7), 12, {"split": "train"}
   built = cache.load(key, source, side=side, directory=str(tmp_path), name="bad")
   path = built.path
   del built  # unmap before damaging (a map of a cut file faults on access)
@@ -268,12 +185,12 @@ def test_bad_file_is_rebuilt(rng, tmp_path, kind):
 _KILLED_BUILD = """
 import sys, time
 import numpy as np
-from bitune_jax.data import cache
-resize = cache._resize
+from bitune_jax.data import cache, decode
+resize = decode.resize
 def slow(img, side):
   time.sleep(0.02)
   return resize(img, side)
-cache._resize = slow
+decode.resize = slow
 source = [np.full((20, 30, 3), i % 256, np.uint8) for i in range(2000)]
 cache.load({"k": 1}, source, side=16, directory=sys.argv[1], name="killed", threads=1)
 """
@@ -307,7 +224,7 @@ def test_killed_build_leaves_no_cache_and_its_leftover_is_removed(tmp_path):
 
 def test_live_builds_temporary_file_is_kept_and_not_read(rng, tmp_path):
   """A temporary file of a running process (here: this one) is someone's build."""
-  source, side = _source(rng, 4), 8
+  source, side = samples.source(rng, 4), 8
   path = cache.cache_path({"a": 0}, side=side, count=4, directory=str(tmp_path))
   live = (f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp."
           f"{cache._host()}.{os.getpid()}.abc")  # pylint: disable=protected-access
@@ -320,7 +237,7 @@ def test_live_builds_temporary_file_is_kept_and_not_read(rng, tmp_path):
 
 
 def test_concurrent_builds_of_one_cache_both_end_valid(rng, tmp_path):
-  source, side, results = _source(rng, 30), 12, []
+  source, side, results = samples.source(rng, 30), 12, []
   barrier = threading.Barrier(2)
 
   def build():
@@ -345,7 +262,7 @@ def test_concurrent_builds_of_one_cache_both_end_valid(rng, tmp_path):
 
 # --------------------------------------------------------------------------- options
 def test_threads_do_not_change_the_file(rng, tmp_path):
-  source, side = _source(rng, 40), 14
+  source, side = samples.source(rng, 40), 14
   one = cache.load({"t": 0}, source, side=side, directory=str(tmp_path / "one"),
                    threads=1)
   four = cache.load({"t": 0}, source, side=side, directory=str(tmp_path / "four"),
@@ -360,7 +277,7 @@ def test_threads_do_not_change_the_file(rng, tmp_path):
 
 def test_in_memory_writes_nothing(rng, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  source = _source(rng, 5)
+  source = samples.source(rng, 5)
   got = cache.load({"m": 1}, source, side=9, directory="", name="mem", threads=3)
   assert got.path == "" and not isinstance(got.images, np.memmap)
   assert os.listdir(tmp_path) == []
@@ -377,7 +294,7 @@ def test_empty_source(tmp_path):
 
 def test_progress_is_logged(rng, tmp_path, monkeypatch):
   monkeypatch.setattr(cache, "_PROGRESS_SECONDS", 0.0)
-  source = _source(rng, 20)
+  source = samples.source(rng, 20)
   with fakes.our_log("INFO") as records:
     got = cache.load({"p": 1}, source, side=8, directory=str(tmp_path), name="prog",
                      threads=2)
@@ -392,15 +309,13 @@ def test_progress_is_logged(rng, tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- errors
 def test_undecodable_item_names_its_index(rng, tmp_path):
-  source = _source(rng, 10)
+  source = samples.source(rng, 10)
   bad = int(rng.integers(0, 10))
-  source[bad] = (_item("jpeg", rng)[:40] if rng.integers(2) else
+  source[bad] = (samples.item("jpeg", rng)[:40] if rng.integers(2) else
                  rng.integers(0, 256, 300, dtype=np.uint8).tobytes())
   with pytest.raises(ValueError, match=rf"^item {bad} of bad cannot be decoded: \w+"):
     cache.load({"u": 1}, source, side=8, directory=str(tmp_path), name="bad")
   assert os.listdir(tmp_path) == []  # no cache, no temporary file
-  with pytest.raises(ValueError, match="cannot be decoded"):
-    cache.decode(b"not an image")
 
 
 @pytest.mark.parametrize("item, message", [
@@ -411,7 +326,7 @@ def test_undecodable_item_names_its_index(rng, tmp_path):
     ("a string", "expected uint8"),
 ])
 def test_bad_array_item(rng, item, message):
-  source = _source(rng, 3) + [item]
+  source = samples.source(rng, 3) + [item]
   with pytest.raises(ValueError, match=f"^item 3 of arr .*{message}"):
     cache.load({"b": 1}, source, side=8, directory="", name="arr")
 
@@ -428,14 +343,11 @@ def test_bad_array_item(rng, item, message):
 def test_bad_arguments(rng, tmp_path, monkeypatch, kwargs, message):
   """Fail before any image is decoded, and leave nothing behind."""
   args = {"key": {"k": 1}, "side": 8, "directory": str(tmp_path), **kwargs}
-  source = _source(rng, 2)
+  source = samples.source(rng, 2)
   _no_rebuild(monkeypatch)
   with pytest.raises(ValueError, match=message):
     cache.load(args.pop("key"), source, **args)
   assert os.listdir(tmp_path) == []
-  monkeypatch.undo()
-  with pytest.raises(ValueError, match="side must be"):
-    cache.resize_image(np.zeros((3, 3, 3), np.uint8), 0)
 
 
 def test_rows_key(rng):

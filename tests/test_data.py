@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from bitune_jax.data import digits, pipeline
+from bitune_jax.data import digits, pipeline, splits
 
 # Per-digit counts of sklearn's digits, and the 30% test split of each class worked out
 # by hand: test = round_half_up(0.3 * n), e.g. 0.3 * 182 = 54.6 -> 55.
@@ -108,14 +108,14 @@ def test_sampling_rate_counts_by_hand(rate):
 
 def test_stratified_subset_generic():
   labels = np.array([7] * 10 + [-2] * 3 + [40] * 200)
-  idx = digits.stratified_subset(labels, rate=1.0, seed=5)
+  idx = splits.stratified_subset(labels, rate=1.0, seed=5)
   assert np.all(np.diff(idx) > 0) and idx.dtype == np.int64
   counts = {int(c): int((labels[idx] == c).sum()) for c in np.unique(labels)}
   assert counts == {-2: 1, 7: 1, 40: 2}  # max(1, round(0.01 * n)).
-  assert np.array_equal(digits.stratified_subset(labels, rate=100, seed=0), np.arange(213))
-  np.testing.assert_array_equal(idx, digits.stratified_subset(labels, rate=1.0, seed=5))
+  assert np.array_equal(splits.stratified_subset(labels, rate=100, seed=0), np.arange(213))
+  np.testing.assert_array_equal(idx, splits.stratified_subset(labels, rate=1.0, seed=5))
   for seed in range(3):  # A random draw, not the first members of each class.
-    picked = digits.stratified_subset(labels, rate=10, seed=seed)
+    picked = splits.stratified_subset(labels, rate=10, seed=seed)
     assert not np.array_equal(picked[labels[picked] == 40], np.arange(13, 33))
 
 
@@ -135,21 +135,12 @@ def test_load_bad_arguments(kwargs, needle):
 def test_stratified_subset_bad_arguments():
   for rate in (0, -1, 101):
     with pytest.raises(ValueError, match="rate"):
-      digits.stratified_subset(np.arange(4), rate=rate, seed=0)
+      splits.stratified_subset(np.arange(4), rate=rate, seed=0)
   with pytest.raises(ValueError, match=r"labels must be 1-D, got shape \(2, 2\)"):
-    digits.stratified_subset(np.zeros((2, 2), int), rate=50, seed=0)
+    splits.stratified_subset(np.zeros((2, 2), int), rate=50, seed=0)
 
 
 # ----------------------------------------------------------------------------- order
-def test_steps_per_epoch():
-  assert pipeline.steps_per_epoch(10, 5) == 2
-  assert pipeline.steps_per_epoch(11, 5) == 3
-  assert pipeline.steps_per_epoch(3, 8) == 1
-  assert pipeline.steps_per_epoch(0, 8) == 0
-  with pytest.raises(ValueError, match="batch_size must be a positive integer"):
-    pipeline.steps_per_epoch(10, 0)
-
-
 _RESUME_SCRIPT = """
 import hashlib, sys
 from bitune_jax.data import pipeline
@@ -183,7 +174,7 @@ def test_resume_in_new_process_gives_same_batches(tmp_path):
 
 @pytest.mark.parametrize("n,batch_size", [(24, 6), (24, 24), (25, 1)])
 def test_each_example_once_per_epoch(n, batch_size):
-  per_epoch = pipeline.steps_per_epoch(n, batch_size)
+  per_epoch = n // batch_size  # the batches of one epoch (n is a multiple here)
   for epoch in range(3):
     seen = np.concatenate([
         pipeline.stream_indices(n, step=epoch * per_epoch + s, batch_size=batch_size,
@@ -204,6 +195,7 @@ def test_stream_crosses_epoch_boundaries(n, batch_size, step):
 def _demo_input(**data):
   import os  # pylint: disable=g-import-not-at-top
   from bitune_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
+  from bitune_jax.data.spec import Needs  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
   import finetune as finetune_config  # pylint: disable=g-import-not-at-top
   config = finetune_config.get_config("demo")
@@ -213,7 +205,7 @@ def _demo_input(**data):
       config.sampling_rate = value
     else:
       config.data[key] = value
-  return config, input_lib.load(config, two_views=False)
+  return config, input_lib.load(config, Needs())
 
 
 def test_kshot_draws_from_the_whole_split_whatever_the_rate():

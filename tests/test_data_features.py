@@ -31,9 +31,12 @@ import scipy.stats
 import tensorflow as tf
 from PIL import Image
 
+from bitune_jax import methods
 from bitune_jax.cli import eval as eval_cli
-from bitune_jax.data import cache, pipeline
+from bitune_jax.data import decode
 from bitune_jax.data import input as input_lib
+from bitune_jax.data.spec import Needs
+from bitune_jax.data.views import batch as views_batch
 from bitune_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +120,7 @@ def _views_of(config, steps):
   """`(colours [n, 3] of the un-normalised views, label [n], spread [n])` of both views
   of `steps` training batches: the mean colour of each view and its largest deviation
   from that mean (0 for a constant view)."""
-  data = input_lib.load(config, two_views=True)
+  data = input_lib.load(config, methods.data_needs(config))
   views = jax.jit(data.views)
   colours, labels, spread = [], [], []
   for step, batch in zip(range(steps), data.train_batches(0)):
@@ -206,11 +209,11 @@ def _moco_views(image, seed):
   image is the image), rows 0..N_MOCO-1 of one batch."""
   side = image.shape[0]
   assert image.shape[1] == side
-  images = np.broadcast_to(cache.resize_image(image, side), (N_MOCO, side, side, 3))
+  images = np.broadcast_to(decode.resize_image(image, side), (N_MOCO, side, side, 3))
   batch = {"image_u8": images, "hw": np.full((N_MOCO, 2), side, np.int32),
            "label": np.zeros(N_MOCO, np.int32)}
-  spec = pipeline.ViewSpec(kind="moco", size=MOCO_SIZE, seed=seed, two_views=False)
-  out = jax.jit(pipeline.make_views(spec))(batch, 0)["image"]
+  spec = views_batch.ViewSpec(kind="moco", size=MOCO_SIZE, seed=seed, two_views=False)
+  out = jax.jit(views_batch.make_views(spec))(batch, 0)["image"]
   return _unnormalise(jax.device_get(out))
 
 
@@ -318,7 +321,7 @@ def test_sampling_rate_subsets_are_nested_with_exact_counts(mocked, seed):
   index = {(12 + i % 28, 12 + i // 28): i for i in range(len(labels))}
   chosen = {}
   for rate in (15, 30, 50, 75, 100):
-    data = input_lib.load(_pets_config(rate, seed=seed), two_views=False)
+    data = input_lib.load(_pets_config(rate, seed=seed), Needs())
     ids = np.array([index[tuple(hw)] for hw in data.train.hw.tolist()])
     np.testing.assert_array_equal(labels[ids], data.train.labels)  # labels travel along
     assert len(set(ids)) == len(ids), (seed, rate)
@@ -332,7 +335,7 @@ def test_sampling_rate_subsets_are_nested_with_exact_counts(mocked, seed):
     missing = sorted(chosen[low] - chosen[high])
     assert not missing, (seed, low, high, missing)
   assert chosen[15] < chosen[30] < chosen[50] < chosen[75]  # strictly larger counts here
-  other = input_lib.load(_pets_config(50, seed=seed + 1), two_views=False)
+  other = input_lib.load(_pets_config(50, seed=seed + 1), Needs())
   assert {index[tuple(hw)] for hw in other.train.hw.tolist()} != chosen[50], seed
 
 
@@ -376,7 +379,7 @@ def test_eval_command_line_kshot(tmp_path):
     run_config = ml_collections.ConfigDict(json.load(open(run_dir / "config.json")))
     assert run_config.data.kshot == k
     assert run_config.init_from == str(folder / "backbone.npz")
-    data = input_lib.load(run_config, two_views=False)
+    data = input_lib.load(run_config, Needs())
     np.testing.assert_array_equal(np.bincount(data.train.labels), [k] * 5,
                                   err_msg=f"k={k}")
   # Asked again with other steps, it runs what was asked (a 3-step run, not the

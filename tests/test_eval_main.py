@@ -10,6 +10,7 @@ import outside
 from bitune_jax import methods
 from bitune_jax.cli import eval as eval_cli
 from bitune_jax.data import input as input_lib
+from bitune_jax.data import splits
 from bitune_jax.experiments import protocols
 from bitune_jax.training import loop
 
@@ -29,7 +30,7 @@ def test_evaluates_a_workdir_checkpoint(tmp_path, capsys):
   assert metrics["mean_class_acc"] == pytest.approx(summary["mean_class_acc"])
   # The numbers from outside: the final state's eval-mode outputs on exactly the
   # training and test images.
-  data = input_lib.load(config, two_views=False)
+  data = input_lib.load(config, methods.data_needs(config))
   model = methods.get("finetune").build_model(config, 5)
   train_out, test_out = (
       outside.eval_outputs(model, state.params, state.batch_stats, outside.eval_images(split))
@@ -70,19 +71,18 @@ def test_refuses_a_folder_that_is_not_a_workdir(tmp_path, capsys):
 
 
 def test_kshot_subset_by_hand():
-  from bitune_jax.data import digits  # pylint: disable=g-import-not-at-top
   from bitune_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
   for shots in (1, 2):
-    keep = digits.kshot_subset(labels, shots=shots, seed=0)
+    keep = splits.kshot_subset(labels, shots=shots, seed=0)
     np.testing.assert_array_equal(np.bincount(labels[keep], minlength=3), [shots] * 3)
-    np.testing.assert_array_equal(keep, digits.kshot_subset(labels, shots=shots, seed=0))
+    np.testing.assert_array_equal(keep, splits.kshot_subset(labels, shots=shots, seed=0))
   with pytest.raises(ValueError, match="class 1 has only 2 training images"):
-    digits.kshot_subset(labels, shots=3, seed=0)
+    splits.kshot_subset(labels, shots=3, seed=0)
   config = finetune_config.get_config("demo")
   config.data.kshot = 2
-  data = input_lib.load(config, two_views=False)
+  data = input_lib.load(config, methods.data_needs(config))
   np.testing.assert_array_equal(np.bincount(data.train.labels), [2] * 5)
 
 

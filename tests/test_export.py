@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import outside
-from bitune_jax import inference
+from bitune_jax import inference, methods
 from bitune_jax.data import digits
 from bitune_jax.data import input as input_lib
 from bitune_jax.experiments import protocols
@@ -41,7 +41,7 @@ def test_exported_model_classifies_the_test_set_as_the_run_did(trained, tmp_path
   assert report["step"] == 6 and report["preprocessing"] == {"kind": "digits",
                                                              "image_size": 16}
   model = inference.load(str(out))
-  data = input_lib.load(config, two_views=False)
+  data = input_lib.load(config, methods.data_needs(config))
   got = model(outside.eval_images(data.test))
   assert got["logits"].shape == (269, 5) and got["features"].shape[0] == 269
   top1, mean_class = outside.top1_and_mean_class(got["logits"], data.test.labels)

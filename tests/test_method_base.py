@@ -133,7 +133,7 @@ def test_a_method_is_named_after_its_module(tmp_path, monkeypatch):
 
 
 def test_a_record_says_what_it_cannot_be():
-  with pytest.raises(ValueError, match="views must be 'one', 'two' or 'weak_strong'"):
+  with pytest.raises(ValueError, match="views must be one of one, two, weak_strong"):
     base.Method(name="x", views="three")
   with pytest.raises(ValueError, match="evaluation must be 'classifier' or 'features'"):
     base.Method(name="x", evaluation="kmeans")

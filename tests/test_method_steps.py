@@ -23,7 +23,7 @@ import pytest
 
 import fakes
 from bitune_jax import convert, models, sharding
-from bitune_jax.data import cutmix
+from bitune_jax.data.views import cutmix
 from bitune_jax.data import input as input_lib
 from bitune_jax.methods import common
 from bitune_jax.training import loop
@@ -38,8 +38,8 @@ def _setup(config, monkeypatch, workdir=None):
   """`loop.setup` on 8 devices; `config.num_classes` may differ from the digits' 5
   (the test then draws its own labels)."""
   real_load = input_lib.load
-  monkeypatch.setattr(input_lib, "load", lambda c, two_views: dataclasses.replace(
-      real_load(c, two_views=two_views), num_classes=c.num_classes))
+  monkeypatch.setattr(input_lib, "load", lambda c, needs: dataclasses.replace(
+      real_load(c, needs), num_classes=c.num_classes))
   mesh = sharding.make_mesh()
   return mesh, loop.setup(config, mesh, workdir=workdir)
 
@@ -77,8 +77,8 @@ def _perturbed(run, rng):
 
 @functools.lru_cache(maxsize=None)
 def _jitted_views(views_spec):
-  from bitune_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return jax.jit(pipeline.make_views(views_spec))
+  from bitune_jax.data.views import batch  # pylint: disable=g-import-not-at-top
+  return jax.jit(batch.make_views(views_spec))
 
 
 def _views(run):

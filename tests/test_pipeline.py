@@ -18,8 +18,12 @@ import tensorflow_datasets as tfds
 
 from PIL import Image
 
+from bitune_jax import methods
 from bitune_jax.data import cache, datasets, pipeline, splits
 from bitune_jax.data import input as input_lib
+from bitune_jax.data.spec import Needs, cache_side, data_spec
+from bitune_jax.data.views import batch as views_batch
+from bitune_jax.data.views import crop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -40,7 +44,7 @@ def colour(k):
 
 def label_of(image):
   """The class whose colour is nearest the mean colour of a normalised view."""
-  rgb = (image.reshape(-1, 3).mean(0) * pipeline.STD_RGB + pipeline.MEAN_RGB) * 255
+  rgb = (image.reshape(-1, 3).mean(0) * crop.STD_RGB + crop.MEAN_RGB) * 255
   level = np.clip(np.round(rgb / 51), 0, 5).astype(int)
   return int(level[0] + 6 * level[1] + 36 * level[2])
 
@@ -86,16 +90,16 @@ def _config(name, rate=100, module=bituning_config, **data):
                                   "food101", "flowers", "dtd"])
 def test_every_tfds_dataset_of_the_configs_loads(mocked, name):
   config = _config(name, rate=25)
-  data = input_lib.load(config, two_views=True)
+  data = input_lib.load(config, methods.data_needs(config))
   spec = datasets.SPECS[name]
   assert data.num_classes == config.num_classes == spec.num_classes
   assert data.metric == spec.metric
   per_class = PER_CLASS["train"] + (PER_CLASS["validation"] if "+" in spec.train_split
                                     else 0)
-  kept = max(1, splits._round_half_up(0.25 * per_class))  # every class present
+  kept = max(1, splits.round_half_up(0.25 * per_class))  # every class present
   np.testing.assert_array_equal(np.bincount(data.train.labels), [kept] * spec.num_classes)
   test_per_class = PER_CLASS["validation" if spec.test_split == "validation" else "test"]
-  assert data.test.num_examples == test_per_class * spec.num_classes
+  assert len(data.test) == test_per_class * spec.num_classes
   batch = next(data.train_batches(0))
   assert batch["image_u8"].shape == (8, SIDE, SIDE, 3)
   assert batch["image_u8"].dtype == np.uint8
@@ -112,7 +116,7 @@ def test_metrics_follow_the_papers():
 
 
 def test_eval_batches_cover_the_split_once_in_the_eval_view(mocked):
-  data = input_lib.load(_config("dtd"), two_views=False)
+  data = input_lib.load(_config("dtd"), Needs())
   seen, labels = 0, []
   for batch in data.test.batches(16):
     assert batch["image"].shape == (16, SIZE, SIZE, 3)
@@ -132,12 +136,12 @@ def test_eval_batches_cover_the_split_once_in_the_eval_view(mocked):
 
 def test_kshot_and_sampling_rates_by_class(mocked):
   for rate in (15, 30, 50, 75):
-    data = input_lib.load(_config("cifar100", rate), two_views=False)
+    data = input_lib.load(_config("cifar100", rate), Needs())
     assert np.bincount(data.train.labels).tolist() == [
-        max(1, splits._round_half_up(rate / 100 * 4))] * 100
-  data = input_lib.load(_config("pets", kshot=2), two_views=False)
+        max(1, splits.round_half_up(rate / 100 * 4))] * 100
+  data = input_lib.load(_config("pets", kshot=2), Needs())
   assert np.bincount(data.train.labels).tolist() == [2] * 37
-  again = input_lib.load(_config("pets", kshot=2), two_views=False)
+  again = input_lib.load(_config("pets", kshot=2), Needs())
   np.testing.assert_array_equal(again.train.images, data.train.images)  # by seed
   np.testing.assert_array_equal(again.train.labels, data.train.labels)
 
@@ -145,13 +149,13 @@ def test_kshot_and_sampling_rates_by_class(mocked):
 def test_missing_class_is_refused():
   labels = np.array([0, 0, 2, 2])
   with pytest.raises(ValueError, match="2 classes with examples, expected 3"):
-    datasets.train_subset(labels, rate=50, shots=0, seed=0, num_classes=3)
+    splits.train_subset(labels, rate=50, shots=0, seed=0, num_classes=3)
 
 
 # --------------------------------------------------------------------------- stream
 def _pool(n=21, size=SIZE):
   encoded, labels = mock_examples(n, "validation")
-  c = cache.load({"test": "pool", "n": n}, encoded, side=pipeline.eval_resize(size),
+  c = cache.load({"test": "pool", "n": n}, encoded, side=crop.eval_resize(size),
                  directory="")
   return pipeline.Split(c.images, c.hw, labels.astype(np.int32), size)
 
@@ -159,14 +163,14 @@ def _pool(n=21, size=SIZE):
 def _views(data_or_spec, batch, *, step):
   """The device views of a host batch, as the train step makes them."""
   views = (data_or_spec.views if hasattr(data_or_spec, "views") else
-           pipeline.make_views(data_or_spec))
+           views_batch.make_views(data_or_spec))
   return jax.device_get(jax.jit(views)(batch, step))
 
 
 @pytest.mark.parametrize("kind", ["reference", "moco"])
 def test_stream_resumes_exactly_and_views_are_seeded(kind):
   pool = _pool()
-  spec = pipeline.ViewSpec(kind=kind, size=SIZE, seed=0, two_views=True)
+  spec = views_batch.ViewSpec(kind=kind, size=SIZE, seed=0, two_views=True)
   stream = lambda start, seed=0: pipeline.train_stream(  # noqa: E731
       pool, start_step=start, batch_size=8, seed=seed)
   straight = [b for _, b in zip(range(5), stream(0))]
@@ -178,7 +182,7 @@ def test_stream_resumes_exactly_and_views_are_seeded(kind):
   labels = np.concatenate([b["label"] for b in straight])
   np.testing.assert_array_equal(np.sort(labels[:21]), np.arange(21))
   batch = _views(spec, straight[0], step=0)
-  other = _views(pipeline.ViewSpec(kind=kind, size=SIZE, seed=1, two_views=True),
+  other = _views(views_batch.ViewSpec(kind=kind, size=SIZE, seed=1, two_views=True),
                  straight[0], step=0)
   assert not np.array_equal(other["image_q"], batch["image_q"])
   assert not np.array_equal(batch["image_q"], batch["image_k"])
@@ -220,7 +224,7 @@ def test_hosts_take_their_rows_of_the_same_global_batches(hosts):
 def test_global_batches_are_sharded_and_prefetched(mocked):
   from bitune_jax import sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
-  data = input_lib.load(_config("flowers"), two_views=True)
+  data = input_lib.load(_config("flowers"), Needs(views="two"))
   local = [b for _, b in zip(range(3), data.train_batches(0))]
   ahead = [b for _, b in zip(range(3), input_lib.prefetch_to_device(
       data.train_batches(0), mesh))]
@@ -246,7 +250,7 @@ def test_an_input_error_reaches_the_loop():
 def test_source_replay_joins_the_pool_unlabelled(mocked):
   config = _config("pets", module=unsup_config, replay_source="cifar100")
   config.unsup.replay_fraction = 0.1
-  data = input_lib.load(config, two_views=True)
+  data = input_lib.load(config, methods.data_needs(config))
   target = 4 * 37
   replay = round(0.1 * 4 * 100)  # 10% of the mock CIFAR-100 training split
   assert len(data.train) == target and len(data.pool) == target + replay
@@ -257,7 +261,7 @@ def test_source_replay_joins_the_pool_unlabelled(mocked):
   encoded, _ = mock_examples(100, "train")
   chosen = splits.replay_subset(400, fraction=0.1, seed=config.seed)
   rows = np.arange(target, target + replay)
-  side = input_lib.cache_side(config)  # the MoCo views' cache side
+  side = cache_side(config)  # the MoCo views' cache side
   assert data.pool.take(rows)["image_u8"].shape[1:] == (side, side, 3)
   expected = np.stack([np.asarray(Image.open(io.BytesIO(encoded[i])).convert("RGB").resize(
       (side, side), Image.BILINEAR)) for i in chosen])
@@ -279,17 +283,17 @@ def test_a_second_run_maps_its_caches_without_reading_the_images(mocked, monkeyp
     reads.append((b.name, split))
     return read_encoded(b, split, **kwargs)
   monkeypatch.setattr(datasets, "read_encoded", counted)
-  first = input_lib.load(config, two_views=True)
+  first = input_lib.load(config, methods.data_needs(config))
   assert len(reads) == 3, reads  # the k-shot training subset, the test split, replay
   del reads[:]
-  again = input_lib.load(config, two_views=True)
+  again = input_lib.load(config, methods.data_needs(config))
   assert reads == []
   for a, b in ((first.pool, again.pool), (first.test, again.test)):
     rows = np.arange(len(a))
     for field in ("image_u8", "hw", "label"):
       np.testing.assert_array_equal(a.take(rows)[field], b.take(rows)[field])
   config.seed += 1  # other k-shot rows and replay rows: built, the test split mapped
-  input_lib.load(config, two_views=True)
+  input_lib.load(config, methods.data_needs(config))
   assert sorted(reads) == [("cifar100", "train"), ("oxford_iiit_pet", "train")], reads
 
 
@@ -313,21 +317,22 @@ def test_aircraft_command_line_on_the_official_layout(tmp_path):
   assert float(printed[1]) == pytest.approx(summary["mean_class_acc"], abs=5e-5)
 
 
-def test_unknown_replay_source_is_refused():
-  from bitune_jax.training import config_base  # pylint: disable=g-import-not-at-top
-  config = _config("pets", module=unsup_config, replay_source="places365")
-  config.image_size = 32  # resnet18's total stride (validated before the source)
+def test_unknown_replay_source_is_refused_before_anything_is_read(tmp_path):
+  """By the `DataSpec` (which `loop.setup` makes before it compiles), before any
+  dataset is opened."""
+  config = _config("pets", module=unsup_config, replay_source="places365",
+                   cache_dir=str(tmp_path))
   with pytest.raises(ValueError, match="unknown data.replay_source 'places365'"):
-    config_base.validate(config)
+    input_lib.load(config, methods.data_needs(config))
   config.unsup.replay_fraction = 0.0  # no replay: no source needed
-  config_base.validate(config)
+  assert data_spec(config, methods.data_needs(config)).needs.replay_fraction == 0
 
 
 def test_manual_dataset_without_its_archive_is_a_clear_error(tmp_path):
   config = _config("aircraft", data_dir=str(tmp_path / "tfds"),
                    manual_dir=str(tmp_path / "nothing"))
   with pytest.raises(ValueError, match="manual_dir"):
-    input_lib.load(config, two_views=True)
+    input_lib.load(config, methods.data_needs(config))
 
 
 def test_no_network_fails_in_seconds_with_what_to_do(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from bitune_jax import methods
 from bitune_jax.training import checkpoint
 from bitune_jax.data import input as input_lib
 from bitune_jax.training import loop
@@ -168,7 +169,7 @@ def test_only_the_remaining_steps_run_on_their_batches(resumed_run):
       f"the resumed run stepped from states {steps}; expected {EVERY}..{TOTAL - 1}")
   # The batch stream is a pure function of the step: the first batch consumed after
   # the restart is batch 3 of a fresh stream, and batch 3 is not batch 0.
-  data = input_lib.load(config, two_views=True)
+  data = input_lib.load(config, methods.data_needs(config))
   batch_s, batch_0 = next(data.train_batches(EVERY)), next(data.train_batches(0))
   got = second.calls[0]["batch"]
   assert sorted(got) == sorted(batch_s)

@@ -10,9 +10,9 @@ import statistics
 
 import pytest
 
+from bitune_jax import methods
 from bitune_jax.cli import sweep as sweep_cli
-from bitune_jax.experiments import grid, plots, sweep, sweep_results
-from bitune_jax.experiments import demo
+from bitune_jax.experiments import demo, grid, plots, sweep, sweep_results
 from bitune_jax.training import loop
 
 TINY = ["--set", "total_steps=3", "--set", "eval_every=3", "--set", "checkpoint_every=3",
@@ -303,7 +303,7 @@ def test_a_checkpoint_evaluated_as_it_is(tmp_path):
   finally:
     ckpts.close()
   # The source model's features, by hand: its variables straight from the file.
-  data = input_lib.load(config, two_views=False)
+  data = input_lib.load(config, methods.data_needs(config))
   backbone = models.create_backbone(config.arch)
 
   def features(split):

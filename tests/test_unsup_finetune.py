@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 import outside
-from bitune_jax import sharding
-from bitune_jax.data import cutmix, pipeline
+from bitune_jax import methods, sharding
 from bitune_jax.data import input as input_lib
+from bitune_jax.data import pipeline
+from bitune_jax.data.spec import Needs
+from bitune_jax.data.views import cutmix
 from bitune_jax.methods import common, unsup_finetune
 from bitune_jax.training import loop
 import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -71,19 +73,19 @@ def test_cutmix_pixels_and_lambda_is_the_area_of_the_first_image(rng):
 
 def test_source_replay_fraction_is_honoured():
   config = _config(replay_fraction=0.1)
-  data = input_lib.load(config, two_views=True)
-  target = data.train.num_examples
+  data = input_lib.load(config, methods.data_needs(config))
+  target = len(data.train)
   replay = int(data.pool_is_replay.sum())
   assert replay == round(0.1 * 631)  # 10% of the digits 0-4 training split
-  assert data.pool.num_examples == target + replay
-  seen = [pipeline.stream_indices(data.pool.num_examples, step=s, batch_size=16, seed=(0, 0))
+  assert len(data.pool) == target + replay
+  seen = [pipeline.stream_indices(len(data.pool), step=s, batch_size=16, seed=(0, 0))
           for s in range(60)]
   share = data.pool_is_replay[np.concatenate(seen)].mean()
   assert share == pytest.approx(replay / (target + replay), abs=0.03)
   # Replayed examples reach the batches unlabelled (-1).
   labels = np.concatenate([b["label"] for _, b in zip(range(60), data.train_batches(0))])
   assert (labels == -1).mean() == pytest.approx(share, abs=1e-9)
-  assert not input_lib.load(_config(replay_fraction=0.0), two_views=True).pool_is_replay.any()
+  assert not input_lib.load(_config(replay_fraction=0.0), Needs(views="two")).pool_is_replay.any()
 
 
 def test_grouped_batchnorm_is_per_group():
@@ -131,7 +133,7 @@ def test_loop_evaluates_features(tmp_path):
   state, summary = loop.train_and_evaluate(config, str(tmp_path))
   assert summary["step"] == 4 and "top1" not in summary
   # The protocols recomputed from outside, on the final state's eval-mode features.
-  data = input_lib.load(config, two_views=True)
+  data = input_lib.load(config, methods.data_needs(config))
   model = unsup_finetune.build_model(config, 5)
   train_f, test_f = (
       outside.eval_outputs(model, state.params, state.batch_stats, outside.eval_images(split))["features"]

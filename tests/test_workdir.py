@@ -189,7 +189,7 @@ def test_best_checkpoint_chosen_on_a_held_out_validation_split(tmp_path, monkeyp
   from bitune_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
   config = _config(total_steps=6, eval_every=2, checkpoint_every=2)
   config.data.val_fraction = 0.25
-  data = input_lib.load(config, two_views=False)
+  data = input_lib.load(config, methods.data_needs(config))
   full = digits.load_digits_transfer("target", image_size=16, sampling_rate=25, seed=0)
   counts = np.bincount(full["train_labels"])
   np.testing.assert_array_equal(np.bincount(data.val.labels), np.floor(0.25 * counts))

@@ -35,7 +35,6 @@ import dataclasses
 import errno
 import glob
 import hashlib
-import io
 import json
 import logging
 import os
@@ -48,7 +47,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
+
+from bitune_jax.data import decode
 
 log = logging.getLogger("bitune_jax")
 
@@ -74,72 +74,6 @@ class Cache:
 
   def __len__(self) -> int:
     return len(self.images)
-
-
-# --------------------------------------------------------------------------- images
-def resize_image(image: np.ndarray, side: int) -> np.ndarray:
-  """An image resized to side x side (PIL bilinear, antialiased; aspect not kept).
-
-  Args:
-    image: uint8 [H, W, 3], or grey [H, W] / [H, W, 1] (replicated to 3 channels).
-    side: the output's height and width, >= 1.
-
-  Returns:
-    uint8 [side, side, 3].
-  """
-  _check_side(side)
-  return _resize(_from_array(image, "the image"), side)
-
-
-def decode(encoded: bytes) -> np.ndarray:
-  """Encoded image bytes (any Pillow format) as uint8 [H, W, 3] RGB.
-
-  Grey, RGBA, CMYK and palette images are converted to RGB (PIL `convert("RGB")`).
-  Raises ValueError when Pillow cannot decode them.
-  """
-  return np.asarray(_decode(encoded, "the image"))
-
-
-def _resize(img, side):
-  """uint8 [side, side, 3] from an RGB PIL image."""
-  return np.asarray(img.resize((side, side), Image.BILINEAR))
-
-
-def _decode(encoded, where):
-  """The RGB PIL image of encoded bytes; ValueError naming `where` if undecodable."""
-  try:
-    img = Image.open(io.BytesIO(encoded))
-    img.load()
-    return img if img.mode == "RGB" else img.convert("RGB")
-  except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ...
-    raise ValueError(f"{where} cannot be decoded: {type(e).__name__}: {e}") from e
-
-
-def _from_array(item, where):
-  """The RGB PIL image of a uint8 [H, W, 3] / [H, W, 1] / [H, W] array."""
-  a = np.asarray(item)
-  if a.dtype != np.uint8:
-    raise ValueError(f"{where} is a {a.dtype} array; expected uint8")
-  if a.ndim == 3 and a.shape[-1] == 1:
-    a = a[..., 0]
-  if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 3)) or 0 in a.shape:
-    raise ValueError(f"{where} has shape {tuple(np.shape(item))}; expected [H, W, 3], "
-                     "[H, W, 1] or [H, W] with H, W >= 1")
-  img = Image.fromarray(np.ascontiguousarray(a))
-  return img.convert("RGB") if a.ndim == 2 else img
-
-
-def _to_rgb(item, where):
-  """The RGB PIL image of a source item: encoded bytes or a uint8 array."""
-  if isinstance(item, (bytes, bytearray, memoryview)):
-    return _decode(item, where)
-  return _from_array(item, where)
-
-
-def _check_side(side):
-  """ValueError unless `side` is an integer >= 1."""
-  if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < 1:
-    raise ValueError(f"side must be an integer >= 1, got {side!r}")
 
 
 def rows_key(rows: np.ndarray) -> str:
@@ -239,7 +173,7 @@ def load(key: Mapping[str, Any], source: Sequence, *, side: int, directory: str,
   Raises:
     ValueError: bad arguments, or an item that cannot be decoded (naming its index).
   """
-  _check_side(side)
+  decode.check_side(side)
   count = len(source)
   identity = _identity(key, side, count)
   threads = _threads(threads)
@@ -362,8 +296,8 @@ def _fill(source, images, hw, crcs, *, threads, label, where):
   start = shown = time.perf_counter()
 
   def work(i, item):
-    img = _to_rgb(item, f"item {i} of {label}")
-    images[i] = _resize(img, side)
+    img = decode.to_rgb(item, f"item {i} of {label}")
+    images[i] = decode.resize(img, side)
     return i, img.height, img.width, zlib.crc32(images[i])
 
   done, pending, submitted = 0, set(), 0

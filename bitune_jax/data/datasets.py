@@ -1,36 +1,33 @@
 """The papers' datasets through tfds: which splits, how many classes, which metric, and
-how a run's `Input` is read from them.
+a `Source` that reads them.
 
-Training on `train_split` (a sampling-rate or k-shot subset of it, stratified by class,
-every class present), testing on `test_split`. The metric the papers report:
+Training on `train_split`, testing on `test_split`; the metric the papers report:
 mean per-class accuracy for Aircraft, Pets, Caltech-101 and Flowers, top-1 otherwise.
+A dataset not prepared yet is prepared by process 0 (downloaded by tfds, or built from
+a manual download by `bitune_jax.data.builders`).
 
-Reading: every host reads the whole of each split a run uses, once, into the uint8
-cache (`bitune_jax.data.cache`: decoded and resized to S x S, memory-mapped by later
-runs; the papers' training sets are a few thousand images). Each host then takes its
-rows of the same global batches (`pipeline`), so a run's numbers do not depend on how
-its devices are split into processes, and a checkpoint resumes on any number of hosts
-with the same batches. Replay (unsupervised fine-tuning) adds a fixed random fraction of
-a source dataset's training split (ImageNet by default) to the pool.
+`Source(name, data_dir=..., manual_dir=...)` reads a split's labels, and its images
+(encoded, read from tfds only when its cache is built: a cache built before is
+memory-mapped without reading them) with the key that names them in the cache. Which
+examples a run takes is `bitune_jax.data.input`'s business.
 """
 
 import collections.abc
 import dataclasses
 import logging
+import socket
 import threading
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Sequence
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
-import ml_collections
 import numpy as np
 
-from bitune_jax.data import input as input_lib
-from bitune_jax.data import splits
+from bitune_jax.data import cache
 
 if TYPE_CHECKING:  # tensorflow is imported where it is used, not with this module
   import tensorflow_datasets as tfds
-  from bitune_jax.data import pipeline
 
 log = logging.getLogger("bitune_jax")
 
@@ -117,8 +114,6 @@ def _prepare(name, s, data_dir, manual_dir):
 def _unreachable_host(urls, timeout=5.0):
   """The first download host of `urls` that does not answer a TCP connection within
   `timeout` seconds, or None (all answer, or nothing to download)."""
-  import socket  # pylint: disable=g-import-not-at-top
-  import urllib.parse  # pylint: disable=g-import-not-at-top
   for url in urls:
     parts = urllib.parse.urlsplit(url)
     if not parts.hostname:
@@ -221,101 +216,52 @@ class _Deferred(collections.abc.Sequence):
     return self._items[index]
 
 
-def read_split(config: ml_collections.ConfigDict, b: "tfds.core.DatasetBuilder",
-               split: str, *, keep: np.ndarray | None = None, unlabelled: bool = False,
-               name: str = "") -> "pipeline.Split":
-  """The examples of `split` (those of the sorted indices `keep`, or all) through the
-  uint8 cache (`input.cached_split`): read and decoded once, memory-mapped after (the
-  images are then not read again: only the labels, or the count if `unlabelled`)."""
-  if unlabelled:
-    total = sum(len(batch["tfds_index"]) for batch in _read(b, split, fields=()))
-    labels = np.full(total if keep is None else len(keep), -1, np.int32)
-  else:
-    labels = read_labels(b, split)
-    if keep is not None:
-      labels = labels[np.asarray(keep)]
-  encoded = _Deferred(labels, lambda: read_encoded(b, split, keep=keep,
-                                                   unlabelled=unlabelled, name=name))
-  key = {"dataset": config.dataset if not unlabelled else config.data.replay_source,
-         "tfds": b.info.full_name, "split": split,
-         "rows": "all" if keep is None else _rows_key(keep)}
-  return input_lib.cached_split(config, key, encoded, labels,
-                                name=f"{b.name}-{name or split}".replace("+", "_"))
+class Source:
+  """A tfds dataset of `SPECS`, as `bitune_jax.data.input` reads it: splits "train"
+  and "test" (the spec's `train_split` and `test_split`)."""
 
+  def __init__(self, name: str, *, data_dir: str = "", manual_dir: str = ""):
+    s = spec(name)
+    self.builder = builder(name, data_dir=data_dir, manual_dir=manual_dir)
+    classes = self.builder.info.features["label"].num_classes
+    if classes != s.num_classes:
+      raise ValueError(f"tfds {s.tfds_name} has {classes} classes, expected "
+                       f"{s.num_classes}")
+    self.name, self.num_classes, self.metric = name, s.num_classes, s.metric
+    self.class_names = tuple(self.builder.info.features["label"].names)
+    self._splits = {"train": s.train_split, "test": s.test_split}
+    self._labels = {}
 
-def _rows_key(rows):
-  from bitune_jax.data import cache  # pylint: disable=g-import-not-at-top
-  return cache.rows_key(np.asarray(rows, np.int64))
+  def labels(self, split: str) -> np.ndarray:
+    """Labels `[N]` int32 of the whole split, read once."""
+    if split not in self._labels:
+      self._labels[split] = read_labels(self.builder, self._splits[split])
+    return self._labels[split]
 
+  def size(self, split: str) -> int:
+    """The number of examples of the split (from tfds' metadata where it has it)."""
+    parts = _components(self.builder, self._splits[split])
+    if any(size is None for _, _, size in parts):
+      return len(self.labels(split))  # counted by reading
+    return sum(size for _, _, size in parts)
 
-# --------------------------------------------------------------------------- input
-def train_subset(labels: np.ndarray, *, rate: float, shots: int, seed: int,
-                 num_classes: int,
-                 class_names: Sequence[str] | None = None) -> np.ndarray | None:
-  """Sorted indices of the run's training examples: k-shot (k per class of the whole
-  split, the rate ignored), or a sampling rate."""
-  present = np.unique(labels)
-  if len(present) != num_classes:
-    raise ValueError(f"the training split has {len(present)} classes with examples, "
-                     f"expected {num_classes}")
-  if shots:
-    return splits.kshot_subset(labels, shots=shots, seed=seed, class_names=class_names)
-  if rate < 100:
-    return splits.stratified_subset(labels, rate=rate, seed=seed)
-  return None
-
-
-def load(config: ml_collections.ConfigDict, *, two_views: bool) -> input_lib.Input:
-  """The `Input` of a tfds dataset for `config` (see the module docstring)."""
-  from bitune_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  s, data = spec(config.dataset), config.data
-  b = builder(config.dataset, data_dir=data.data_dir, manual_dir=data.manual_dir)
-  classes = b.info.features["label"].num_classes
-  if classes != s.num_classes:
-    raise ValueError(f"tfds {s.tfds_name} has {classes} classes, expected {s.num_classes}")
-  keep, held = None, None
-  val_fraction = data.get("val_fraction", 0.0)
-  if config.sampling_rate < 100 or data.get("kshot", 0) or val_fraction > 0:
-    labels = read_labels(b, s.train_split)
-    keep = train_subset(labels, rate=config.sampling_rate, shots=data.get("kshot", 0),
-                        seed=config.seed, num_classes=s.num_classes,
-                        class_names=b.info.features["label"].names)
-    if val_fraction > 0:  # held out of the subset to choose the best checkpoint
-      keep = np.arange(len(labels)) if keep is None else np.asarray(keep)
-      rows, val_rows = splits.holdout_split(labels[keep], fraction=val_fraction,
-                                            seed=config.seed)
-      keep, held = keep[rows], keep[val_rows]
-  train = read_split(config, b, s.train_split, keep=keep)
-  val = None if held is None else read_split(config, b, s.train_split, keep=held,
-                                             name="validation")
-  test = read_split(config, b, s.test_split)
-  pool, fraction = train, input_lib.replay_fraction(config)
-  if fraction > 0:
-    pool = pipeline.Concatenated(train, _replay(config, fraction))
-  is_replay = np.arange(len(pool)) >= len(train)
-  unlabelled = None
-  if config.method == "fixmatch":  # every training image of the target, unlabelled
-    unlabelled = input_lib.unlabelled_split(
-        train if keep is None else read_split(config, b, s.train_split))
-  return input_lib._input(config, config.dataset, s.num_classes, s.metric, train,  # pylint: disable=protected-access
-                          test, pool, is_replay, val, two_views=two_views,
-                          unlabelled=unlabelled,
-                          class_names=b.info.features["label"].names)
-
-
-def _replay(config, fraction):
-  """A fixed random `fraction` of the replay source's training split, unlabelled."""
-  data = config.data
-  source = spec(data.replay_source)
-  b = builder(data.replay_source, data_dir=data.data_dir,
-              manual_dir=data.get("replay_manual_dir", "") or data.manual_dir)
-  parts = _components(b, source.train_split)
-  if any(size is None for _, _, size in parts):
-    total = len(read_labels(b, source.train_split))  # counted by reading
-  else:
-    total = sum(size for _, _, size in parts)
-  chosen = splits.replay_subset(total, fraction=fraction, seed=config.seed)
-  log.info("replay: %d of %d %s images (%.0f%%)", len(chosen), total, data.replay_source,
-           100 * fraction)
-  return read_split(config, b, source.train_split, keep=chosen, unlabelled=True,
-                    name="replay")
+  def read(self, split: str, keep: np.ndarray | None, *, role: str,
+           unlabelled: bool = False) -> tuple[dict[str, Any], Sequence, np.ndarray, str]:
+    """`(cache key, encoded images, labels, cache name)` of the examples `keep` (sorted
+    indices, or None: all) of `split`, for `role` ("train", "validation", "test",
+    "replay", "train-all"). `unlabelled`: labels -1, and only the count is read."""
+    b, name = self.builder, self._splits[split]
+    if unlabelled:
+      count = (len(keep) if keep is not None else
+               sum(len(batch["tfds_index"]) for batch in _read(b, name, fields=())))
+      labels = np.full(count, -1, np.int32)
+    else:
+      labels = self.labels(split)
+      labels = labels if keep is None else labels[np.asarray(keep)]
+    encoded = _Deferred(labels, lambda: read_encoded(
+        b, name, keep=keep, unlabelled=unlabelled,
+        name=role if role in ("validation", "replay") else ""))
+    key = {"dataset": self.name, "tfds": b.info.full_name, "split": name,
+           "rows": "all" if keep is None else cache.rows_key(np.asarray(keep, np.int64))}
+    stem = role if role in ("validation", "replay") else name
+    return key, encoded, labels, f"{b.name}-{stem}".replace("+", "_")

@@ -6,17 +6,21 @@
 Each digit class is split once into train/test with a fixed seed, so every run, whatever
 its `seed` or `sampling_rate`, evaluates on the same test set; `sampling_rate` then keeps
 a stratified fraction of the training split only. A run reads the digits as any other
-dataset: uint8 images (`raw_uint8`, 0..16 scaled to 0..255) through the cache and the
-views of `bitune_jax.data.pipeline`; `load_digits_transfer` gives a side of the task in
-the evaluation view, as a run evaluates it.
+dataset: `Source(part)` reads uint8 images (`raw_uint8`, 0..16 scaled to 0..255) for
+the cache, as `bitune_jax.data.datasets.Source` reads a tfds dataset;
+`load_digits_transfer` gives a side of the task in the evaluation view, as a run
+evaluates it.
 """
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from bitune_jax.data.splits import _round_half_up, kshot_subset, stratified_subset  # noqa: F401  pylint: disable=unused-import
+from bitune_jax.data import cache, decode, pipeline
+from bitune_jax.data.views.crop import eval_resize
+from bitune_jax.data.splits import round_half_up, stratified_subset
 
 PARTS = {"source": (0, 1, 2, 3, 4), "target": (5, 6, 7, 8, 9)}
 SPLIT_SEED = 0  # Fixed: the train/test split never depends on the run's seed.
@@ -40,7 +44,7 @@ def _split(digits, test_fraction):
   train, test = [], []
   for digit in range(10):
     members = np.flatnonzero(digits == digit)
-    num_test = _round_half_up(test_fraction * len(members))
+    num_test = round_half_up(test_fraction * len(members))
     num_test = min(max(num_test, 1), len(members) - 1)  # Both sides keep every class.
     order = np.random.default_rng([SPLIT_SEED, digit]).permutation(len(members))
     test.append(members[order[:num_test]])
@@ -50,11 +54,10 @@ def _split(digits, test_fraction):
 
 def eval_images(images_u8: np.ndarray, image_size: int) -> np.ndarray:
   """The evaluation view of uint8 grey digits `[n, h, w]`: each resized to the cache side
-  `S` (`pipeline.eval_resize`, PIL bilinear, as the cache), its centre `image_size`
-  square, normalised: float32 `[n, image_size, image_size, 3]`, what a run evaluates."""
-  from bitune_jax.data import cache, pipeline  # pylint: disable=g-import-not-at-top
-  side = pipeline.eval_resize(image_size)
-  resized = np.stack([cache.resize_image(image, side) for image in images_u8])
+  `S` (`eval_resize`, PIL bilinear, as the cache), its centre `image_size` square,
+  normalised: float32 `[n, image_size, image_size, 3]`, what a run evaluates."""
+  side = eval_resize(image_size)
+  resized = np.stack([decode.resize_image(image, side) for image in images_u8])
   return pipeline.eval_view(resized, image_size)
 
 
@@ -124,3 +127,34 @@ def load_digits_transfer(part: str, *, image_size: int = 32, test_fraction: floa
       "num_classes": rows["num_classes"],
       "class_names": rows["class_names"],
   }
+
+
+class Source:
+  """One side of the transfer task, as `bitune_jax.data.input` reads it: splits "train"
+  and "test" of `part` (the replay source of the target is `Source("source")`)."""
+
+  def __init__(self, part: str):
+    self._rows = transfer_indices(part)
+    self.part, self.name, self.metric = part, "digits", "top1"
+    self.num_classes = self._rows["num_classes"]
+    self.class_names = tuple(self._rows["class_names"])
+
+  def labels(self, split: str) -> np.ndarray:
+    return self._rows[f"{split}_labels"]
+
+  def size(self, split: str) -> int:
+    return len(self.labels(split))
+
+  def read(self, split: str, keep: np.ndarray | None, *, role: str,
+           unlabelled: bool = False) -> tuple[dict[str, Any], Sequence, np.ndarray, str]:
+    """`(cache key, uint8 images, labels, cache name)` of the examples `keep` (sorted
+    indices, or None: all) of `split`, for `role` ("train", "validation", "test",
+    "replay", "train-all"); `unlabelled`: labels -1."""
+    rows, labels = self._rows[f"{split}_rows"], self.labels(split)
+    if keep is not None:
+      rows, labels = rows[keep], labels[keep]
+    if unlabelled:
+      labels = np.full(len(rows), -1, np.int32)
+    name = "digits-replay" if role == "replay" else f"digits-{self.part}-{role}"
+    key = {"dataset": "digits", "rows": cache.rows_key(rows)}
+    return key, raw_uint8()[rows], labels, name

@@ -1,29 +1,35 @@
 """What the training loop reads: one `Input` per run, whatever the dataset.
 
-An `Input` holds three splits, a training stream and the views:
+`load(config, needs)` makes the run's `DataSpec` (`bitune_jax.data.spec`) and
+`assemble(spec)` reads it. A source (`digits.Source`, `datasets.Source`: the digits, a
+tfds dataset or one of `bitune_jax.data.builders`) says only how to read its "train"
+and "test" splits; which examples a run takes is decided here, once for every source:
 
-* `train`: the target training examples the run uses (its sampling-rate or k-shot
-  subset); its evaluation view gives features for retrieval and k-means, and Co-Tuning's
+* `train`: the sampling-rate or k-shot subset of the training split (`splits`), less
+  `val`, the share held out to choose the best checkpoint (`data.val_fraction`); its
+  evaluation view gives features for retrieval and k-means, and Co-Tuning's
   relationship;
 * `test`: the test split;
-* `pool`: what the training stream draws from: `train`, plus the replayed source
-  examples for unsupervised fine-tuning (`pool_is_replay` marks them, label -1);
+* `pool`: what the training stream draws from: `train`, plus a fixed random fraction
+  (`Needs.replay_fraction`) of the replay source's training split, unlabelled
+  (`pool_is_replay` marks them, label -1);
+* `unlabelled` (`Needs.unlabelled`): every training image of the target, labels hidden;
+  each batch then also holds `Needs.unlabelled` times as many of them (`u_image_u8`,
+  `u_hw`, `u_index`);
 * `train_batches(start_step)`: this host's rows of global training batches
   `start_step, start_step + 1, ...` as uint8 cache images (`image_u8`, `hw`, `label`),
   a pure function of the step (a resumed run reads exactly the batches it would have
   read);
 * `views(batch, step)`: the JAX function the train step starts with, making the
-  training views on the device (`pipeline.make_views`).
+  training views on the device (`views.batch.make_views`).
 
-Every dataset takes this one path (`bitune_jax.data.pipeline`): the splits are uint8
-caches (`bitune_jax.data.cache`) of the embedded digits or of a tfds dataset
-(`bitune_jax.data.datasets`).
+Every split is a uint8 cache (`bitune_jax.data.cache`) read through
+`bitune_jax.data.pipeline`.
 """
 
 import collections
 import dataclasses
 import logging
-import os
 import queue as queue_lib
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -34,7 +40,9 @@ import ml_collections
 import numpy as np
 
 from bitune_jax import sharding
-from bitune_jax.data import cache, digits, pipeline, splits
+from bitune_jax.data import cache, datasets, digits, pipeline, splits
+from bitune_jax.data.spec import DataSpec, Needs, data_spec
+from bitune_jax.data.views.batch import ViewSpec, make_views
 
 log = logging.getLogger("bitune_jax")
 
@@ -51,11 +59,9 @@ class Input:
   pool: Any  # pipeline.Split or pipeline.Concatenated
   pool_is_replay: np.ndarray  # [len(pool)] bool
   stream: Callable[[int], Any]  # start_step -> iterator of local batches
-  view_spec: pipeline.ViewSpec
-  val: Any = None  # held out of `train` to choose the best checkpoint (data.val_fraction)
-  # FixMatch: every training image of the target, labels hidden (-1); each batch then
-  # also holds `fixmatch.mu` times as many of them (`u_image_u8`, `u_hw`, `u_index`).
-  unlabelled: Any = None
+  view_spec: ViewSpec
+  val: Any = None  # held out of `train` to choose the best checkpoint
+  unlabelled: Any = None  # every training image of the target, labels -1
   # The name of each label, as the dataset gives it (digits 5-9: "5".."9").
   class_names: tuple = ()
 
@@ -64,130 +70,96 @@ class Input:
 
   @property
   def views(self) -> Callable[[dict, Any], dict]:
-    return pipeline.make_views(self.view_spec)
+    return make_views(self.view_spec)
 
 
-def load(config: ml_collections.ConfigDict, *, two_views: bool) -> Input:
-  """The `Input` of `config.dataset` (`digits`, or a tfds dataset of
-  `bitune_jax.data.datasets.SPECS`)."""
-  if config.dataset == "digits":
-    return _load_digits(config, two_views=two_views)
-  from bitune_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  return datasets.load(config, two_views=two_views)
+def load(config: ml_collections.ConfigDict, needs: Needs) -> Input:
+  """The `Input` of `config` for a method that needs `needs`."""
+  return assemble(data_spec(config, needs))
 
 
-def replay_fraction(config: ml_collections.ConfigDict) -> float:
-  return config.unsup.replay_fraction if config.method == "unsup_finetune" else 0.0
+def assemble(spec: DataSpec) -> Input:
+  """The `Input` of `spec`: its source's splits, subset, held out, replayed and
+  unlabelled as the module docstring says, each through the cache."""
+  source = _source(spec)
+
+  def split(name, keep, role, *, unlabelled=False, reader=source):
+    return cached_split(spec, *reader.read(name, keep, role=role, unlabelled=unlabelled))
+
+  keep, held = None, None
+  if spec.sampling_rate < 100 or spec.kshot or spec.val_fraction > 0:
+    labels = source.labels("train")
+    keep = splits.train_subset(labels, rate=spec.sampling_rate, shots=spec.kshot,
+                               seed=spec.seed, num_classes=source.num_classes,
+                               class_names=source.class_names)
+    if spec.val_fraction > 0:  # held out of the subset to choose the best checkpoint
+      keep = np.arange(len(labels)) if keep is None else np.asarray(keep)
+      rows, val_rows = splits.holdout_split(labels[keep], fraction=spec.val_fraction,
+                                            seed=spec.seed)
+      keep, held = keep[rows], keep[val_rows]
+  train = split("train", keep, "train")
+  val = None if held is None else split("train", held, "validation")
+  test = split("test", None, "test")
+  pool = train
+  if spec.needs.replay_fraction > 0:
+    replay = _replay_source(spec)
+    total = replay.size("train")
+    chosen = splits.replay_subset(total, fraction=spec.needs.replay_fraction,
+                                  seed=spec.seed)
+    log.info("replay: %d of %d %s images (%.0f%%)", len(chosen), total, replay.name,
+             100 * spec.needs.replay_fraction)
+    replayed = split("train", chosen, "replay", unlabelled=True, reader=replay)
+    pool = pipeline.Concatenated(train, replayed)
+  unlabelled = None
+  if spec.needs.unlabelled:  # every training image of the target, labels hidden
+    every = train if keep is None else split("train", None, "train-all")
+    unlabelled = dataclasses.replace(every, labels=np.full(len(every), -1, np.int32))
+  size = spec.image_size
+  return Input(dataset=spec.dataset, num_classes=source.num_classes,
+               image_shape=(size, size, 3), metric=source.metric, train=train,
+               test=test, pool=pool, pool_is_replay=np.arange(len(pool)) >= len(train),
+               stream=_stream(spec, pool, unlabelled), view_spec=spec.view_spec,
+               val=val, unlabelled=unlabelled,
+               class_names=tuple(str(n) for n in source.class_names))
 
 
-def cache_side(config: ml_collections.ConfigDict) -> int:
-  """S of the run's caches: the reference's pre-resize for `config.image_size` (256 for
-  224), or the MoCo view's side (`device_views.moco_side`), or `data.cache_side`."""
-  from bitune_jax.data import device_views  # pylint: disable=g-import-not-at-top
-  if config.data.get("cache_side", 0):
-    return int(config.data.cache_side)
-  if config.data.views == "moco":
-    return int(device_views.moco_side(config.image_size))
-  return pipeline.eval_resize(config.image_size)
+def _source(spec):
+  if spec.dataset == "digits":
+    return digits.Source(spec.part)
+  return datasets.Source(spec.dataset, data_dir=spec.data_dir, manual_dir=spec.manual_dir)
 
 
-def cache_directory(config: ml_collections.ConfigDict) -> str:
-  """Where the caches live: `data.cache_dir` ('none': in memory only), else
-  `$BITUNE_JAX_CACHE_DIR`, else `DATA_DIR/bitune_jax_cache` for a local data dir, else
-  `~/.cache/bitune_jax`."""
-  directory = config.data.get("cache_dir", "") or os.environ.get("BITUNE_JAX_CACHE_DIR", "")
-  if directory == "none":
-    return ""
-  if not directory and config.data.data_dir and "://" not in config.data.data_dir:
-    directory = os.path.join(config.data.data_dir, "bitune_jax_cache")
-  directory = directory or os.path.join(os.path.expanduser("~"), ".cache", "bitune_jax")
-  if "://" in directory:
-    raise ValueError(f"data.cache_dir {directory} must be a local folder (the caches "
-                     "are memory-mapped)")
-  os.makedirs(directory, exist_ok=True)
-  return directory
+def _replay_source(spec):
+  """The digits 0-4 for the digits, else `spec.replay_source`."""
+  if spec.dataset == "digits":
+    return digits.Source("source")
+  return datasets.Source(spec.replay_source, data_dir=spec.data_dir,
+                         manual_dir=spec.replay_manual_dir or spec.manual_dir)
 
 
-def cached_split(config: ml_collections.ConfigDict, key: Mapping[str, Any],
-                 source: Sequence[Any], labels: np.ndarray, *,
-                 name: str) -> pipeline.Split:
+def cached_split(spec: DataSpec, key: Mapping[str, Any], source: Sequence[Any],
+                 labels: np.ndarray, name: str) -> pipeline.Split:
   """`source` (encoded images or uint8 arrays) through the cache, as a `Split`."""
   labels = np.asarray(labels, np.int32)
-  c = cache.load(dict(key, count=len(labels)), source, side=cache_side(config),
-                 directory=cache_directory(config), name=name,
-                 threads=config.data.get("threads", 0) or None)
-  return pipeline.Split(c.images, c.hw, labels, config.image_size)
+  c = cache.load(dict(key, count=len(labels)), source, side=spec.cache_side,
+                 directory=spec.cache_dir, name=name, threads=spec.threads or None)
+  return pipeline.Split(c.images, c.hw, labels, spec.image_size)
 
 
-def _load_digits(config, *, two_views):
-  """The embedded transfer task (scikit-learn's digits) through the cache."""
-  part, shots = config.data.get("part", "target"), config.data.get("kshot", 0)
-  # k-shot: k labelled images per class of the whole training split, not of the rate's
-  data = digits.transfer_indices(part, sampling_rate=100.0 if shots else
-                                 config.sampling_rate, seed=config.seed)
-  train_rows, train_labels = data["train_rows"], data["train_labels"]
-  if shots:
-    keep = splits.kshot_subset(train_labels, shots=shots, seed=config.seed,
-                               class_names=data["class_names"])
-    train_rows, train_labels = train_rows[keep], train_labels[keep]
-  raw = digits.raw_uint8()
-
-  def split(rows, labels, name):
-    key = {"dataset": "digits", "rows": cache.rows_key(rows)}
-    return cached_split(config, key, raw[rows], labels, name=f"digits-{name}")
-
-  val = None
-  if config.data.get("val_fraction", 0.0) > 0:  # held out to choose the best checkpoint
-    keep, held = splits.holdout_split(train_labels, fraction=config.data.val_fraction,
-                                      seed=config.seed)
-    val = split(train_rows[held], train_labels[held], f"{part}-validation")
-    train_rows, train_labels = train_rows[keep], train_labels[keep]
-  train = split(train_rows, train_labels, f"{part}-train")
-  pool = train
-  fraction = replay_fraction(config)
-  if fraction > 0:  # a fixed random fraction of digits 0-4, unlabelled
-    source = digits.transfer_indices("source", seed=config.seed)["train_rows"]
-    chosen = source[splits.replay_subset(len(source), fraction=fraction, seed=config.seed)]
-    pool = pipeline.Concatenated(train, split(chosen, np.full(len(chosen), -1),
-                                              "replay"))
-  is_replay = np.arange(len(pool)) >= len(train)
-  test = split(data["test_rows"], data["test_labels"], f"{part}-test")
-  unlabelled = None
-  if config.method == "fixmatch":  # every training image of the target, unlabelled
-    every = digits.transfer_indices(part, sampling_rate=100.0, seed=config.seed)
-    unlabelled = unlabelled_split(split(every["train_rows"], every["train_labels"],
-                                        f"{part}-train-all"))
-  return _input(config, "digits", data["num_classes"], "top1", train, test, pool,
-                is_replay, val, two_views=two_views, unlabelled=unlabelled,
-                class_names=data["class_names"])
-
-
-def unlabelled_split(split: pipeline.Split) -> pipeline.Split:
-  """`split` with its labels hidden (-1): FixMatch's unlabelled data."""
-  return dataclasses.replace(split, labels=np.full(len(split), -1, np.int32))
-
-
-def _input(config, dataset, num_classes, metric, train, test, pool, is_replay, val, *,
-           two_views, unlabelled=None, class_names=()):
-  """The `Input` of these splits, with the run's stream and views."""
+def _stream(spec, pool, unlabelled):
+  """start_step -> this host's training batches: the pool's, with as many times
+  `spec.needs.unlabelled` unlabelled images (`u_`) in each where asked."""
   def stream(start_step):
     labelled = pipeline.train_stream(pool, start_step=start_step,
-                                     batch_size=config.batch_size, seed=config.seed)
+                                     batch_size=spec.batch_size, seed=spec.seed)
     if unlabelled is None:
       return labelled
     others = pipeline.train_stream(
-        unlabelled, start_step=start_step, stream=1, seed=config.seed,
-        batch_size=config.batch_size * config.fixmatch.mu)
+        unlabelled, start_step=start_step, stream=1, seed=spec.seed,
+        batch_size=spec.batch_size * spec.needs.unlabelled)
     return ({**a, **{f"u_{k}": v for k, v in b.items() if k != "label"}}
             for a, b in zip(labelled, others))
-
-  size = config.image_size
-  return Input(dataset=dataset, num_classes=num_classes, image_shape=(size, size, 3),
-               metric=metric, train=train, test=test, pool=pool,
-               pool_is_replay=is_replay, stream=stream,
-               view_spec=pipeline.view_spec(config, two_views=two_views), val=val,
-               unlabelled=unlabelled,
-               class_names=tuple(str(n) for n in class_names))
+  return stream
 
 
 def prefetch_to_device(local_batches: Iterable[Mapping[str, np.ndarray]],

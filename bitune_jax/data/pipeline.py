@@ -9,7 +9,7 @@ The host's only work per step is to gather its rows of the global batch from it:
   stream of per-epoch permutations (`stream_indices`, seeded by the run's seed); each
   host takes rows `[i * B / hosts, (i + 1) * B / hosts)` and ships them as uint8
   (`image_u8`, with each image's original `hw`). The views are made inside the jitted
-  train step (`make_views`, `bitune_jax.data.device_views`), each example's from keys
+  train step (`bitune_jax.data.views.batch.make_views`), each example's from keys
   folded from (seed, step, its row in the global batch, view): the pixels do not depend
   on the number of devices or hosts, and a resumed run makes the same views.
 * evaluation: the global padded batches of the split in order, each host taking its
@@ -19,34 +19,15 @@ The host's only work per step is to gather its rows of the global batch from it:
 
 import dataclasses
 import functools
-import math
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
+import jax
 import numpy as np
 
-if TYPE_CHECKING:
-  import ml_collections
-
-MEAN_RGB = (0.485, 0.456, 0.406)
-STD_RGB = (0.229, 0.224, 0.225)
-
-
-def eval_resize(size: int) -> int:
-  """The cache side S for views of `size` (256 for 224, the papers' ratio)."""
-  return int(round(size * 256 / 224))
+from bitune_jax.data.views.crop import MEAN_RGB, STD_RGB
 
 
 # --------------------------------------------------------------------------- order
-def steps_per_epoch(n: int, batch_size: int) -> int:
-  """Number of batches covering `n` examples once: ceil(n / batch_size)."""
-  if int(n) != n or n < 0:
-    raise ValueError(f"n must be a non-negative integer, got {n}")
-  if int(batch_size) != batch_size or batch_size < 1:
-    raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-  return math.ceil(int(n) / int(batch_size))
-
-
 @functools.lru_cache(maxsize=8)
 def _epoch_permutation(seed, epoch, n):
   """Read-only permutation of range(n) for one epoch (cached: consecutive steps share it)."""
@@ -87,7 +68,6 @@ def local_batch_size(batch_size: int, process_count: int) -> int:
 
 
 def _host(process_count, process_index):
-  import jax  # pylint: disable=g-import-not-at-top
   return (jax.process_count() if process_count is None else process_count,
           jax.process_index() if process_index is None else process_index)
 
@@ -112,10 +92,6 @@ class Split:
   def __len__(self) -> int:
     return len(self.labels)
 
-  @property
-  def num_examples(self) -> int:
-    return len(self.labels)
-
   def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
     """`image_u8` [n, S, S, 3], `hw` [n, 2] and `label` [n] of `rows` (a copy)."""
     rows = np.asarray(rows)
@@ -135,10 +111,6 @@ class Concatenated:
 
   def __len__(self) -> int:
     return len(self.first) + len(self.second)
-
-  @property
-  def num_examples(self) -> int:
-    return len(self)
 
   @property
   def labels(self) -> np.ndarray:
@@ -231,85 +203,3 @@ def _train_stream(pool, step, batch_size, seed, local, index):
     batch["index"] = idx[rows].astype(np.int32)  # the pool rows (a memory bank's slots)
     yield batch
     step += 1
-
-
-# --------------------------------------------------------------------------- views
-@dataclasses.dataclass(frozen=True)
-class ViewSpec:
-  """How a run's training views are made (from `config.data`; see `make_views`)."""
-  kind: str  # 'reference' or 'moco'
-  size: int
-  seed: int
-  two_views: bool
-  scale: tuple[float, float] | None = None  # None: the kind's default
-  flip: bool = True
-  jitter: tuple[float, float, float, float] | None = None  # reference views only
-
-
-def make_views(spec: ViewSpec) -> Callable[[dict, "object"], dict]:
-  """`views(batch, step) -> batch`, a JAX function for inside the jitted train step: the
-  uint8 `image_u8` (and `hw`) of a global batch become float32 `image_q`, `image_k`
-  (two views) or `image` (one), view v of row r drawn from
-  `device_views.view_key(seed, step, r, v)`; the other entries are passed through."""
-  from bitune_jax.data import device_views  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  names = ("image_q", "image_k") if spec.two_views else ("image",)
-  options = dict(size=spec.size, kind=spec.kind, flip=spec.flip)
-  if spec.scale is not None:
-    options["scale"] = tuple(spec.scale)
-  if spec.jitter is not None:
-    options["jitter"] = tuple(spec.jitter)
-
-  if spec.kind == "fixmatch":
-    return _fixmatch_views(spec)
-
-  def views(batch, step):
-    out = {k: v for k, v in batch.items() if k not in ("image_u8", "hw")}
-    rows = jnp.arange(batch["image_u8"].shape[0])  # rows of the global batch (jit)
-    for number, name in enumerate(names):
-      out[name] = device_views.batch_views(batch["image_u8"], hw=batch["hw"],
-                                           seed=spec.seed, step=step, rows=rows,
-                                           view=number, **options)
-    return out
-
-  return views
-
-
-def _fixmatch_views(spec):
-  """FixMatch's views (`bitune_jax.data.randaugment`): the labelled images' weak view
-  `image` (view 0), and of the unlabelled `u_image_u8` a weak `u_weak` (view 1) and a
-  strong `u_strong` (view 2), each keyed by (seed, step, row, view)."""
-  from bitune_jax.data import device_views, randaugment  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  def each(view_fn, images, step, view):
-    rows = jnp.arange(images.shape[0])
-    keys = jax.vmap(lambda r: device_views.view_key(spec.seed, step, r, view))(rows)
-    return jax.vmap(lambda x, k: view_fn(x, k, size=spec.size))(images, keys)
-
-  def views(batch, step):
-    out = {k: v for k, v in batch.items()
-           if k not in ("image_u8", "hw", "u_image_u8", "u_hw")}
-    out["image"] = each(randaugment.weak_view, batch["image_u8"], step, 0)
-    out["u_weak"] = each(randaugment.weak_view, batch["u_image_u8"], step, 1)
-    out["u_strong"] = each(randaugment.strong_view, batch["u_image_u8"], step, 2)
-    return out
-  return views
-
-
-def view_spec(config: "ml_collections.ConfigDict", *, two_views: bool, kinds: Sequence[str] = ("reference", "moco")
-              ) -> ViewSpec:
-  """The `ViewSpec` of `config` (`data.views`, `data.crop_scale`, `data.flip`,
-  `data.color_jitter` / `data.jitter`)."""
-  data = config.data
-  if config.get("method") == "fixmatch":  # weak and strong views (`_fixmatch_views`)
-    return ViewSpec(kind="fixmatch", size=config.image_size, seed=int(config.seed),
-                    two_views=False)
-  if data.views not in kinds:
-    raise ValueError(f"data.views must be one of {', '.join(kinds)}, got {data.views!r}")
-  scale = tuple(data.get("crop_scale", ())) or None
-  jitter = tuple(data.jitter) if data.color_jitter and data.views == "reference" else None
-  return ViewSpec(kind=data.views, size=config.image_size, seed=int(config.seed),
-                  two_views=two_views, scale=scale, flip=bool(data.get("flip", True)),
-                  jitter=jitter)

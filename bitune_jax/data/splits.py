@@ -9,7 +9,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 
-def _round_half_up(x):
+def round_half_up(x: float) -> int:
   """Rounds a non-negative float half up (2.5 -> 3), tolerant to float noise (0.3 * 175)."""
   return int(math.floor(x + 0.5 + 1e-9))
 
@@ -40,7 +40,7 @@ def stratified_subset(labels: ArrayLike, *, rate: float, seed: int) -> np.ndarra
   keep = []
   for rank, cls in enumerate(np.unique(labels)):
     members = np.flatnonzero(labels == cls)
-    count = max(1, _round_half_up(rate * len(members) / 100.0))
+    count = max(1, round_half_up(rate * len(members) / 100.0))
     order = np.random.default_rng([int(seed), rank]).permutation(len(members))
     keep.append(members[order[:count]])
   if not keep:
@@ -79,6 +79,22 @@ def holdout_split(labels: np.ndarray, *, fraction: float,
     train.extend(idx[n_val:])
   return np.sort(train), np.sort(val)
 
+
+def train_subset(labels: np.ndarray, *, rate: float, shots: int, seed: int,
+                 num_classes: int,
+                 class_names: Sequence[str] | None = None) -> np.ndarray | None:
+  """Sorted indices of a run's training examples, or None for all of them: k-shot (k
+  per class of the whole split, the rate ignored), or a sampling rate. Every one of
+  the `num_classes` classes must have examples."""
+  present = np.unique(labels)
+  if len(present) != num_classes:
+    raise ValueError(f"the training split has {len(present)} classes with examples, "
+                     f"expected {num_classes}")
+  if shots:
+    return kshot_subset(labels, shots=shots, seed=seed, class_names=class_names)
+  if rate < 100:
+    return stratified_subset(labels, rate=rate, seed=seed)
+  return None
 
 
 def replay_subset(n: int, *, fraction: float, seed: int) -> np.ndarray:

@@ -35,3 +35,8 @@ def get(name):
   if name not in METHODS:
     raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
   return METHODS[name]
+
+
+def data_needs(config):
+  """What `config.method` asks of the data (`Method.needs`)."""
+  return get(config.method).needs(config)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
+from bitune_jax.data import spec
 from bitune_jax.methods import common
 
 log = logging.getLogger("bitune_jax")
@@ -102,8 +103,9 @@ class Method:
     views: the training views of a batch: "one" (`image`), "two" (`image_q`,
       `image_k`: two augmentations of each image) or "weak_strong" (FixMatch: `image`
       weak, and an unlabelled batch's `u_weak`, `u_strong`).
-    unlabelled: also needs every training image of the target, unlabelled (FixMatch).
-    replay_fraction: `(config) -> float`, the share of each batch replayed from the
+    unlabelled: `(config) -> int`, how many images of the target's whole training
+      set, unlabelled, each batch holds per labelled one (FixMatch's mu; 0: none).
+    replay_fraction: `(config) -> float`, the share of the pool replayed from the
       source dataset (unsupervised fine-tuning).
     evaluation: "classifier" (top-1, mean class accuracy) or "features" (retrieval,
       k-means, linear probe on backbone features: the methods trained without labels).
@@ -133,7 +135,7 @@ class Method:
   moved: Mapping[str, str] = dataclasses.field(default_factory=dict)
   validate: Callable[[Any], None] = _no_check
   views: str = "one"
-  unlabelled: bool = False
+  unlabelled: Callable[[Any], int] = lambda config: 0
   replay_fraction: Callable[[Any], float] = lambda config: 0.0
   evaluation: str = "classifier"
   keeps: tuple[str, ...] = ("backbone",)
@@ -150,12 +152,18 @@ class Method:
   after: Callable[..., Any] = nothing_after
 
   def __post_init__(self):
-    if self.views not in ("one", "two", "weak_strong"):
-      raise ValueError(f"{self.name}: views must be 'one', 'two' or 'weak_strong', got "
+    if self.views not in spec.VIEWS:
+      raise ValueError(f"{self.name}: views must be one of {', '.join(spec.VIEWS)}, got "
                        f"{self.views!r}")
     if self.evaluation not in ("classifier", "features"):
       raise ValueError(f"{self.name}: evaluation must be 'classifier' or 'features', "
                        f"got {self.evaluation!r}")
+
+
+  def needs(self, config) -> spec.Needs:
+    """What it asks of the data under `config` (`bitune_jax.data.spec.Needs`)."""
+    return spec.Needs(views=self.views, unlabelled=int(self.unlabelled(config)),
+                      replay_fraction=float(self.replay_fraction(config)))
 
 
 # --------------------------------------------------------------------------- state

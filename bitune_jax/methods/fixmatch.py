@@ -50,7 +50,8 @@ def step_config(config):
 
 # The model and the state are vanilla fine-tuning's (a new head, no extras).
 METHOD = base.Method(
-    name="fixmatch", sections=("fixmatch",), views="weak_strong", unlabelled=True,
+    name="fixmatch", sections=("fixmatch",), views="weak_strong",
+    unlabelled=lambda config: config.fixmatch.mu,
     rules={"fixmatch.threshold": ("in [0, 1]", lambda v: 0 <= v <= 1),
            "fixmatch.mu": base.COUNT, "fixmatch.unlabelled_weight": base.NON_NEGATIVE},
     step_config=step_config, loss=loss)

@@ -5,7 +5,7 @@ and CutMix-mixed queries (the unsupervised fine-tuning paper).
   negatives, InfoNCE at temperature 0.2 (`losses.info_nce_loss`).
 * Source replay: a fixed random fraction of a source dataset joins the target pool
   (`config.unsup.replay_fraction`, 10% by default; the data assembles it).
-* CutMix: each query is mixed with its neighbour in the batch (`data.cutmix`); the mixed
+* CutMix: each query is mixed with its neighbour in the batch (`data.views.cutmix`); the mixed
   query's loss is Eq. (6), `lam * InfoNCE(q_m, k_a) + (1 - lam) * InfoNCE(q_m, k_b)`
   (`losses.mixed_info_nce_loss`); unmixed queries keep plain InfoNCE.
 * BatchNorm per group of `bn_group_size` examples (0: the whole batch), with the key
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from bitune_jax import ema, losses, models, queues
-from bitune_jax.data import cutmix
+from bitune_jax.data.views import cutmix
 from bitune_jax.methods import base, common
 
 

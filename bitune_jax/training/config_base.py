@@ -242,7 +242,7 @@ def validate(config):
                      f"it is) and batch_size >= 1, got {config.total_steps} and "
                      f"{config.batch_size}")
   _validate_values(config, method)
-  _validate_data(config, method)
+  _validate_data(config)
 
 
 def _validate_sections(config, method):
@@ -285,7 +285,7 @@ def _validate_values(config, method):
       raise ValueError(f"{field} must be {what}, got {value}: it cannot train")
 
 
-def _validate_data(config, method):
+def _validate_data(config):
   data = config.data
   if data.views not in ("reference", "moco"):
     raise ValueError(f"data.views must be 'reference' or 'moco', got {data.views!r}")
@@ -298,7 +298,3 @@ def _validate_data(config, method):
                      f"{config.image_size}")
   if int(data.kshot) != data.kshot or data.kshot < 0:
     raise ValueError(f"data.kshot must be a non-negative integer, got {data.kshot}")
-  replay = method.replay_fraction(config) > 0
-  if replay and config.dataset != "digits" and data.replay_source not in datasets.SPECS:
-    raise ValueError(f"unknown data.replay_source {data.replay_source!r}; expected one "
-                     f"of {', '.join(datasets.SPECS)}")

@@ -8,6 +8,7 @@ import os
 import jax
 
 from bitune_jax import convert
+from bitune_jax.data.views import crop
 from bitune_jax.training import loop, records
 
 
@@ -48,10 +49,9 @@ def preprocessing(config):
   """How the model's eval-mode inputs are made (see `bitune_jax.inference`)."""
   if config.dataset == "digits":
     return {"kind": "digits", "image_size": config.image_size}
-  from bitune_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   return {"kind": "imagenet", "image_size": config.image_size,
-          "resize": pipeline.eval_resize(config.image_size),
-          "mean": list(pipeline.MEAN_RGB), "std": list(pipeline.STD_RGB)}
+          "resize": crop.eval_resize(config.image_size),
+          "mean": list(crop.MEAN_RGB), "std": list(crop.STD_RGB)}
 
 
 def export_workdir(workdir, out, *, which="latest", overwrite=False):

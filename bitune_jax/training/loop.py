@@ -64,7 +64,7 @@ def setup(config, mesh, workdir=None, ckpts=None, sources=None):
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh)
   method = methods.get(config.method)
-  data = input_lib.load(config, two_views=method.views == "two")
+  data = input_lib.load(config, method.needs(config))
   if data.num_classes != config.num_classes:
     raise ValueError(f"num_classes={config.num_classes} but dataset {config.dataset!r} "
                      f"has {data.num_classes} classes")

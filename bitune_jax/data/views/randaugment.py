@@ -1,15 +1,5 @@
-"""FixMatch's weak and strong views (Sohn et al. 2020), on device, inside `jax.jit`.
-
-Strong view (FixMatch Sec. 2.3, Table 12): the weak view's flip and shift, then
-RandAugment with random magnitudes: `num_ops` = 2 ops drawn uniformly with replacement
-from the 14 of Table 12 (`OPS`), each applied with p `apply_prob` = 0.5 (the paper
-does not say; FixMatch's released RandAugment pool draws `(op, 0.5, random level)`)
-with its parameter uniform in its Table 12 range (`RANGES`); then CutOut: a square of
-side `round(L * width)`, L ~ U[0, 0.5] (Table 12), at a uniform centre, clipped at the
-borders, set to grey 0.5 (FixMatch's images are in [-1, 1], its CutOut writes 0).
-Weak view (FixMatch's weak augmentation): flip with p 0.5, then a shift by up to
-12.5% of the side per axis with reflected borders (pad-and-crop); a cache of another
-side is first resized to `size` (device_views' antialiased `crop_and_resize`).
+"""RandAugment on the accelerator, inside `jax.jit`: the 14 ops of FixMatch's Table 12
+(Sohn et al. 2020) with PIL's results, and their random draws.
 
 The ops run on uint8 levels (float32 integers 0..255) with PIL's quantisation:
 * equal to PIL on every pixel: Identity; AutoContrast (`ImageOps.autocontrast`, cutoff
@@ -43,8 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitune_jax.data import device_views as dv
-
 OPS = ("identity", "auto_contrast", "brightness", "color", "contrast", "equalize",
        "posterize", "rotate", "sharpness", "shear_x", "shear_y", "solarize",
        "translate_x", "translate_y")
@@ -57,8 +45,6 @@ RANGES = {"rotate": (-30.0, 30.0), "solarize": (0.0, 256.0), "color": (0.05, 0.9
           "translate_x": (-0.3, 0.3), "translate_y": (-0.3, 0.3),
           "posterize": (4.0, 9.0)}
 FILL = 128  # geometric ops' fill level
-CUTOUT_FILL = 0.5  # in [0, 1]
-WEAK_SHIFT = 0.125  # FixMatch's weak translation, a fraction of the side
 FACTOR_STEP = 2.0 ** -14  # enhance factors are rounded to multiples of this
 
 _ONE, _HALF = 65536, 32768  # 16.16 fixed point
@@ -290,7 +276,8 @@ def _apply_planes(planes, op, parameter, fill):
 # ---------------------------------------------------------------- public ops
 
 
-def _check_image(image, name="image"):
+def check_image(image: jax.Array, name: str = "image") -> None:
+  """ValueError unless `image` is `[H, W, 3]`, 3 to 8192 pixels a side."""
   if image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f"{name} must be [H, W, 3], got shape {tuple(image.shape)}")
   if not 3 <= min(image.shape[:2]) <= max(image.shape[:2]) <= 8192:
@@ -298,7 +285,8 @@ def _check_image(image, name="image"):
                      f"warps), got {image.shape[:2]}")
 
 
-def _check_options(num_ops=0, apply_prob=0.0, fill=FILL):
+def check_options(num_ops: int = 0, apply_prob: float = 0.0, fill: float = FILL) -> None:
+  """ValueError unless the RandAugment options are in range."""
   if not isinstance(num_ops, int) or num_ops < 0:
     raise ValueError(f"num_ops must be an int >= 0, got {num_ops!r}")
   if not 0 <= apply_prob <= 1:
@@ -323,8 +311,8 @@ def apply_op(image: jax.Array, op: str | int | jax.Array, parameter: float | jax
   name or index of `OPS` (may be traced). `fill`: the level of uncovered pixels.
   Returns float32 `[H, W, 3]` of integer levels.
   """
-  _check_image(image)
-  _check_options(fill=fill)
+  check_image(image)
+  check_options(fill=fill)
   if isinstance(op, str):
     if op not in OPS:
       raise ValueError(f"unknown op {op!r}; the ops are {OPS}")
@@ -362,7 +350,9 @@ def op_parameter(op: jax.Array, fraction: jax.Array, height: int, width: int
                            jnp.where(op == OPS.index("translate_y"), height, 1))
 
 
-def _rand_augment_planes(planes, key, num_ops, apply_prob, fill):
+def rand_augment_planes(planes: jax.Array, key: jax.Array, num_ops: int,
+                        apply_prob: float, fill: float) -> jax.Array:
+  """`rand_augment` of levels `[3, H, W]` (channels first)."""
   if num_ops == 0:
     return planes
   ops, fractions, applied = rand_augment_draws(key, num_ops=num_ops,
@@ -380,100 +370,7 @@ def rand_augment(image: jax.Array, key: jax.Array, *, num_ops: int = 2,
   """FixMatch's RandAugment with random magnitudes on uint8 levels `[H, W, 3]`:
   `rand_augment_draws(key)`, each op applied in turn as `apply_op(op,
   op_parameter(op, fraction))` where drawn as applied. Float32 `[H, W, 3]` levels."""
-  _check_image(image)
-  _check_options(num_ops, apply_prob, fill)
-  planes = _rand_augment_planes(_levels_planes(image), key, num_ops, apply_prob, fill)
+  check_image(image)
+  check_options(num_ops, apply_prob, fill)
+  planes = rand_augment_planes(_levels_planes(image), key, num_ops, apply_prob, fill)
   return _image(planes)
-
-
-# ------------------------------------------------------------------ cutout
-
-
-def cutout_draws(key: jax.Array, height: int, width: int, *,
-                 max_fraction: float = 0.5) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`(fraction, centre_row, centre_col)`: fraction ~ U[0, max_fraction), the centre
-  uniform over the pixels (keys `jax.random.split(key, 3)`). The square has side
-  `round(fraction * width)` and top-left corner `centre - side // 2`, clipped to the
-  image."""
-  fraction_key, row_key, col_key = jax.random.split(key, 3)
-  return (jax.random.uniform(fraction_key, (), _F32, 0.0, max_fraction),
-          jax.random.randint(row_key, (), 0, height, jnp.int32),
-          jax.random.randint(col_key, (), 0, width, jnp.int32))
-
-
-def _cutout_planes(planes, key, max_fraction, fill):
-  h, w = planes.shape[1:]
-  fraction, centre_y, centre_x = cutout_draws(key, h, w, max_fraction=max_fraction)
-  side = jnp.round(fraction * w).astype(jnp.int32)
-  rows = jnp.arange(h)[:, None] - (centre_y - side // 2)
-  cols = jnp.arange(w)[None, :] - (centre_x - side // 2)
-  square = (rows >= 0) & (rows < side) & (cols >= 0) & (cols < side)
-  return jnp.where(square[None], _F32(fill), planes)
-
-
-def cutout(image: jax.Array, key: jax.Array, *, max_fraction: float = 0.5,
-           fill: float = CUTOUT_FILL) -> jax.Array:
-  """FixMatch's CutOut of `[H, W, C]` (any units): the square of `cutout_draws(key)`
-  set to `fill`; float32."""
-  if image.ndim != 3:
-    raise ValueError(f"image must be [H, W, C], got shape {tuple(image.shape)}")
-  if not 0 <= max_fraction <= 1:
-    raise ValueError(f"max_fraction must be in [0, 1], got {max_fraction}")
-  return _image(_cutout_planes(_planes(image.astype(_F32)), key, max_fraction, fill))
-
-
-# ------------------------------------------------------------------- views
-
-
-def _weak_planes(image_u8, key, size, shift):
-  """FixMatch's weak augmentation, float32 `[3, size, size]` in [0, 1]: resize (if
-  needed), flip (p 0.5), translation by whole pixels in [-pad, pad] per axis, `pad =
-  round(shift * size)`, reflected borders. Keys `jax.random.split(key)`: flip, shift."""
-  _check_image(image_u8, "image_u8")
-  pad = round(shift * size)
-  if size < 1 or not 0 <= pad < size:
-    raise ValueError(f"need size >= 1 and 0 <= round(shift * size) < size, got size "
-                     f"{size}, shift {shift}")
-  flip_key, shift_key = jax.random.split(key)
-  mirror = jax.random.bernoulli(flip_key, 0.5)
-  height, width = image_u8.shape[:2]
-  if (height, width) == (size, size):
-    planes = _planes(image_u8.astype(_F32) / 255)
-    planes = jnp.where(mirror, planes[:, :, ::-1], planes)
-  else:
-    planes = _planes(dv.crop_and_resize(
-        image_u8, 0, 0, height, width, size=size, mirror=mirror))
-  offsets = jax.random.randint(shift_key, (2,), -pad, pad + 1)
-
-  def reflect(index):  # into [0, size), the edge not repeated
-    index = jnp.abs(index)
-    return jnp.where(index > size - 1, 2 * (size - 1) - index, index)
-  rows = reflect(jnp.arange(size) + offsets[0])
-  cols = reflect(jnp.arange(size) + offsets[1])
-  return planes[:, rows][:, :, cols]
-
-
-def weak_view(image_u8: jax.Array, key: jax.Array, *, size: int,
-              shift: float = WEAK_SHIFT) -> jax.Array:
-  """FixMatch's weak view of uint8 `[S, S', 3]`: resized to `size x size` (unless it
-  is that size), flipped with p 0.5, translated by up to `round(shift * size)` pixels
-  per axis with reflected borders; float32 `[size, size, 3]`, normalised."""
-  planes = _weak_planes(image_u8, key, size, shift)
-  return dv.normalize(_image(planes))
-
-
-def strong_view(image_u8: jax.Array, key: jax.Array, *, size: int, num_ops: int = 2,
-                apply_prob: float = 0.5, fill: int = FILL,
-                cutout_fraction: float = 0.5, shift: float = WEAK_SHIFT) -> jax.Array:
-  """FixMatch's strong view of uint8 `[S, S', 3]`: the weak view's resize, flip and
-  translation (its own draws), rounded to levels, `rand_augment`, `cutout` (side up
-  to `cutout_fraction` of the width, grey `CUTOUT_FILL`), normalisation. Keys
-  `jax.random.split(key, 3)`: weak, RandAugment, CutOut. Float32 `[size, size, 3]`."""
-  _check_options(num_ops, apply_prob, fill)
-  if not 0 <= cutout_fraction <= 1:
-    raise ValueError(f"cutout_fraction must be in [0, 1], got {cutout_fraction}")
-  weak_key, augment_key, cutout_key = jax.random.split(key, 3)
-  levels = jnp.round(_weak_planes(image_u8, weak_key, size, shift) * 255)
-  levels = _rand_augment_planes(levels, augment_key, num_ops, apply_prob, fill)
-  planes = _cutout_planes(levels / 255, cutout_key, cutout_fraction, CUTOUT_FILL)
-  return dv.normalize(_image(planes))
