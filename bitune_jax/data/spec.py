@@ -79,32 +79,30 @@ def data_spec(config: ml_collections.ConfigDict, needs: Needs) -> DataSpec:
   data = config.data
   if data.views not in ("reference", "moco"):
     raise ValueError(f"data.views must be one of reference, moco, got {data.views!r}")
-  replay_source = data.get("replay_source", "imagenet")
   if (needs.replay_fraction > 0 and config.dataset != "digits"
-      and replay_source not in datasets.SPECS):
-    raise ValueError(f"unknown data.replay_source {replay_source!r}; expected one "
+      and data.replay_source not in datasets.SPECS):
+    raise ValueError(f"unknown data.replay_source {data.replay_source!r}; expected one "
                      f"of {', '.join(datasets.SPECS)}")
-  jitter = (tuple(data.jitter) if data.get("color_jitter", False)
-            and data.views == "reference" else None)
+  jitter = (tuple(data.jitter) if data.color_jitter and data.views == "reference"
+            else None)
   return DataSpec(
       dataset=config.dataset, needs=needs, image_size=int(config.image_size),
       seed=int(config.seed), batch_size=int(config.batch_size),
-      sampling_rate=float(config.sampling_rate), kshot=int(data.get("kshot", 0)),
-      val_fraction=float(data.get("val_fraction", 0.0)),
-      part=data.get("part", "target"), data_dir=data.get("data_dir", "") or "",
-      manual_dir=data.get("manual_dir", "") or "", replay_source=replay_source,
-      replay_manual_dir=data.get("replay_manual_dir", "") or "",
+      sampling_rate=float(config.sampling_rate), kshot=int(data.kshot),
+      val_fraction=float(data.val_fraction),
+      part=data.get("part", "target"),  # the demo's source pre-training sets "source"
+      data_dir=data.data_dir, manual_dir=data.manual_dir,
+      replay_source=data.replay_source, replay_manual_dir=data.replay_manual_dir,
       cache_side=cache_side(config), cache_dir=cache_directory(config),
-      threads=int(data.get("threads", 0) or 0), views=data.views,
-      crop_scale=tuple(data.get("crop_scale", ())), flip=bool(data.get("flip", True)),
-      jitter=jitter)
+      threads=int(data.threads), views=data.views, crop_scale=tuple(data.crop_scale),
+      flip=bool(data.flip), jitter=jitter)
 
 
 def cache_side(config: ml_collections.ConfigDict) -> int:
   """S of the run's caches: `data.cache_side`, else the MoCo view's side
   (`augment.moco_side`) for MoCo views, else the reference's pre-resize for
   `config.image_size` (256 for 224)."""
-  if config.data.get("cache_side", 0):
+  if config.data.cache_side:
     return int(config.data.cache_side)
   if config.data.views == "moco":
     return int(moco_side(config.image_size))
@@ -115,7 +113,7 @@ def cache_directory(config: ml_collections.ConfigDict) -> str:
   """Where the caches live: `data.cache_dir` ('none': in memory only), else
   `$BITUNE_JAX_CACHE_DIR`, else `DATA_DIR/bitune_jax_cache` for a local data dir, else
   `~/.cache/bitune_jax`."""
-  directory = config.data.get("cache_dir", "") or os.environ.get("BITUNE_JAX_CACHE_DIR", "")
+  directory = config.data.cache_dir or os.environ.get("BITUNE_JAX_CACHE_DIR", "")
   if directory == "none":
     return ""
   if not directory and config.data.data_dir and "://" not in config.data.data_dir:

@@ -42,7 +42,7 @@ def source_model(config, workdir):
                   "eval_every", "checkpoint_every", "multi_host"):
       pre[field] = config[field]
     for field in ("cache_dir", "threads"):
-      pre.data[field] = config.data.get(field, pre.data[field])
+      pre.data[field] = config.data[field]
     pre.init_from, pre.data.part = "", "source"
     pre.total_steps, pre.lr = config.pretrain.total_steps, config.pretrain.lr
     pre.lr_mult = {g: 1.0 for g in common.GROUPS}

@@ -73,7 +73,9 @@ def _owners(section):
 # those runs trained (a resumed one then says so, e.g. --config.head_init=lecun); each
 # method's own are its `Method.legacy`.
 LEGACY = {"head_init": "lecun", "bf16": False, "profile_steps": 0, "multi_host": False,
-          "data.val_fraction": 0.0}
+          "data.val_fraction": 0.0, "data.kshot": 0, "data.threads": 0,
+          "data.crop_scale": (), "data.flip": True, "data.color_jitter": False,
+          "data.cache_dir": "", "data.cache_side": 0, "data.replay_manual_dir": ""}
 
 
 def stored(tree):
