@@ -2,7 +2,7 @@
 view's blur and jitter probabilities, sampling-rate subsets nested across rates on a
 tfds dataset, and `bitune-eval --kshot` on the command line.
 
-Complements test_device_views.py (the view functions against PIL/NumPy/scipy, grayscale
+Complements test_views_*.py (the view functions against PIL/NumPy/scipy, grayscale
 frequency) and test_pipeline.py (per-class counts, resumable streams): here each feature
 is reached the way a run reaches it (config -> `input_lib.load` -> stream -> the views
 the train step makes, `Input.views`, or the view the config names) and checked against
