@@ -2,14 +2,18 @@
 method and checkpoint, and every runnable row's config builds and validates; rows that
 cannot run yet say why."""
 
+import collections
 import glob
 import os
 
 import pytest
 
-from bitune_jax.experiments import tables
+from bitune_jax import methods
+from bitune_jax.experiments import grid, tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The sweep's `--checkpoint NAME=PATH` for every name a spec may ask for.
+_ANY_CHECKPOINT = collections.defaultdict(lambda: "/checkpoints/converted.npz")
 SPECS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "tables", "*.py"))
                if not p.endswith("__init__.py"))
 
@@ -31,19 +35,21 @@ def test_every_row_builds_and_validates(path):
     assert bool(row.numbers) == bool(table.paper), (table.name, row.label)
     for mean, std in row.numbers.values():
       assert 0 <= mean <= 100 and (std is None or 0 <= std < 20), (table.name, row.label)
-  for cell in tables.cells(table, runnable_only=False):
-    if cell.row.missing or not cell.row.config:
-      with pytest.raises(ValueError):
-        tables.build_config(cell)
-      continue
-    config = tables.build_config(cell, seed=1)
-    assert config.dataset == cell.column.dataset and config.arch == cell.row.arch
-    assert config.method == cell.row.config and config.seed == 1
-    for key, value in cell.overrides.items():
+  # A row that cannot run says why, and is no cell; every other row's runs build.
+  assert all(row.missing.strip() for row in table.rows if row.missing)
+  assert not any(cell.row.missing for cell in tables.cells(table))
+  for cell in grid.cells_from_spec(table, [1], {}):
+    run, = cell.runs
+    config = grid.build_config(run, _ANY_CHECKPOINT)
+    assert config.dataset == cell.dataset and config.seed == 1
+    if run.arg != "demo":
+      assert config.arch == run.arg.split(",")[1]
+    assert config.method == (run.config or methods.VANILLA)
+    for key, value in run.overrides:
       node = config
       for part in key.split("."):
         node = node[part]
-      assert node == value, (table.name, cell.row.label, key)
+      assert node == value, (table.name, cell.row, key)
 
 
 def test_bituning_table5_rows_are_the_loss_ablations():
@@ -53,10 +59,10 @@ def test_bituning_table5_rows_are_the_loss_ablations():
              for r in table.rows}
   assert weights == {"CE": (1, 0, 0), "CE + CCE": (1, 1, 0), "CE + CCL": (1, 0, 1),
                      "CCE + CCL": (0, 1, 1), "CE + CCE + CCL": (1, 1, 1)}
-  cell = [c for c in tables.cells(table) if c.row.label == "CE + CCL"
-          and c.column.rate == 50][0]
+  cell, = [c for c in grid.cells_from_spec(table, [0], {})
+            if c.row == "CE + CCL" and c.x == 50]
   assert cell.paper == (60.77, 0.31)
-  config = tables.build_config(cell)
+  config = grid.build_config(cell.runs[0], _ANY_CHECKPOINT)
   assert (config.sampling_rate, config.bituning.cce_weight) == (50, 0.0)
 
 

@@ -12,8 +12,8 @@ the vocabulary of `bitune_jax.configs.tables`:
   `missing` says why this project cannot run the row yet (empty: it can).
 
 `cells(table)` lists the runnable (row, column) pairs with their `configs/<config>.py`
-argument and overrides; `build_config(cell)` makes and validates the config of one
-(the pre-trained checkpoint is a name, `Row.checkpoint`: a sweep maps it to a file).
+argument and overrides (the pre-trained checkpoint is a name, `Row.checkpoint`: the
+sweep's grid maps it to a file and builds each run's config, `experiments.grid`).
 """
 
 import dataclasses
@@ -95,13 +95,12 @@ def check(table: Table) -> None:
                        f"{sorted(extra)}")
 
 
-def cells(table: Table, *, runnable_only: bool = True) -> list[Cell]:
+def cells(table: Table) -> list[Cell]:
   """The (row, column) pairs that have a paper number (every pair of a table without
-  any: a grid of this project's own), rows that cannot run left out unless
-  `runnable_only` is False."""
+  any: a grid of this project's own), rows that cannot run left out."""
   every = not any(r.numbers for r in table.rows)
   return [Cell(table, r, c) for r in table.rows for c in table.columns
-          if (every or c.label in r.numbers) and (not runnable_only or not r.missing)]
+          if (every or c.label in r.numbers) and not r.missing]
 
 
 def set_field(config, dotted: str, value: Any) -> None:
@@ -118,20 +117,3 @@ def set_field(config, dotted: str, value: Any) -> None:
   if last not in node:
     raise ValueError(f"unknown config field {dotted!r}")
   node[last] = value
-
-
-def build_config(cell: Cell, *, seed: int = 0):
-  """The validated `ml_collections` config of one cell (its checkpoint not set)."""
-  from bitune_jax.training import config_base  # pylint: disable=g-import-not-at-top
-  if cell.row.missing:
-    raise ValueError(f"{cell.table.name}, {cell.row.label}: {cell.row.missing}")
-  if not cell.row.config:
-    raise ValueError(f"{cell.table.name}, {cell.row.label}: the checkpoint evaluated as "
-                     "it is, no training run")
-  module = importlib.import_module(f"bitune_jax.configs.{cell.row.config}")
-  config = module.get_config(cell.arg)
-  for key, value in cell.overrides.items():
-    set_field(config, key, value)
-  config.seed = seed
-  config_base.validate(config)
-  return config
