@@ -298,7 +298,7 @@ def test_no_init_from_on_a_real_dataset_warns_and_none_is_explicit():
 
 def test_shipped_configs_run_from_anywhere_and_are_in_the_wheel(tmp_path):
   """`--config configs/X.py:ARG` from a directory without configs/ (an installed
-  wheel) finds the shipped config; the wheel carries every config."""
+  wheel) finds the shipped config; the wheel carries every config and every module."""
   printed = subprocess.run(
       [sys.executable, "-m", "bitune_jax.cli.train", "--config=configs/finetune.py:demo",
        "--print_config"], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
@@ -317,6 +317,10 @@ def test_shipped_configs_run_from_anywhere_and_are_in_the_wheel(tmp_path):
                 if n.endswith(".py")}
   assert any("tables/" in n for n in shipped)  # the table specs (configs/tables/)
   assert shipped <= names, shipped - names
+  package = os.path.join(ROOT, "bitune_jax")  # every module, every subpackage's too
+  modules = {os.path.relpath(os.path.join(folder, n), ROOT)
+             for folder, _, found in os.walk(package) for n in found if n.endswith(".py")}
+  assert "bitune_jax/training/loop.py" in modules and modules <= names, modules - names
 
 
 
