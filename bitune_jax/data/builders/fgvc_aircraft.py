@@ -53,29 +53,13 @@ directory, which must then read:
 {LAYOUT}"""
 
 
-def _layout_error(problem):
-  return ValueError(
-      f"Dataset {NAME!r}: {problem}.\nExpected layout:\n{LAYOUT}\n"
-      "Point the manual directory at it with --config.data.manual_dir=<manual_dir>.")
-
-
 def resolve_manual_dir(manual_dir: epath.PathLike | None) -> epath.Path:
   """Returns the folder holding `fgvc-aircraft-2013b/`, or raises a clear ValueError.
 
   Tries `<manual_dir>/fgvc_aircraft/` first, then `<manual_dir>` itself.
   """
-  if not manual_dir:
-    raise _layout_error("no manual directory was given")
-  manual_dir = epath.Path(manual_dir).expanduser()
-  if not manual_dir.is_dir() or not any(manual_dir.iterdir()):
-    raise _layout_error(f"manual directory {manual_dir} does not exist or is empty")
-  for root in (manual_dir / NAME, manual_dir):
-    if (root / ARCHIVE_DIR).is_dir():
-      missing = [f for f in REQUIRED_FILES if not (root / f).exists()]
-      if missing:
-        raise _layout_error(f"missing {', '.join(str(root / f) for f in missing)}")
-      return root
-  raise _layout_error(f"no {ARCHIVE_DIR}/ folder in {manual_dir} or {manual_dir / NAME}")
+  return features.manual_root(manual_dir, name=NAME, layout=LAYOUT,
+                              marker=ARCHIVE_DIR, required=REQUIRED_FILES)
 
 
 def read_variants(path: epath.PathLike) -> list[str]:
@@ -114,17 +98,10 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Variant level, train/validation/test as published."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
-  # tfds 4.9.10 derives `code_path` through `importlib_resources`, which it does not
-  # install on Python >= 3.9 (tensorflow/datasets#11212); this is the value it would find.
-  code_path = epath.Path(__file__)
+  code_path = features.code_path(__file__)
 
-  def _info(self):
-    return self.dataset_info_from_configs(
-        # Label names come from variants.txt, set in `_split_generators`.
-        features=features.classification_features(NUM_CLASSES),
-        supervised_keys=("image", "label"),
-        homepage="https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/",
-    )
+  def _info(self):  # label names: the names of variants.txt, set in `_split_generators`
+    return features.info(self, NUM_CLASSES, homepage="https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/")
 
   def _split_generators(self, dl_manager):
     data = resolve_manual_dir(dl_manager.manual_dir) / ARCHIVE_DIR / "data"
