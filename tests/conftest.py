@@ -15,6 +15,20 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if not os.environ.get("BITUNE_JAX_CACHE_DIR"):
   import tempfile  # pylint: disable=g-import-not-at-top
   os.environ["BITUNE_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="bitune-test-cache-")
+# XLA's compiled programs too, in a folder of this session: the suite compiles the same
+# small steps again and again (each test builds its own run; each `bitune-train` process
+# the tests start compiles what this process already did), and the second compilation of
+# a program is a read of the first (a tiny run: 32 s -> 16 s). What runs is the same
+# program either way; the folder starts empty, so CI's times are a cold start's.
+# The folder is shared by processes that run at once: with a size limit set, JAX reads
+# and writes it under a file lock (without one a reader can meet a half-written entry).
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  import tempfile  # pylint: disable=g-import-not-at-top,reimported
+  import atexit  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bitune-test-xla-")
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 # The PyTorch reference implementations used for parity live in third_party/.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "third_party"))
@@ -56,13 +70,22 @@ def pytest_runtest_makereport(item, call):
 # Tests that run a README command record what it printed here; the end of the run shows
 # them with the CPU they came from (the README's numbers depend on the machine: float
 # sums round differently across CPUs, and CI is another machine than the README's).
+# The line travels in the test's report (a user property), so that it reaches the end of
+# the run also from a pytest-xdist worker (tests/run.sh runs the suite on 2 of them).
 _MEASURED = []
 
 
 @pytest.fixture
 def measured(request):
   """`measured("quick start: top-1 96.28")` prints that line at the end of the run."""
-  return lambda line: _MEASURED.append(f"{request.node.nodeid}: {line}")
+  return lambda line: request.node.user_properties.append(
+      ("measured", f"{request.node.nodeid}: {line}"))
+
+
+def pytest_runtest_logreport(report):
+  if report.when == "teardown":
+    _MEASURED.extend(value for name, value in report.user_properties
+                     if name == "measured")
 
 
 def _cpu():
@@ -83,3 +106,12 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section(f"README numbers measured on this machine ({_cpu()})")
     for line in _MEASURED:
       terminalreporter.write_line(line)
+
+
+# --------------------------------------------------------------------------- order
+def pytest_collection_modifyitems(items):
+  """The files that hold `slow` tests first, each file's tests in their own order: on
+  pytest-xdist workers (tests/run.sh: 2, a file to a worker) the long files then start
+  at once instead of leaving one worker alone with them at the end."""
+  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow_files)

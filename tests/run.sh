@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The README's test command, and exactly what CI runs (.ci/run calls this script):
 # installs what the tests need, the pinned CPU torch first (an unpinned torch pulls
-# several GB of CUDA packages), then runs the whole suite. Extra arguments go to pytest.
+# several GB of CUDA packages), then runs the whole suite on 2 pytest-xdist workers, a
+# file to each (a file's module fixtures, e.g. test_multiprocess.py's launches, run once;
+# much of a test's time is single-threaded: Python, XLA's compiler, process starts).
+# Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --upgrade pip
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -e ".[test,torch]"
-python3 -m pytest -q "$@"
+python3 -m pytest -q -n 2 --dist loadfile "$@"

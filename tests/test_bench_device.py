@@ -47,6 +47,7 @@ def _fraction(section, key, *, closed):
   assert value <= 1 if closed else value < 1, (key, value)
 
 
+@pytest.mark.slow
 def test_dry_run_measures_every_phase(tmp_path):
   report, printed = _dry_run(tmp_path, "--skip", "quickstart", timeout=400)
   assert report["dry_run"] and report["problems"] == ["quickstart: skipped (--skip)"]

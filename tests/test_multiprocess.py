@@ -96,27 +96,40 @@ def bituning_reference(source, tmp_path_factory):
   return workdir, scalars, summary
 
 
+@pytest.fixture(scope="module")
+def bituning_2x4(source, tmp_path_factory):
+  """The Bi-tuning run as 2 processes x 4 devices, uninterrupted: one launch for the
+  tests that compare against it (checkpoints change no number: a run with periodic
+  checkpoints off ends bitwise where this one ends, see the SIGTERM tests)."""
+  workdir = tmp_path_factory.mktemp("bituning-2x4") / "run"
+  run = _train("bituning", _overrides(source), workdir, processes_=2, devices=4)
+  assert run.wait() == [0, 0], run.log(0)[-3000:] + run.log(1)[-3000:]
+  return workdir, run
+
+
 # --------------------------------------------------------------------------- layouts
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["bituning", "cotuning", "unsup_finetune"])
 def test_two_processes_give_the_numbers_of_one(method, source, bituning_reference,
-                                               tmp_path):
+                                               request, tmp_path):
   """2 processes x 4 devices = 1 x 8: every loss term at every step, the evaluation,
   the final state. Co-Tuning's relationship comes from outputs gathered over both
   processes; unsupervised fine-tuning shuffles BatchNorm groups across them."""
   overrides = _overrides(source)
   if method == "bituning":
     ref_dir, want, ref_summary = bituning_reference
+    workdir, run = request.getfixturevalue("bituning_2x4")
   else:
-    ref_dir = tmp_path / "1x8"
+    ref_dir, workdir = tmp_path / "1x8", tmp_path / "2x4"
     want, ref_summary = _reference(method, overrides, ref_dir)
-  run = _train(method, overrides, tmp_path / "2x4", processes_=2, devices=4)
-  assert run.wait() == [0, 0], run.log(0)[-3000:] + run.log(1)[-3000:]
-  got = processes.scalars(tmp_path / "2x4")
+    run = _train(method, overrides, workdir, processes_=2, devices=4)
+    assert run.wait() == [0, 0], run.log(0)[-3000:] + run.log(1)[-3000:]
+  got = processes.scalars(workdir)
   _assert_same_steps(got, want, LOSSES[method], range(1, TOTAL + 1), LAYOUT_RTOL)
-  summary = json.loads((tmp_path / "2x4" / "summary.json").read_text())
+  summary = json.loads((workdir / "summary.json").read_text())
   _assert_same_eval(summary, ref_summary, [k for k, v in ref_summary.items()
                                            if isinstance(v, float)])
-  mine, theirs = (processes.final_state(d, TOTAL) for d in (tmp_path / "2x4", ref_dir))
+  mine, theirs = (processes.final_state(d, TOTAL) for d in (workdir, ref_dir))
   # After 8 steps: the layouts' float noise (the views are made inside each layout's
   # own compiled step) grows to ~2e-6 on parameters of ~1e-3 (unsupervised
   # fine-tuning, measured); every loss above is held to LAYOUT_RTOL at every step.
@@ -127,21 +140,21 @@ def test_two_processes_give_the_numbers_of_one(method, source, bituning_referenc
   # Progress from process 0 alone: process 1 does not print the same lines again.
   assert re.search(r"step \d+/\d+", run.log(0)), run.log(0)[-2000:]
   assert not re.search(r"step \d+/\d+|learning rate of", run.log(1)), run.log(1)[-2000:]
-  assert len(list((tmp_path / "2x4" / "launches").glob("launch-*.json"))) == 1
+  assert len(list((workdir / "launches").glob("launch-*.json"))) == 1
   if method == "bituning":  # bitune-eval as 2 processes: the numbers of the run
-    run = processes.launch(["--workdir", str(tmp_path / "2x4")], str(tmp_path / "eval"),
+    run = processes.launch(["--workdir", str(workdir)], str(tmp_path / "eval"),
                            processes=2, devices=4, module="bitune_jax.cli.eval")
     assert run.wait() == [0, 0], run.log(0)[-3000:] + run.log(1)[-3000:]
-    record = json.loads((tmp_path / "2x4" / "evals" / f"latest-step{TOTAL}.json")
-                        .read_text())
+    record = json.loads((workdir / "evals" / f"latest-step{TOTAL}.json").read_text())
     _assert_same_eval(record, ref_summary, ["top1", "mean_class_acc"])
   if method == "cotuning":
-    (cache,) = (tmp_path / "2x4" / "relationship").glob("*.npz")
+    (cache,) = (workdir / "relationship").glob("*.npz")
     (ref_cache,) = (ref_dir / "relationship").glob("*.npz")
     np.testing.assert_allclose(np.load(cache)["relationship"],
                                np.load(ref_cache)["relationship"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_two_processes_on_a_tfds_dataset_prepared_once(source, tmp_path):
   """Aircraft as tfds builds it from the official archive layout (a fake one): process
   0 prepares it while process 1 waits; 2 x 4 devices then train and evaluate as 1 x 8."""
@@ -197,6 +210,7 @@ def _preempt(method, overrides, workdir, *, processes_, devices, target=0, after
   return step
 
 
+@pytest.mark.slow
 def test_sigterm_stops_saves_and_resumes_bitwise_one_process(source, bituning_reference,
                                                              tmp_path):
   """One process: SIGTERM mid-run saves the step it reached (not only the periodic
@@ -219,20 +233,20 @@ def test_sigterm_stops_saves_and_resumes_bitwise_one_process(source, bituning_re
                     processes_=2, devices=4)
 
 
-def test_sigterm_to_one_of_two_processes(source, bituning_reference, tmp_path):
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes(source, bituning_reference, bituning_2x4,
+                                        tmp_path):
   """SIGTERM to process 1 only: both stop at one step and save it; resumed by the same
   2 processes the run ends bitwise equal to an uninterrupted 2-process run; resumed by
   1 process x 8 devices (elastic 2 -> 1) it ends where the 1-process run ends."""
   overrides = _overrides(source, checkpoint_every=100)
-  straight = _train("bituning", overrides, tmp_path / "straight", processes_=2,
-                    devices=4)
   step = _preempt("bituning", overrides, tmp_path / "run", processes_=2, devices=4,
                   target=1)
-  assert straight.wait() == [0, 0], straight.log(0)[-3000:]
   shutil.copytree(tmp_path / "run", tmp_path / "elastic")
   run = _train("bituning", overrides, tmp_path / "run", processes_=2, devices=4)
   assert run.wait() == [0, 0], run.log(0)[-3000:]
-  mine, theirs = (processes.final_state(tmp_path / d, TOTAL) for d in ("run", "straight"))
+  mine, theirs = (processes.final_state(d, TOTAL)
+                  for d in (tmp_path / "run", bituning_2x4[0]))
   np.testing.assert_array_equal(_flat(mine), _flat(theirs))
 
   _resume_elsewhere(tmp_path / "elastic", overrides, step, bituning_reference,
@@ -253,6 +267,7 @@ def _resume_elsewhere(workdir, overrides, step, reference, *, processes_, device
 
 
 # --------------------------------------------------------------------------- kill -9
+@pytest.mark.slow
 def test_kill_9_while_a_checkpoint_is_written(source, bituning_reference, tmp_path):
   """kill -9 right after a checkpoint step is logged (its asynchronous write under way,
   or just done): the next start resumes from the last complete checkpoint and ends
@@ -308,6 +323,7 @@ def test_an_unreadable_checkpoint_is_named_and_the_one_before_it_used(tmp_path):
   processes.final_state(tmp_path, 6)  # the new step 6 reads
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_step_and_the_same_command_resumes(tmp_path):
   """Ctrl-C once the run is training: one line naming the step, its checkpoint saved,
   exit code 130; the same command then finishes the run from there."""

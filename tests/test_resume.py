@@ -10,21 +10,16 @@ deterministic), so these tests look at the steps, the batches and the checkpoint
 import dataclasses
 import json
 import os
-import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import fakes
 from bitune_jax import methods
-from bitune_jax.training import checkpoint
 from bitune_jax.data import input as input_lib
-from bitune_jax.training import loop
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import bituning as bituning_config  # noqa: E402  pylint: disable=g-import-not-at-top
+from bitune_jax.training import checkpoint, loop
 
 TOTAL = 6       # steps of the run
 EVERY = 3       # checkpoint interval: the interrupted run's last checkpoint is step 3
@@ -32,16 +27,10 @@ STOPPED = 4     # steps the interrupted run completed before it was stopped
 
 
 def _config():
-  config = bituning_config.get_config("demo")
-  config.init_from = ""
-  config.image_size = 16
-  config.batch_size = 16
-  config.eval_batch_size = 64
-  config.total_steps = TOTAL
-  config.checkpoint_every = config.log_every = EVERY
-  config.eval_every = 1  # a best-checkpoint candidate at every step
-  config.bituning.queue_size = 4
-  return config
+  return fakes.tiny_config(
+      "bituning", total_steps=TOTAL, checkpoint_every=EVERY, log_every=EVERY,
+      eval_every=1,  # a best-checkpoint candidate at every step
+      bituning={"queue_size": 4})
 
 
 def _leaves(tree):

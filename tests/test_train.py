@@ -168,7 +168,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
       str(info.value)), str(info.value)
 
 
-@pytest.mark.slow
 def _readme_quick_start():
   """The README's quick-start claim: (seed 0's top-1 here, the band it promises)."""
   with open(os.path.join(ROOT, "README.md")) as f:

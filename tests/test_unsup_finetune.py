@@ -1,14 +1,13 @@
 """Unsupervised fine-tuning: CutMix boxes and lambda, source replay, grouped BatchNorm,
 the MoCo step on 8 devices, and feature evaluation in the loop."""
 
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fakes
 import outside
 from bitune_jax import methods, sharding
 from bitune_jax.data import input as input_lib
@@ -17,22 +16,12 @@ from bitune_jax.data.spec import Needs
 from bitune_jax.data.views import cutmix
 from bitune_jax.methods import common, unsup_finetune
 from bitune_jax.training import loop
-import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
-import unsup_finetune as unsup_config  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _config(**unsup):
-  config = unsup_config.get_config("demo")
-  config.init_from, config.image_size = "", 16
-  config.batch_size, config.eval_batch_size = 16, 64
-  config.total_steps = 4
-  config.log_every = config.eval_every = config.checkpoint_every = 2
-  config.unsup.queue_size, config.unsup.bn_group_size = 64, 4
-  for key, value in unsup.items():
-    config.unsup[key] = value
-  return config
+  return fakes.tiny_config("unsup_finetune", total_steps=4, log_every=2, eval_every=2,
+                           checkpoint_every=2,
+                           unsup={"queue_size": 64, "bn_group_size": 4, **unsup})
 
 
 def test_box_mask_by_hand():
