@@ -151,7 +151,7 @@ def test_maps_of_the_papers_backbones(arch, feature_maps):
   """The maps DELTA regularises (shapes only): four per backbone, named by stage, the
   last conv's output before its BatchNorm or the stage's output."""
   config = fakes.tiny_config("delta", arch=arch)
-  model = delta.build_model(config, 10)
+  model = delta.METHOD.build_model(config, 10)
   prefix, widths = _WIDTHS[arch]
   suffix = "_last_conv" if feature_maps == "last_conv" else ""
   expected = {f"{prefix}{i + 1}{suffix}": w for i, w in enumerate(widths)}
@@ -189,7 +189,7 @@ def _resnet50_setup(rng, classes=7):
   from bitune_jax.configs.delta import get_config  # pylint: disable=g-import-not-at-top
   config = get_config("cub,resnet50,100")
   source, target = _torch_resnet50_pair(int(rng.integers(1 << 31)), classes)
-  return config, delta.build_model(config, classes), source, target
+  return config, delta.METHOD.build_model(config, classes), source, target
 
 
 def test_configs_delta_penalty_is_tllibs_on_resnet50(rng):
