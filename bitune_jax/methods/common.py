@@ -160,19 +160,6 @@ def apply_gradients(state, grads, tx):
   return optax.apply_updates(state.params, updates), opt_state
 
 
-def optimizer_step(state, loss_fn, tx):
-  """`(state, metrics)` after one update by `loss_fn(params) -> (loss, (batch_stats,
-  metrics))`: its gradient applied, the step counted, the new BatchNorm statistics
-  kept, and `loss` added to the metrics (the methods whose state has no extras to
-  update)."""
-  (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  params, opt_state = apply_gradients(state, grads, tx)
-  state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                        opt_state=opt_state)
-  return state, dict(metrics, loss=loss)
-
-
 def accuracy(logits, labels):
   return jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
 
