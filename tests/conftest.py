@@ -7,8 +7,15 @@ import secrets
 import sys
 
 _FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+# XLA's CPU backend compiles with LLVM at -O0 in the tests: a compilation takes half the
+# time (a tiny run's train step 9.3 s -> 4.6 s), and the suite's programs are small and
+# run a few steps. LLVM's optimisation level changes how fast the machine code runs,
+# not the HLO it runs (the tests' numbers are held to independent references either
+# way). The README's quick start runs without it (tests/test_loop.py), as users run it.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+for flag in (_FLAG, FAST_COMPILE):
+  if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The decoded-image caches of the runs the tests make go to a folder of this session
 # (inherited by the processes the tests start), not to ~/.cache.

@@ -72,6 +72,15 @@ class Run:
         p.wait()
 
 
+def environment(devices, **more):
+  """This process's environment for a process of `devices` simulated CPU devices: the
+  suite's other XLA flags kept (tests/conftest.py), `more` added."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  return dict(os.environ, JAX_PLATFORMS="cpu", **more, XLA_FLAGS=" ".join(
+      flags + [f"--xla_force_host_platform_device_count={devices}"]))
+
+
 def launch(args, folder, *, processes=1, devices=8, module="bitune_jax.cli.train"):
   """`python -m module ARGS` as `processes` processes of `devices` CPU devices each
   (jax.distributed over localhost when more than one). Logs go to `folder`."""
@@ -79,11 +88,7 @@ def launch(args, folder, *, processes=1, devices=8, module="bitune_jax.cli.train
   os.makedirs(folder, exist_ok=True)
   procs, logs = [], []
   for i in range(processes):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join(
-        flags + [f"--xla_force_host_platform_device_count={devices}"])
+    env = environment(devices, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", module] + list(args)
     if processes > 1:
       cmd += [f"--coordinator_address=localhost:{port}",

@@ -17,14 +17,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import device_phases  # noqa: E402  pylint: disable=g-import-not-at-top
 import step as step_bench  # noqa: E402  pylint: disable=g-import-not-at-top
+import processes  # noqa: E402  pylint: disable=g-import-not-at-top
 
 METHODS = ("finetune", "bituning", "cotuning", "unsup_finetune")
 
 
 def _dry_run(tmp_path, *args, timeout):
   """The report of `bash bench/device.sh --dry_run ARGS` and its printed output."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # one CPU device, as one GPU (not the suite's 8)
+  env = processes.environment(1)  # one CPU device, as one GPU (not the suite's 8)
   out = tmp_path / "device_bench.json"
   proc = subprocess.run(["bash", "bench/device.sh", "--dry_run", "--out", str(out), *args],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,

@@ -57,7 +57,9 @@ def test_shapes_dtypes_and_the_eval_view():
   # The uint8 digits are sklearn's 0..16 levels scaled to 0..255.
   raw = digits.raw_uint8()
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-  np.testing.assert_array_equal(raw, np.round(load_digits().images / 16 * 255))
+  bunch = load_digits()
+  np.testing.assert_array_equal(raw, np.round(bunch.images / 16 * 255))
+  np.testing.assert_array_equal(digits._raw_digits()[1], bunch.target)  # pylint: disable=protected-access
   # The eval view by hand: PIL bilinear resize of the grey digit to 37 x 37
   # (round(32 * 256 / 224)), its centre 32 x 32 (offset 2), normalised.
   from PIL import Image  # pylint: disable=g-import-not-at-top

@@ -43,6 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import bituning as bituning_config  # noqa: E402  pylint: disable=g-import-not-at-top
 import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
+import processes  # noqa: E402  pylint: disable=g-import-not-at-top
 import finetune as finetune_config  # noqa: E402  pylint: disable=g-import-not-at-top
 
 MEAN = np.array([0.485, 0.456, 0.406])
@@ -355,8 +356,7 @@ def test_eval_command_line_kshot(tmp_path):
          "--kshot", "1,2", "--kshot_steps", "2"]
   # One CPU device in the command (half the time of 8 on a small machine): the
   # checkpoint written on 8 devices is restored on 1, as a user's evaluation would.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_PLATFORMS="cpu")
+  env = processes.environment(1)
   result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env=env)
   assert result.returncode == 0, result.stderr[-3000:]

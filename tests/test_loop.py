@@ -187,8 +187,10 @@ def test_command_line_quick_start(tmp_path, measured):
   workdir = tmp_path / "demo"
   # As a user runs it: one CPU device, not the suite's 8 simulated ones (the device
   # count changes the sums' order, and with it the number: 97.77 on 8 here).
+  # (and XLA's CPU compiler at its default optimisation, not the suite's -O0)
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
+           if not f.startswith(("--xla_force_host_platform_device_count",
+                                "--xla_backend_optimization_level"))]
   run = subprocess.run(
       [sys.executable, "-m", "bitune_jax.cli.train",
        f"--config={ROOT}/configs/bituning.py:demo", f"--workdir={workdir}"],

@@ -10,6 +10,8 @@ import statistics
 
 import pytest
 
+import processes
+
 from bitune_jax import methods
 from bitune_jax.cli import sweep as sweep_cli
 from bitune_jax.experiments import demo, grid, plots, sweep, sweep_results
@@ -224,7 +226,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, monkey
   cells = grid.cells_from_grid(["finetune"], ["digits"], [50.0], "", [0, 1],
                                 _extra(TINY + steps))
   first, second = (tmp_path / "runs" / r.name for r in cells[0].runs)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = processes.environment(8)
   log = open(tmp_path / "first.log", "w")
   proc = subprocess.Popen([sys.executable, "-m", "bitune_jax.cli.sweep"] + argv,
                           stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -461,7 +463,7 @@ def test_a_methods_own_field_goes_to_that_methods_runs(tmp_path, capsys):
 def _start_sweep(tmp_path, argv):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = processes.environment(8)
   log = open(tmp_path / "first.log", "w")
   proc = subprocess.Popen([sys.executable, "-m", "bitune_jax.cli.sweep"] + argv,
                           stdout=log, stderr=subprocess.STDOUT, env=env)

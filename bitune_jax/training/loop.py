@@ -20,7 +20,7 @@ from bitune_jax.training import checkpoint, config_base
 from bitune_jax.training import stopping, workdir_lock
 from bitune_jax.data import input as input_lib
 from bitune_jax.methods import base, common
-from bitune_jax.training import evaluation, records
+from bitune_jax.training import evaluation, events, records
 from bitune_jax.training import state as state_lib
 
 log = logging.getLogger("bitune_jax")
@@ -112,17 +112,11 @@ def train_and_evaluate(config, workdir, sources=None):
              "(raise --config.total_steps to train on)", workdir, int(run.state.step))
     return run.state, json.loads(summary_path.read_text())
   records.record_config(config, workdir, int(run.state.step), run.config_changes)
-  # clu imports TensorFlow: imported where the loop uses it, so that the steps and views
-  # of this module import without it (bench/device.sh on a machine without TensorFlow).
-  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
-  progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
-                                             writer=writer)
-  return _loop(config, workdir, run, mesh, ckpts, writer, progress)
+  writer = events.writer(workdir, write=jax.process_index() == 0)
+  return _loop(config, workdir, run, mesh, ckpts, writer)
 
 
-def _loop(config, workdir, run, mesh, ckpts, writer, progress):
+def _loop(config, workdir, run, mesh, ckpts, writer):
   state, train_step = run.state, run.train_step
   first = int(state.step)
   total = config.total_steps
@@ -137,7 +131,6 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
       profiler.before(step)
       state, metrics = train_step(state, batch)
       profiler.after(step, state)
-      progress(step)
       if step == first + 1:  # it compiled the step: the rate counts from its end
         jax.block_until_ready(state.step)
         compiled, start = time.perf_counter() - start, time.perf_counter()
@@ -179,7 +172,7 @@ def _loop(config, workdir, run, mesh, ckpts, writer, progress):
     signals.restore()
     profiler.stop()
     ckpts.close()
-    writer.flush()
+    writer.close()
   # The headline: the final checkpoint's test metrics. The best checkpoint (best/) is
   # named by how it was chosen: on the held-out validation split, or on the test split
   # (which flatters it).
