@@ -1,5 +1,8 @@
 """Baselines (L2-SP, BSS, center loss, GPT*): each trains on 8 devices, and each penalty
-matches an independent NumPy computation on fresh random inputs."""
+matches an independent NumPy computation on fresh random inputs; GPT*'s step (InfoNCE
+against the queue before the batch's keys, CE, the total, the keys enqueued) against
+NumPy float64 from a perturbed state (harness and references: `method_references.py`).
+"""
 
 import importlib.util
 import os
@@ -14,6 +17,7 @@ from bitune_jax.training import config_base
 from bitune_jax.methods import bss, center_loss, common, gpt_star, l2sp
 from bitune_jax.training import loop
 import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
+import method_references  # noqa: E402  pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = {"l2sp": l2sp, "bss": bss, "center_loss": center_loss, "gpt_star": gpt_star}
@@ -22,6 +26,7 @@ DEFAULTS = {"l2sp": dict(alpha=0.01, beta=0.01), "bss": dict(eta=0.001, k=1),
             "gpt_star": dict(queue_size=1024, projector_dim=128, temperature=0.07,
                              trade_off=1.0, ema_momentum=0.999)}
 QUEUE = 64  # GPT*'s queue in the tests
+RTOL = method_references.RTOL
 
 
 def _config_module(name):
@@ -307,3 +312,31 @@ def test_gpt_star_enqueues_the_keys_and_moves_the_key_encoder_by_ema():
                              rtol=1e-6)
   runner.step()
   runner.check_trained(initial.params)
+
+
+def test_gpt_star_info_nce_matches_numpy(monkeypatch):
+  seed, temperature, trade_off = 7, 0.1, 0.5  # neither default (0.07, 0.2)
+  config = fakes.tiny_config("gpt_star", gpt_star=dict(
+      queue_size=64, temperature=temperature, trade_off=trade_off))
+  mesh, run = method_references.setup(config, monkeypatch)
+  state = method_references.perturbed(run, np.random.default_rng(seed))
+  batch = next(iter(run.data.train_batches(0)))
+  before, _, metrics, after = method_references.one_step(run, mesh, state, batch)
+  msg = f"seed {seed}"
+  key_params = method_references.expected_ema(before, config.gpt_star.ema_momentum)
+  key_out, _ = method_references.forward(run.model, key_params, before.key_batch_stats,
+                                         batch["image_k"])
+  z_k = method_references.normalize(np, key_out["projection"])
+  out, _ = method_references.forward(run.model, before.params, before.batch_stats,
+                                     batch["image_q"])
+  z_q = method_references.normalize(np, out["projection"])
+  queue = np.float64(before.extras["queue"].keys)  # before this batch's keys
+  info_nce = np.mean(method_references.info_nce(z_q, z_k, queue, temperature))
+  ce = method_references.cross_entropy(out["logits"], batch["label"])
+  np.testing.assert_allclose(metrics["info_nce"], info_nce, rtol=RTOL, err_msg=msg)
+  np.testing.assert_allclose(metrics["ce"], ce, rtol=RTOL, err_msg=msg)
+  np.testing.assert_allclose(metrics["loss"], ce + trade_off * info_nce, rtol=RTOL,
+                             err_msg=msg)
+  slots = (int(before.extras["queue"].ptr) + np.arange(16)) % 64
+  np.testing.assert_allclose(after.extras["queue"].keys[slots], z_k, rtol=1e-4,
+                             atol=1e-5, err_msg=msg)

@@ -1,4 +1,9 @@
-"""Co-Tuning as a trainable method: relationship in the state, cache, refusals."""
+"""Co-Tuning as a trainable method: relationship in the state, cache, refusals; the
+train step on 8 devices against NumPy float64 (the Co-Tuning term under a random
+relationship with rows far apart, CE and the total, the relationship kept in the
+state); the reverse relationship from a converted checkpoint, its stratified
+held-out split and `calibrate` flag, recomputed from outside; the relationship
+against the official code at the paper's settings."""
 
 import os
 import sys
@@ -9,14 +14,20 @@ import numpy as np
 import pytest
 
 from bitune_jax import convert, models, relationship, sharding
+from bitune_jax.data import splits
 from bitune_jax.methods import cotuning
 from bitune_jax.training import loop
 import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
+import method_references  # noqa: E402  pylint: disable=g-import-not-at-top
+from method_references import ckpt  # noqa: F401  pylint: disable=unused-import
 import outside  # noqa: E402  pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import cotuning as cotuning_config  # noqa: E402  pylint: disable=g-import-not-at-top
+
+RTOL = method_references.RTOL
+SEED, CLASSES = method_references.SEED, method_references.CLASSES
 
 
 def _checkpoint(path, seed, *, source_head=True, source_classes=5):
@@ -68,7 +79,7 @@ def test_trains_with_the_relationship_of_its_checkpoint(tmp_path):
   for _, batch in zip(range(3), fakes.view_batches(run)):
     state, metrics = run.train_step(state, sharding.global_batch(batch, mesh))
   metrics = jax.device_get(metrics)
-  # The terms' values against NumPy: tests/test_method_steps.py.
+  # The terms' values against NumPy: test_cotuning_step_matches_numpy.
   assert metrics["loss"] == pytest.approx(metrics["ce"] + 2.3 * metrics["co_tuning"],
                                           rel=1e-5)
   # The relationship stays in the state (checkpoints carry it).
@@ -137,7 +148,6 @@ def test_relationship_is_the_official_codes_at_the_papers_settings(rng, mode):
   2e-4 relative (float32 here) and R within 2e-4 (both fits converged; the official 100-iteration
   fits are the one difference we keep, see `relationship`)."""
   import cotuning_reference as ref  # pylint: disable=g-import-not-at-top
-  from bitune_jax.data import splits  # pylint: disable=g-import-not-at-top
   config = cotuning_config.get_config("cub,resnet50,15")
   config.cotuning.relationship = mode
   assert config.cotuning.source_temperature == pytest.approx(1 / ref.SCALE, rel=1e-12)
@@ -158,3 +168,106 @@ def test_relationship_is_the_official_codes_at_the_papers_settings(rng, mode):
   # that float32 L-BFGS and float64 scikit-learn approach differently).
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-4)
   assert np.abs(theirs - 1 / theirs.shape[1]).max() > 1e-2  # not a uniform R
+
+
+# --------------------------------------------------------------------------- step
+def _numpy_checkpoint(path, seed):
+  """A bitune-convert style file: a seeded random resnet_small backbone (He-scaled
+  kernels, BatchNorm at identity) and a 5-way source head. NumPy draws: no init to
+  compile."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(models.create_backbone("resnet_small").init,
+                          jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == "kernel":
+      return (rng.standard_normal(leaf.shape)
+              * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))).astype(np.float32)
+    return np.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, np.float32)
+  convert.save_converted(
+      {"backbone": jax.tree_util.tree_map_with_path(fill, dict(shapes)),
+       "source_head": {"kernel": rng.standard_normal((64, 5)).astype(np.float32),
+                       "bias": rng.standard_normal(5).astype(np.float32)},
+       "report": {"format": "test", "arch": "resnet_small", "kind": "supervised",
+                  "notes": [], "dropped": []}}, str(path))
+  return str(path)
+
+
+@pytest.mark.parametrize("seed, trade_off", [(3, 2.3), (4, 0.5)])
+def test_cotuning_step_matches_numpy(seed, trade_off, tmp_path, monkeypatch):
+  config = fakes.tiny_config(
+      "cotuning", init_from=_numpy_checkpoint(tmp_path / "c.npz", seed),
+      cotuning=dict(relationship="direct", trade_off=trade_off))
+  mesh, run = method_references.setup(config, monkeypatch, workdir=str(tmp_path / "w"))
+  # R with rows far apart, so that a step reading the wrong row shows.
+  rng = np.random.default_rng(seed)
+  relationship = rng.dirichlet(np.full(5, 0.3), size=5).astype(np.float32)  # [C_t, C_s]
+  state = jax.device_put(run.state.replace(extras={"relationship": relationship}),
+                         run.state_shardings)
+  batch = next(iter(run.data.train_batches(0)))
+  before, _, metrics, after = method_references.one_step(run, mesh, state, batch)
+  out, _ = method_references.forward(run.model, before.params, before.batch_stats,
+                                     batch["image"])
+  labels = batch["label"]
+  targets = np.float64(relationship)[labels]  # [B, C_s]
+  co = -np.mean(np.sum(targets * method_references.log_softmax(np, out["source_logits"]),
+                       axis=1))
+  ce = method_references.cross_entropy(out["logits"], labels)
+  msg = f"seed {seed}"
+  np.testing.assert_allclose(metrics["co_tuning"], co, rtol=RTOL, err_msg=msg)
+  np.testing.assert_allclose(metrics["ce"], ce, rtol=RTOL, err_msg=msg)
+  np.testing.assert_allclose(metrics["loss"], ce + trade_off * co, rtol=RTOL, err_msg=msg)
+  np.testing.assert_array_equal(after.extras["relationship"], relationship, err_msg=msg)
+
+
+# --------------------------------------------------------------------------- held out
+def _holdout(labels, fraction, seed):
+  """The stratified held-out split, written out: per class (sorted), a permutation
+  from one generator, the first floor(fraction * n) (at most n - 1) held out."""
+  rng = np.random.default_rng(seed)
+  val = []
+  for c in sorted(set(labels.tolist())):
+    members = rng.permutation(np.flatnonzero(labels == c))
+    val += members[:min(int(fraction * len(members)), len(members) - 1)].tolist()
+  val = np.sort(np.asarray(val, np.int64))
+  return np.setdiff1d(np.arange(len(labels)), val), val
+
+
+def test_cotuning_reverse_relationship_holdout_and_calibrate(tmp_path, ckpt):
+  mesh = sharding.make_mesh()
+  matrices = {}
+  for calibrate in (False, True):
+    config = method_references.run_config(
+        cotuning_config, init_from=ckpt,
+        cotuning=dict(relationship="reverse", calibrate=calibrate))
+    run = loop.setup(config, mesh, workdir=str(tmp_path / f"calibrate_{calibrate}"))
+    matrices[calibrate] = np.asarray(run.state.extras["relationship"])
+  fraction = config.cotuning.holdout_fraction
+  labels = run.data.train.labels
+  fit, val = _holdout(labels, fraction, SEED)
+  lib_fit, lib_val = splits.holdout_split(labels, fraction=fraction, seed=SEED)
+  np.testing.assert_array_equal(lib_fit, fit)
+  np.testing.assert_array_equal(lib_val, val)
+  n = np.bincount(labels, minlength=CLASSES)
+  np.testing.assert_array_equal(np.bincount(labels[val], minlength=CLASSES),
+                                np.floor(fraction * n).astype(int), err_msg=str(n))
+  # The source model's eval-mode softmax on the training images, from the file.
+  loaded = convert.load_converted(ckpt)
+  feats = models.create_backbone("resnet_small").apply(
+      loaded["backbone"], jnp.asarray(outside.eval_images(run.data.train)), train=False)
+  logits = np.asarray(feats, np.float64) @ loaded["source_head"]["kernel"] + \
+      loaded["source_head"]["bias"]
+  probs = np.exp(logits - logits.max(1, keepdims=True))
+  probs = (probs / probs.sum(1, keepdims=True)).astype(np.float32)
+  expected = {}
+  for calibrate in (False, True):
+    expected[calibrate], info = relationship.reverse_relationship(
+        train_probs=probs[fit], train_labels=labels[fit], val_probs=probs[val],
+        val_labels=labels[val], num_classes=CLASSES, calibrate=calibrate)
+    # Measured 2.5e-7: the source probabilities differ only by float32 reordering.
+    np.testing.assert_allclose(matrices[calibrate], expected[calibrate], rtol=0,
+                               atol=1e-5, err_msg=f"seed {SEED}, calibrate={calibrate}")
+  assert info["temperature"] != pytest.approx(1.0, abs=0.05), info["temperature"]
+  gap = np.abs(matrices[True] - matrices[False]).max()
+  assert gap > 1e-2, (SEED, gap)  # measured 0.027; 1000x the tolerance above

@@ -8,10 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import test_method_steps as steps
+import fakes
+import method_references
 from bitune_jax import losses, sharding
 from bitune_jax.training import loop
 from bitune_jax.training import export as export_lib
+
+RTOL = method_references.RTOL
 
 
 def _numpy_fixmatch(weak, strong, threshold, valid=None):
@@ -69,9 +72,9 @@ def test_fixmatch_loss_gradient_flows_through_the_strong_view_only(rng):
 def test_fixmatch_step_matches_numpy(threshold, weight, monkeypatch):
   """A real step: the data (k-shot labelled; every training image, labels hidden,
   mu times as many), the views, and the loss and update against NumPy."""
-  config = steps._config("fixmatch", fixmatch=dict(threshold=threshold, mu=2,  # pylint: disable=protected-access
-                                                   unlabelled_weight=weight))
-  mesh, run = steps._setup(config, monkeypatch)  # pylint: disable=protected-access
+  config = fakes.tiny_config("fixmatch", fixmatch=dict(threshold=threshold, mu=2,
+                                                       unlabelled_weight=weight))
+  mesh, run = method_references.setup(config, monkeypatch)
   data = run.data
   assert len(data.train) == 4 * 5 and np.all(np.bincount(data.train.labels) == 4)
   assert np.all(data.unlabelled.labels == -1) and len(data.unlabelled) > 4 * len(
@@ -79,21 +82,22 @@ def test_fixmatch_step_matches_numpy(threshold, weight, monkeypatch):
   batch = next(iter(data.train_batches(0)))
   assert batch["u_image_u8"].shape[0] == 2 * batch["image_u8"].shape[0] == 32
   assert "u_label" not in batch  # the unlabelled stream's labels never reach the step
-  before, _, metrics, after = steps._step(run, mesh, run.state, batch)  # pylint: disable=protected-access
+  before, _, metrics, after = method_references.one_step(run, mesh, run.state, batch)
   # The weak and strong views differ; the weak labelled view is not the eval view.
   assert np.abs(batch["u_weak"] - batch["u_strong"]).mean() > 0.1
   images = np.concatenate([batch["image"], batch["u_weak"], batch["u_strong"]])
-  out, stats = steps._forward(run.model, before.params, before.batch_stats, images)  # pylint: disable=protected-access
+  out, stats = method_references.forward(run.model, before.params, before.batch_stats,
+                                         images)
   logits, labels = out["logits"], batch["label"]
-  ce = steps._ce(logits[:16], labels)  # pylint: disable=protected-access
+  ce = method_references.cross_entropy(logits[:16], labels)
   l_u, rate = _numpy_fixmatch(logits[16:48], logits[48:], threshold)
-  np.testing.assert_allclose(metrics["ce"], ce, rtol=steps.RTOL)
-  np.testing.assert_allclose(metrics["unlabelled"], l_u, rtol=steps.RTOL, atol=1e-7)
+  np.testing.assert_allclose(metrics["ce"], ce, rtol=RTOL)
+  np.testing.assert_allclose(metrics["unlabelled"], l_u, rtol=RTOL, atol=1e-7)
   np.testing.assert_allclose(metrics["mask_rate"], rate, atol=1e-6)
   assert 0 < rate < 1  # the threshold keeps some pseudo-labels and drops others
-  np.testing.assert_allclose(metrics["loss"], ce + weight * l_u, rtol=steps.RTOL)
-  steps._assert_tree_close(after.batch_stats, stats, rtol=1e-4, atol=1e-5,  # pylint: disable=protected-access
-                           what="batch_stats (over all B + 2U images)")
+  np.testing.assert_allclose(metrics["loss"], ce + weight * l_u, rtol=RTOL)
+  method_references.assert_tree_close(after.batch_stats, stats, rtol=1e-4, atol=1e-5,
+                                      what="batch_stats (over all B + 2U images)")
 
   def loss_fn(params, x):
     from bitune_jax.methods import common  # pylint: disable=g-import-not-at-top
@@ -107,7 +111,7 @@ def test_fixmatch_step_matches_numpy(threshold, weight, monkeypatch):
             + weight * jnp.sum(jnp.where(keep, nll, 0.0)) / 32)
   x = sharding.global_batch({"x": images.astype(np.float32)}, mesh)["x"]
   grads = jax.device_get(jax.jit(jax.grad(loss_fn))(before.params, x))
-  steps._check_update(config, before, after, grads, f"threshold {threshold}")  # pylint: disable=protected-access
+  method_references.check_update(config, before, after, grads, f"threshold {threshold}")
 
 
 @pytest.mark.slow
@@ -119,20 +123,20 @@ def test_fixmatch_trains_from_an_unsupervised_fine_tuning_run(tmp_path):
   import processes  # pylint: disable=g-import-not-at-top
   from bitune_jax import convert  # pylint: disable=g-import-not-at-top
   from bitune_jax.experiments import plots  # pylint: disable=g-import-not-at-top
-  unsup = steps._config("unsup_finetune", total_steps=3)  # pylint: disable=protected-access
+  unsup = fakes.tiny_config("unsup_finetune", total_steps=3)
   unsup.unsup.queue_size = 64
   loop.train_and_evaluate(unsup, str(tmp_path / "unsup"))
   exported = str(tmp_path / "unsupft.npz")
   export_lib.export_workdir(str(tmp_path / "unsup"), exported)
   backbone = convert.load_converted(exported)["backbone"]
-  config = steps._config("fixmatch", init_from=exported, total_steps=0)  # pylint: disable=protected-access
+  config = fakes.tiny_config("fixmatch", init_from=exported, total_steps=0)
   loop.train_and_evaluate(config, str(tmp_path / "as_is"))
   start = processes.final_state(str(tmp_path / "as_is"), 0)
   for a, b in zip(jax.tree.leaves(start["params"]["backbone"]),
                   jax.tree.leaves(backbone["params"])):
     np.testing.assert_array_equal(a, b)
-  config = steps._config("fixmatch", init_from=exported, total_steps=4,  # pylint: disable=protected-access
-                         log_every=2, eval_every=4, checkpoint_every=4)
+  config = fakes.tiny_config("fixmatch", init_from=exported, total_steps=4,
+                             log_every=2, eval_every=4, checkpoint_every=4)
   _, summary = loop.train_and_evaluate(config, str(tmp_path / "fixmatch"))
   assert summary["step"] == 4 and summary["method"] == "fixmatch"
   scalars = plots.read_scalars(str(tmp_path / "fixmatch"))

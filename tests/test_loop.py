@@ -52,7 +52,7 @@ def test_one_and_eight_devices_give_the_same_losses(method):
   for a, b in zip(one, eight):
     for key in a:
       assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a, b)
-  if method == "bituning":  # (the terms' values: tests/test_method_steps.py)
+  if method == "bituning":  # (the terms' values: tests/test_bituning.py)
     assert {"ce", "cce", "ccl"} <= set(one[0])
     # 5 classes padded to 8 rows: the queues are sharded over the class axis.
     keys = state.extras["queue_h"].keys

@@ -1,5 +1,10 @@
 """Unsupervised fine-tuning: CutMix boxes and lambda, source replay, grouped BatchNorm,
-the MoCo step on 8 devices, and feature evaluation in the loop."""
+the MoCo step on 8 devices, and feature evaluation in the loop. The step against NumPy
+float64 from a perturbed state (key encoder != query encoder, a random queue
+pointer): the EMA of the key encoder, the keys enqueued behind the pointer, InfoNCE of
+the plain and of the CutMix queries (per-example lambda, mixed with the previous
+query) and the total (the harness and the references are in `method_references.py`).
+"""
 
 
 import jax
@@ -8,6 +13,7 @@ import numpy as np
 import pytest
 
 import fakes
+import method_references
 import outside
 from bitune_jax import methods, sharding
 from bitune_jax.data import input as input_lib
@@ -16,6 +22,8 @@ from bitune_jax.data.spec import Needs
 from bitune_jax.data.views import cutmix
 from bitune_jax.methods import common, unsup_finetune
 from bitune_jax.training import loop
+
+RTOL = method_references.RTOL
 
 
 def _config(**unsup):
@@ -104,7 +112,7 @@ def test_trains_on_eight_devices(use_cutmix):
     before = jax.device_get(state)
     state, metrics = run.train_step(state, sharding.global_batch(batch, mesh))
   metrics = jax.device_get(metrics)
-  assert np.isfinite(metrics["loss"])  # values: tests/test_method_steps.py
+  assert np.isfinite(metrics["loss"])  # values: test_unsup_finetune_step_matches_numpy
   assert ("mixed_info_nce" in metrics) == use_cutmix
   after = jax.device_get(state)
   assert int(after.extras["queue"].ptr) == (3 * 16) % 64  # the keys went in
@@ -115,6 +123,59 @@ def test_trains_on_eight_devices(use_cutmix):
                              m * k_before + (1 - m) * q_before, rtol=1e-5, atol=1e-7)
   np.testing.assert_array_equal(after.params["head"]["dense"]["kernel"],
                                 before.params["head"]["dense"]["kernel"])  # lr 0
+
+
+@pytest.mark.parametrize("seed, temperature, mixed_weight", [(5, 0.2, 1.0),
+                                                             (6, 0.5, 0.5)])
+def test_unsup_finetune_step_matches_numpy(seed, temperature, mixed_weight, monkeypatch):
+  config = fakes.tiny_config("unsup_finetune", total_steps=4, unsup=dict(
+      queue_size=64, bn_group_size=0, cutmix=True, temperature=temperature,
+      mixed_weight=mixed_weight))
+  mesh, run = method_references.setup(config, monkeypatch)
+  rng = np.random.default_rng(seed)
+  state = method_references.perturbed(run, rng)
+  batch = next(iter(run.data.train_batches(0)))
+  before, _, metrics, after = method_references.one_step(run, mesh, state, batch)
+  msg = f"seed {seed}"
+
+  key_params = method_references.expected_ema(before, config.unsup.ema_momentum)
+  method_references.assert_tree_close(after.key_params, key_params, rtol=1e-6, atol=1e-7,
+                                      what=f"{msg} key_params")
+  # Whole-batch BatchNorm: the keys do not depend on the shuffle, so each row must be
+  # its own image's key again (unshuffled).
+  key_out, key_stats = method_references.forward(run.model, key_params,
+                                                 before.key_batch_stats, batch["image_k"])
+  k = method_references.normalize(np, key_out["projection"])  # [B, D]
+  method_references.assert_tree_close(after.key_batch_stats, key_stats, rtol=1e-4,
+                                      atol=1e-5, what=f"{msg} key_batch_stats")
+  old, new = before.extras["queue"], after.extras["queue"]
+  slots = (int(old.ptr) + np.arange(16)) % 64
+  np.testing.assert_allclose(new.keys[slots], k, rtol=1e-4, atol=1e-5, err_msg=msg)
+  np.testing.assert_array_equal(np.delete(new.keys, slots, 0),
+                                np.delete(old.keys, slots, 0), err_msg=msg)
+  assert int(new.ptr) == (int(old.ptr) + 16) % 64, msg
+
+  # Query i is mixed with query i-1; lambda per example from the step's mix rng.
+  _, _, mix_rng = jax.random.split(before.rng, 3)
+  images = batch["image_q"]
+  mixed, lam = cutmix.cutmix(mix_rng, images, np.roll(images, 1, axis=0),
+                             alpha=config.unsup.cutmix_alpha)
+  lam = np.float64(lam)
+  assert lam.shape == (16,) and np.ptp(lam) > 0.1, msg  # per example, not a constant
+  out, _ = method_references.forward(run.model, before.params, before.batch_stats,
+                                     np.concatenate([images, np.asarray(mixed)]))
+  z = method_references.normalize(np, out["projection"])
+  queue = np.float64(old.keys)
+  info_nce = method_references.info_nce
+  plain = np.mean(info_nce(z[:16], k, queue, temperature))
+  mixed_loss = np.mean(lam * info_nce(z[16:], k, queue, temperature)
+                       + (1 - lam) * info_nce(z[16:], np.roll(k, 1, axis=0), queue,
+                                              temperature))
+  np.testing.assert_allclose(metrics["info_nce"], plain, rtol=RTOL, err_msg=msg)
+  np.testing.assert_allclose(metrics["mixed_info_nce"], mixed_loss, rtol=RTOL,
+                             err_msg=msg)
+  np.testing.assert_allclose(metrics["loss"], plain + mixed_weight * mixed_loss,
+                             rtol=RTOL, err_msg=msg)
 
 
 def test_loop_evaluates_features(tmp_path):
