@@ -43,6 +43,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "thi
 import jax  # noqa: E402  (after the flag)
 import pytest  # noqa: E402
 
+# Helper modules whose asserts pytest explains as it does a test's.
+pytest.register_assert_rewrite("fakes", "method_references", "processes")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _check_devices():

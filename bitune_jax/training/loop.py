@@ -20,7 +20,7 @@ from bitune_jax.training import checkpoint, config_base
 from bitune_jax.training import stopping, workdir_lock
 from bitune_jax.data import input as input_lib
 from bitune_jax.methods import base, common
-from bitune_jax.training import evaluation, events, records
+from bitune_jax.training import evaluation, events, profile, records
 from bitune_jax.training import state as state_lib
 
 log = logging.getLogger("bitune_jax")
@@ -122,13 +122,12 @@ def _loop(config, workdir, run, mesh, ckpts, writer):
   total = config.total_steps
   summary_path = epath.Path(workdir) / "summary.json"
   metrics, eval_metrics, start = None, {}, time.perf_counter()
-  profiler = _Profiler(workdir, first, config.profile_steps)
+  profiler = profile.Profiler(workdir, first, config.profile_steps)
   signals = stopping.StopSignals()  # SIGTERM (preemption), Ctrl-C: save, then stop
   try:
     signals.install()
     for step, batch in zip(range(first + 1, total + 1),
                            train_batches(run, mesh, first)):
-      profiler.before(step)
       state, metrics = train_step(state, batch)
       profiler.after(step, state)
       if step == first + 1:  # it compiled the step: the rate counts from its end
@@ -188,32 +187,6 @@ def _loop(config, workdir, run, mesh, ckpts, writer):
   return state, summary
 
 
-class _Profiler:
-  """A `jax.profiler` trace of `count` steps into the workdir (TensorBoard's profile
-  tab), starting two steps after the first so that compilation is not in it."""
-
-  def __init__(self, workdir, first, count):
-    self.start, self.stop_at = first + 3, first + 2 + count
-    self.workdir, self.count, self.running = workdir, count, False
-
-  def before(self, step):
-    if self.count and step == self.start:
-      jax.profiler.start_trace(str(self.workdir))
-      self.running = True
-
-  def after(self, step, state):
-    if self.running and step == self.stop_at:
-      jax.block_until_ready(state)
-      self.stop()
-      log.info("profile of steps %d-%d written to %s (tensorboard --logdir)",
-               self.start, self.stop_at, self.workdir)
-
-  def stop(self):
-    if self.running:
-      jax.profiler.stop_trace()
-      self.running = False
-
-
 def _stop_if_not_finite(metrics, step, ckpts):
   loss = float(metrics["loss"])
   if not np.isfinite(loss):
@@ -221,8 +194,6 @@ def _stop_if_not_finite(metrics, step, ckpts):
     kept = (f"The last good checkpoint (step {last}) is kept in {ckpts.directory}."
             if last is not None else "There is no checkpoint yet: nothing was saved.")
     raise FloatingPointError(f"loss is {loss} at step {step}: training stopped. {kept}")
-
-
 
 
 def restore(workdir, config, which):
