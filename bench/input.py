@@ -44,7 +44,6 @@ from bitune_jax.data import cache, pipeline  # noqa: E402
 from bitune_jax.data.views import augment, crop  # noqa: E402
 from bitune_jax.data.views.batch import ViewSpec, make_views  # noqa: E402
 from bitune_jax.methods import base, common  # noqa: E402
-from bitune_jax.training import loop  # noqa: E402
 
 
 def photos(count, seed=0, size=(375, 500)):
@@ -138,7 +137,7 @@ def device_share(kind, *, arch, size, batch, bf16, reps):
   state = [state]
   data, views = views_input(kind, size=size, batch=batch, num_classes=config.num_classes,
                             mesh=mesh)
-  step = jax.jit(loop.with_views(base.make_train_step(method, model, tx, config), views),
+  step = jax.jit(base.with_views(base.make_train_step(method, model, tx, config), views),
                  in_shardings=(shardings, None), donate_argnums=0,
                  compiler_options=queues.inplace_update_compiler_options())
   compiled = step.lower(state[0], data).compile()

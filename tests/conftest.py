@@ -47,6 +47,17 @@ import pytest  # noqa: E402
 pytest.register_assert_rewrite("fakes", "method_references", "processes")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+  """After each file, JAX's in-memory caches (traces, compiled programs) are dropped:
+  a worker that runs many files stays at the size of one (the session's compilation
+  cache on disk keeps what a later file compiles again)."""
+  yield
+  import gc  # pylint: disable=g-import-not-at-top
+  jax.clear_caches()
+  gc.collect()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _check_devices():
   assert jax.device_count() == 8, (

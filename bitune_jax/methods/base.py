@@ -209,6 +209,15 @@ def make_train_step(method, model, tx, config):
                            cfg=method.step_config(config))
 
 
+def with_views(step_fn, views):
+  """`step(state, batch)` whose batch holds the uint8 cache images: the step's training
+  views are made on the device first (`views(batch, step)`, the data's `Input.views`,
+  keyed by the step being taken), then `step_fn` runs on them."""
+  def step(state, batch):
+    return step_fn(state, views(batch, state.step))
+  return step
+
+
 def warn_weight_decay(config, penalty):
   """For the methods whose penalty replaces weight decay (their configs set 0): an
   override that decays too is allowed, and said."""

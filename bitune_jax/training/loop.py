@@ -35,14 +35,6 @@ def train_batches(run, mesh, start_step):
   return input_lib.prefetch_to_device(run.data.train_batches(start_step), mesh)
 
 
-def with_views(step_fn, views):
-  """`step(state, batch)` whose batch holds the uint8 cache images: the step's training
-  views are made on the device first (`Input.views`, keyed by the step being taken)."""
-  def step(state, batch):
-    return step_fn(state, views(batch, state.step))
-  return step
-
-
 @dataclasses.dataclass
 class Setup:
   """Everything a run needs, built once: the loop and the tests share it."""
@@ -79,7 +71,7 @@ def setup(config, mesh, workdir=None, ckpts=None, sources=None):
   common.log_learning_rates(config, state.params)
   rep = sharding.replicated(mesh)
   method_step = base.make_train_step(method, model, tx, config)
-  train_step = jax.jit(with_views(method_step, data.views),
+  train_step = jax.jit(base.with_views(method_step, data.views),
                        in_shardings=(shardings, None), out_shardings=(shardings, rep),
                        donate_argnums=0,
                        compiler_options=queues.inplace_update_compiler_options())
