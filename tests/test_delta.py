@@ -229,7 +229,7 @@ def test_configs_delta_penalty_is_tllibs_on_resnet50(rng):
 def test_configs_delta_attention_is_tllibs_on_resnet50(rng):
   """`configs/delta.py`'s channel attention on a ResNet-50 against the PyTorch
   transliteration of TLlib's: with the network's own fc as the classifier (eval mode),
-  the loss increase D of every channel of the first and last conv3 maps (ours: a padded batch
+  the loss increase D of every channel of the first conv3 map (ours: a padded batch
   of 2 + 1; theirs: 2 images) within 1e-3 of D's spread, and the attention
   softmax(zscore(D) / 5) within 1e-4 relative. The reference's fast path (zeroing the
   conv's output channel on replicas) is checked against literally zeroing its weight
@@ -249,17 +249,17 @@ def test_configs_delta_attention_is_tllibs_on_resnet50(rng):
   channels = delta.stage_channels(model, jnp.zeros((1, 8, 8, 3)),
                                   config.delta.feature_maps)
   assert len(channels) == 4
-  # The first and the last map (layer2 and layer3 cost 5x more, the same code path).
-  channels = {n: channels[n] for n in ("layer1_last_conv", "layer4_last_conv")}
+  # The first map (256 channels): every map takes the same code path, and the cost is
+  # the channels x the parameters (layer4's 2048 channels took 4/5 of this test).
+  channels = {"layer1_last_conv": channels["layer1_last_conv"]}
   assert config.delta.attention_temperature == 5.0
   weights, increases = delta.channel_attention(
       losses_fn, batches, channels, temperature=config.delta.attention_temperature)
   torch_batches = [(torch.from_numpy(images.transpose(0, 3, 1, 2)).double(),
                     torch.from_numpy(labels))]
   convs = ref.last_convs(source)
-  theirs = ref.loss_increases(source, {n: convs[n] for n in ("layer1", "layer4")},
-                              torch_batches)
-  for name, some in (("layer1", [0, 200]), ("layer4", [7, 1500])):
+  theirs = ref.loss_increases(source, {"layer1": convs["layer1"]}, torch_batches)
+  for name, some in (("layer1", [0, 200]),):
     literal = ref.loss_increases_by_zeroing(source, convs[name], torch_batches, some)
     # atol: a channel whose zeroing changes nothing gives 0 one way, 1.8e-15 the other.
     np.testing.assert_allclose(literal, theirs[name][some], rtol=1e-9, atol=1e-12)
