@@ -8,6 +8,7 @@ the next start); a checkpoint that cannot be read is reported and the one before
 used.
 """
 
+import functools
 import logging
 import os
 
@@ -31,16 +32,24 @@ def _options(name, **kwargs):
           barrier_sync_key_prefix=name), **kwargs)
 
 
+@functools.cache  # once a process
 def _write_replicated_arrays_whole_on_cpu():
   """On CPU, a replicated array is written whole by its first replica, not in slices
   across the replicas (Orbax's replica-parallel default, which pays off where devices
   are many hosts' accelerators): on simulated CPU devices each slice is a small device
   transfer of its own, and slicing cost a tiny run's checkpoints 14 s of its 77 s. The
   files are the same. (Orbax keeps its array handler in a process-wide registry.)"""
-  if jax.default_backend() == "cpu":
+  if jax.default_backend() != "cpu":
+    return
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # not Orbax's "overriding" warning
+  try:
     ocp.type_handlers.register_type_handler(
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
         override=True)
+  finally:
+    absl_logging.set_verbosity(verbosity)
 
 
 class Checkpoints:
