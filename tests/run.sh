@@ -4,7 +4,8 @@
 # several GB of CUDA packages), then runs the whole suite on 3 pytest-xdist workers, a
 # file to each (a file's module fixtures, e.g. test_multiprocess.py's launches, run once).
 # Much of a test's time is single-threaded (Python, XLA's compiler, process starts): on
-# 2 cores, 3 workers keep both busy (measured: 22.3 min with 2 workers, 17.2 with 3).
+# 2 cores, 3 workers keep both busy (measured: 22.3 min with 2 workers, 17.2 with 3,
+# the same code).
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
