@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import statistics
 
 import pytest
@@ -22,13 +23,32 @@ TINY = ["--set", "total_steps=3", "--set", "eval_every=3", "--set", "checkpoint_
         "image_size=16", "--set", "batch_size=16"]
 
 
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory):
+  """The digits source model that a sweep at TINY's settings pre-trains first (its
+  `--source_only` line), made once for this file. The sweeps below find it in their
+  `source/` folder, as a sweep started again finds its own, and go on to their runs;
+  the source's own pre-training is tested where it matters (a signal during it, the
+  printed `--source_only` line)."""
+  folder = tmp_path_factory.mktemp("tiny-source")
+  assert sweep_cli.main(["--workdir", str(folder), "--methods", "finetune", "--datasets",
+                         "digits", "--rates", "50", "--seeds", "0"] + TINY
+                        + ["--source_only"]) == 0
+  return folder / "source"
+
+
+def _with_source(workdir, tiny_source):
+  shutil.copytree(tiny_source, workdir / "source")
+
+
 def _csv(workdir):
   with open(os.path.join(workdir, "results.csv")) as f:
     return list(csv.DictReader(f))
 
 
 @pytest.mark.slow
-def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatch):
+def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatch,
+                                                           tiny_source):
   """2 rates x 2 seeds of vanilla fine-tuning on the digits: one run fails, the others
   go on and the sweep says so; run again, only the failed one trains; the table's mean
   ± std are those of the runs' own summaries."""
@@ -45,6 +65,7 @@ def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatc
       raise RuntimeError("out of memory (on purpose)")
     return real(config, workdir, sources)
   monkeypatch.setattr(loop, "train_and_evaluate", flaky)
+  _with_source(tmp_path, tiny_source)
   assert sweep_cli.main(argv) == 1
   failures = json.loads((tmp_path / "failures.json").read_text())
   assert list(failures) == [trained[1]] and "on purpose" in failures[trained[1]]
@@ -209,7 +230,8 @@ def test_a_shipped_spec_runs_from_any_directory(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_a_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch):
+def test_a_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch,
+                                                               tiny_source):
   """`kill -9` of a real `bitune-sweep` process while its second run trains: started
   again, the finished run is not trained again (its summary untouched), the killed one
   resumes from its last checkpoint, and the table has every seed."""
@@ -227,6 +249,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, monkey
                                 _extra(TINY + steps))
   first, second = (tmp_path / "runs" / r.name for r in cells[0].runs)
   env = processes.environment(8)
+  _with_source(tmp_path, tiny_source)
   log = open(tmp_path / "first.log", "w")
   proc = subprocess.Popen([sys.executable, "-m", "bitune_jax.cli.sweep"] + argv,
                           stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -276,7 +299,7 @@ TABLE = Table("", 0, "as is", "top-5 retrieval / 2-shot top-1 (%)", _C, (
 
 
 @pytest.mark.slow
-def test_a_checkpoint_evaluated_as_it_is(tmp_path):
+def test_a_checkpoint_evaluated_as_it_is(tmp_path, tiny_source):
   """A spec row without a method (e.g. "Unsup-S"): the pre-trained checkpoint itself,
   not trained: its step-0 checkpoint holds the source model's weights unchanged, the
   retrieval number is a NumPy top-5 on the source model's own features, and the k-shot
@@ -291,6 +314,8 @@ def test_a_checkpoint_evaluated_as_it_is(tmp_path):
   spec.write_text(AS_IS_SPEC)
   workdir = tmp_path / "sweep"
   argv = ["--workdir", str(workdir), "--spec", str(spec), "--kshot_steps", "3"] + TINY
+  workdir.mkdir()
+  _with_source(workdir, tiny_source)
   assert sweep_cli.main(argv) == 0
   (run,) = {r for c in grid.cells_from_spec(tables.load(str(spec)), [0], _extra(TINY))
             for r in c.runs}  # one run: both columns read it
@@ -488,7 +513,8 @@ def _signal_when(proc, log, path, signum, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_sweep_and_the_next_sweep_resumes(tmp_path, monkeypatch):
+def test_ctrl_c_stops_the_sweep_and_the_next_sweep_resumes(tmp_path, monkeypatch,
+                                                           tiny_source):
   """SIGINT (Ctrl-C) to a real `bitune-sweep` while its first run trains: the run
   saves its step, the sweep exits 130 without starting the second run and records no
   failure; started again, the run resumes at that step. (SIGTERM: the next test.)"""
@@ -501,6 +527,7 @@ def test_ctrl_c_stops_the_sweep_and_the_next_sweep_resumes(tmp_path, monkeypatch
   cells = grid.cells_from_grid(["finetune"], ["digits"], [50.0], "", [0, 1],
                                 _extra(TINY + steps))
   first, second = (tmp_path / "runs" / r.name for r in cells[0].runs)
+  _with_source(tmp_path, tiny_source)
   proc, log = _start_sweep(tmp_path, argv + ["--seeds", "0,1"])
   code = _signal_when(proc, log, first / "checkpoints" / "5", signum, tmp_path)
   text = (tmp_path / "first.log").read_text()
@@ -624,12 +651,14 @@ def test_printed_commands_are_the_sweeps_runs(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_method_without_labels_gets_the_feature_protocols_and_kshot(tmp_path, capsys):
+def test_a_method_without_labels_gets_the_feature_protocols_and_kshot(tmp_path, capsys,
+                                                                       tiny_source):
   """Unsupervised fine-tuning in a digits sweep: its cells are the feature protocols and
   k-shot transfer of its own run, from the sweep's shared source model; the console has
   our progress lines and no INFO of orbax, clu or absl."""
   argv = ["--workdir", str(tmp_path), "--methods", "unsup_finetune", "--datasets",
           "digits", "--rates", "25", "--seeds", "0", "--kshot_steps", "2"] + TINY
+  _with_source(tmp_path, tiny_source)
   assert sweep_cli.main(argv) == 0
   captured = capsys.readouterr()
   info = [line for line in captured.err.splitlines() if re.match(r"I\d{4} |INFO:", line)]
