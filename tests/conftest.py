@@ -19,9 +19,14 @@ for flag in (_FLAG, FAST_COMPILE):
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The decoded-image caches of the runs the tests make go to a folder of this session
 # (inherited by the processes the tests start), not to ~/.cache.
+# Removed when the session ends, like the compilation cache below (before, every run
+# left its folder in /tmp).
 if not os.environ.get("BITUNE_JAX_CACHE_DIR"):
+  import atexit  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
   os.environ["BITUNE_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="bitune-test-cache-")
+  atexit.register(shutil.rmtree, os.environ["BITUNE_JAX_CACHE_DIR"], True)
 # XLA's compiled programs too, in a folder of this session: the suite compiles the same
 # small steps again and again (each test builds its own run; each `bitune-train` process
 # the tests start compiles what this process already did), and the second compilation of
@@ -30,9 +35,9 @@ if not os.environ.get("BITUNE_JAX_CACHE_DIR"):
 # The folder is shared by processes that run at once: with a size limit set, JAX reads
 # and writes it under a file lock (without one a reader can meet a half-written entry).
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  import atexit  # pylint: disable=g-import-not-at-top,reimported
+  import shutil  # pylint: disable=g-import-not-at-top,reimported
   import tempfile  # pylint: disable=g-import-not-at-top,reimported
-  import atexit  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bitune-test-xla-")
   os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
@@ -92,7 +97,7 @@ def pytest_runtest_makereport(item, call):
 # them with the CPU they came from (the README's numbers depend on the machine: float
 # sums round differently across CPUs, and CI is another machine than the README's).
 # The line travels in the test's report (a user property), so that it reaches the end of
-# the run also from a pytest-xdist worker (tests/run.sh runs the suite on 2 of them).
+# the run also from a pytest-xdist worker (tests/run.sh runs the suite on 3 of them).
 _MEASURED = []
 
 

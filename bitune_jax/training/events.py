@@ -32,10 +32,17 @@ class EventsFile:
 
   def __init__(self, workdir):
     # pylint: disable=g-import-not-at-top
-    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2
+    from tensorboard.compat.proto import tensor_shape_pb2, types_pb2
     from tensorboard.summary.writer import record_writer
     # pylint: enable=g-import-not-at-top
     self._event, self._summary = event_pb2.Event, summary_pb2
+    self._scalar = lambda value: tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT, tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+        float_val=[float(np.asarray(value, np.float32))])
+    self._metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+        data_class=summary_pb2.DATA_CLASS_SCALAR)
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, f"events.out.tfevents.{time.time():.0f}."
                              f"{socket.gethostname()}.{os.getpid()}.v2")
@@ -49,19 +56,11 @@ class EventsFile:
 
   def write_scalars(self, step, scalars):
     """Each `{tag: value}` as a float32 scalar tensor at `step`."""
-    # pylint: disable=g-import-not-at-top
-    from tensorboard.compat.proto import tensor_pb2, tensor_shape_pb2, types_pb2
-    # pylint: enable=g-import-not-at-top
-    s = self._summary
-    metadata = s.SummaryMetadata(
-        plugin_data=s.SummaryMetadata.PluginData(plugin_name="scalars"),
-        data_class=s.DATA_CLASS_SCALAR)
-    values = [s.Summary.Value(tag=tag, metadata=metadata, tensor=tensor_pb2.TensorProto(
-        dtype=types_pb2.DT_FLOAT, tensor_shape=tensor_shape_pb2.TensorShapeProto(),
-        float_val=[float(np.asarray(value, np.float32))]))
+    values = [self._summary.Summary.Value(tag=tag, metadata=self._metadata,
+                                          tensor=self._scalar(value))
               for tag, value in scalars.items()]
     self._write(self._event(wall_time=time.time(), step=int(step),
-                            summary=s.Summary(value=values)))
+                            summary=self._summary.Summary(value=values)))
     self.flush()  # a few small writes per logged step: TensorBoard sees them at once
 
   def flush(self):
