@@ -144,9 +144,10 @@ def test_relationship_is_the_official_codes_at_the_papers_settings(rng, mode):
   reverse with calibration, the official C grid) against a NumPy / scikit-learn
   transliteration of the official `relationship_learning.py` (third_party/
   cotuning_reference.py) on the same logits and train / validation split: direct
-  within 2e-7; reverse: the same C, the same validation accuracies, the scale within
-  2e-4 relative (float32 here) and R within 2e-4 (both fits converged; the official 100-iteration
-  fits are the one difference we keep, see `relationship`)."""
+  within 2e-7; reverse: the same C, the same validation accuracies, a calibrated scale
+  as good as scipy's (its validation NLL within 2 float32 ulps, the scale within 1e-3
+  relative) and R within 2e-4 (both fits converged; the official 100-iteration fits are
+  the one difference we keep, see `relationship`)."""
   import cotuning_reference as ref  # pylint: disable=g-import-not-at-top
   config = cotuning_config.get_config("cub,resnet50,15")
   config.cotuning.relationship = mode
@@ -160,10 +161,15 @@ def test_relationship_is_the_official_codes_at_the_papers_settings(rng, mode):
   if mode == "direct":
     np.testing.assert_allclose(ours, ref.direct(*args), rtol=0, atol=2e-7)
     return
-  theirs, c, scale, accs = ref.reverse(*args)
+  theirs, c, scale, accs, nll = ref.reverse(*args)
   np.testing.assert_allclose(info["val_accuracy"], accs, atol=1e-12)
   assert info["l2"] == pytest.approx(1 / c, rel=1e-12)
-  assert 1 / info["temperature"] == pytest.approx(scale, rel=2e-4)
+  # The calibration's optimum can be very flat (scale 621, where the validation set is
+  # nearly separable: seed 48098706 put ours 2.7e-4 from scipy's, 4e-9 apart in NLL).
+  # Ours must be as good as scipy's in the reference's own float64 objective, to two
+  # float32 ulps of the NLL, and near it.
+  assert nll(1 / info["temperature"]) <= nll(scale) * (1 + 2.4e-7)
+  assert 1 / info["temperature"] == pytest.approx(scale, rel=1e-3)
   # Typically within 2e-6; up to 1e-4 where a weak ridge is chosen (a flat optimum
   # that float32 L-BFGS and float64 scikit-learn approach differently).
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-4)

@@ -44,7 +44,8 @@ def _nll(scale, logits, labels):
 
 
 def reverse(train_logits, train_labels, val_logits, val_labels, *, max_iter=100_000):
-  """`(R [C_t, C_s], chosen C, scale, validation accuracies in C_GRID order)`."""
+  """`(R [C_t, C_s], chosen C, scale, validation accuracies in C_GRID order, nll)`:
+  `nll(s)` is the calibration's objective, the validation NLL at scale s."""
   train_p, val_p = softmax(train_logits * SCALE), softmax(val_logits * SCALE)
   fits, accs = [], []
   for c in C_GRID:
@@ -62,4 +63,6 @@ def reverse(train_logits, train_labels, val_logits, val_labels, *, max_iter=100_
   p_t_given_s = softmax(coef.T * scale)  # [C_s, C_t]
   marginal = np.concatenate([train_p, val_p]).mean(axis=0)[:, None]  # [C_s, 1]
   joint = (p_t_given_s * marginal).T  # [C_t, C_s]
-  return joint / joint.sum(axis=1, keepdims=True), C_GRID[best], scale, np.array(accs)
+  nll = lambda s: _nll(s, val_logits_t, val_labels)
+  return (joint / joint.sum(axis=1, keepdims=True), C_GRID[best], scale, np.array(accs),
+          nll)
