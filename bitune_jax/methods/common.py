@@ -7,6 +7,7 @@ in `extras`.
 """
 
 import dataclasses
+import functools
 import logging
 from typing import Any, Optional
 
@@ -181,15 +182,23 @@ def eval_outputs(model, state, split, *, output, batch_size, mesh):
   """Eval-mode `out[output]` `[N, ...]` of every example of `split` (a
   `bitune_jax.data.input` split), with the labels `[N]` (padding dropped)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  step = jax.jit(lambda s, b: (forward(model, s.params, s.batch_stats, b["image"],
-                                      train=False)[0][output], b["label"], b["mask"]),
-                 out_shardings=sharding.replicated(mesh))  # every host sees the batch
+  step = _output_step(model, output, mesh)
   values, labels = [], []
   for batch in split.batches(batch_size):
     out, label, mask = jax.device_get(step(state, sharding.global_batch(batch, mesh)))
     values.append(out[mask > 0])
     labels.append(label[mask > 0])
   return np.concatenate(values), np.concatenate(labels)
+
+
+@functools.lru_cache(maxsize=16)
+def _output_step(model, output, mesh):
+  """The jitted eval-mode `(out[output], label, mask)` of a batch, replicated (every
+  host sees the batch): one per (model, output, mesh), so that evaluating every N steps
+  traces and compiles it once, not at each evaluation."""
+  return jax.jit(lambda s, b: (forward(model, s.params, s.batch_stats, b["image"],
+                                       train=False)[0][output], b["label"], b["mask"]),
+                 out_shardings=sharding.replicated(mesh))
 
 
 @dataclasses.dataclass(frozen=True)
