@@ -1,6 +1,7 @@
 """Several processes, for real: `bitune-train` launched as 2 processes x 4 CPU devices
 (jax.distributed over localhost, gloo collectives) against 1 process x 8 devices, on the
-digits demo from one converted checkpoint; SIGTERM (preemption) and kill -9 survived.
+digits demo from one converted checkpoint; SIGTERM (preemption), Ctrl-C and kill -9
+survived.
 
 The reference runs in this process (8 devices); the others are real processes. Numbers
 are compared step by step from their TensorBoard scalars, and final states leaf by leaf.
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 import processes
-from bitune_jax.training import loop
+from bitune_jax.training import loop, stopping
 from bitune_jax.experiments import demo
 
 
@@ -191,15 +192,17 @@ def _flat(tree):
 
 
 # --------------------------------------------------------------------------- preemption
-def _preempt(method, overrides, workdir, *, processes_, devices, target=0, after=2):
-  """Starts a run, sends SIGTERM to process `target` once step `after` is logged, and
+def _preempt(method, overrides, workdir, *, processes_, devices, target=0, after=2,
+             signum=signal.SIGTERM):
+  """Starts a run, sends `signum` to process `target` once step `after` is logged, and
   checks that every process stopped at the same step, saved it and said so."""
   run = _train(method, overrides, workdir, processes_=processes_, devices=devices)
   run.wait_for(rf"step {after}/{TOTAL}", i=0)  # process 0 alone prints progress
-  run.signal(signal.SIGTERM, i=target)
+  run.signal(signum, i=target)
   codes = run.wait(timeout=300)
-  assert codes == [128 + signal.SIGTERM] * processes_, run.log(0)[-3000:]
-  stops = {int(re.search(r"stopped by SIGTERM at step (\d+); its checkpoint is saved in "
+  assert codes == [128 + signum] * processes_, run.log(0)[-3000:]
+  name = re.escape(stopping.NAMES[signum])
+  stops = {int(re.search(rf"stopped by {name} at step (\d+); its checkpoint is saved in "
                          r"(\S+); the same command resumes", run.log(i))[1])
            for i in range(processes_)}
   assert len(stops) == 1, stops  # every process at the same step
@@ -209,23 +212,32 @@ def _preempt(method, overrides, workdir, *, processes_, devices, target=0, after
   # Periodic checkpoints are off in these runs: the one there is the stop's own.
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(step)]
   assert not (workdir / "summary.json").exists()
-  return step
+  return step, run
 
 
 @pytest.mark.slow
-def test_sigterm_stops_saves_and_resumes_bitwise_one_process(source, bituning_reference,
-                                                             tmp_path):
-  """One process: SIGTERM mid-run saves the step it reached (not only the periodic
-  checkpoint); the same command resumes there and ends bitwise equal to the run that
-  was never stopped. The stopped run, resumed by 2 processes instead, ends where the
-  uninterrupted run ends (elastic resume 1 -> 2)."""
+def test_ctrl_c_stops_saves_and_resumes_bitwise_one_process(source, bituning_reference,
+                                                            tmp_path):
+  """One process: Ctrl-C mid-run saves the step it reached (not only the periodic
+  checkpoint), says so in one line and exits 130; the same command resumes there and
+  ends bitwise equal to the run that was never stopped. The stopped run, resumed by 2
+  processes instead, ends where the uninterrupted run ends (elastic resume 1 -> 2).
+  One process takes SIGTERM through the same handler (tests/test_sweep.py sends it to
+  a real loop; test_cli_train.py checks its notice); several processes take it through
+  JAX's preemption service: test_sigterm_to_one_of_two_processes."""
   ref_dir, want, _ = bituning_reference
   overrides, workdir = _overrides(source, checkpoint_every=100), tmp_path / "run"
-  step = _preempt("bituning", overrides, workdir, processes_=1, devices=8)
+  step, run = _preempt("bituning", overrides, workdir, processes_=1, devices=8,
+                       signum=signal.SIGINT)
+  assert re.search(rf"^bitune-train: stopped by Ctrl-C \(SIGINT\) at step {step}; its "
+                   rf"checkpoint is saved in {workdir}/checkpoints; the same command "
+                   "resumes\n", run.log(), re.M), run.log()[-3000:]
+  assert "Traceback" not in run.log()
   shutil.copytree(workdir, tmp_path / "elastic")
   run = _train("bituning", overrides, workdir)
   assert run.wait() == [0], run.log()[-3000:]
   assert f"resumed from {workdir}/checkpoints at step {step}" in run.log()
+  assert json.loads((workdir / "summary.json").read_text())["step"] == TOTAL
   got = processes.scalars(workdir)
   _assert_same_steps(got, want, LOSSES["bituning"], range(1, TOTAL + 1), 0.0)
   mine, theirs = (processes.final_state(d, TOTAL) for d in (workdir, ref_dir))
@@ -242,8 +254,8 @@ def test_sigterm_to_one_of_two_processes(source, bituning_reference, bituning_2x
   2 processes the run ends bitwise equal to an uninterrupted 2-process run; resumed by
   1 process x 8 devices (elastic 2 -> 1) it ends where the 1-process run ends."""
   overrides = _overrides(source, checkpoint_every=100)
-  step = _preempt("bituning", overrides, tmp_path / "run", processes_=2, devices=4,
-                  target=1)
+  step, _ = _preempt("bituning", overrides, tmp_path / "run", processes_=2, devices=4,
+                     target=1)
   shutil.copytree(tmp_path / "run", tmp_path / "elastic")
   run = _train("bituning", overrides, tmp_path / "run", processes_=2, devices=4)
   assert run.wait() == [0, 0], run.log(0)[-3000:]
@@ -323,31 +335,6 @@ def test_an_unreadable_checkpoint_is_named_and_the_one_before_it_used(tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["6", "9"]
   assert os.listdir(tmp_path / "checkpoints-unreadable") == ["6"]
   processes.final_state(tmp_path, 6)  # the new step 6 reads
-
-
-@pytest.mark.slow
-def test_ctrl_c_saves_the_step_and_the_same_command_resumes(tmp_path):
-  """Ctrl-C once the run is training: one line naming the step, its checkpoint saved,
-  exit code 130; the same command then finishes the run from there."""
-  args = processes.config_flags("finetune.py:demo", dict(
-      BASE, init_from="", total_steps=40, checkpoint_every=100)) + [
-          "--workdir", str(tmp_path / "run")]
-  run = processes.launch(args, str(tmp_path / "logs"))
-  run.wait_for(r"step 2/40")
-  run.signal(signal.SIGINT)
-  assert run.wait(timeout=300) == [130], run.log()[-3000:]
-  stopped = re.search(r"bitune-train: stopped by Ctrl-C \(SIGINT\) at step (\d+); its "
-                      rf"checkpoint is saved in {tmp_path}/run/checkpoints; the same "
-                      "command resumes\n", run.log())
-  assert stopped, run.log()[-3000:]
-  assert "Traceback" not in run.log()
-  step = int(stopped[1])
-  assert 2 <= step < 40 and os.listdir(tmp_path / "run" / "checkpoints") == [str(step)]
-  assert not (tmp_path / "run" / ".lock").exists()  # released
-  run = processes.launch(args, str(tmp_path / "logs"))
-  assert run.wait() == [0], run.log()[-3000:]
-  assert f"at step {step}" in run.log()
-  assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 40
 
 
 @pytest.mark.parametrize("flags, message", [
