@@ -1,6 +1,6 @@
 """Data features measured in their numbers: colour jitter through the config, the MoCo v2
-view's blur and jitter probabilities, sampling-rate subsets nested across rates on a
-tfds dataset, and `bitune-eval --kshot` on the command line.
+view's blur and jitter probabilities, and sampling-rate subsets nested across rates on
+a tfds dataset (`bitune-eval --kshot` on the command line: tests/test_cli_eval.py).
 
 Complements test_views_*.py (the view functions against PIL/NumPy/scipy, grayscale
 frequency) and test_pipeline.py (per-class counts, resumable streams): here each feature
@@ -16,14 +16,11 @@ Tolerances:
   probability such as 0, 1 or a swapped 0.2/0.5/0.8 lies many deviations out).
 """
 
-import json
 import math
 import os
-import subprocess
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -32,19 +29,15 @@ import tensorflow as tf
 from PIL import Image
 
 from bitune_jax import methods
-from bitune_jax.cli import eval as eval_cli
 from bitune_jax.data import decode
 from bitune_jax.data import input as input_lib
 from bitune_jax.data.spec import Needs
 from bitune_jax.data.views import batch as views_batch
-from bitune_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import bituning as bituning_config  # noqa: E402  pylint: disable=g-import-not-at-top
 import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
-import processes  # noqa: E402  pylint: disable=g-import-not-at-top
-import finetune as finetune_config  # noqa: E402  pylint: disable=g-import-not-at-top
 
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
@@ -338,61 +331,3 @@ def test_sampling_rate_subsets_are_nested_with_exact_counts(mocked, seed):
   assert chosen[15] < chosen[30] < chosen[50] < chosen[75]  # strictly larger counts here
   other = input_lib.load(_pets_config(50, seed=seed + 1), Needs())
   assert {index[tuple(hw)] for hw in other.train.hw.tolist()} != chosen[50], seed
-
-
-# --------------------------------------------------------------- bitune-eval --kshot
-@pytest.mark.slow
-def test_eval_command_line_kshot(tmp_path):
-  """`python -m bitune_jax.cli.eval --workdir W --kshot 1,2 --kshot_steps 2` on a tiny
-  trained run (2 steps of the finetune demo): exit 0; the printed JSON's kshot_k_top1
-  is the top-1 in the k-shot run's summary.json (k1_seed0, k2_seed0), each run trained
-  2 steps from the exported backbone on exactly k images of each of the 5 classes."""
-  config = finetune_config.get_config("demo")
-  config.init_from, config.image_size, config.batch_size = "", SIZE, 16
-  config.eval_batch_size = 64
-  config.total_steps, config.eval_every, config.checkpoint_every = 2, 2, 2
-  loop.train_and_evaluate(config, str(tmp_path))
-  cmd = [sys.executable, "-m", "bitune_jax.cli.eval", "--workdir", str(tmp_path),
-         "--kshot", "1,2", "--kshot_steps", "2"]
-  # One CPU device in the command (half the time of 8 on a small machine): the
-  # checkpoint written on 8 devices is restored on 1, as a user's evaluation would.
-  env = processes.environment(1)
-  result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env=env)
-  assert result.returncode == 0, result.stderr[-3000:]
-  # Progress on the console while it works: each phase, each k-shot run's steps.
-  for said in ("evaluating ", "feature protocols", "k-shot transfer 1/2: k = 1, 2 steps",
-               "k-shot transfer 2/2: k = 2, 2 steps", "step 2/2", "k-shot transfer, k = 2"):
-    assert said in result.stderr, (said, result.stderr[-3000:])
-  printed = json.loads(result.stdout[result.stdout.index("{"):])
-  evals = tmp_path / "evals"
-  protocols = {k: v for k, v in printed.items() if not k.startswith("kshot_")}
-  assert json.load(open(evals / "latest-step2.json")) == protocols
-  folder = tmp_path / "kshot" / "latest-step2"
-  for k in (1, 2):
-    run_dir = folder / f"k{k}-steps2-seed0"
-    summary = json.load(open(run_dir / "summary.json"))
-    assert printed[f"kshot_{k}_top1"] == summary["top1"], k
-    assert summary["step"] == 2 and summary["method"] == "finetune", (k, summary)
-    record = json.load(open(evals / f"latest-step2-kshot{k}-steps2-seed0.json"))
-    assert record["top1"] == summary["top1"] and record["k"] == k
-    run_config = ml_collections.ConfigDict(json.load(open(run_dir / "config.json")))
-    assert run_config.data.kshot == k
-    assert run_config.init_from == str(folder / "backbone.npz")
-    data = input_lib.load(run_config, Needs())
-    np.testing.assert_array_equal(np.bincount(data.train.labels), [k] * 5,
-                                  err_msg=f"k={k}")
-  # Asked again with other steps, it runs what was asked (a 3-step run, not the
-  # 2-step result again), and the earlier records stay.
-  assert eval_cli.main(["--workdir", str(tmp_path), "--kshot", "1",
-                         "--kshot_steps", "3"]) == 0
-  again = json.load(open(folder / "k1-steps3-seed0" / "summary.json"))
-  assert again["step"] == 3
-  assert json.load(open(evals / "latest-step2-kshot1-steps3-seed0.json"))["top1"] == (
-      again["top1"])
-  assert sorted(p.name for p in evals.iterdir()) == [
-      "latest-step2-kshot1-steps2-seed0.json", "latest-step2-kshot1-steps3-seed0.json",
-      "latest-step2-kshot2-steps2-seed0.json", "latest-step2.json"]
-  # A bad k is refused before anything runs.
-  with pytest.raises(SystemExit, match="2"):
-    eval_cli.main(["--workdir", str(tmp_path), "--kshot", "1,x"])

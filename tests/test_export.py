@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import fakes
 import outside
 from bitune_jax import inference, methods
 from bitune_jax.data import digits
 from bitune_jax.data import input as input_lib
-from bitune_jax.experiments import protocols
 from bitune_jax.training import loop
 from bitune_jax.training import export as export_lib
 
@@ -27,20 +27,27 @@ import finetune as finetune_config  # noqa: E402  pylint: disable=g-import-not-a
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
-  config = finetune_config.get_config("demo")
-  config.init_from, config.image_size, config.batch_size = "", 16, 16
-  config.total_steps, config.eval_every, config.checkpoint_every = 6, 3, 3
+  # test_cli_eval.py's run: the session's compiled programs serve both files.
+  config = fakes.tiny_config("finetune")
   state, summary = loop.train_and_evaluate(config, str(workdir))
   return config, workdir, state, summary
 
 
-def test_exported_model_classifies_the_test_set_as_the_run_did(trained, tmp_path):
-  config, workdir, state, summary = trained
-  out = tmp_path / "model.npz"
-  report = export_lib.export_workdir(str(workdir), str(out))
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+  """`(path, report, model)`: the run's latest checkpoint exported once for the tests
+  that only read it, and loaded back."""
+  _, workdir, _, _ = trained
+  path = tmp_path_factory.mktemp("exported") / "model.npz"
+  report = export_lib.export_workdir(str(workdir), str(path))
+  return path, report, inference.load(str(path))
+
+
+def test_exported_model_classifies_the_test_set_as_the_run_did(trained, exported):
+  config, _, state, summary = trained
+  _, report, model = exported
   assert report["step"] == 6 and report["preprocessing"] == {"kind": "digits",
                                                              "image_size": 16}
-  model = inference.load(str(out))
   data = input_lib.load(config, methods.data_needs(config))
   got = model(outside.eval_images(data.test))
   assert got["logits"].shape == (269, 5) and got["features"].shape[0] == 269
@@ -83,13 +90,12 @@ def test_image_files_are_preprocessed_as_in_training(trained, tmp_path):
                                 model(expected)["logits"].argmax(-1))
 
 
-def test_init_from_an_exported_model(trained, tmp_path):
+def test_init_from_an_exported_model(trained, exported):
   """Another method starts from the fine-tuned backbone, as from a converted one."""
   from bitune_jax import sharding  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  _, workdir, state, _ = trained
-  out = tmp_path / "model.npz"
-  export_lib.export_workdir(str(workdir), str(out))
+  _, _, state, _ = trained
+  out, _, _ = exported
   config = bituning_config.get_config("demo")
   config.init_from, config.image_size, config.batch_size = str(out), 16, 16
   run = loop.setup(config, sharding.make_mesh())
@@ -139,12 +145,9 @@ def _digit_pictures(count):
       (32, 32), Image.NEAREST)) for x in digits.raw_uint8()[rows]])
 
 
-def test_float_images_are_classified_as_their_uint8_originals(trained, tmp_path):
+def test_float_images_are_classified_as_their_uint8_originals(exported):
   """`plt.imread` of a PNG, or a PIL image through numpy / 255: float32 in [0, 1]."""
-  _, workdir, _, _ = trained
-  out = tmp_path / "model.npz"
-  export_lib.export_workdir(str(workdir), str(out))
-  model = inference.load(str(out))
+  _, _, model = exported
   pictures = _digit_pictures(20)
   floats = [(x / 255.0).astype(np.float32) for x in pictures]
   want = model.preprocess(list(pictures))
@@ -159,11 +162,8 @@ def test_float_images_are_classified_as_their_uint8_originals(trained, tmp_path)
     model.preprocess([pictures[0].astype(np.float32)])
 
 
-def test_a_single_path_is_one_image(trained, tmp_path):
-  _, workdir, _, _ = trained
-  out = tmp_path / "model.npz"
-  export_lib.export_workdir(str(workdir), str(out))
-  model = inference.load(str(out))
+def test_a_single_path_is_one_image(exported, tmp_path):
+  _, _, model = exported
   path = tmp_path / "digit.png"
   Image.fromarray(_digit_pictures(1)[0]).save(path)
   want = model.preprocess([str(path)])
@@ -172,17 +172,10 @@ def test_a_single_path_is_one_image(trained, tmp_path):
   np.testing.assert_array_equal(model.preprocess(path), want)  # os.PathLike
 
 
-def test_class_names_round_trip_through_export(trained, tmp_path, monkeypatch):
+def test_class_names_round_trip_through_export(exported):
   """The digits demo fine-tunes on digits 5-9: its classes are "5".."9", in the
-  exported file and in the t-SNE legend of `bitune-eval --tsne`."""
-  from bitune_jax.experiments import plots  # pylint: disable=g-import-not-at-top
-  _, workdir, _, _ = trained
-  out = tmp_path / "model.npz"
-  report = export_lib.export_workdir(str(workdir), str(out))
+  exported file and as loaded (the t-SNE legend of `bitune-eval --tsne` names them
+  too: test_cli_eval.py::test_evaluates_a_workdir_checkpoint)."""
+  _, report, model = exported
   assert report["class_names"] == ["5", "6", "7", "8", "9"]
-  model = inference.load(str(out))
   assert model.class_names == ["5", "6", "7", "8", "9"]
-  drawn = {}
-  monkeypatch.setattr(plots, "tsne", lambda *a, **k: drawn.update(k))
-  protocols.evaluate_workdir(str(workdir), tsne=True)
-  assert drawn["class_names"] == ["5", "6", "7", "8", "9"]
