@@ -3,7 +3,6 @@ kept, a finished run's summary stays, changes that break a resumed run are refus
 
 import importlib
 import json
-import math
 import os
 import re
 import shutil
@@ -20,12 +19,10 @@ import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _config(**overrides):
-  # Cosine at lr 0.1: the learning rates test_learning_rates_logged_per_group_... checks
-  # change at every step. The file's runs are 4 steps (`finished`) or 6 (the resumes
-  # and `validated`): two train-step programs, each compiled once (the cosine's length
-  # is in the program).
-  defaults = {"log_every": 2, "eval_every": 2, "checkpoint_every": 2, "total_steps": 4,
-              "lr": 0.1, "schedule": "cosine"}
+  # The file's runs are 4 steps (`finished`) or 6 (the resumes and `validated`): two
+  # train-step programs (the schedule's steps are in them), each compiled once, and
+  # those of tests/test_loop.py's 4-step and tests/test_finetune.py's 6-step runs.
+  defaults = {"log_every": 2, "eval_every": 2, "checkpoint_every": 2, "total_steps": 4}
   return fakes.tiny_config("finetune", **{**defaults, **overrides})
 
 
@@ -108,7 +105,7 @@ def test_resume_with_more_steps_is_recorded_and_other_changes_are_refused(
   # nothing about the workdir changes.
   recorded = (workdir / "config.json").read_bytes()
   with pytest.raises(ValueError, match=re.escape(
-      "trained with lr=0.1 (now 0.5). A resumed run may change only total_steps")):
+      "trained with lr=0.05 (now 0.5). A resumed run may change only total_steps")):
     loop.train_and_evaluate(_config(lr=0.5, total_steps=6), str(workdir))
   assert (workdir / "config.json").read_bytes() == recorded
   assert step_counter == []
@@ -240,8 +237,12 @@ def test_learning_rates_logged_per_group_and_a_profile_written(validated):
       for value in event.summary.value:
         if value.tag.startswith("lr/"):
           logged[(value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
-  for step in range(1, 7):  # train step s applies the cosine at optimizer step s - 1
-    rate = 0.1 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 6))
+  # Train step s applies the schedule at optimizer step s - 1: lr 0.05, x0.1 from each
+  # optimizer step int(f * 6) on, for f in decay_at (the demo's (0.7,): from step 4 on).
+  config = validated.config
+  assert (config.lr, config.decay_factor, tuple(config.decay_at)) == (0.05, 0.1, (0.7,))
+  for step in range(1, 7):
+    rate = 0.05 * 0.1 ** sum(step - 1 >= int(f * 6) for f in config.decay_at)
     assert logged[("lr/head", step)] == pytest.approx(rate, rel=1e-6), step
     assert logged[("lr/backbone", step)] == pytest.approx(0.1 * rate, rel=1e-6), step
   traces = list(validated.workdir.glob("plugins/profile/*/*.xplane.pb"))
