@@ -7,6 +7,8 @@ query) and the total (the harness and the references are in `method_references.p
 """
 
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +29,8 @@ RTOL = method_references.RTOL
 
 
 def _config(**unsup):
-  return fakes.tiny_config("unsup_finetune", total_steps=4, log_every=2, eval_every=2,
+  # Evaluated at the end only (test_loop_evaluates_features checks the final step's).
+  return fakes.tiny_config("unsup_finetune", total_steps=4, log_every=2, eval_every=4,
                            checkpoint_every=2,
                            unsup={"queue_size": 64, "bn_group_size": 4, **unsup})
 
@@ -55,7 +58,10 @@ def test_cutmix_pixels_and_lambda_is_the_area_of_the_first_image(rng):
       assert m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()
   # The distribution of the area-corrected lambda, against a NumPy Monte Carlo of
   # CutMix's box rule (lambda ~ Beta(1, 1), side sqrt(1 - lambda), clipped at edges).
-  _, many = cutmix.cutmix_boxes(jax.random.PRNGKey(0), batch=8000, height=32, width=32)
+  # 8000 draws as 125 batches of 64, the batch above: its programs (the Beta sampler
+  # is 1-2 s of compilation per shape) serve them all.
+  many = np.concatenate([cutmix.cutmix_boxes(key, batch=64, height=32, width=32)[1]
+                         for key in jax.random.split(jax.random.PRNGKey(0), 125)])
   lam0 = rng.beta(1.0, 1.0, 200_000)
   cut = np.floor(32 * np.sqrt(1 - lam0)).astype(int)
   cy, cx = rng.integers(0, 32, (2, lam0.size))
@@ -89,11 +95,14 @@ def test_grouped_batchnorm_is_per_group():
   config = _config()
   model = unsup_finetune.build_model(config, 5)
   images = jax.random.normal(jax.random.PRNGKey(1), (8, 16, 16, 3))
-  params, stats = common.init_variables(model, jax.random.PRNGKey(0), images[:1])
-  out, new_stats = unsup_finetune.grouped_forward(model, params, stats, images,
-                                                  group_size=4)
-  parts = [common.forward(model, params, stats, images[i:i + 4], train=True)
-           for i in (0, 4)]
+  # Each function jitted whole, as the train step runs it: op by op, each of the
+  # model's operations is compiled alone (9 CPU s for this test, 4 jitted).
+  params, stats = jax.jit(functools.partial(common.init_variables, model))(
+      jax.random.PRNGKey(0), images[:1])
+  out, new_stats = jax.jit(functools.partial(unsup_finetune.grouped_forward, model,
+                                             group_size=4))(params, stats, images)
+  forward = jax.jit(functools.partial(common.forward, model, train=True))
+  parts = [forward(params, stats, images[i:i + 4]) for i in (0, 4)]
   np.testing.assert_allclose(out["projection"], np.concatenate(
       [p[0]["projection"] for p in parts]), rtol=1e-4, atol=1e-5)
   for got, a, b in zip(jax.tree.leaves(new_stats), jax.tree.leaves(parts[0][1]),
@@ -104,11 +113,13 @@ def test_grouped_batchnorm_is_per_group():
 
 @pytest.mark.parametrize("use_cutmix", [True, False])
 def test_trains_on_eight_devices(use_cutmix):
+  """The run's own step (views made in it) on the loop's host batches: with CutMix
+  (the demo's), the program test_loop_evaluates_features then reads back compiled."""
   config = _config(cutmix=use_cutmix)
   mesh = sharding.make_mesh()
   run = loop.setup(config, mesh)
   state = run.state
-  for _, batch in zip(range(3), fakes.view_batches(run)):
+  for _, batch in zip(range(3), run.data.train_batches(0)):
     before = jax.device_get(state)
     state, metrics = run.train_step(state, sharding.global_batch(batch, mesh))
   metrics = jax.device_get(metrics)
