@@ -21,24 +21,79 @@ from bitune_jax.training import loop
 TINY = ["--set", "total_steps=3", "--set", "eval_every=3", "--set", "checkpoint_every=3",
         "--set", "log_every=3", "--set", "pretrain.total_steps=3", "--set",
         "image_size=16", "--set", "batch_size=16"]
+# The vanilla fine-tuning runs of this file, and the k-shot transfers (vanilla
+# fine-tuning too, `--kshot_steps STEPS`), are one config: a train step per seed (0, 1),
+# compiled once for the file through the XLA cache.
+STEPS = 20
+RUNS = TINY + ["--set", f"total_steps={STEPS}", "--set", f"eval_every={STEPS}", "--set",
+               f"checkpoint_every={STEPS}", "--set", f"log_every={STEPS}"]
+# The runs that a signal stops: a checkpoint every 5 steps; a signal sent once the one
+# of step 5 exists lands 10 steps or more (a second or so) before the end.
+SIGNALLED = RUNS + ["--set", "checkpoint_every=5", "--set", "log_every=5"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache_keys_without_the_sweeps_folder():
+  """A sweep points JAX's persistent cache at its own `DIR/jax_cache`, and JAX writes
+  that path into the options of every compilation (for XLA's GPU autotuning cache),
+  which are part of its cache key: no two sweeps would share a compiled program. That
+  XLA cache off (nothing uses it on a CPU), what one sweep compiled the next reads.
+  After the file, both settings are as they were: the next files' keys name the
+  session's cache folder again, not the last sweep's."""
+  import jax  # pylint: disable=g-import-not-at-top
+  before = {name: getattr(jax.config, name) for name in (
+      "jax_persistent_cache_enable_xla_caches", "jax_compilation_cache_dir")}
+  jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
+  yield
+  for name, value in before.items():
+    jax.config.update(name, value)
+
+
+def _prepare(workdir, source=None):
+  """`workdir` for a sweep. `DIR/jax_cache`, the persistent XLA cache a sweep sets for
+  itself, is a link to the session's (tests/conftest.py), so that what one sweep
+  compiled the next reads, in this process or in a `bitune-sweep` process; with
+  `source`, the shared source model (`tiny_source`) is in its `source/`, as a sweep
+  started again finds its own."""
+  os.makedirs(workdir, exist_ok=True)
+  os.symlink(os.environ["JAX_COMPILATION_CACHE_DIR"], os.path.join(workdir, "jax_cache"))
+  if source is not None:
+    shutil.copytree(source, os.path.join(workdir, "source"))
 
 
 @pytest.fixture(scope="module")
-def tiny_source(tmp_path_factory):
-  """The digits source model that a sweep at TINY's settings pre-trains first (its
-  `--source_only` line), made once for this file. The sweeps below find it in their
-  `source/` folder, as a sweep started again finds its own, and go on to their runs;
-  the source's own pre-training is tested where it matters (a signal during it, the
-  printed `--source_only` line)."""
-  folder = tmp_path_factory.mktemp("tiny-source")
-  assert sweep_cli.main(["--workdir", str(folder), "--methods", "finetune", "--datasets",
-                         "digits", "--rates", "50", "--seeds", "0"] + TINY
-                        + ["--source_only"]) == 0
-  return folder / "source"
+def stopped_at_source(tmp_path_factory):
+  """A digits sweep at TINY's settings sent SIGTERM during the last step of its source
+  model's pre-training: `(exit code, stderr, workdir)`. Its source model, finished,
+  is the source of the sweeps below (`tiny_source`)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  from bitune_jax.training import stopping  # pylint: disable=g-import-not-at-top
+  folder = tmp_path_factory.mktemp("stopped-at-source")
+  _prepare(folder)
+  real = stopping.StopSignals.should_stop
+
+  def signal_at_last_step(self, step):
+    if step == 3:  # pretrain.total_steps: the last step
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(self, step)
+  err = io.StringIO()
+  with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(err):
+    patch.setattr(stopping.StopSignals, "should_stop", signal_at_last_step)
+    code = sweep_cli.main(["--workdir", str(folder), "--methods", "finetune", "--datasets",
+                           "digits", "--rates", "50", "--seeds", "0"] + TINY)
+  return code, err.getvalue(), folder
 
 
-def _with_source(workdir, tiny_source):
-  shutil.copytree(tiny_source, workdir / "source")
+@pytest.fixture(scope="module")
+def tiny_source(stopped_at_source):
+  """The digits source model that a sweep at TINY's settings pre-trains first, made
+  once for this file (by `stopped_at_source`: a signal at its last step leaves it
+  finished). The sweeps below find it in their `source/` folder and go on to their
+  runs; the source's own pre-training is tested where it matters (a signal during it,
+  the printed `--source_only` line)."""
+  return stopped_at_source[2] / "source"
 
 
 def _csv(workdir):
@@ -53,7 +108,7 @@ def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatc
   go on and the sweep says so; run again, only the failed one trains; the table's mean
   ± std are those of the runs' own summaries."""
   argv = ["--workdir", str(tmp_path), "--methods", "finetune", "--datasets", "digits",
-          "--rates", "50,100", "--seeds", "0,1"] + TINY
+          "--rates", "50,100", "--seeds", "0,1"] + RUNS
   real = loop.train_and_evaluate
   trained = []
 
@@ -65,7 +120,7 @@ def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatc
       raise RuntimeError("out of memory (on purpose)")
     return real(config, workdir, sources)
   monkeypatch.setattr(loop, "train_and_evaluate", flaky)
-  _with_source(tmp_path, tiny_source)
+  _prepare(tmp_path, tiny_source)
   assert sweep_cli.main(argv) == 1
   failures = json.loads((tmp_path / "failures.json").read_text())
   assert list(failures) == [trained[1]] and "on purpose" in failures[trained[1]]
@@ -92,7 +147,7 @@ def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatc
       if not path.exists():  # the run renamed to an earlier release's name above
         path = tmp_path / "runs" / name.replace(f"-rate{rate}-", "-") / "summary.json"
       summary = json.loads(path.read_text())
-      assert summary["sampling_rate"] == rate and summary["step"] == 3
+      assert summary["sampling_rate"] == rate and summary["step"] == STEPS
       scores.append(100 * summary["score"])
     assert float(row["mean"]) == pytest.approx(statistics.mean(scores), abs=1e-4)
     assert float(row["std"]) == pytest.approx(statistics.stdev(scores), abs=1e-4)
@@ -113,8 +168,9 @@ def test_grid_runs_skips_finished_runs_and_reports_failures(tmp_path, monkeypatc
   assert {p.stem for p in curves} == {r.name for r in runs} - {earlier} | {finished}
   data = plots.training_curves(str(runs[0]), str(tmp_path / "again.png"))
   summary = json.loads((runs[0] / "summary.json").read_text())
-  assert data["test"]["test_top1"][-1] == (3, pytest.approx(summary["top1"], abs=1e-6))
-  assert [s for s, _ in data["losses"]["loss"]][-1] == 3
+  assert data["test"]["test_top1"][-1] == (STEPS,
+                                           pytest.approx(summary["top1"], abs=1e-6))
+  assert [s for s, _ in data["losses"]["loss"]][-1] == STEPS
   assert "lr/backbone" not in data["losses"] and "test_score" not in data["losses"]
 
 
@@ -125,10 +181,8 @@ def _extra(argv):
 
 
 def _digest(rate):
-  overrides = {"sampling_rate": float(rate)}
-  for item in TINY[1::2]:
-    key, _, value = item.partition("=")
-    overrides[key] = grid.parse_value(value)  # pylint: disable=protected-access
+  """The digest in the name of a run of `RUNS` at `rate`."""
+  overrides = dict(_extra(RUNS), sampling_rate=float(rate))
   run = grid.Run("finetune", "demo", tuple(sorted(overrides.items())), "", 0)
   return run.name.split("-")[-2]
 
@@ -234,39 +288,25 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, monkey
                                                                tiny_source):
   """`kill -9` of a real `bitune-sweep` process while its second run trains: started
   again, the finished run is not trained again (its summary untouched), the killed one
-  resumes from its last checkpoint, and the table has every seed."""
+  resumes from its last checkpoint, and the table has every seed. (The first run is
+  finished, curves drawn, by a sweep of seed 0 alone before: the process then reads no
+  TensorBoard events, whose reader imports TensorFlow, 6 s of CPU.)"""
   import signal  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
-  # 60 steps, a checkpoint every 20: the kill lands at step 20 or so of the second run,
-  # 40 steps (a few seconds) before its end.
-  steps = ["--set", "total_steps=60", "--set", "checkpoint_every=20", "--set",
-           "eval_every=60", "--set", "log_every=20"]
   argv = ["--workdir", str(tmp_path), "--methods", "finetune", "--datasets", "digits",
-          "--rates", "50", "--seeds", "0,1"] + TINY + steps
+          "--rates", "50"] + SIGNALLED
   cells = grid.cells_from_grid(["finetune"], ["digits"], [50.0], "", [0, 1],
-                                _extra(TINY + steps))
+                                _extra(SIGNALLED))
   first, second = (tmp_path / "runs" / r.name for r in cells[0].runs)
-  env = processes.environment(8)
-  _with_source(tmp_path, tiny_source)
-  log = open(tmp_path / "first.log", "w")
-  proc = subprocess.Popen([sys.executable, "-m", "bitune_jax.cli.sweep"] + argv,
-                          stdout=log, stderr=subprocess.STDOUT, env=env)
-  try:
-    end = time.time() + 300
-    while not (second / "checkpoints" / "20").is_dir():  # a checkpoint, and on it goes
-      assert proc.poll() is None and time.time() < end, (
-          (tmp_path / "first.log").read_text()[-3000:])
-      time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-    log.close()
-  assert (first / "summary.json").exists() and not (second / "summary.json").exists()
+  _prepare(tmp_path, tiny_source)
+  assert sweep_cli.main(argv + ["--seeds", "0"]) == 0
   finished = (first / "summary.json").stat().st_mtime_ns
+  argv += ["--seeds", "0,1"]
+  proc, log = _start_sweep(tmp_path, argv)
+  # The second run's first checkpoint, and on it goes: killed 15 steps before its end.
+  code = _signal_when(proc, log, second / "checkpoints" / "5", signal.SIGKILL, tmp_path)
+  assert code == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
+  assert not (second / "summary.json").exists()
+  assert (first / "summary.json").stat().st_mtime_ns == finished
   real, trained = loop.train_and_evaluate, []
 
   def recorded(config, workdir, sources=None):
@@ -278,9 +318,9 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, monkey
   assert (first / "summary.json").stat().st_mtime_ns == finished
   launches = sorted((second / "launches").iterdir())
   resumed_at = json.loads(launches[-1].read_text())["start_step"]
-  assert len(launches) == 2 and resumed_at >= 20 and resumed_at % 20 == 0
+  assert len(launches) == 2 and resumed_at >= 5 and resumed_at % 5 == 0
   summary = json.loads((second / "summary.json").read_text())
-  assert summary["step"] == 60
+  assert summary["step"] == STEPS
   row = _csv(tmp_path)[0]
   assert row["seeds"] == "2"
   assert float(row["mean"]) == pytest.approx(statistics.mean(
@@ -313,9 +353,9 @@ def test_a_checkpoint_evaluated_as_it_is(tmp_path, tiny_source):
   spec = tmp_path / "as_is.py"
   spec.write_text(AS_IS_SPEC)
   workdir = tmp_path / "sweep"
-  argv = ["--workdir", str(workdir), "--spec", str(spec), "--kshot_steps", "3"] + TINY
-  workdir.mkdir()
-  _with_source(workdir, tiny_source)
+  argv = ["--workdir", str(workdir), "--spec", str(spec), "--kshot_steps",
+          str(STEPS)] + TINY
+  _prepare(workdir, tiny_source)
   assert sweep_cli.main(argv) == 0
   (run,) = {r for c in grid.cells_from_spec(tables.load(str(spec)), [0], _extra(TINY))
             for r in c.runs}  # one run: both columns read it
@@ -334,13 +374,15 @@ def test_a_checkpoint_evaluated_as_it_is(tmp_path, tiny_source):
   # The source model's features, by hand: its variables straight from the file.
   data = input_lib.load(config, methods.data_needs(config))
   backbone = models.create_backbone(config.arch)
+  # One program for the forward pass, not a compilation per operation as it runs.
+  apply = jax.jit(lambda variables, images: backbone.apply(variables, images,
+                                                           train=False))
 
   def features(split):
     out, labels = [], []
     for batch in split.batches(64):
       keep = np.asarray(batch["mask"]) > 0
-      f = backbone.apply(source["backbone"], jax.numpy.asarray(batch["image"]),
-                         train=False)
+      f = apply(source["backbone"], jax.numpy.asarray(batch["image"]))
       out.append(np.asarray(f)[keep])
       labels.append(np.asarray(batch["label"])[keep])
     return np.concatenate(out).astype(np.float64), np.concatenate(labels)
@@ -488,7 +530,7 @@ def test_a_methods_own_field_goes_to_that_methods_runs(tmp_path, capsys):
 def _start_sweep(tmp_path, argv):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  env = processes.environment(8)
+  env = processes.environment(8, JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES="none")
   log = open(tmp_path / "first.log", "w")
   proc = subprocess.Popen([sys.executable, "-m", "bitune_jax.cli.sweep"] + argv,
                           stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -520,14 +562,12 @@ def test_ctrl_c_stops_the_sweep_and_the_next_sweep_resumes(tmp_path, monkeypatch
   failure; started again, the run resumes at that step. (SIGTERM: the next test.)"""
   import signal  # pylint: disable=g-import-not-at-top
   signum, signame = signal.SIGINT, "SIGINT"
-  steps = ["--set", "total_steps=20", "--set", "checkpoint_every=5", "--set",
-           "eval_every=20", "--set", "log_every=5"]
   argv = ["--workdir", str(tmp_path), "--methods", "finetune", "--datasets", "digits",
-          "--rates", "50"] + TINY + steps
+          "--rates", "50"] + SIGNALLED
   cells = grid.cells_from_grid(["finetune"], ["digits"], [50.0], "", [0, 1],
-                                _extra(TINY + steps))
+                                _extra(SIGNALLED))
   first, second = (tmp_path / "runs" / r.name for r in cells[0].runs)
-  _with_source(tmp_path, tiny_source)
+  _prepare(tmp_path, tiny_source)
   proc, log = _start_sweep(tmp_path, argv + ["--seeds", "0,1"])
   code = _signal_when(proc, log, first / "checkpoints" / "5", signum, tmp_path)
   text = (tmp_path / "first.log").read_text()
@@ -537,7 +577,7 @@ def test_ctrl_c_stops_the_sweep_and_the_next_sweep_resumes(tmp_path, monkeypatch
   assert json.loads((tmp_path / "failures.json").read_text()) == {}
   assert not (first / "summary.json").exists() and not second.exists()
   saved = max(int(p.name) for p in (first / "checkpoints").iterdir() if p.name.isdigit())
-  assert 5 <= saved < 20
+  assert 5 <= saved < STEPS
   real, trained = loop.train_and_evaluate, []
 
   def recorded(config, workdir, sources=None):
@@ -549,34 +589,23 @@ def test_ctrl_c_stops_the_sweep_and_the_next_sweep_resumes(tmp_path, monkeypatch
   launches = sorted((first / "launches").iterdir())
   assert len(launches) == 2
   assert json.loads(launches[-1].read_text())["start_step"] == saved
-  assert json.loads((first / "summary.json").read_text())["step"] == 20
+  assert json.loads((first / "summary.json").read_text())["step"] == STEPS
   assert _csv(tmp_path)[0]["seeds"] == "1"
 
 
 @pytest.mark.slow
-def test_a_signal_at_the_last_step_of_the_source_stops_the_sweep(tmp_path,
-                                                                 monkeypatch, capfd):
+def test_a_signal_at_the_last_step_of_the_source_stops_the_sweep(stopped_at_source):
   """A signal during the last step of the source pre-training (no longer ignored): the
   source is finished and kept, and the sweep stops there (143) instead of going on; a
-  signal in any earlier step stops the pre-training as it stops a run's training."""
-  import signal  # pylint: disable=g-import-not-at-top
-  from bitune_jax.training import stopping  # pylint: disable=g-import-not-at-top
-  real = stopping.StopSignals.should_stop
-
-  def signal_at_last_step(self, step):
-    if step == 3:  # pretrain.total_steps: the last step
-      os.kill(os.getpid(), signal.SIGTERM)
-    return real(self, step)
-  monkeypatch.setattr(stopping.StopSignals, "should_stop", signal_at_last_step)
-  argv = ["--workdir", str(tmp_path), "--methods", "finetune", "--datasets", "digits",
-          "--rates", "50", "--seeds", "0"] + TINY
-  assert sweep_cli.main(argv) == 143
-  err = capfd.readouterr().err
+  signal in any earlier step stops the pre-training as it stops a run's training.
+  (The sweep is `stopped_at_source`'s: its source model is the other sweeps' too.)"""
+  code, err, workdir = stopped_at_source
+  assert code == 143, err[-3000:]
   assert "SIGTERM: stopping after the current step" in err and "Ctrl-C" not in err
   assert "bitune-sweep: stopped by SIGTERM after pre-training the source" in err
-  assert (tmp_path / "source" / "pretrained" / "digits_source.npz").exists()
-  assert not (tmp_path / "runs").exists()
-  assert json.loads((tmp_path / "failures.json").read_text()) == {}
+  assert (workdir / "source" / "pretrained" / "digits_source.npz").exists()
+  assert not (workdir / "runs").exists()
+  assert json.loads((workdir / "failures.json").read_text()) == {}
 
 
 def test_printed_commands_are_the_sweeps_runs(tmp_path, capsys, monkeypatch):
@@ -586,8 +615,9 @@ def test_printed_commands_are_the_sweeps_runs(tmp_path, capsys, monkeypatch):
   the sweep makes, which the sweep counts as its own; a run of the same name made
   from another source (as printed commands made before) is neither counted nor
   trained on: the sweep refuses it and says so."""
-  import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from bitune_jax.cli import train as train_cli  # pylint: disable=g-import-not-at-top
   argv = ["--workdir", str(tmp_path), "--methods", "finetune", "--datasets", "digits",
           "--rates", "50", "--seeds", "1,0"] + TINY
   assert sweep_cli.main(argv + ["--print_commands"]) == 0
@@ -622,15 +652,24 @@ def test_printed_commands_are_the_sweeps_runs(tmp_path, capsys, monkeypatch):
   assert sweep_cli.main(argv) == 0  # the sweep
   assert len(made["source"]) == 2 and made["source"][0] == made["source"][1]
   assert made["source"][0][1] == str(tmp_path / "source")
-  # Each printed bitune-train line builds the config the sweep trained the run with.
-  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+  # Each printed bitune-train line builds the config the sweep trained the run with
+  # (bitune-train's command line, run in this process as tests/test_cli_train.py runs it).
+  def fresh_flags():
+    flags.FLAGS.unparse_flags()  # nothing kept from the last command line
+    for flag in [n for n in flags.FLAGS if n.startswith("config.")]:
+      delattr(flags.FLAGS, flag)  # the overrides' flags, defined by each parse anew
+  capsys.readouterr()  # (what the sweeps above printed)
   for line in lines:
     args = shlex.split(line)
     name = os.path.basename(args[args.index("--workdir") + 1])
-    printed = subprocess.run(
-        [sys.executable, "-m", "bitune_jax.cli.train"] + args[1:] + ["--print_config"],
-        capture_output=True, text=True, check=True, env=env).stdout
-    assert made["runs"][name] == [printed]
+    fresh_flags()
+    monkeypatch.setattr(sys, "argv", args + ["--print_config"])
+    with pytest.raises(SystemExit) as exited:
+      train_cli.run()
+    printed = capsys.readouterr()
+    assert not exited.value.code, printed.err[-2000:]
+    assert made["runs"][name] == [printed.out]
+  fresh_flags()
   rows = _csv(tmp_path)
   assert rows[0]["seeds"] == "2"
   # A run of the sweep's name made from its own source: not counted, not trained on.
@@ -655,10 +694,15 @@ def test_a_method_without_labels_gets_the_feature_protocols_and_kshot(tmp_path, 
                                                                        tiny_source):
   """Unsupervised fine-tuning in a digits sweep: its cells are the feature protocols and
   k-shot transfer of its own run, from the sweep's shared source model; the console has
-  our progress lines and no INFO of orbax, clu or absl."""
+  our progress lines and no INFO of orbax, clu or absl. (Its run trains with vanilla
+  fine-tuning's views, schedule and weight decay, which its k-shot transfers take: they
+  are then the file's other vanilla fine-tuning runs, compiled once; and on all the
+  training images, as `test_a_checkpoint_evaluated_as_it_is`'s feature protocols.)"""
   argv = ["--workdir", str(tmp_path), "--methods", "unsup_finetune", "--datasets",
-          "digits", "--rates", "25", "--seeds", "0", "--kshot_steps", "2"] + TINY
-  _with_source(tmp_path, tiny_source)
+          "digits", "--rates", "100", "--seeds", "0", "--kshot_steps", str(STEPS),
+          "--set", "data.views=reference", "--set", "schedule=step", "--set",
+          "weight_decay=0.0005"] + TINY
+  _prepare(tmp_path, tiny_source)
   assert sweep_cli.main(argv) == 0
   captured = capsys.readouterr()
   info = [line for line in captured.err.splitlines() if re.match(r"I\d{4} |INFO:", line)]
@@ -671,10 +715,11 @@ def test_a_method_without_labels_gets_the_feature_protocols_and_kshot(tmp_path, 
   source = str(tmp_path / "source" / "pretrained" / "digits_source.npz")
   assert json.loads((folder / "config.json").read_text())["init_from"] == source
   results = {**summary, **json.loads((folder / "sweep_kshot.json").read_text())}
-  expected = {f"digits 25% {name}": results[key] for name, key in (
+  expected = {f"digits 100% {name}": results[key] for name, key in (
       ("retrieval", "retrieval_top5"), ("bcubed", "kmeans_bcubed_precision"),
       ("linear probe", "linear_probe_top1"))}
-  expected.update({f"digits 25% {k}-shot": results[f"kshot_{k}_top1"] for k in (1, 2, 4, 8)})
+  expected.update({f"digits 100% {k}-shot": results[f"kshot_{k}_top1"]
+                   for k in (1, 2, 4, 8)})
   rows = {r["column"]: r for r in _csv(tmp_path)}
   assert set(rows) == set(expected)
   for column, value in expected.items():
