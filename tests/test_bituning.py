@@ -254,6 +254,9 @@ def _ablation_run(method, weights=None):
   config = fakes.tiny_config(method)
   if weights is not None:
     config.bituning.update(dict(zip(("ce_weight", "cce_weight", "ccl_weight"), weights)))
+    # K slots, as `bituning_run` has: the full combination's step is that run's program
+    # (the state's values differ, not the program), compiled once for the file.
+    config.bituning.queue_size = K
   mesh = sharding.make_mesh()
   run = loop.setup(config, mesh)
   batch = sharding.global_batch(next(run.data.train_batches(0)), mesh)

@@ -1,6 +1,9 @@
 """DELTA: the attention-weighted feature-map penalty and the channel attention against
 NumPy, and a real step's penalty recomputed from its forward outputs."""
 
+import os
+import secrets
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,11 +121,10 @@ def test_a_delta_step_penalises_the_attention_weighted_distance_to_w_star(rng):
     state, _ = run.train_step(state, sharding.global_batch(next(batches), mesh))
   before = jax.device_get(state)
   batch = next(batches)
-  views = jax.device_get(jax.jit(run.data.views)(batch, before.step))
-  images = views["image"]
-  step = jax.jit(run.method_step)
-  _, metrics = step(state, sharding.global_batch({"image": images,
-                                                   "label": batch["label"]}, mesh))
+  # The run's own step (compiled once for the three), on the views it makes of the
+  # batch, which are these.
+  images = jax.device_get(jax.jit(run.data.views)(batch, before.step))["image"]
+  _, metrics = run.train_step(state, sharding.global_batch(batch, mesh))
   metrics = jax.device_get(metrics)
   model = run.model
   ours = model.apply({"params": before.params, "batch_stats": before.batch_stats},
@@ -185,14 +187,28 @@ def _flax_variables(torch_model):
           "batch_stats": {"backbone": backbone["batch_stats"]}}
 
 
-def _resnet50_setup(rng, classes=7):
+@pytest.fixture(scope="module")
+def resnet50():
+  """`(config, model, source, target, w_star, seed)`: `configs/delta.py`'s ResNet-50
+  for 7 classes, one random PyTorch pair (`_torch_resnet50_pair`) and the source's
+  weights in our layout (`_flax_variables`), built once for both comparisons with
+  TLlib (6 s of CPU each time). Seeded as the `rng` fixture is; each test draws its
+  inputs from the same seed and reports it: `BITUNE_TEST_SEED=<seed>` reruns it all."""
   from bitune_jax.configs.delta import get_config  # pylint: disable=g-import-not-at-top
+  seed = int(os.environ.get("BITUNE_TEST_SEED") or secrets.randbits(32))
   config = get_config("cub,resnet50,100")
-  source, target = _torch_resnet50_pair(int(rng.integers(1 << 31)), classes)
-  return config, delta.METHOD.build_model(config, classes), source, target
+  source, target = _torch_resnet50_pair(seed % (1 << 31), 7)
+  return (config, delta.METHOD.build_model(config, 7), source, target,
+          _flax_variables(source), seed)
 
 
-def test_configs_delta_penalty_is_tllibs_on_resnet50(rng):
+def _inputs_rng(request, seed, salt):
+  """The test's own draws (images, labels, channel weights), from the pair's seed."""
+  request.node.user_properties.append(("seed", seed))
+  return np.random.default_rng([seed, salt])
+
+
+def test_configs_delta_penalty_is_tllibs_on_resnet50(resnet50, request):
   """`configs/delta.py`'s penalty on a ResNet-50 against a PyTorch transliteration of
   TLlib's DELTA (third_party/delta_reference.py) on the same weights and images, with
   random channel weights: the maps are each stage's last conv3 output before bn3
@@ -200,8 +216,9 @@ def test_configs_delta_penalty_is_tllibs_on_resnet50(rng):
   mode; penalty within 1e-4 relative (float32 here, float64 there)."""
   import torch  # pylint: disable=g-import-not-at-top
   import delta_reference as ref  # pylint: disable=g-import-not-at-top
-  config, model, source, target = _resnet50_setup(rng)
-  w_star, trained = _flax_variables(source), _flax_variables(target)
+  config, model, source, target, w_star, seed = resnet50
+  rng = _inputs_rng(request, seed, 1)
+  trained = _flax_variables(target)
   images = rng.normal(size=(8, 32, 32, 3)).astype(np.float32)
   x = torch.from_numpy(images.transpose(0, 3, 1, 2)).double()
   ours_t = model.apply(trained, images, train=True, stages=True,
@@ -226,7 +243,7 @@ def test_configs_delta_penalty_is_tllibs_on_resnet50(rng):
   np.testing.assert_allclose(got, expected, rtol=1e-4)
 
 
-def test_configs_delta_attention_is_tllibs_on_resnet50(rng):
+def test_configs_delta_attention_is_tllibs_on_resnet50(resnet50, request):
   """`configs/delta.py`'s channel attention on a ResNet-50 against the PyTorch
   transliteration of TLlib's: with the network's own fc as the classifier (eval mode),
   the loss increase D of every channel of the first conv3 map (ours: a padded batch
@@ -236,8 +253,8 @@ def test_configs_delta_attention_is_tllibs_on_resnet50(rng):
   row on a few channels. Tiny 8 px images: the cost is the parameters x channels."""
   import torch  # pylint: disable=g-import-not-at-top
   import delta_reference as ref  # pylint: disable=g-import-not-at-top
-  config, model, source, _ = _resnet50_setup(rng)
-  w_star = _flax_variables(source)
+  config, model, source, _, w_star, seed = resnet50
+  rng = _inputs_rng(request, seed, 2)
   images = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
   labels = rng.integers(0, 7, 2)
   head = w_star["params"]["head"]["dense"]
