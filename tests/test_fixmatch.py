@@ -18,13 +18,16 @@ RTOL = method_references.RTOL
 
 
 def _numpy_fixmatch(weak, strong, threshold, valid=None):
-  """Sohn et al.'s l_u in float64, one example at a time."""
+  """Sohn et al.'s l_u in float64, one example at a time; the confidence compared with
+  the threshold is float32's, as the step computes it (at threshold 1.0 a softmax that
+  float64 puts at 1 - 1e-8 is exactly 1 in float32: seed 5190799)."""
   total, used = 0.0, 0
   count = len(weak) if valid is None else int(np.sum(valid))
   for i, (w, s) in enumerate(zip(weak, strong)):
     if valid is not None and not valid[i]:
       continue
-    q = np.exp(w - w.max())
+    w32 = np.float32(w)
+    q = np.exp(w32 - w32.max())
     q /= q.sum()
     if q.max() >= threshold:
       log_p = s - s.max() - np.log(np.sum(np.exp(s - s.max())))
