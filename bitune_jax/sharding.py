@@ -81,3 +81,25 @@ def global_batch(local_batch, mesh):
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x),
       local_batch)
+
+
+def put_same_on_every_process(tree, shardings):
+  """`jax.device_put(tree, shardings)` for values that every process holds alike (read
+  from one checkpoint file, computed from gathered data): each process puts only the
+  pieces of its own devices.
+
+  With several processes, `jax.device_put` of a host value first checks that it is the
+  same on every process by gathering the whole value from each (`assert_equal`): a
+  ResNet-50's weights, 100 MB, gathered from every host to every host, one collective
+  per leaf. Callers that need the check make it on something small (the checkpoint's
+  sha256, `training.state.with_pretrained`). On one process this is `jax.device_put`.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def put(x, sharding):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, sharding)  # already global: a reshard, if any
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+  return jax.tree.map(put, tree, shardings)

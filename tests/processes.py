@@ -81,14 +81,16 @@ def environment(devices, **more):
       flags + [f"--xla_force_host_platform_device_count={devices}"]))
 
 
-def launch(args, folder, *, processes=1, devices=8, module="bitune_jax.cli.train"):
+def launch(args, folder, *, processes=1, devices=8, module="bitune_jax.cli.train",
+           env_of=lambda i: {}):
   """`python -m module ARGS` as `processes` processes of `devices` CPU devices each
-  (jax.distributed over localhost when more than one). Logs go to `folder`."""
+  (jax.distributed over localhost when more than one), process i with the environment
+  variables `env_of(i)` added. Logs go to `folder`."""
   port = free_port()
   os.makedirs(folder, exist_ok=True)
   procs, logs = [], []
   for i in range(processes):
-    env = environment(devices, PYTHONUNBUFFERED="1")
+    env = environment(devices, PYTHONUNBUFFERED="1", **env_of(i))
     cmd = [sys.executable, "-m", module] + list(args)
     if processes > 1:
       cmd += [f"--coordinator_address=localhost:{port}",
@@ -101,13 +103,10 @@ def launch(args, folder, *, processes=1, devices=8, module="bitune_jax.cli.train
 
 
 def scalars(workdir):
-  """`{tag: {step: value}}` of the TensorBoard events in `workdir` (every launch)."""
-  from tensorboard.backend.event_processing import event_accumulator as ea  # pylint: disable=g-import-not-at-top
-  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
-  acc = ea.EventAccumulator(str(workdir), size_guidance={ea.TENSORS: 0})
-  acc.Reload()
-  return {tag: {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
-                for e in acc.Tensors(tag)} for tag in acc.Tags()["tensors"]}
+  """`{tag: {step: value}}` of the TensorBoard events in `workdir` (every launch; a
+  step a later launch wrote again holds the later value)."""
+  from bitune_jax.training import events  # pylint: disable=g-import-not-at-top
+  return {tag: dict(values) for tag, values in events.read_scalars(workdir).items()}
 
 
 def final_state(workdir, step):

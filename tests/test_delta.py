@@ -63,10 +63,10 @@ def test_channel_attention_matches_numpy(rng):
     logits = logits - logits.max(1, keepdims=True)
     return -(logits[np.arange(len(y)), y] - np.log(np.exp(logits).sum(1)))
 
-  def losses_fn(batch, scale):
-    s1 = jax.nn.relu(batch["x"] @ jnp.float32(a)) * scale["a"]
-    s2 = jax.nn.relu(s1 @ jnp.float32(b)) * scale["b"]
-    logp = jax.nn.log_softmax(s2 @ jnp.float32(k))
+  def losses_fn(network, batch, scale):
+    s1 = jax.nn.relu(batch["x"] @ network["a"]) * scale["a"]
+    s2 = jax.nn.relu(s1 @ network["b"]) * scale["b"]
+    logp = jax.nn.log_softmax(s2 @ network["k"])
     return -jnp.take_along_axis(logp, batch["label"][:, None], 1)[:, 0] * batch["mask"]
 
   batches = []
@@ -74,7 +74,9 @@ def test_channel_attention_matches_numpy(rng):
     batches.append({"x": rng.normal(size=(size, d)).astype(np.float32),
                     "label": rng.integers(0, classes, size).astype(np.int32),
                     "mask": np.r_[np.ones(size - pad), np.zeros(pad)].astype(np.float32)})
-  weights, increase = delta.channel_attention(losses_fn, batches, {"a": c1, "b": c2},
+  network = {"a": jnp.float32(a), "b": jnp.float32(b), "k": jnp.float32(k)}
+  weights, increase = delta.channel_attention(losses_fn, network, batches,
+                                              {"a": c1, "b": c2},
                                               temperature=0.5, chunk=2)
   for name, channels in (("a", c1), ("b", c2)):
     expected = np.zeros(channels)
@@ -265,8 +267,7 @@ def test_configs_delta_attention_is_tllibs_on_resnet50(resnet50, request):
   images = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
   labels = rng.integers(0, 7, 2)
   head = w_star["params"]["head"]["dense"]
-  losses_fn = delta.attention_losses_fn(model, w_star, jnp.asarray(head["kernel"]),
-                                        jnp.asarray(head["bias"]))
+  network = (w_star, jnp.asarray(head["kernel"]), jnp.asarray(head["bias"]))
   batches = [{"image": np.concatenate([images, images[:1]]),  # padded to 3
               "label": np.r_[labels, 0].astype(np.int32),
               "mask": np.array([1.0, 1.0, 0.0], np.float32)}]
@@ -278,7 +279,8 @@ def test_configs_delta_attention_is_tllibs_on_resnet50(resnet50, request):
   channels = {"layer1_last_conv": channels["layer1_last_conv"]}
   assert config.delta.attention_temperature == 5.0
   weights, increases = delta.channel_attention(
-      losses_fn, batches, channels, temperature=config.delta.attention_temperature)
+      delta.attention_losses_fn(model), network, batches, channels,
+      temperature=config.delta.attention_temperature)
   torch_batches = [(torch.from_numpy(images.transpose(0, 3, 1, 2)).double(),
                     torch.from_numpy(labels))]
   convs = ref.last_convs(source)

@@ -337,6 +337,28 @@ def test_an_unreadable_checkpoint_is_named_and_the_one_before_it_used(tmp_path):
   processes.final_state(tmp_path, 6)  # the new step 6 reads
 
 
+def test_a_checkpoint_that_differs_between_processes_is_refused(source, tmp_path):
+  """`init_from` names a file on each process's own disk: the processes must have read
+  the same one (their sha256 agree), or the run stops in one line before training.
+  Here `$SRC` is the demo's source on process 0 and a perturbed copy on process 1."""
+  other = tmp_path / "other.npz"
+  arrays = dict(np.load(source))
+  name = next(k for k, v in arrays.items() if v.dtype == np.float32 and v.size > 1)
+  arrays[name] = arrays[name] + np.float32(1e-3)
+  np.savez(other, **arrays)
+  run = processes.launch(
+      processes.config_flags(CONFIG_FILES["bituning"], dict(BASE, init_from="$SRC"))
+      + ["--workdir", str(tmp_path / "run")], str(tmp_path / "logs"), processes=2,
+      devices=4, env_of=lambda i: {"SRC": source if i == 0 else str(other)})
+  assert run.wait(timeout=300) == [2, 2], run.log(0)[-3000:]
+  for i in range(2):
+    assert run.log(i).strip().endswith(
+        f"bitune-train: error: init_from {source if i == 0 else other} is not the same "
+        "file on every process (their sha256 differ)"), run.log(i)[-2000:]
+    assert "Traceback" not in run.log(i)
+  assert "step 1/" not in run.log(0)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--coordinator_address=localhost:1"],
      "--coordinator_address needs --num_processes and --process_id"),

@@ -314,3 +314,59 @@ def test_a_rerun_of_a_finished_run_records_nothing_and_results_are_readable(
   assert step_counter == []
   assert _records(workdir) == before
   assert _json(workdir / "config.json")["total_steps"] == 4
+
+
+def test_scalars_read_back_without_tensorflow_as_tensorflow_reads_them(tmp_path, rng):
+  """`events.read_scalars`: our files and PyTorch's (TensorFlow 1's `simple_value`),
+  starts read in the order they began whatever their names, a step written again by a
+  later start keeps its later value, a record cut short ends its file; the same
+  numbers as TensorFlow's own reader. A corrupt record is an error, not a skip."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from torch.utils import tensorboard as torch_tb  # pylint: disable=g-import-not-at-top
+  from bitune_jax.training import events  # pylint: disable=g-import-not-at-top
+  first, second = rng.normal(size=(2, 6)).astype(np.float32)
+  starts = []
+  for name, steps, values in (("9-first", range(1, 7), first),
+                              ("0-second", range(3, 5), second)):
+    writer = events.EventsFile(tmp_path)
+    for step, value in zip(steps, values):
+      writer.write_scalars(step, {"loss": value, "lr/head": 0.1 * step})
+    writer.close()
+    starts.append(tmp_path / f"events.out.tfevents.{name}.v2")
+    os.rename(writer.path, starts[-1])
+  with open(starts[-1], "ab") as f:  # a record cut short: its length, then nothing
+    f.write(np.uint64(40).tobytes() + b"\0\0")
+  torch_writer = torch_tb.SummaryWriter(str(tmp_path))
+  for step in (1, 2):
+    torch_writer.add_scalar("acc", 0.25 * step, step)
+  torch_writer.close()
+  got = events.read_scalars(str(tmp_path))
+
+  want = {}
+  for path in starts + sorted(tmp_path.glob("events.out.tfevents.*[!2]")):
+    try:
+      for event in tf.compat.v1.train.summary_iterator(str(path)):
+        for value in event.summary.value:
+          number = (float(tf.make_ndarray(value.tensor)) if value.HasField("tensor")
+                    else value.simple_value)
+          want.setdefault(value.tag, {})[event.step] = number
+    except tf.errors.DataLossError:  # the cut record
+      pass
+  assert got == {tag: sorted(steps.items()) for tag, steps in want.items()}
+  assert got["loss"] == [(s, float(v)) for s, v in zip(
+      range(1, 7), [first[0], first[1], second[0], second[1], first[4], first[5]])]
+  assert got["acc"] == [(1, 0.25), (2, 0.5)]
+  assert [s for s, _ in got["lr/head"]] == list(range(1, 7))
+  # Without TensorFlow: read in a process that has not imported it.
+  code = ("import sys; from bitune_jax.training import events; "
+          f"events.read_scalars({str(tmp_path)!r}); print('tensorflow' in sys.modules)")
+  assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        check=True).stdout.strip() == "False"
+  data = bytearray(starts[0].read_bytes())
+  data[60] ^= 0xFF
+  starts[0].write_bytes(bytes(data))
+  with pytest.raises(ValueError, match="corrupt record"):
+    events.read_scalars(str(tmp_path))

@@ -32,31 +32,12 @@ RUNS = TINY + ["--set", f"total_steps={STEPS}", "--set", f"eval_every={STEPS}", 
 SIGNALLED = RUNS + ["--set", "checkpoint_every=5", "--set", "log_every=5"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache_keys_without_the_sweeps_folder():
-  """A sweep points JAX's persistent cache at its own `DIR/jax_cache`, and JAX writes
-  that path into the options of every compilation (for XLA's GPU autotuning cache),
-  which are part of its cache key: no two sweeps would share a compiled program. That
-  XLA cache off (nothing uses it on a CPU), what one sweep compiled the next reads.
-  After the file, both settings are as they were: the next files' keys name the
-  session's cache folder again, not the last sweep's."""
-  import jax  # pylint: disable=g-import-not-at-top
-  before = {name: getattr(jax.config, name) for name in (
-      "jax_persistent_cache_enable_xla_caches", "jax_compilation_cache_dir")}
-  jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
-  yield
-  for name, value in before.items():
-    jax.config.update(name, value)
-
-
 def _prepare(workdir, source=None):
-  """`workdir` for a sweep. `DIR/jax_cache`, the persistent XLA cache a sweep sets for
-  itself, is a link to the session's (tests/conftest.py), so that what one sweep
-  compiled the next reads, in this process or in a `bitune-sweep` process; with
-  `source`, the shared source model (`tiny_source`) is in its `source/`, as a sweep
-  started again finds its own."""
+  """`workdir` for a sweep; with `source`, the shared source model (`tiny_source`) is
+  in its `source/`, as a sweep started again finds its own. (The sweeps compile into
+  the session's cache, tests/conftest.py, which `$JAX_COMPILATION_CACHE_DIR` names:
+  what one sweep compiled the next reads, in this process or a `bitune-sweep` one.)"""
   os.makedirs(workdir, exist_ok=True)
-  os.symlink(os.environ["JAX_COMPILATION_CACHE_DIR"], os.path.join(workdir, "jax_cache"))
   if source is not None:
     shutil.copytree(source, os.path.join(workdir, "source"))
 
@@ -739,3 +720,24 @@ def test_help_says_every_flag_once_with_its_default(capsys):
                         ("--arch", "resnet50")):
     said = options.split(f" {flag} ", 1)[1].split(" --")[0]
     assert f"(default: {default})" in said, (flag, said)
+
+
+def test_a_sweep_compiles_into_its_own_cache_unless_one_is_set(tmp_path, monkeypatch):
+  """Without a persistent compilation cache, a sweep makes `DIR/jax_cache` its cache;
+  one already set (`$JAX_COMPILATION_CACHE_DIR`: its path is in every cache key) is
+  kept. Either way the setting is as it was after the sweep."""
+  import jax  # pylint: disable=g-import-not-at-top
+  seen = []
+  monkeypatch.setattr(sweep, "_run_all", lambda *args: seen.append(
+      jax.config.jax_compilation_cache_dir) or {})
+  session = jax.config.jax_compilation_cache_dir
+  assert session == os.environ["JAX_COMPILATION_CACHE_DIR"]
+  assert sweep.run_all(str(tmp_path), {}, {}) == {}
+  assert seen == [session] and jax.config.jax_compilation_cache_dir == session
+  jax.config.update("jax_compilation_cache_dir", None)
+  try:
+    sweep.run_all(str(tmp_path), {}, {})
+    assert seen[-1] == os.path.join(str(tmp_path), "jax_cache")
+    assert jax.config.jax_compilation_cache_dir is None
+  finally:
+    jax.config.update("jax_compilation_cache_dir", session)

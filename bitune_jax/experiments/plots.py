@@ -8,6 +8,8 @@ one PNG.
 import collections
 import os
 
+from bitune_jax.training import events
+
 _TEST_PREFIX = "test_"
 
 
@@ -94,35 +96,13 @@ def _dodge(index, count, ticks, log_scale):
   return lambda x: x + offset * span
 
 
-def read_scalars(run_dir):
-  """`{tag: [(step, value), ...]}` of a run's TensorBoard events (scalars written
-  through clu's metric writers, stored as tensors)."""
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  acc = event_accumulator.EventAccumulator(run_dir, size_guidance={"scalars": 0,
-                                                                   "tensors": 0})
-  acc.Reload()
-  out = {}
-  for tag in acc.Tags()["tensors"]:
-    values = [(e.step, float(np.asarray(_tensor(e.tensor_proto)))) for e in acc.Tensors(tag)]
-    out[tag] = sorted(values)
-  for tag in acc.Tags()["scalars"]:
-    out[tag] = sorted((e.step, float(e.value)) for e in acc.Scalars(tag))
-  return out
-
-
-def _tensor(proto):
-  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
-  return tensor_util.make_ndarray(proto)
-
-
 def training_curves(run_dir, path, *, title=""):
   """The run's loss terms (left) and test metrics (right) against the step.
 
   Returns:
     `{"losses": {tag: [(step, value)]}, "test": {tag: [(step, value)]}}`.
   """
-  scalars = read_scalars(run_dir)
+  scalars = events.read_scalars(run_dir)
   skip = ("lr/", "steps_per_sec", "uptime", "train_accuracy")
   # test_score repeats the dataset's own metric (top-1 or mean per-class): not drawn;
   # nor is any other evaluation (validation) among the training terms.

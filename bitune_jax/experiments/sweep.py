@@ -18,8 +18,9 @@ recorded in `DIR/failures.json` and the others go on (the exit code is then 1). 
 (SIGINT) or SIGTERM, in whatever phase (the source model's pre-training, a run's
 training, its evaluations), stops the sweep with 130 / 143 once the run in progress
 has saved its step; nothing is recorded as failed, and the same command resumes. The
-persistent JAX compilation cache lives in `DIR/jax_cache`, so runs after the first of
-a shape do not compile again.
+persistent JAX compilation cache lives in `DIR/jax_cache` (or where
+`$JAX_COMPILATION_CACHE_DIR` already puts it), so runs after the first of a shape do
+not compile again.
 
 `--print_commands` prints the sweep's runs as commands: first the `bitune-sweep ...
 --source_only` line that pre-trains the digits runs' shared source model, then each
@@ -182,20 +183,26 @@ def _train_and_evaluate(run, config, folder, keys, kshot_steps, signals):
 def run_all(workdir, cells, checkpoints, *, kshot_steps=100):
   """Runs every run of `cells` not yet finished; returns `{run name: error}`. SIGINT
   or SIGTERM stops it (`Interrupted`) once the run in progress has saved its step."""
+  import jax  # pylint: disable=g-import-not-at-top
   from bitune_jax.training import stopping  # pylint: disable=g-import-not-at-top
   signals = stopping.StopSignals(
       "the sweep stops once the current phase has saved its state")
   signals.install()
+  # The persistent compilation cache: one the user set already (its path is part of
+  # every cache key, through XLA's autotuning cache, so moving it would compile all
+  # again), else the sweep's own. As it was after the sweep.
+  cache = jax.config.jax_compilation_cache_dir
+  if not cache:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
   try:
     return _run_all(workdir, cells, checkpoints, kshot_steps, signals)
   finally:
     signals.restore()
+    jax.config.update("jax_compilation_cache_dir", cache)
 
 
 def _run_all(workdir, cells, checkpoints, kshot_steps, signals):
-  import jax  # pylint: disable=g-import-not-at-top
   from bitune_jax.training import stopping  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
   needs = _ordered_runs(cells)  # run -> the result keys of its cells
   failures_path = os.path.join(workdir, "failures.json")
   failures, reached = {}, set()

@@ -111,14 +111,17 @@ def attention_weights(increases, *, temperature):
   return (e / e.sum()).astype(np.float32)
 
 
-def channel_attention(losses_fn, batches, channels, *, temperature, chunk=32):
+def channel_attention(losses_fn, network, batches, channels, *, temperature, chunk=32):
   """DELTA's channel attention from per-example losses.
 
   Args:
-    losses_fn: `(batch, scale) -> [B]` per-example losses (0 where `batch["mask"]` is
-      0), where `scale` is `{map: [C]}` channel multipliers (all ones: the plain
-      network); traceable. Only the part of the network after a scaled map is
-      recomputed per channel (vmap leaves the rest unbatched).
+    losses_fn: `(network, batch, scale) -> [B]` per-example losses (0 where
+      `batch["mask"]` is 0), where `scale` is `{map: [C]}` channel multipliers (all
+      ones: the plain network); traceable. Only the part of the network after a scaled
+      map is recomputed per channel (vmap leaves the rest unbatched).
+    network: the pytree of arrays `losses_fn` computes with (its weights), passed to
+      the compiled program as arguments: closed over, a ResNet-50's weights would be
+      constants folded into the program (slower to compile, ~100 MB larger).
     batches: the batches to average over (each must hold a real example).
     channels: `{map: C}`.
     temperature: of the softmax over each map's z-scored increases.
@@ -130,10 +133,10 @@ def channel_attention(losses_fn, batches, channels, *, temperature, chunk=32):
   """
   ones = {name: jnp.ones((c,), jnp.float32) for name, c in channels.items()}
 
-  @functools.partial(jax.jit, static_argnums=1)
-  def increases(batch, name, start):  # (per-channel sums over the batch, examples)
+  @functools.partial(jax.jit, static_argnums=2)
+  def increases(network, batch, name, start):  # (per-channel sums over the batch, examples)
     def total(keep):  # the batch's summed loss with the map's channels scaled by keep
-      return jnp.sum(losses_fn(batch, dict(ones, **{name: keep})))
+      return jnp.sum(losses_fn(network, batch, dict(ones, **{name: keep})))
     indices = jnp.minimum(start + jnp.arange(chunk), channels[name] - 1)
     # Row 0 keeps every channel: the plain network, computed in the same vmapped
     # program as the zeroed ones, so that their difference carries no rounding of
@@ -148,7 +151,7 @@ def channel_attention(losses_fn, batches, channels, *, temperature, chunk=32):
   for batch in batches:
     for name, c in channels.items():
       for start in range(0, c, chunk):
-        values, n = jax.device_get(increases(batch, name, start))
+        values, n = jax.device_get(increases(network, batch, name, start))
         if not n:
           raise ValueError("DELTA's channel attention got a batch without examples")
         sums[name][start:start + chunk] += (
@@ -161,10 +164,12 @@ def channel_attention(losses_fn, batches, channels, *, temperature, chunk=32):
           for name, d in mean.items()}, mean
 
 
-def attention_losses_fn(model, variables, kernel, bias):
-  """`(batch, scale) -> [B]` masked cross-entropies of the classifier `features @
-  kernel + bias` on `model` (eval mode) with the maps' channels scaled."""
-  def losses_fn(batch, scale):
+def attention_losses_fn(model):
+  """`((variables, kernel, bias), batch, scale) -> [B]`: the masked cross-entropies of
+  the classifier `features @ kernel + bias` on `model` (eval mode, its `variables`)
+  with the maps' channels scaled; `channel_attention`'s `losses_fn`."""
+  def losses_fn(network, batch, scale):
+    variables, kernel, bias = network
     out = model.apply(variables, batch["image"], train=False, channel_scale=scale)
     logits = out["features"].astype(jnp.float32) @ kernel + bias
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"][:, None],
@@ -214,15 +219,14 @@ def prepare(state, *, model, config, data, mesh, workdir, pretrained):
   kernel = relationship.fit_logistic_regression(
       np.concatenate([features, np.ones((len(features), 1), features.dtype)], 1),
       labels, num_classes=config.num_classes, l2=cfg.attention_l2)
-  losses_fn = attention_losses_fn(
-      model, {"params": state.params, "batch_stats": state.batch_stats},
-      jnp.asarray(kernel[:-1]), jnp.asarray(kernel[-1]))
+  network = ({"params": state.params, "batch_stats": state.batch_stats},
+             jnp.asarray(kernel[:-1]), jnp.asarray(kernel[-1]))
   sample = jnp.zeros((1,) + tuple(data.image_shape), jnp.float32)
   channels = stage_channels(model, sample, cfg.feature_maps)
   batches = [sharding.global_batch(b, mesh) for b in attention_batches(
       data.train, num_batches=cfg.attention_batches,
       batch_size=cfg.attention_batch_size, seed=config.seed)]
-  weights, _ = channel_attention(losses_fn, batches, channels,
+  weights, _ = channel_attention(attention_losses_fn(model), network, batches, channels,
                                  temperature=cfg.attention_temperature)
   log.info("DELTA attention (%s) from %d batches of %d training images: %s",
            cfg.feature_maps, len(batches), cfg.attention_batch_size, ", ".join(

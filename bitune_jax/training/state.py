@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitune_jax import convert
+from bitune_jax import convert, sharding
 from bitune_jax.methods import base
 
 log = logging.getLogger("bitune_jax")
@@ -56,8 +56,16 @@ def with_pretrained(state, pretrained, shardings, keeps):
   if state.key_params:  # the key encoder starts as a copy (its own buffers: donated)
     new = new.replace(key_params=jax.tree.map(np.array, params),
                       key_batch_stats=jax.tree.map(np.array, stats))
+  if jax.process_count() > 1:  # every process read the same file: checked on its hash
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    try:
+      multihost_utils.assert_equal(
+          np.frombuffer(bytes.fromhex(pretrained["sha256"]), np.uint8))
+    except AssertionError:
+      raise ValueError(f"init_from {pretrained['path']} is not the same file on every "
+                       "process (their sha256 differ)") from None
   try:
-    return jax.device_put(new, shardings)
+    return sharding.put_same_on_every_process(new, shardings)
   except ValueError as e:
     raise ValueError(f"pretrained backbone does not fit the model: {e}") from None
 
@@ -87,4 +95,4 @@ def create_state(config, method, model, tx, mesh, data, workdir, ckpts, sources=
   # e.g. Co-Tuning's relationship, from the data; the starting point of L2-SP, DELTA
   state = method.prepare(state, model=model, config=config, data=data, mesh=mesh,
                          workdir=workdir, pretrained=pretrained)
-  return jax.device_put(state, shardings), shardings
+  return sharding.put_same_on_every_process(state, shardings), shardings
