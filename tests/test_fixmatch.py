@@ -125,7 +125,7 @@ def test_fixmatch_trains_from_an_unsupervised_fine_tuning_run(tmp_path):
   backbone exactly; then FixMatch trains on the demo and logs its terms."""
   import json  # pylint: disable=g-import-not-at-top
   from bitune_jax import convert  # pylint: disable=g-import-not-at-top
-  from bitune_jax.experiments import plots  # pylint: disable=g-import-not-at-top
+  from bitune_jax.training import events  # pylint: disable=g-import-not-at-top
   unsup = fakes.tiny_config("unsup_finetune", total_steps=2, unsup=dict(queue_size=64))
   loop.train_and_evaluate(unsup, str(tmp_path / "unsup"))
   exported = str(tmp_path / "unsupft.npz")
@@ -143,7 +143,7 @@ def test_fixmatch_trains_from_an_unsupervised_fine_tuning_run(tmp_path):
                              log_every=2, eval_every=4, checkpoint_every=4)
   _, summary = loop.train_and_evaluate(config, str(tmp_path / "fixmatch"))
   assert summary["step"] == 4 and summary["method"] == "fixmatch"
-  scalars = plots.read_scalars(str(tmp_path / "fixmatch"))
+  scalars = events.read_scalars(str(tmp_path / "fixmatch"))
   assert {"ce", "unlabelled", "mask_rate", "loss"} <= set(scalars)
   assert [s for s, _ in scalars["mask_rate"]] == [2, 4]
   recorded = json.loads((tmp_path / "fixmatch" / "config.json").read_text())
