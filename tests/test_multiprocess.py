@@ -347,7 +347,8 @@ def test_a_checkpoint_that_differs_between_processes_is_refused(source, tmp_path
   arrays[name] = arrays[name] + np.float32(1e-3)
   np.savez(other, **arrays)
   run = processes.launch(
-      processes.config_flags(CONFIG_FILES["bituning"], dict(BASE, init_from="$SRC"))
+      processes.config_flags(CONFIG_FILES["bituning"],
+                             dict(BASE, init_from="$SRC"))
       + ["--workdir", str(tmp_path / "run")], str(tmp_path / "logs"), processes=2,
       devices=4, env_of=lambda i: {"SRC": source if i == 0 else str(other)})
   assert run.wait(timeout=300) == [2, 2], run.log(0)[-3000:]
