@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import conftest
 from bitune_jax import sharding
 from bitune_jax.training import checkpoint
 from bitune_jax.methods import base
@@ -167,10 +168,10 @@ def test_command_line_quick_start(tmp_path, measured):
   workdir = tmp_path / "demo"
   # As a user runs it: one CPU device, not the suite's 8 simulated ones (the device
   # count changes the sums' order, and with it the number: 97.77 on 8 here).
-  # (and XLA's CPU compiler at its default optimisation, not the suite's -O0)
+  # (and XLA's CPU compiler as it comes, not the suite's compile-speed flags)
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith(("--xla_force_host_platform_device_count",
-                                "--xla_backend_optimization_level"))]
+           if not f.startswith(("--xla_force_host_platform_device_count",)
+                               + tuple(c.split("=")[0] for c in conftest.FAST_COMPILE))]
   run = subprocess.run(
       [sys.executable, "-m", "bitune_jax.cli.train",
        f"--config={ROOT}/configs/bituning.py:demo", f"--workdir={workdir}"],

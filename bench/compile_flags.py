@@ -1,0 +1,87 @@
+"""Benchmark: the CPU time XLA's CPU compiler spends on one train step, by XLA flags.
+
+The test suite compiles hundreds of small programs, and on a CPU machine compiling is
+most of its time. tests/conftest.py sets flags that change how fast the compiled code
+runs, not what it computes. This measures them, in one run on one machine: for each
+flag set, a fresh process builds the digits demo's train step (8 simulated devices,
+16 x 16 images, batch 16, as the tests' runs), compiles it (no compilation cache) and
+runs one step. It prints the compiler's CPU seconds (every thread; steadier than wall
+time on a shared machine), their ratio to XLA's defaults, and the step's loss, which
+must be the same under every flag set.
+
+Usage:
+  python bench/compile_flags.py                  # Bi-tuning, 3 repetitions, interleaved
+  python bench/compile_flags.py --method unsup_finetune --reps 5
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAG_SETS = {
+    "XLA's defaults": "",
+    "LLVM -O0": "--xla_backend_optimization_level=0",
+    "LLVM -O0, older fusion emitters (the tests')":
+        "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false",
+}
+
+_CHILD = r"""
+import importlib, json, resource, sys
+import jax
+from bitune_jax import sharding
+from bitune_jax.training import loop
+
+def cpu():
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+config = importlib.import_module("bitune_jax.configs." + sys.argv[1]).get_config("demo")
+config.init_from, config.image_size, config.batch_size = "none", 16, 16
+config.eval_batch_size = 64
+mesh = sharding.make_mesh()
+run = loop.setup(config, mesh)
+batch = next(iter(loop.train_batches(run, mesh, 0)))
+lowered = run.train_step.trace(run.state, batch).lower()
+before = cpu()
+compiled = lowered.compile()
+seconds = cpu() - before
+_, metrics = compiled(run.state, batch)
+print(json.dumps({"compile_cpu_s": seconds, "loss": float(metrics["loss"])}))
+"""
+
+
+def measure(method, flags):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR="",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {flags}".strip())
+  env.pop("JAX_COMPILATION_CACHE_DIR")
+  out = subprocess.run([sys.executable, "-c", _CHILD, method], cwd=_ROOT, env=env,
+                       capture_output=True, text=True, check=True).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--method", default="bituning")
+  parser.add_argument("--reps", type=int, default=3)
+  args = parser.parse_args(argv)
+  results = {name: [] for name in FLAG_SETS}
+  for rep in range(args.reps):  # interleaved: a slow spell of the machine hits every set
+    for name, flags in FLAG_SETS.items():
+      results[name].append(measure(args.method, flags))
+      print(f"rep {rep + 1}/{args.reps}  {name}: "
+            f"{results[name][-1]['compile_cpu_s']:.2f} CPU s", file=sys.stderr)
+  base = statistics.median(r["compile_cpu_s"] for r in results["XLA's defaults"])
+  print(f"{args.method} demo step, 8 CPU devices: compile CPU seconds "
+        f"(median of {args.reps})")
+  for name, runs in results.items():
+    seconds = statistics.median(r["compile_cpu_s"] for r in runs)
+    losses = sorted({f"{r['loss']:.6f}" for r in runs})
+    print(f"  {name:46s} {seconds:6.2f} s  x{seconds / base:.2f}  loss {', '.join(losses)}")
+
+
+if __name__ == "__main__":
+  main()
