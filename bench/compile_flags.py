@@ -54,20 +54,33 @@ print(json.dumps({"compile_cpu_s": seconds, "loss": float(metrics["loss"])}))
 """
 
 
+def _methods():
+  sys.path.insert(0, _ROOT)
+  from bitune_jax import methods  # pylint: disable=g-import-not-at-top
+  return sorted(methods.METHODS)
+
+
 def measure(method, flags):
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR="",
              XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {flags}".strip())
   env.pop("JAX_COMPILATION_CACHE_DIR")
-  out = subprocess.run([sys.executable, "-c", _CHILD, method], cwd=_ROOT, env=env,
-                       capture_output=True, text=True, check=True).stdout
-  return json.loads(out.strip().splitlines()[-1])
+  proc = subprocess.run([sys.executable, "-c", _CHILD, method], cwd=_ROOT, env=env,
+                        capture_output=True, text=True, check=False)
+  if proc.returncode != 0:
+    raise SystemExit(f"compile_flags.py: the {method} step failed to compile under "
+                     f"XLA_FLAGS={flags!r}:\n{proc.stderr[-2000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--method", default="bituning")
-  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--method", default="bituning", choices=_methods(),
+                      help="whose demo step to compile (default: bituning)")
+  parser.add_argument("--reps", type=int, default=3,
+                      help="repetitions of each flag set, interleaved (default: 3)")
   args = parser.parse_args(argv)
+  if args.reps < 1:
+    parser.error(f"--reps must be >= 1, got {args.reps}")
   results = {name: [] for name in FLAG_SETS}
   for rep in range(args.reps):  # interleaved: a slow spell of the machine hits every set
     for name, flags in FLAG_SETS.items():

@@ -10,7 +10,7 @@
 * The loss ablations (Bi-tuning Table 5, `bituning.{ce,cce,ccl}_weight`): each
   combination trains on the embedded digits; a term of weight 0 is not computed and
   what only it needs is not built: its queue, for the CCL the projector, for both
-  contrastive terms the key encoder. The compiled step's flops show it: CE alone costs
+  contrastive terms the key encoder. The step program's flops show it: CE alone costs
   what vanilla fine-tuning costs, and each term adds its share.
 * Memory-bank keys (`bituning.key_generation="memory_bank"`, Bi-tuning Appendix B.2,
   Eqs. 7-8): the per-class draws, a real step against NumPy float64 (the keys drawn,
@@ -260,9 +260,10 @@ def _ablation_run(method, weights=None):
   mesh = sharding.make_mesh()
   run = loop.setup(config, mesh)
   batch = sharding.global_batch(next(run.data.train_batches(0)), mesh)
-  compiled = run.train_step.lower(run.state, batch).compile()
-  run.train_step = compiled  # the program measured is the one the test steps
-  cost = compiled.cost_analysis()
+  # XLA's cost analysis of the program the step hands the compiler (what was traced: a
+  # term of weight 0 is not in it at all); the test below compiles and steps that
+  # program, and vanilla fine-tuning's, measured only, is never compiled.
+  cost = run.train_step.lower(run.state, batch).cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
     cost = cost[0]
   return run, mesh, float(cost["flops"])
@@ -304,18 +305,18 @@ def test_each_combination_of_table_5_trains_without_what_it_does_not_use(table_5
 
 
 @pytest.mark.slow
-def test_a_zero_weight_term_costs_nothing_in_the_compiled_step(table_5_runs):
+def test_a_zero_weight_term_costs_nothing_in_the_step(table_5_runs):
   flops = {name: f for name, (_, _, f) in table_5_runs.items()}
-  # CE alone is vanilla fine-tuning: the same compiled work (within 1%: the views'
-  # key derivations differ).
+  # CE alone is vanilla fine-tuning: the same work (within 1%: the views' key
+  # derivations may differ; measured: equal).
   assert flops["CE"] == pytest.approx(flops["finetune"], rel=0.01), flops
   # Each contrastive term adds the key encoder's forward (the first) and its own loss.
   for smaller, larger in (("CE", "CE+CCE"), ("CE", "CE+CCL"), ("CE+CCE", "CE+CCE+CCL"),
                           ("CE+CCL", "CE+CCE+CCL"), ("CCE+CCL", "CE+CCE+CCL")):
     assert flops[smaller] < flops[larger], (smaller, larger, flops)
   # The key encoder's forward dominates what a contrastive term adds (a forward is
-  # about a third of a forward and backward; measured 32%), while the second term adds
-  # far less (1%).
+  # about a third of a forward and backward; measured 34%), while the second term adds
+  # far less (0.3%).
   assert flops["CE+CCE"] - flops["CE"] > 0.2 * flops["CE"], flops
   assert flops["CE+CCE+CCL"] - flops["CE+CCE"] < 0.3 * flops["CE"], flops
 
