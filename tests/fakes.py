@@ -233,3 +233,23 @@ def view_batches(run, start_step=0):
   views = jax.jit(run.data.views)
   for step, batch in enumerate(run.data.train_batches(start_step), start_step):
     yield dict(batch, **jax.device_get(views(batch, step)))
+
+
+def write_safetensors(path, tensors):
+  """A safetensors file written from its specification (little-endian u64 header
+  length, JSON header of dtype / shape / data_offsets, the raw data) from numpy arrays
+  (float32 or float16, kept as they are)."""
+  codes = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+  header, blobs, offset = {}, [], 0
+  for name, value in tensors.items():
+    value = np.ascontiguousarray(value)
+    data = value.tobytes()
+    header[name] = {"dtype": codes[value.dtype], "shape": list(value.shape),
+                    "data_offsets": [offset, offset + len(data)]}
+    blobs.append(data)
+    offset += len(data)
+  text = json.dumps(header).encode()
+  with open(path, "wb") as f:
+    f.write(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+  return str(path)
+

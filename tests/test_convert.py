@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import fakes
 import torch
 import torch_models
 
@@ -300,23 +301,6 @@ def test_load_converted_names_what_is_wrong_with_a_file(tmp_path):
 
 
 # ------------------------------------------------------------ other pre-trained sources
-def _write_safetensors(tensors, path):
-  """A safetensors file written from its specification (little-endian u64 header
-  length, JSON header of dtype / shape / data_offsets, the raw data)."""
-  import json  # pylint: disable=g-import-not-at-top
-  header, blobs, offset = {}, [], 0
-  for name, value in tensors.items():
-    data = np.ascontiguousarray(value, np.float32).tobytes()
-    header[name] = {"dtype": "F32", "shape": list(value.shape),
-                    "data_offsets": [offset, offset + len(data)]}
-    blobs.append(data)
-    offset += len(data)
-  text = json.dumps(header).encode()
-  with open(path, "wb") as f:
-    f.write(len(text).to_bytes(8, "little") + text + b"".join(blobs))
-  return str(path)
-
-
 def _numpy_state_dict(model):
   return {k: v.numpy() for k, v in model.state_dict().items()}
 
@@ -376,7 +360,8 @@ def test_headless_and_timm_resnet50_checkpoints(tmp_path, source):
   tensors = _numpy_state_dict(model)
   if source == "timm":  # timm files hold no BatchNorm step counters
     tensors = {k: v for k, v in tensors.items() if "num_batches_tracked" not in k}
-    path = _write_safetensors(tensors, tmp_path / "model.safetensors")
+    path = fakes.write_safetensors(tmp_path / "model.safetensors",
+                                   {k: np.asarray(v, np.float32) for k, v in tensors.items()})
   else:
     tensors = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
     path = _save(tensors, tmp_path / f"{source}_resnet50.pth", "zip")

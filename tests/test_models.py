@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bitune_jax import models
+from bitune_jax.models import vit
 
 # torchvision's parameter counts minus the final Linear (F * 1000 + 1000).
 PARAMS = {"resnet18": 11_689_512 - 513_000, "resnet34": 21_797_672 - 513_000,
@@ -20,6 +21,29 @@ PARAMS = {"resnet18": 11_689_512 - 513_000, "resnet34": 21_797_672 - 513_000,
                                                                + 9216 + 64)
                           + (18432 + 128 + 36864 + 128 + 2048 + 128 + 36864 + 128
                              + 36864 + 128)}
+
+
+
+def _vit_params(patch, width, depth, mlp_dim, grid, clip=False, proj_dim=0, layer_scale=False,
+                num_registers=0, **_):
+  """A ViT's parameters counted by hand: the patch conv, class token, positions (and
+  registers), per block two LayerNorms, qkv, proj, the MLP (and LayerScale), the final
+  LayerNorm (and CLIP's bias-free conv, ln_pre and proj)."""
+  d = width
+  block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d * mlp_dim + mlp_dim + d
+  return (patch * patch * 3 * d + (0 if clip else d) + d + (1 + grid * grid) * d
+          + num_registers * d + depth * (block + (2 * d if layer_scale else 0)) + 2 * d
+          + (2 * d + d * proj_dim if clip else 0))
+
+
+PARAMS.update({arch: _vit_params(**v) for arch, v in vit.VARIANTS.items()})
+
+
+def test_vit_counts_by_hand_are_timms_published_ones():
+  # timm's published counts minus the 1000-way head (F * 1000 + 1000).
+  assert PARAMS["vit_s16"] == 22_050_664 - 385_000
+  assert PARAMS["vit_b16"] == 86_567_656 - 769_000
+  assert PARAMS["vit_l16"] == 304_326_632 - 1_025_000
 
 
 @pytest.mark.parametrize("arch", models.ARCHS)

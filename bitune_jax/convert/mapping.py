@@ -36,7 +36,6 @@ import numpy as np
 from flax import traverse_util
 
 from bitune_jax import models
-from bitune_jax.convert.reader import ForeignObject
 
 _HEAD = {"densenet121": "classifier"}  # torchvision's name of the final Linear
 
@@ -97,54 +96,6 @@ _UNSUPPORTED = (
      "`ab_to_l` on the ab channels of Lab images, features concatenated) is not "
      "supported: bitune_jax has no two-branch backbone nor Lab input pipeline; use a "
      "single-branch source (e.g. InsDisc, MoCo, SwAV) instead"),)
-
-
-def find_state_dict(obj: Any) -> tuple[dict[str, np.ndarray], list[str]]:
-  """`(state_dict, dropped)`: the tensors of a checkpoint object, and what else it held.
-
-  Accepts a flat state_dict or a dict holding one under `state_dict` / `model` (the
-  others, e.g. epoch, arch, optimizer, a pickled memory bank, are reported as dropped).
-  """
-  if isinstance(obj, ForeignObject):
-    raise ConversionError(f"checkpoint holds a pickled {obj.qualname} object (a whole "
-                          "model saved with torch.save(model)?), not a state_dict; save "
-                          "its state_dict() instead")
-  if not isinstance(obj, dict):
-    raise ConversionError(f"checkpoint holds a {type(obj).__name__}, not a state_dict")
-  for key, inner in [(None, obj), ("state_dict", obj.get("state_dict")),
-                     ("model", obj.get("model"))]:
-    if not (isinstance(inner, dict) and inner):
-      continue
-    foreign = [k for k, v in inner.items() if isinstance(v, ForeignObject)]
-    if foreign and all(isinstance(v, (np.ndarray, ForeignObject)) for v in inner.values()):
-      raise ConversionError(f"state_dict entry {foreign[0]!r} is a pickled "
-                            f"{inner[foreign[0]].qualname} object, not a tensor")
-    if all(isinstance(v, np.ndarray) for v in inner.values()):
-      return inner, [_describe(k, v) for k, v in obj.items() if key and k != key]
-  raise ConversionError(
-      "no state_dict found: expected a dict of tensors, or one under 'state_dict' or "
-      f"'model'; top-level keys: {sorted(map(str, obj))[:10]}")
-
-
-def _describe(key, value):
-  """A report line for a top-level checkpoint entry that is not converted."""
-  if not isinstance(value, ForeignObject):
-    return f"{key} (checkpoint metadata)"
-  arrays = [f"{name} {list(v.shape)}" for name, v in _arrays(value.state, "") if v.size > 1]
-  held = f": {', '.join(arrays[:4])}" if arrays else ""
-  return (f"{key} (a pickled {value.qualname} object, read as data, never imported or "
-          f"run{held})")
-
-
-def _arrays(tree, name):
-  """(name, array) of the arrays in a tree of dicts and ForeignObjects."""
-  if isinstance(tree, np.ndarray):
-    yield name, tree
-  elif isinstance(tree, ForeignObject):
-    yield from _arrays(tree.state, name)
-  elif isinstance(tree, dict):
-    for key, value in tree.items():
-      yield from _arrays(value, str(key))
 
 
 def detect_layout(state_dict: Mapping[str, np.ndarray], checkpoint: Any) -> Layout:
@@ -253,7 +204,7 @@ def map_backbone(
   source: how errors name the checkpoint (e.g. "MoCo v3 checkpoint").
   """
   target = backbone_target(arch)
-  flat, heads, dropped, unexpected, mismatched = {}, {}, [], [], []
+  heads, dropped, mapped = {}, [], []
   head_name = head or _HEAD.get(arch, "fc")
   for name, value in tensors.items():
     name = _normalise_name(name)
@@ -261,11 +212,29 @@ def map_backbone(
     if module == head_name or module.startswith(head_name + "."):
       heads.setdefault(module, {})[param] = value
       continue
-    mapped = _leaf(flax_path(arch, module), param, value, target)
-    if mapped is None:
+    leaf = _leaf(flax_path(arch, module), param, value, target)
+    if leaf is None:
       dropped.append(name)
-      continue
-    path, array = mapped
+    else:
+      mapped.append((name, value, *leaf))
+  flat, unexpected = place(arch, mapped, target, allow_unused=allow_unused, source=source)
+  variables = traverse_util.unflatten_dict(flat)
+  report = _summarise(dropped, "BatchNorm num_batches_tracked buffers")
+  if unexpected:
+    report.append(f"{len(unexpected)} unused tensors (allowed): {unexpected[:5]}")
+  return {"params": variables["params"], "batch_stats": variables["batch_stats"]}, heads, report
+
+
+def place(arch: str, mapped: list[tuple[str, np.ndarray, tuple[str, ...], np.ndarray]],
+          target: Mapping[tuple[str, ...], Any], *, allow_unused: bool, source: str,
+          hint: str = "") -> tuple[dict[tuple[str, ...], np.ndarray], list[str]]:
+  """`(flat, unexpected)`: each `(name, tensor, path, array)` of `mapped` put at its
+  `path` of `target` (`{path: ShapeDtypeStruct}`) as float32, its shape checked; the
+  names with no place in `target`. Raises ConversionError, saying everything that does
+  not fit (and `hint`), when a shape differs, a target leaf stays empty, or (unless
+  `allow_unused`) a tensor has no place."""
+  flat, unexpected, mismatched = {}, [], []
+  for name, value, path, array in mapped:
     if path not in target:
       unexpected.append(name)
     elif tuple(array.shape) != tuple(target[path].shape):
@@ -274,18 +243,15 @@ def map_backbone(
     else:
       flat[path] = np.ascontiguousarray(array, dtype=np.float32)
   missing = ["/".join(p) for p in target if p not in flat]
-  problems = _problems(arch, missing, unexpected if not allow_unused else [], mismatched,
-                       source)
-  if problems:
-    raise ConversionError(problems)
-  variables = traverse_util.unflatten_dict(flat)
-  report = _summarise(dropped, "BatchNorm num_batches_tracked buffers")
-  if unexpected:
-    report.append(f"{len(unexpected)} unused tensors (allowed): {unexpected[:5]}")
-  return {"params": variables["params"], "batch_stats": variables["batch_stats"]}, heads, report
+  message = problems(arch, missing, [] if allow_unused else unexpected, mismatched, source)
+  if message:
+    raise ConversionError(message + hint)
+  return flat, unexpected
 
 
-def _problems(arch, missing, unexpected, mismatched, source):
+def problems(arch: str, missing: list[str], unexpected: list[str], mismatched: list[str],
+             source: str) -> str:
+  """One error message for what does not fit (empty when everything does)."""
   lines = []
   if mismatched:
     lines.append(f"{len(mismatched)} shape mismatches, e.g. " + "; ".join(mismatched[:3]))
@@ -297,9 +263,11 @@ def _problems(arch, missing, unexpected, mismatched, source):
                  + ", ".join(unexpected[:5]))
   if not lines:
     return ""
+  what = ("a timm, DeiT, DINO, MAE, CLIP or DINOv2 ViT" if models.is_vit(arch) else
+          "a torchvision-style ResNet/DenseNet, or a MoCo, MoCo v3, SwAV, DeepCluster-v2 "
+          "or InsDisc checkpoint of one")
   return (f"{source} does not match arch {arch!r}: " + " | ".join(lines)
-          + ". Check --arch (and that this is a torchvision-style ResNet/DenseNet, or a "
-          "MoCo, MoCo v3, SwAV, DeepCluster-v2 or InsDisc checkpoint of one).")
+          + f". Check --arch (and that this is {what}).")
 
 
 def map_heads(
@@ -326,7 +294,7 @@ def map_heads(
                                      "backbone)"]
   if len(names) != 1:
     raise ConversionError(f"unrecognised classifier head {names}")
-  source_head = _dense(names[0], heads[names[0]], bias=True)
+  source_head = dense(names[0], heads[names[0]], bias=True)
   if source_head["kernel"].shape[0] != num_features:
     raise ConversionError(
         f"classifier {names[0]!r} takes {source_head['kernel'].shape[0]} features; the "
@@ -335,7 +303,8 @@ def map_heads(
       f"source head from {names[0]!r}: {source_head['kernel'].shape[1]} classes"]
 
 
-def _dense(module, params, *, bias):
+def dense(module: str, params: Mapping[str, np.ndarray], *,
+          bias: bool) -> dict[str, np.ndarray]:
   """A torch Linear's tensors -> Dense params (kernel `[in, out]`)."""
   if set(params) != ({"weight", "bias"} if bias else {"weight"}) or params["weight"].ndim != 2:
     raise ConversionError(f"head {module!r} is not a Linear layer "
@@ -371,7 +340,7 @@ def _projector(layout, kind, roles, heads, num_features):
   params, stats, notes = {}, {}, []
   for module, role in roles.items():
     if role in ("hidden", "out"):
-      params[role] = _dense(module, heads[module], bias=use_bias)
+      params[role] = dense(module, heads[module], bias=use_bias)
     else:
       params[role], stats[role], note = _batch_norm(module, heads[module])
       notes += note

@@ -74,6 +74,7 @@ def load_converted(path: str | os.PathLike) -> dict[str, Any]:
     raise ValueError(f"{path} is not a bitune-convert output (truncated or corrupt "
                      ".npz); convert the checkpoint again with bitune-convert") from None
   result = traverse_util.unflatten_dict(flat)
+  result["backbone"].setdefault("batch_stats", {})  # a ViT's: empty, so not in the file
   result["report"] = dict(meta["report"], source=meta["source"],
                           source_sha256=meta["source_sha256"])
   return result

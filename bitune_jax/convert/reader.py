@@ -3,7 +3,9 @@
     obj, fmt = read_checkpoint("moco_v2_800ep.pth.tar")   # fmt: "torch_legacy"
 
 Formats: the torch zip format (`torch.save` since 1.6), the torch legacy stream
-(`_use_new_zipfile_serialization=False`, torch < 1.6), safetensors and npz. Tensors come
+(`_use_new_zipfile_serialization=False`, torch < 1.6), TorchScript archives
+(`torch.jit.save`, e.g. OpenAI's CLIP release: their tensors only, as a state dict; the
+archive's code is not run), safetensors and npz. Tensors come
 back as C-contiguous, writable numpy arrays (views applied, nn.Parameter -> array),
 OrderedDict and argparse.Namespace as plain dicts, torch.Size as tuples, torch.device as
 strings. bfloat16 (and float8) tensors are `ml_dtypes` arrays (exact; ml_dtypes is a JAX
@@ -149,7 +151,10 @@ def _read_zip(path):
     roots = [n[:-len("/data.pkl")] for n in names
              if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(roots) == 1:
-      return _read_torch_zip(path, zf, roots[0]), "torch_zip"
+      obj = _read_torch_zip(path, zf, roots[0])
+      if f"{roots[0]}/constants.pkl" in names and isinstance(obj, ForeignObject):
+        return torchscript_state_dict(obj), "torchscript"
+      return obj, "torch_zip"
     if len(roots) > 1:
       raise CheckpointError(f"zip holds {len(roots)} data.pkl files: {roots[:5]}")
   if names and all(n.endswith(".npy") for n in names):
@@ -157,6 +162,24 @@ def _read_zip(path):
       return {k: np.asarray(npz[k], order="C") for k in npz.files}, "npz"
   raise CheckpointError("zip archive is neither a torch checkpoint (no <root>/data.pkl) "
                         "nor an npz file")
+
+
+def torchscript_state_dict(module: ForeignObject) -> dict[str, np.ndarray]:
+  """The tensors of a TorchScript archive's module tree (`torch.jit.save`), named as its
+  `state_dict()` would name them (`visual.conv1.weight`). The archive's code is never
+  read or run: its modules are `ForeignObject`s whose state holds their attributes."""
+  tensors = {}
+
+  def walk(obj, prefix):
+    for key, value in obj.state.items() if isinstance(obj.state, dict) else ():
+      if isinstance(value, np.ndarray):
+        tensors[prefix + str(key)] = value
+      elif isinstance(value, ForeignObject):
+        walk(value, f"{prefix}{key}.")
+  walk(module, "")
+  if not tensors:
+    raise CheckpointError(f"TorchScript archive of {module.qualname} holds no tensors")
+  return tensors
 
 
 def _sniff(head, size):
@@ -181,11 +204,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Any, str]:
     path: a torch checkpoint (zip or legacy format), `.safetensors` or `.npz` file.
 
   Returns:
-    `(obj, format)`, format one of 'torch_zip', 'torch_legacy', 'safetensors', 'npz'.
+    `(obj, format)`, format one of 'torch_zip', 'torch_legacy', 'torchscript',
+    'safetensors', 'npz'.
     For torch files obj is the saved object tree (arrays, dicts, lists, tuples, sets,
     str, bytes, int, float, complex, bool, None, and `ForeignObject` for objects of
-    classes off the allow-list outside the standard library); safetensors and npz give a flat dict
-    name -> array (safetensors `__metadata__` is validated, not returned).
+    classes off the allow-list outside the standard library); TorchScript archives,
+    safetensors and npz give a flat dict name -> array (safetensors `__metadata__` is validated, not returned).
 
   Raises:
     UnsafeCheckpointError: the file names a standard-library global or an opcode off
