@@ -43,7 +43,7 @@ from bitune_jax import methods, queues, sharding  # noqa: E402
 from bitune_jax.data import cache, pipeline  # noqa: E402
 from bitune_jax.data.views import augment, crop  # noqa: E402
 from bitune_jax.data.views.batch import ViewSpec, make_views  # noqa: E402
-from bitune_jax.methods import base, common  # noqa: E402
+from bitune_jax.methods import base, optimizer  # noqa: E402
 
 
 def photos(count, seed=0, size=(375, 500)):
@@ -132,7 +132,7 @@ def device_share(kind, *, arch, size, batch, bf16, reps):
   method = methods.get("bituning")
   mesh = sharding.make_mesh()
   model = method.build_model(config, config.num_classes)
-  tx = common.make_optimizer(config)
+  tx = optimizer.make_optimizer(config)
   state, shardings, _ = step_bench.initial_state(method, model, tx, config, mesh)
   state = [state]
   data, views = views_input(kind, size=size, batch=batch, num_classes=config.num_classes,

@@ -6,8 +6,10 @@ adds one forward pass of the key encoder (train-mode BatchNorm), the EMA update 
 parameters, the CCE/CCL head and two enqueues: the floor is near 4/3 = 1.33 when the
 backward pass costs twice the forward.
 
-Cases: ResNet-50 at 224 with batch 16, ResNet-18 at 112 with batch 32 (C = 200 classes,
-K = 32 slots per class, as for CUB at 100%).
+Cases: ResNet-50 at 224 with batch 16, ResNet-18 at 112 with batch 32, ViT-S/16 at 224
+with batch 16 (`vit`; it also prints XLA's FLOPs of vanilla fine-tuning's compiled step
+against the analytic count, 3 x the forward's matmuls, `models.vit.flops_per_image`);
+C = 200 classes, K = 32 slots per class, as for CUB at 100%.
 
   python bench/step.py                 # CPU, float32
   python bench/step.py --gpu           # bf16 activations; also prints achieved TFLOP/s
@@ -33,10 +35,12 @@ import numpy as np
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)  # this checkout's bitune_jax
-from bitune_jax import methods, queues, sharding  # noqa: E402
-from bitune_jax.methods import base, common  # noqa: E402
+from bitune_jax import methods, models, queues, sharding  # noqa: E402
+from bitune_jax.methods import base, optimizer  # noqa: E402
+from bitune_jax.models import vit  # noqa: E402
 
-CASES = {"r50": ("resnet50", 224, 16), "r18": ("resnet18", 112, 32)}
+CASES = {"r50": ("resnet50", 224, 16), "r18": ("resnet18", 112, 32),
+         "vit": ("vit_s16", 224, 16)}
 # Dense bf16 peak TFLOP/s by device kind (for MFU), the most specific name first: the
 # first whose name is in `jax.devices()[0].device_kind` is used. "TPU v5 lite" is
 # v5e, "TPU v5" (alone) v5p; "H100 PCIe" and "H100 NVL" are the slower H100s.
@@ -56,8 +60,8 @@ def make_config(arch, size, batch, method, bf16, *, queue_size=32):
   """`configs/<method>.py` for CUB at 100% (C = 200) at these sizes; Bi-tuning's with
   `queue_size` (K) slots per class."""
   config = importlib.import_module(f"bitune_jax.configs.{method}").get_config(
-      "cub,resnet50,100")
-  config.arch, config.image_size = arch, size
+      f"cub,{arch},100")  # a ViT's with the ViT recipe (AdamW, layer-wise decay)
+  config.image_size = size
   config.batch_size, config.total_steps, config.bf16 = batch, 1000, bf16
   if method == "bituning":
     config.bituning.queue_size = queue_size
@@ -80,7 +84,7 @@ def compiled_step(config):
   method = methods.get(config.method)
   mesh = sharding.make_mesh()
   model = method.build_model(config, config.num_classes)
-  tx = common.make_optimizer(config)
+  tx = optimizer.make_optimizer(config)
   shape = (config.batch_size, config.image_size, config.image_size, 3)
   state, shardings, abstract = initial_state(method, model, tx, config, mesh)
   state = [state]
@@ -151,6 +155,11 @@ def main():
         if args.gpu and peak:
           line += f", MFU {flops[method] / seconds / 1e12 / peak:.1%} of {peak:.0f} TFLOP/s"
       print(line, flush=True)
+    if models.is_vit(arch):
+      analytic = 3 * batch * vit.flops_per_image(arch, size)  # forward + 2x backward
+      print(f"{arch}: vanilla fine-tuning's step, XLA {flops['finetune'] / 1e9:.1f} GFLOP "
+            f"against {analytic / 1e9:.1f} analytic (x{flops['finetune'] / analytic:.3f})",
+            flush=True)
     ratio = statistics.median(
         b / f for b, f in zip(times["bituning"], times["finetune"]))
     worst = max(worst, ratio)

@@ -187,12 +187,12 @@ def mocked_tfds(monkeypatch, as_dataset_fn):
     yield
 
 
-def tiny_config(method, **overrides):
-  """The shipped `configs/<method>.py:demo`, made tiny for tests (no source model,
-  16 px, batch 16, 6 steps, eval/log/checkpoint every 3); `overrides` set top-level
-  fields, or update a section when given a dict."""
+def tiny_config(method, arg="demo", **overrides):
+  """The shipped `configs/<method>.py:<arg>` (`demo`, or `vit_demo`), made tiny for
+  tests (no source model, 16 px, batch 16, 6 steps, eval/log/checkpoint every 3);
+  `overrides` set top-level fields, or update a section when given a dict."""
   import importlib  # pylint: disable=g-import-not-at-top
-  config = importlib.import_module(f"bitune_jax.configs.{method}").get_config("demo")
+  config = importlib.import_module(f"bitune_jax.configs.{method}").get_config(arg)
   config.init_from, config.image_size = "", 16
   config.batch_size, config.eval_batch_size = 16, 64
   config.total_steps = 6

@@ -31,7 +31,7 @@ import pytest
 import fakes
 from bitune_jax import convert, models, sharding
 from bitune_jax.data import input as input_lib
-from bitune_jax.methods import common
+from bitune_jax.methods import common, optimizer
 from bitune_jax.training import loop
 
 RTOL = 1e-4  # float32 step (8 devices) vs float64 reference on one device's forward
@@ -133,7 +133,7 @@ def assert_tree_close(actual, expected, *, rtol, atol, what):
 def check_update(config, before, after, grads, msg):
   """The params moved by the step's optimizer applied to `grads` (an independent
   gradient), and that check has the power to tell CE alone from the full loss."""
-  update = jax.jit(common.make_optimizer(config).update)
+  update = jax.jit(optimizer.make_optimizer(config).update)
   updates = jax.device_get(update(grads, before.opt_state, before.params)[0])
   for (path, got), old, step in zip(jax.tree_util.tree_leaves_with_path(after.params),
                                     jax.tree.leaves(before.params),

@@ -42,7 +42,7 @@ import method_references
 from method_references import ckpt  # noqa: F401  pylint: disable=unused-import
 import processes
 from bitune_jax import queues, sharding
-from bitune_jax.methods import base, bituning, common
+from bitune_jax.methods import base, bituning, common, optimizer
 from bitune_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -564,7 +564,7 @@ def test_key_encoder_momentum_in_real_bituning_steps(ema_cosine_run, cosine):
     config = config.copy_and_resolve_references()
     config.bituning.ema_cosine = False
     train_step = jax.jit(base.make_train_step(bituning.METHOD, run.model,
-                                              common.make_optimizer(config), config),
+                                              optimizer.make_optimizer(config), config),
                          donate_argnums=0)
   state = jax.device_put(initial, run.state_shardings)
   fitted = []

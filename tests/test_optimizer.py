@@ -7,15 +7,18 @@ ramp of the key encoder is tested in real Bi-tuning steps in `test_bituning.py`.
 
 import math
 import os
+import re
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import traverse_util
 
-from bitune_jax import sharding
-from bitune_jax.methods import common
+from bitune_jax import models, sharding
+from bitune_jax.methods import common, optimizer
 from bitune_jax.training import loop
 import fakes  # noqa: E402  pylint: disable=g-import-not-at-top
 import method_references  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -77,7 +80,7 @@ def test_updates_equal_torch_sgd_across_the_step_decays(seed):
   config = _paper_config(total_steps=total)
   rng = np.random.default_rng(seed)
   params = _tree(rng)
-  tx = common.make_optimizer(config)
+  tx = optimizer.make_optimizer(config)
   opt_state = tx.init(params)
   tensors, opt = _torch_sgd(params, config)
   update = jax.jit(tx.update)
@@ -104,7 +107,7 @@ def test_updates_equal_torch_sgd_across_the_step_decays(seed):
 @pytest.mark.parametrize("total", [10, 97, 10_000])
 def test_step_schedule_around_its_boundaries(total):
   config = _paper_config(total_steps=total)
-  schedule = common.learning_rate_schedule(config)
+  schedule = optimizer.learning_rate_schedule(config)
   boundaries = [int(0.6 * total), int(0.9 * total)]
   steps = sorted({0, total - 1, total} | {b + d for b in boundaries for d in (-1, 0, 1)})
   for step in steps:
@@ -119,7 +122,7 @@ def test_step_schedule_around_its_boundaries(total):
 def test_cosine_schedule_closed_form(seed):
   total = 1000
   config = _paper_config(total_steps=total, schedule="cosine")
-  schedule = common.learning_rate_schedule(config)
+  schedule = optimizer.learning_rate_schedule(config)
   rng = np.random.default_rng(seed)
   steps = [0, 1, total // 4, total // 2, total - 1, total, total + 7,
            *rng.integers(0, total, size=5).tolist()]
@@ -141,7 +144,7 @@ def test_learning_rate_applied_per_group_at_each_step(schedule):
         "cosine": lambda s: _cosine_lr(s, lr=0.01, total=total)}[schedule]
   rng = np.random.default_rng(seed)
   params = _tree(rng)
-  tx = common.make_optimizer(config)
+  tx = optimizer.make_optimizer(config)
   opt_state = tx.init(params)
   update = jax.jit(tx.update)
   for step in range(total):
@@ -197,3 +200,116 @@ def test_queue_size_by_sampling_rate(rate, queue_size):
   config = bituning_config.get_config(f"cub,resnet50,{rate}")
   assert config.sampling_rate == rate
   assert config.bituning.queue_size == queue_size, (rate, config.bituning.queue_size)
+
+
+# --------------------------------------------------------------------- the ViT recipe
+def _warmup_cosine_lr(step, *, lr, total, warmup):
+  """MAE's `adjust_learning_rate`, in steps: linear from 0, then half a cosine to 0."""
+  if step < warmup:
+    return lr * step / warmup
+  return lr * 0.5 * (1.0 + math.cos(math.pi * (min(step, total) - warmup) / (total - warmup)))
+
+
+def _mae_layer_scale(names, depth, decay):
+  """MAE's `param_groups_lrd`: layer id 0 for the patch embedding, class token and
+  positions, i + 1 for block i, depth + 1 for the rest; scale decay^(depth + 1 - id)."""
+  top = names[0]
+  if top in ("patch_embed", "cls_token", "pos_embed", "reg_tokens", "ln_pre"):
+    layer = 0
+  elif top.startswith("blocks_"):
+    layer = int(top.split("_")[1]) + 1
+  else:
+    layer = depth + 1
+  return decay ** (depth + 1 - layer)
+
+
+def test_vit_recipe_config():
+  config = bituning_config.get_config("cub,vit_b16,25")
+  assert (config.optimizer, config.schedule, config.weight_decay) == ("adamw", "cosine", 0.05)
+  assert config.lr == pytest.approx(5e-4 * 48 / 256) and config.drop_path == 0.1
+  assert config.warmup_fraction == 0.05 and config.lr_mult.layer_decay == 0.65
+  assert dict(config.lr_mult) == dict(backbone=1.0, head=1.0, projector=1.0,
+                                      source_head=1.0, layer_decay=0.65)
+  assert bituning_config.get_config("cub,vit_l16,25").lr_mult.layer_decay == 0.75
+  resnet = bituning_config.get_config("cub,resnet50,25")
+  assert (resnet.optimizer, resnet.lr_mult.layer_decay, resnet.drop_path) == ("sgd", 1.0, 0.0)
+
+
+@pytest.mark.parametrize("total,warmup", [(100, 0.05), (37, 0.3)])
+def test_warmup_cosine_closed_form(total, warmup):
+  config = bituning_config.get_config("cub,vit_s16,25")
+  config.total_steps, config.warmup_fraction = total, warmup
+  schedule = optimizer.learning_rate_schedule(config)
+  w = int(warmup * total)
+  for step in sorted({0, 1, w - 1, w, w + 1, total // 2, total - 1, total}):
+    want = _warmup_cosine_lr(step, lr=config.lr, total=total, warmup=w)
+    assert float(schedule(step)) == pytest.approx(want, rel=1e-5, abs=1e-12), step
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_adamw_with_layer_decay_is_torch_adamw_with_maes_param_groups(seed):
+  """A ViT's whole parameter tree (backbone, head, projector) over 8 updates with
+  warmup + cosine: the updates of `torch.optim.AdamW` (float64) with one param group per
+  tensor, its learning rate the group's multiplier x MAE's layer scale x the schedule,
+  its weight decay 0.05, or 0 for vectors, the class token and the positions."""
+  total, arch = 8, "vit_demo"
+  config = bituning_config.get_config("vit_demo")
+  config.total_steps, config.warmup_fraction = total, 0.25
+  config.lr_mult.head = 2.0  # a group multiplier beside the layer decay
+  depth, decay = models.vit.VARIANTS[arch]["depth"], config.lr_mult.layer_decay
+  network = common.Network(arch=arch, num_classes=3, projector_dim=8)
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(network.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  draw = lambda: jax.tree.map(  # noqa: E731
+      lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes["params"])
+  params = draw()
+  flat = traverse_util.flatten_dict(params)
+  groups, tensors = [], {}
+  for path, value in flat.items():
+    scale = config.lr_mult[path[0]] * (_mae_layer_scale(path[1:], depth, decay)
+                                       if path[0] == "backbone" else 1.0)
+    no_decay = value.ndim < 2 or path[-1] in ("cls_token", "pos_embed")
+    tensors[path] = torch.tensor(np.asarray(value, np.float64), requires_grad=True)
+    groups.append(dict(params=[tensors[path]], scale=scale, path=path,
+                       weight_decay=0.0 if no_decay else config.weight_decay))
+  assert {round(g["scale"], 6) for g in groups} >= {round(decay ** 5, 6), 1.0, 2.0}
+  opt = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+  tx = optimizer.make_optimizer(config)
+  opt_state = tx.init(params)
+  update = jax.jit(tx.update)
+  w = int(0.25 * total)
+  for step in range(total):
+    grads = draw()
+    flat_grads = traverse_util.flatten_dict(grads)
+    for group in opt.param_groups:
+      group["lr"] = group["scale"] * _warmup_cosine_lr(step, lr=config.lr, total=total,
+                                                       warmup=w)
+      group["params"][0].grad = torch.tensor(np.asarray(flat_grads[group["path"]],
+                                                        np.float64))
+    before = {p: t.detach().clone() for p, t in tensors.items()}
+    opt.step()
+    updates, opt_state = update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    for path, u in traverse_util.flatten_dict(updates).items():
+      want = (tensors[path].detach() - before[path]).numpy()
+      np.testing.assert_allclose(u, want, rtol=2e-5, atol=1e-5 * np.abs(want).max() + 1e-12,
+                                 err_msg=f"seed {seed}, update {step}, {'/'.join(path)}")
+
+
+@pytest.mark.parametrize("overrides,says", [
+    (dict(arch="resnet50", drop_path=0.1), "drop_path is for Vision Transformers"),
+    (dict(arch="resnet50", **{"lr_mult.layer_decay": 0.5}),
+     "lr_mult.layer_decay is for Vision Transformers"),
+    (dict(arch="vit_s16", schedule="step", warmup_fraction=0.1),
+     "warmup_fraction 0.1 needs schedule='cosine'"),
+    (dict(arch="vit_s16", **{"lr_mult.layer_decay": 1.5}), "lr_mult.layer_decay must be"),
+    (dict(arch="vit_s16", optimizer="lamb"), "optimizer must be one of sgd, adamw"),
+])
+def test_recipe_fields_that_cannot_train_are_refused(overrides, says):
+  from bitune_jax.training import config_base  # pylint: disable=g-import-not-at-top
+  config = bituning_config.get_config(f"cub,{overrides.pop('arch')},25")
+  for key, value in overrides.items():
+    section, _, name = key.rpartition(".")
+    (config[section] if section else config)[name] = value
+  with pytest.raises(ValueError, match=re.escape(says)):
+    config_base.validate(config)

@@ -80,3 +80,21 @@ def test_a_malformed_spec_is_refused(tmp_path):
     tables.load(str(bad))
   with pytest.raises(ValueError, match="no table spec"):
     tables.load(str(tmp_path / "missing.py"))
+
+
+def test_the_vit_grid_runs_the_vit_recipe_from_its_checkpoints():
+  """configs/tables/vit.py: 8 rows x 9 columns; each run a ViT arch with the ViT recipe;
+  Co-Tuning only from the supervised ViT-B/16, whose head is its source classifier."""
+  table = tables.load("vit")
+  cells = grid.cells_from_spec(table, [0], {})
+  assert len(cells) == 8 * 9
+  checkpoints = set()
+  for cell in cells:
+    run, = cell.runs
+    config = grid.build_config(run, _ANY_CHECKPOINT)
+    assert (config.optimizer, config.lr_mult.layer_decay, config.image_size) == (
+        "adamw", 0.65, 224)
+    checkpoints.add((run.config, run.checkpoint))
+  assert {c for m, c in checkpoints if m == "cotuning"} == {"supervised_vit_b16"}
+  assert {c for m, c in checkpoints if m == "bituning"} == {
+      "dino_vit_b16", "clip_vit_b16", "dinov2_vit_b14"}

@@ -25,7 +25,7 @@ def get_config(arg="demo"):
       trade_off=2.3, relationship="reverse", calibrate=True,
       source_temperature=1.0 / relationship.OFFICIAL_SOURCE_SCALE,
       holdout_fraction=0.2, source_classes=1000, relationship_file=""))
-  if arg == "demo":
+  if arg in config_base.DEMOS:
     config.cotuning.source_classes = 5  # the demo's source model: digits 0-4
     # Its own source model, not the ImageNet ResNet-50 that the official 0.884
     # calibrates.

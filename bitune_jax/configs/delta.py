@@ -23,6 +23,7 @@ Overrides: --config.delta.alpha=0.1, --config.delta.feature_maps=stage_output,
 
 import ml_collections
 
+from bitune_jax import models
 from bitune_jax.training import config_base
 
 
@@ -32,7 +33,8 @@ def get_config(arg="demo"):
       alpha=0.01, beta=0.01,
       # 'last_conv' (TLlib): each stage's last conv output before its BatchNorm;
       # 'stage_output': each stage's output after the residual add and ReLU.
-      feature_maps="last_conv",
+      # A ViT's: its blocks' outputs at the end of each quarter of its depth.
+      feature_maps="stage_output" if models.is_vit(config.arch) else "last_conv",
       attention_batches=10,  # random training batches for the attention (TLlib: 10)
       attention_batch_size=32,  # of attention_batch_size images (TLlib: 32)
       attention_temperature=5.0,  # of the softmax over each map's z-scored increases

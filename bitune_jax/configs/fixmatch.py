@@ -20,6 +20,7 @@ no FixMatch hyper-parameters of its own).
 
 import ml_collections
 
+from bitune_jax import models
 from bitune_jax.training import config_base
 
 
@@ -28,14 +29,14 @@ def get_config(arg="demo"):
   config.fixmatch = ml_collections.ConfigDict(dict(
       threshold=0.95, mu=7, unlabelled_weight=1.0))
   config.batch_size = 64
-  config.lr = 0.03
-  config.lr_mult = {"backbone": 1.0, "head": 1.0, "projector": 1.0,
-                    "source_head": 1.0}
-  config.schedule = "cosine"
-  config.weight_decay = 5e-4
-  if arg == "demo":
+  if not models.is_vit(config.arch):  # FixMatch's SGD (a ViT keeps the ViT recipe)
+    config.lr = 0.03
+    config.lr_mult.update({"backbone": 1.0, "head": 1.0, "projector": 1.0,
+                           "source_head": 1.0})
+    config.schedule = "cosine"
+    config.weight_decay = 5e-4
+  if arg in config_base.DEMOS:
     config.data.kshot = 4
     config.batch_size = 16
     config.fixmatch.mu = 3
-    config.lr = 0.03
   return config

@@ -14,6 +14,7 @@ Ablations: --config.unsup.replay_fraction=0 (no replay), --config.unsup.cutmix=F
 
 import ml_collections
 
+from bitune_jax import models
 from bitune_jax.training import config_base
 
 
@@ -23,13 +24,22 @@ def get_config(arg="demo"):
       queue_size=65536, projector_dim=128, mlp=True, temperature=0.2, ema_momentum=0.999,
       replay_fraction=0.1, cutmix=True, cutmix_alpha=1.0, mixed_weight=1.0,
       bn_group_size=32))
-  config.lr = 0.03  # MoCo v2 (batch 256), cosine
   config.schedule = "cosine"
-  config.weight_decay = 1e-4
-  config.lr_mult = {"backbone": 1.0, "projector": 1.0, "head": 0.0}  # head unused
+  config.lr_mult.update({"backbone": 1.0, "projector": 1.0, "head": 0.0})  # head unused
+  if models.is_vit(config.arch):
+    # MoCo v3's ViT optimisation (AdamW, lr 1.5e-4 per 256 images, weight decay 0.1,
+    # warmup then cosine, the momentum 0.99) around this method's loss, queue, replay
+    # and CutMix; with the recipe's layer-wise decay (a pre-trained ViT is fine-tuned).
+    config.lr = 1.5e-4 * config.batch_size / 256
+    config.weight_decay = 0.1
+    config.warmup_fraction = 0.1
+    config.unsup.ema_momentum = 0.99
+  else:
+    config.lr = 0.03  # MoCo v2 (batch 256), cosine
+    config.weight_decay = 1e-4
   config.data.views = "moco"  # MoCo v2 augmentations (tfds datasets)
-  if arg == "demo":
-    config.lr = 0.05
+  if arg in config_base.DEMOS:
+    config.lr = 1e-3 if models.is_vit(config.arch) else 0.05
     config.unsup.queue_size = 512
     config.unsup.bn_group_size = 8
   return config

@@ -11,7 +11,7 @@ import os
 
 import jax
 
-from bitune_jax import files
+from bitune_jax import files, models
 from bitune_jax.configs import finetune as finetune_config
 from bitune_jax.methods import common
 from bitune_jax.training import export, loop
@@ -36,7 +36,7 @@ def source_model(config, workdir):
   # fine-tuning's demo config, taking from the run only its arch, image size, seed,
   # the pre-training's length and rate, and how it reports and caches (not, e.g.,
   # unsupervised fine-tuning's MoCo views or FixMatch's k-shot subset).
-  pre = finetune_config.get_config("demo")
+  pre = finetune_config.get_config("vit_demo" if models.is_vit(config.arch) else "demo")
   with pre.unlocked():
     for field in ("arch", "image_size", "seed", "eval_batch_size", "log_every",
                   "eval_every", "checkpoint_every", "multi_host"):
@@ -45,7 +45,7 @@ def source_model(config, workdir):
       pre.data[field] = config.data[field]
     pre.init_from, pre.data.part = "", "source"
     pre.total_steps, pre.lr = config.pretrain.total_steps, config.pretrain.lr
-    pre.lr_mult = {g: 1.0 for g in common.GROUPS}
+    pre.lr_mult = dict({g: 1.0 for g in common.GROUPS}, layer_decay=1.0)  # from scratch
   log.info("demo: supervised pre-training on digits 0-4 (%d steps)", pre.total_steps)
   state, summary = loop.train_and_evaluate(pre, os.path.join(workdir, "pretrain"))
   log.info("demo: source model test top-1 %.4f", summary["top1"])

@@ -8,6 +8,7 @@ import json
 import os
 from typing import Any
 
+from bitune_jax import models
 from bitune_jax.configs import tables as specs
 from bitune_jax.experiments import sweep_results, tables
 
@@ -150,7 +151,7 @@ def cells_from_grid(methods, datasets, rates, arch, seeds, extra, vary=None
       for rate in rates:
         overrides = _own(method, extra)
         if dataset == "digits":  # the embedded demo: its own arch, rate as an override
-          arg = "demo"
+          arg = "vit_demo" if models.is_vit(arch) else "demo"
           overrides["sampling_rate"] = float(rate)
         else:
           arg = f"{dataset},{arch},{rate:g}"

@@ -17,7 +17,7 @@ import shutil
 import jax
 import ml_collections
 
-from bitune_jax import files, methods
+from bitune_jax import files, methods, models
 from bitune_jax.experiments import plots
 from bitune_jax.training import config_base
 from bitune_jax.training import evaluation, export, loop, records
@@ -92,7 +92,11 @@ def kshot_transfer(workdir, *, shots=(1, 2, 4, 8), total_steps=100, seed=0,
     run.total_steps, run.data.kshot = total_steps, k
     run.eval_every = run.checkpoint_every = total_steps
     run.log_every = min(run.log_every, total_steps)
-    run.lr_mult = {"backbone": 0.1, "head": 1.0, "projector": 0.1, "source_head": 0.1}
+    # The reference's group rates (a ViT's: the recipe's, its layer-wise decay kept);
+    # the head always trains (unsupervised fine-tuning's run had it at 0).
+    run.lr_mult.update({"backbone": 1.0, "head": 1.0, "projector": 1.0, "source_head": 1.0}
+                       if models.is_vit(run.arch) else
+                       {"backbone": 0.1, "head": 1.0, "projector": 0.1, "source_head": 0.1})
     name = f"k{k}-steps{total_steps}-seed{seed}"
     run_dir = os.path.join(folder, name)
     if os.path.exists(run_dir) and jax.process_index() == 0:

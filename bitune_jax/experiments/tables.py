@@ -22,7 +22,7 @@ import importlib.util
 import os
 from typing import Any
 
-from bitune_jax import configs
+from bitune_jax import configs, models
 from bitune_jax.configs.tables import (CHECKPOINTS, EVALS, PAPERS, Column, Row,
                                        Table)
 
@@ -34,10 +34,11 @@ class Cell:
 
   @property
   def arg(self) -> str:
-    """The `configs/<config>.py:ARG` argument: `dataset,arch,rate`, or `demo` for the
-    embedded digits (its own arch and source model; the rate is an override)."""
+    """The `configs/<config>.py:ARG` argument: `dataset,arch,rate`, or `demo` (a ViT row:
+    `vit_demo`) for the embedded digits (its own source model; the rate is an
+    override)."""
     if self.column.dataset == "digits":
-      return "demo"
+      return "vit_demo" if models.is_vit(self.row.arch) else "demo"
     rate = 100 if self.column.kshot else self.column.rate
     return f"{self.column.dataset},{self.row.arch},{rate:g}"
 

@@ -79,7 +79,7 @@ def cross_entropy(params, state, batch, context, *, model, cfg):
   """Vanilla fine-tuning's loss: cross-entropy of the classifier on `batch["image"]`."""
   del context, cfg
   out, batch_stats = common.forward(model, params, state.batch_stats, batch["image"],
-                                    train=True)
+                                    train=True, rng=common.dropout_rng(state))
   loss = common.ce_loss(out, batch["label"])
   return loss, (batch_stats, {"ce": loss, "train_accuracy": common.accuracy(
       out["logits"], batch["label"])}, None)

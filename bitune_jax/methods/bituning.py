@@ -234,7 +234,7 @@ def loss(params, state, batch, context, *, model, cfg):
   """Eq. (5) on the first view. `batch`: image_q (and image_k: the key encoder's
   view) [B, H, W, 3], label [B] (and index [B], each example's bank row)."""
   out, batch_stats = common.forward(model, params, state.batch_stats, batch["image_q"],
-                                    train=True)
+                                    train=True, rng=common.dropout_rng(state))
   total, metrics = _loss(params, out, batch["label"], cfg=cfg,
                          num_classes=model.num_classes, **context)
   return total, (batch_stats, metrics, out)

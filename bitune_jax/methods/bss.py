@@ -57,7 +57,7 @@ def loss(params, state, batch, context, *, model, cfg):
   """CE + eta * BSS. `batch`: image [B, H, W, 3], label [B]."""
   del context
   out, batch_stats = common.forward(model, params, state.batch_stats, batch["image"],
-                                    train=True)
+                                    train=True, rng=common.dropout_rng(state))
   ce = common.ce_loss(out, batch["label"])
   shrinkage = bss_penalty(features=out["features"], k=cfg.k)  # [B, F] -> []
   metrics = {"ce": ce, "bss": shrinkage,

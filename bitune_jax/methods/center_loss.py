@@ -79,7 +79,7 @@ def loss(params, state, batch, context, *, model, cfg):
   del context
   labels = batch["label"]
   out, batch_stats = common.forward(model, params, state.batch_stats, batch["image"],
-                                    train=True)
+                                    train=True, rng=common.dropout_rng(state))
   ce = common.ce_loss(out, labels)
   lc = center_loss(features=out["features"], centers=state.extras["centers"],
                    labels=labels)

@@ -64,13 +64,16 @@ class Network(nn.Module):
   projector_hidden: Optional[int] = None
   source_classes: Optional[int] = None  # the pre-trained classifier (Co-Tuning)
   dtype: Any = jnp.float32
+  drop_path: float = 0.0  # a ViT backbone's (`models.vit.ViT.drop_path`)
   head_init: str = "torch"  # the classifier's (`models.heads`); projectors: "torch"
 
   @nn.compact
   def __call__(self, images, train=False, stages=False, channel_scale=None):
     """`stages`: also `out["stages"]`, the backbone's stage outputs (`layer1`.. for a
     ResNet, `denseblock1`.. for a DenseNet); `channel_scale`: see the backbones."""
-    backbone = models.create_backbone(self.arch, dtype=self.dtype, name="backbone")
+    extra = {"drop_path": self.drop_path} if models.is_vit(self.arch) else {}
+    backbone = models.create_backbone(self.arch, dtype=self.dtype, name="backbone",
+                                      **extra)
     maps = None
     if stages or channel_scale:
       features, maps = backbone(images, train=train, return_stages=True,
@@ -105,54 +108,14 @@ def build_network(config, num_classes, *, projector_dim=None, source_classes=Non
   dtype = jnp.bfloat16 if config.bf16 else jnp.float32
   return Network(arch=config.arch, num_classes=num_classes, projector_dim=projector_dim,
                  source_classes=source_classes, dtype=dtype,
-                 head_init=head_init(config, reference_init))
+                 head_init=head_init(config, reference_init), drop_path=config.drop_path)
 
 
 def init_variables(model, rng, sample_images):
+  """`(params, batch_stats)` of a new network; a ViT's `batch_stats` are
+  `{"backbone": {}}` (it has no BatchNorm), so that every state has the same shape."""
   variables = model.init(rng, sample_images, train=False)
-  return variables["params"], variables["batch_stats"]
-
-
-# --------------------------------------------------------------------------- optimizer
-def learning_rate_schedule(config):
-  """Base schedule: 'step' (x decay_factor at each fraction in decay_at) or 'cosine'."""
-  total = config.total_steps
-  if config.schedule == "cosine":
-    return optax.cosine_decay_schedule(config.lr, decay_steps=max(total, 1))
-  if config.schedule == "step":
-    boundaries = {int(f * total): config.decay_factor for f in config.decay_at
-                  if 0 < int(f * total) < total}
-    return optax.piecewise_constant_schedule(config.lr, boundaries)
-  raise ValueError(f"schedule must be 'step' or 'cosine', got {config.schedule!r}")
-
-
-def make_optimizer(config):
-  """SGD (nesterov momentum, coupled weight decay as in torch.optim.SGD) with one
-  learning-rate multiplier per parameter group (`config.lr_mult.<group>`)."""
-  base = learning_rate_schedule(config)
-
-  def group_tx(mult):
-    return optax.chain(
-        optax.add_decayed_weights(config.weight_decay),
-        optax.sgd(lambda step: mult * base(step), momentum=config.momentum,
-                  nesterov=config.nesterov))
-  transforms = {g: group_tx(config.lr_mult.get(g, 1.0)) for g in GROUPS}
-  label_fn = lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}  # noqa: E731
-  return optax.multi_transform(transforms, label_fn)
-
-
-def learning_rates(config, groups, step):
-  """`{"lr/<group>": rate}`: each group's learning rate at 0-based optimizer step `step`
-  (the update that makes train step `step + 1`)."""
-  base = float(learning_rate_schedule(config)(step))
-  return {f"lr/{g}": config.lr_mult.get(g, 1.0) * base for g in groups}
-
-
-def log_learning_rates(config, params):
-  for group in params:
-    mult = config.lr_mult.get(group, 1.0)
-    log.info("learning rate of %-11s %.3g (x%g of %.3g; schedule %s)", group,
-                 mult * config.lr, mult, config.lr, config.schedule)
+  return variables["params"], variables.get("batch_stats", {"backbone": {}})
 
 
 # --------------------------------------------------------------------------- step pieces
@@ -165,13 +128,22 @@ def accuracy(logits, labels):
   return jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
 
 
-def forward(model, params, batch_stats, images, *, train):
-  """`(outputs, new_batch_stats)`; in eval mode the statistics are returned unchanged."""
+def forward(model, params, batch_stats, images, *, train, rng=None):
+  """`(outputs, new_batch_stats)`; in eval mode the statistics are returned unchanged.
+  `rng`: the key of a ViT's drop-path in training (`dropout_rng`); without one nothing
+  is dropped (a momentum key encoder's forward)."""
   variables = {"params": params, "batch_stats": batch_stats}
   if not train:
     return model.apply(variables, images, train=False), batch_stats
-  out, updated = model.apply(variables, images, train=True, mutable=["batch_stats"])
+  out, updated = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                             rngs={} if rng is None else {"dropout": rng})
   return out, updated["batch_stats"]
+
+
+def dropout_rng(state, stream=0):
+  """The drop-path key of the step `state` is about to take (its `stream`-th, for a
+  method that runs the query encoder on more than one batch)."""
+  return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), stream)
 
 
 def ce_loss(out, labels):

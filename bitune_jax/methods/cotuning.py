@@ -143,7 +143,7 @@ def loss(params, state, batch, context, *, model, cfg):
   labels = batch["label"]
   targets = state.extras["relationship"][labels]  # [B, C_s]
   out, batch_stats = common.forward(model, params, state.batch_stats, batch["image"],
-                                    train=True)
+                                    train=True, rng=common.dropout_rng(state))
   ce = common.ce_loss(out, labels)
   co = losses.co_tuning_loss(source_logits=out["source_logits"],
                              relationship_targets=targets)

@@ -18,7 +18,10 @@ Which maps (`delta.feature_maps`):
     only; on a DenseNet we take its analogue, each dense block's concatenated conv
     outputs before the BatchNorm that reads them.
   * "stage_output": each stage's output after the residual add and ReLU (the
-    network's `layer1`..`layer4` / `denseblock1`..`denseblock4`).
+    network's `layer1`..`layer4` / `denseblock1`..`denseblock4`); on a ViT, the only
+    choice: the tokens `[B, T, D]` after the last block of each quarter of its depth
+    (blocks 3, 6, 9, 12 of 12), T positions of D channels (TLlib defines DELTA for
+    ResNets; this is our analogue).
 
 Channel attention W (DELTA's supervised attention), measured once before training
 with the pre-trained network (`prepare`):
@@ -43,12 +46,13 @@ run keeps the w* and W of its checkpoint.
 import dataclasses
 import functools
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitune_jax import losses, relationship, sharding
+from bitune_jax import losses, models, relationship, sharding
 from bitune_jax.data import pipeline
 from bitune_jax.methods import base, common
 
@@ -80,7 +84,8 @@ def feature_map_penalty(stages, reference, attention):
 
   Args:
     stages: `{name: [B, H, W, C]}` feature maps of the network being trained (the
-      names of `attention`, at least).
+      names of `attention`, at least); a ViT's `[B, T, D]` tokens (T positions, D
+      channels).
     reference: the same of the pre-trained network (no gradient is taken through it).
     attention: `{name: [C]}` channel weights.
   """
@@ -88,9 +93,9 @@ def feature_map_penalty(stages, reference, attention):
   for name, weights in attention.items():
     diff = stages[name].astype(jnp.float32) - jax.lax.stop_gradient(
         reference[name].astype(jnp.float32))
-    _, height, width, channels = diff.shape
-    per_channel = jnp.sum(jnp.square(diff), axis=(0, 1, 2))  # [C], summed over b, h, w
-    total = total + 0.5 * channels / (height * width) * jnp.sum(weights * per_channel)
+    positions, channels = math.prod(diff.shape[1:-1]), diff.shape[-1]  # H W, or tokens
+    per_channel = jnp.sum(jnp.square(diff), axis=tuple(range(diff.ndim - 1)))  # [C]
+    total = total + 0.5 * channels / positions * jnp.sum(weights * per_channel)
   return total
 
 
@@ -246,7 +251,8 @@ def loss(params, state, batch, context, *, model, cfg):
                           batch["image"], train=False, stages=True)["stages"]
   variables = {"params": params, "batch_stats": state.batch_stats}
   out, updated = model.apply(variables, batch["image"], train=True, stages=True,
-                             mutable=["batch_stats"])
+                             mutable=["batch_stats"],
+                             rngs={"dropout": common.dropout_rng(state)})
   ce = losses.cross_entropy_loss(logits=out["logits"], labels=batch["label"])
   fm = feature_map_penalty(out["stages"], reference, extras["attention"])
   l2 = head_penalty(params["head"])
@@ -261,6 +267,13 @@ def step_config(config):
   return StepConfig(alpha=config.delta.alpha, beta=config.delta.beta)
 
 
+def validate(config):
+  if models.is_vit(config.arch) and config.delta.feature_maps != "stage_output":
+    raise ValueError(f"{config.arch} is a ViT: its DELTA maps are the block outputs at "
+                     "the end of each quarter of its depth, delta.feature_maps="
+                     "'stage_output' (it has no convs to take 'last_conv' of)")
+
+
 METHOD = base.Method(
     name="delta", sections=("delta",),
     rules={"delta.alpha": base.NON_NEGATIVE, "delta.beta": base.NON_NEGATIVE,
@@ -269,5 +282,5 @@ METHOD = base.Method(
            "delta.attention_batch_size": base.COUNT,
            "delta.feature_maps": ("'last_conv' or 'stage_output'",
                                   lambda v: v in FEATURE_MAPS)},
-    legacy={"delta.feature_maps": "stage_output"},
+    legacy={"delta.feature_maps": "stage_output"}, validate=validate,
     init_extras=init_extras, prepare=prepare, step_config=step_config, loss=loss)

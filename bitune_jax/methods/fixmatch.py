@@ -32,7 +32,8 @@ def loss(params, state, batch, context, *, model, cfg):
   labels = batch["label"]
   labelled, unlabelled = labels.shape[0], batch["u_weak"].shape[0]
   images = jnp.concatenate([batch["image"], batch["u_weak"], batch["u_strong"]])
-  out, batch_stats = common.forward(model, params, state.batch_stats, images, train=True)
+  out, batch_stats = common.forward(model, params, state.batch_stats, images, train=True,
+                                    rng=common.dropout_rng(state))
   logits = out["logits"]  # [B + 2U, C]
   ce = losses.cross_entropy_loss(logits=logits[:labelled], labels=labels)
   l_u, mask_rate = losses.fixmatch_loss(

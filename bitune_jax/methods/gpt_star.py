@@ -58,7 +58,7 @@ def loss(params, state, batch, z_k, *, model, cfg):
   [B, H, W, 3] (two views), label [B]."""
   labels = batch["label"]
   out, batch_stats = common.forward(model, params, state.batch_stats, batch["image_q"],
-                                    train=True)
+                                    train=True, rng=common.dropout_rng(state))
   ce = common.ce_loss(out, labels)
   info_nce = losses.info_nce_loss(
       query=losses.l2_normalize(out["projection"]), key=z_k,

@@ -78,7 +78,7 @@ def loss(params, state, batch, context, *, model, cfg):
   """CE + L2-SP penalty. `batch`: image [B, H, W, 3], label [B]."""
   del context
   out, batch_stats = common.forward(model, params, state.batch_stats, batch["image"],
-                                    train=True)
+                                    train=True, rng=common.dropout_rng(state))
   ce = common.ce_loss(out, batch["label"])
   penalty, sp, l2 = l2sp_penalty(backbone=params["backbone"],
                                  w0=jax.lax.stop_gradient(state.extras["w0"]),

@@ -42,7 +42,7 @@ def build_model(config, num_classes):
   return common.Network(arch=config.arch, num_classes=num_classes,
                         projector_dim=config.unsup.projector_dim,
                         projector_hidden=width if config.unsup.mlp else None, dtype=dtype,
-                        head_init=common.head_init(config))
+                        head_init=common.head_init(config), drop_path=config.drop_path)
 
 
 def init_extras(keys, params, batch_stats, *, model, config, data):
@@ -51,17 +51,20 @@ def init_extras(keys, params, batch_stats, *, model, config, data):
                                           dim=config.unsup.projector_dim)}
 
 
-def grouped_forward(model, params, batch_stats, images, *, group_size):
+def grouped_forward(model, params, batch_stats, images, *, group_size, rng=None):
   """Train-mode forward with BatchNorm statistics per group of `group_size` examples
-  (0 or >= B: the whole batch). Running statistics: the mean of the groups' updates."""
+  (0 or >= B: the whole batch). Running statistics: the mean of the groups' updates.
+  `rng`: drop-path's key (the query encoder's; see `common.forward`)."""
   batch = images.shape[0]
   if not group_size or group_size >= batch:
-    return common.forward(model, params, batch_stats, images, train=True)
+    return common.forward(model, params, batch_stats, images, train=True, rng=rng)
   if batch % group_size:
     raise ValueError(f"batch {batch} is not a multiple of bn_group_size {group_size}")
   groups = images.reshape((batch // group_size, group_size) + images.shape[1:])
+  rngs = None if rng is None else jax.random.split(rng, batch // group_size)
   out, stats = jax.vmap(
-      lambda x: common.forward(model, params, batch_stats, x, train=True))(groups)
+      lambda x, r: common.forward(model, params, batch_stats, x, train=True, rng=r))(
+          groups, rngs)
   out = jax.tree.map(lambda o: o.reshape((batch,) + o.shape[2:]), out)
   return out, jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
 
@@ -96,7 +99,8 @@ def loss(params, state, batch, context, *, model, cfg):
   k, batch_size = context["keys"], batch["image_q"].shape[0]
   queue = state.extras["queue"]
   out, batch_stats = grouped_forward(model, params, state.batch_stats,
-                                     context["images"], group_size=cfg.bn_group_size)
+                                     context["images"], group_size=cfg.bn_group_size,
+                                     rng=common.dropout_rng(state))
   z = losses.l2_normalize(out["projection"])
   plain = losses.info_nce_loss(query=z[:batch_size], key=k, queue=queue.keys,
                                temperature=cfg.temperature)  # Eq. (1)

@@ -1,7 +1,8 @@
-"""Shared defaults of `configs/*.py`: `get_config(arg)` with arg `demo` or
-`dataset,arch,rate` (e.g. `cub,resnet50,25`). Defaults follow the reference
-implementation (SGD nesterov 0.9, weight decay 5e-4, lr 0.01 with the backbone and
-projector at 0.1x, batch 48, step decay x0.1)."""
+"""Shared defaults of `configs/*.py`: `get_config(arg)` with arg `demo`, `vit_demo` or
+`dataset,arch,rate` (e.g. `cub,resnet50,25`, `cub,vit_b16,25`). Defaults follow the
+reference implementation (SGD nesterov 0.9, weight decay 5e-4, lr 0.01 with the backbone
+and projector at 0.1x, batch 48, step decay x0.1); a ViT arch takes the ViT fine-tuning
+recipe instead (`_vit_recipe`: AdamW, layer-wise decay, warmup + cosine, drop-path)."""
 
 import copy
 import math
@@ -11,7 +12,7 @@ import ml_collections
 
 from bitune_jax import methods, models
 from bitune_jax.methods import base
-from bitune_jax.models import resnet
+from bitune_jax.models import resnet, vit
 from bitune_jax.data import datasets
 
 # name: number of classes: the embedded demo and the papers' benchmarks
@@ -75,7 +76,9 @@ def _owners(section):
 LEGACY = {"head_init": "lecun", "bf16": False, "profile_steps": 0, "multi_host": False,
           "data.val_fraction": 0.0, "data.kshot": 0, "data.threads": 0,
           "data.crop_scale": (), "data.flip": True, "data.color_jitter": False,
-          "data.cache_dir": "", "data.cache_side": 0, "data.replay_manual_dir": ""}
+          "data.cache_dir": "", "data.cache_side": 0, "data.replay_manual_dir": "",
+          "optimizer": "sgd", "warmup_fraction": 0.0, "drop_path": 0.0,
+          "lr_mult.layer_decay": 1.0}
 
 
 def stored(tree):
@@ -107,8 +110,8 @@ def base_config(arg, method):
   `configs/<method>.py`)."""
   config = ml_collections.ConfigDict()
   config.method = method
-  if arg == "demo":
-    dataset, arch, rate = "digits", "resnet_small", 25.0
+  if arg in DEMOS:
+    dataset, arch, rate = "digits", DEMOS[arg], 25.0
   else:
     dataset, arch, rate = parse_arg(arg)
   config.dataset = dataset
@@ -130,6 +133,13 @@ def base_config(arg, method):
   config.schedule = "step"
   config.decay_at = (0.6, 0.9)
   config.decay_factor = 0.1
+  # 'sgd' or 'adamw' (methods/optimizer.py); the ViT recipe's fields: a linear warmup
+  # over warmup_fraction of the steps before a cosine schedule, drop-path at the last
+  # block, and lr_mult.layer_decay (the backbone's block i of L at layer_decay^(L - i)).
+  config.optimizer = "sgd"
+  config.warmup_fraction = 0.0
+  config.drop_path = 0.0
+  config.lr_mult.layer_decay = 1.0
 
   # a bitune-convert output (.npz), 'demo:digits_source', or 'none' (random weights,
   # on purpose: no warning)
@@ -163,9 +173,35 @@ def base_config(arg, method):
       jitter=(0.4, 0.4, 0.4, 0.1), replay_source="imagenet", replay_manual_dir="",
       threads=0, val_fraction=0.0, crop_scale=(), flip=True, cache_dir="",
       cache_side=0))
-  if arg == "demo":
+  if arg in DEMOS:
     _demo(config)
+  if models.is_vit(arch):
+    _vit_recipe(config)
   return config
+
+
+# `get_config` arguments of the offline digits demo: its backbone.
+DEMOS = {"demo": "resnet_small", "vit_demo": "vit_demo"}
+
+
+def _vit_recipe(config):
+  """The ViT fine-tuning recipe (DeiT, MAE, BEiT): AdamW, weight decay 0.05, layer-wise
+  decay 0.65 (MAE's for ViT-B; 0.75 for ViT-L), drop-path 0.1, a cosine schedule after
+  5% warmup, the head and projector at the full rate; MAE's base rate 5e-4 per 256
+  images scaled to the batch (9.4e-5 at 48)."""
+  config.optimizer = "adamw"
+  config.weight_decay = 0.05
+  config.schedule = "cosine"
+  config.warmup_fraction = 0.05
+  config.drop_path = 0.1
+  config.lr = 5e-4 * config.batch_size / 256
+  config.lr_mult = ml_collections.ConfigDict(
+      {"backbone": 1.0, "head": 1.0, "projector": 1.0, "source_head": 1.0,
+       "layer_decay": 0.75 if vit.VARIANTS[config.arch]["depth"] > 12 else 0.65})
+  if config.dataset == "digits":  # the demo's ViT: 4 blocks, trained from scratch
+    config.lr, config.weight_decay, config.drop_path = 1e-3, 0.05, 0.0
+    config.lr_mult.layer_decay = 0.75
+    config.pretrain.lr = 1e-3
 
 
 def _demo(config):
@@ -213,7 +249,10 @@ def finalize(config):
 
 def min_image_size(arch):
   """The backbone's total stride: on a smaller image its last stage sees only padding
-  (the ImageNet backbones halve the image 5 times; resnet_small, for 32x32 digits, 2)."""
+  (the ImageNet backbones halve the image 5 times; resnet_small, for 32x32 digits, 2);
+  a ViT's patch."""
+  if models.is_vit(arch):
+    return vit.VARIANTS[arch]["patch"]
   return 4 if arch in resnet.SMALL else 32
 
 
@@ -244,8 +283,25 @@ def validate(config):
                      f"it is) and batch_size >= 1, got {config.total_steps} and "
                      f"{config.batch_size}")
   _validate_values(config, method)
+  _validate_optimizer(config)
   _validate_data(config)
 
+
+def _validate_optimizer(config):
+  from bitune_jax.methods import optimizer  # pylint: disable=g-import-not-at-top
+  if config.optimizer not in optimizer.OPTIMIZERS:
+    raise ValueError(f"optimizer must be one of {', '.join(optimizer.OPTIMIZERS)}, got "
+                     f"{config.optimizer!r}")
+  if config.warmup_fraction and config.schedule != "cosine":
+    raise ValueError(f"warmup_fraction {config.warmup_fraction} needs schedule='cosine' "
+                     f"(the warmup leads into it), got schedule={config.schedule!r}")
+  if not models.is_vit(config.arch):
+    for field, value in (("drop_path", config.drop_path),
+                         ("lr_mult.layer_decay", config.lr_mult.layer_decay - 1.0)):
+      if value:
+        raise ValueError(f"{field} is for Vision Transformers; {config.arch} has no "
+                         "blocks to drop or decay (set it to "
+                         f"{'0' if field == 'drop_path' else '1'})")
 
 def _validate_sections(config, method):
   """Its method's sections (`Method.sections`), and no other method's."""
@@ -269,13 +325,16 @@ _RULES = {
     "lr": base.POSITIVE, "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
     "weight_decay": base.NON_NEGATIVE,
     "decay_factor": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "warmup_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "drop_path": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "lr_mult.layer_decay": ("in (0, 1]", lambda v: 0 < v <= 1),
     "data.val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
 }
 
 
 def _validate_values(config, method):
-  fields = dict(_RULES, **method.rules,
-                **{f"lr_mult.{g}": base.NON_NEGATIVE for g in config.lr_mult})
+  fields = dict({f"lr_mult.{g}": base.NON_NEGATIVE for g in config.lr_mult}, **_RULES,
+                **method.rules)
   for field, (what, ok) in fields.items():
     section, _, name = field.rpartition(".")
     if section and section not in config:

@@ -19,7 +19,7 @@ from bitune_jax import files, methods, queues, sharding
 from bitune_jax.training import checkpoint, config_base
 from bitune_jax.training import stopping, workdir_lock
 from bitune_jax.data import input as input_lib
-from bitune_jax.methods import base, common
+from bitune_jax.methods import base, common, optimizer
 from bitune_jax.training import evaluation, events, profile, records
 from bitune_jax.training import state as state_lib
 
@@ -65,10 +65,10 @@ def setup(config, mesh, workdir=None, ckpts=None, sources=None):
     resuming = ckpts is not None and ckpts.latest_step() is not None
     changes = records.check_against_workdir(config, workdir, resuming)
   model = method.build_model(config, config.num_classes)
-  tx = common.make_optimizer(config)
+  tx = optimizer.make_optimizer(config)
   state, shardings = state_lib.create_state(config, method, model, tx, mesh, data,
                                             workdir, ckpts, sources)
-  common.log_learning_rates(config, state.params)
+  optimizer.log_learning_rates(config, state.params)
   rep = sharding.replicated(mesh)
   method_step = base.make_train_step(method, model, tx, config)
   train_step = jax.jit(base.with_views(method_step, data.views),
@@ -130,7 +130,7 @@ def _loop(config, workdir, run, mesh, ckpts, writer):
         metrics = jax.device_get(metrics)
         _stop_if_not_finite(metrics, step, ckpts)
         writer.write_scalars(step, dict(
-            metrics, **common.learning_rates(config, state.params, step - 1)))
+            metrics, **optimizer.learning_rates(config, state.params, step - 1)))
         if step == first + 1:
           log.info("step %d/%d  loss %.4f  (compiling and the first step: %.0f s)", step,
                    total, metrics["loss"], compiled)

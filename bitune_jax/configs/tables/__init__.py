@@ -25,6 +25,11 @@ CHECKPOINTS = {
     "cmc_resnet50": "CMC ResNet-50",
     "unsupft_resnet50": "per dataset: an unsup_finetune run from moco_v2_resnet50 on "
                         "that dataset, exported by bitune-export",
+    "supervised_vit_b16": "ImageNet supervised ViT-B/16 (timm vit_base_patch16_224, "
+                          "augreg: ImageNet-21k then 1k, with its 1000-way head)",
+    "dino_vit_b16": "DINO ViT-B/16 (backbone only)",
+    "clip_vit_b16": "OpenAI CLIP ViT-B/16 (its visual tower)",
+    "dinov2_vit_b14": "DINOv2 ViT-B/14 (backbone only)",
     "none": "random initialisation",
 }
 # A checkpoint described so is given per dataset: `--checkpoint NAME@DATASET=FILE`.
