@@ -43,11 +43,9 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   import tempfile  # pylint: disable=g-import-not-at-top,reimported
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bitune-test-xla-")
   os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
-  # Every program, not only those that took a second or more to compile (JAX's default
-  # threshold): the suite's small ones (eval steps, views, inits) recur in many tests
-  # and processes. Measured on test_bituning, test_cotuning and test_baselines, one
-  # process: 308 -> 285 CPU s.
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  # (JAX's default threshold kept: programs that compile in under a second are not
+  # written. Writing every one made the files of many tiny programs, test_losses and
+  # test_jax_forms, 3x slower: 14 -> 48 and 25 -> 82 CPU s in a whole-suite run.)
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 # The PyTorch reference implementations used for parity live in third_party/.

@@ -87,7 +87,7 @@ def decay_mask(params):
 def make_optimizer(config):
   """`config.optimizer` per parameter group (module docstring)."""
   base = learning_rate_schedule(config)
-  decay = config.lr_mult.layer_decay
+  decay = config.lr_mult.get("layer_decay", 1.0)  # absent: no decay
 
   def group_tx(group, mult):
     rate = lambda step: mult * base(step)  # noqa: E731
@@ -120,9 +120,9 @@ def log_learning_rates(config, params):
     mult = config.lr_mult.get(group, 1.0)
     log.info("learning rate of %-11s %.3g (x%g of %.3g; %s, schedule %s)", group,
              mult * config.lr, mult, config.lr, config.optimizer, config.schedule)
-  if config.lr_mult.layer_decay != 1.0 and models.is_vit(config.arch):
+  decay = config.lr_mult.get("layer_decay", 1.0)
+  if decay != 1.0 and models.is_vit(config.arch):
     depth = vit.VARIANTS[config.arch]["depth"]
     log.info("layer-wise decay %g: the backbone's blocks at x%.3g (first) to x%g (last), "
-             "its patch embedding at x%.3g", config.lr_mult.layer_decay,
-             config.lr_mult.layer_decay ** depth, config.lr_mult.layer_decay,
-             config.lr_mult.layer_decay ** (depth + 1))
+             "its patch embedding at x%.3g", decay, decay ** depth, decay,
+             decay ** (depth + 1))

@@ -297,7 +297,7 @@ def _validate_optimizer(config):
                      f"(the warmup leads into it), got schedule={config.schedule!r}")
   if not models.is_vit(config.arch):
     for field, value in (("drop_path", config.drop_path),
-                         ("lr_mult.layer_decay", config.lr_mult.layer_decay - 1.0)):
+                         ("lr_mult.layer_decay", config.lr_mult.get("layer_decay", 1) - 1)):
       if value:
         raise ValueError(f"{field} is for Vision Transformers; {config.arch} has no "
                          "blocks to drop or decay (set it to "
