@@ -60,7 +60,9 @@ def convert_checkpoint(path: str | os.PathLike, *, arch: str,
     raise ConversionError(f"{os.fspath(path)} holds {held}, not {wanted} as --arch {arch} "
                           f"needs: choose --arch among {', '.join(others)}")
   if vit:
-    return _convert_vit(arch, state_dict, fmt, dropped, allow_unused)
+    kind, backbone, source_head, notes, more = vit_mapping.map_vit(
+        arch, state_dict, allow_unused=allow_unused)
+    return _result(fmt, arch, kind, backbone, notes, dropped + more, source_head)
   layout = mapping.detect_layout(state_dict, obj)
   tensors, layout_dropped = mapping.split_state_dict(state_dict, layout)
   source = "checkpoint" if layout is mapping.SUPERVISED else f"{layout.name} checkpoint"
@@ -68,29 +70,21 @@ def convert_checkpoint(path: str | os.PathLike, *, arch: str,
       arch, tensors, head=layout.head, source=source, allow_unused=allow_unused)
   kind, source_head, projector, head_report = mapping.map_heads(
       layout, heads, num_features=models.num_features(arch))
-  num_params = sum(int(v.size) for v in _leaves(backbone["params"]))
-  report = {
-      "format": fmt, "arch": arch, "kind": kind, "backbone_parameters": num_params,
-      "notes": head_report + backbone_report,
-      "dropped": dropped + layout_dropped,
-  }
-  result = {"backbone": backbone, "report": report}
-  if source_head is not None:
-    result["source_head"] = source_head
+  result = _result(fmt, arch, kind, backbone, head_report + backbone_report,
+                   dropped + layout_dropped, source_head)
   if projector is not None:
     result["projector"] = projector["params"]
     if projector["batch_stats"]:
       result["projector_batch_stats"] = projector["batch_stats"]
-    report["projector_config"] = projector["config"]
+    result["report"]["projector_config"] = projector["config"]
   return result
 
 
-def _convert_vit(arch, state_dict, fmt, dropped, allow_unused):
-  kind, backbone, source_head, notes, vit_dropped = vit_mapping.map_vit(
-      arch, state_dict, allow_unused=allow_unused)
-  report = {"format": fmt, "arch": arch, "kind": kind,
-            "backbone_parameters": sum(int(v.size) for v in _leaves(backbone["params"])),
-            "notes": notes, "dropped": dropped + vit_dropped}
+def _result(fmt, arch, kind, backbone, notes, dropped, source_head):
+  """The conversion's result (module docstring) without a projector."""
+  num_params = sum(int(v.size) for v in _leaves(backbone["params"]))
+  report = {"format": fmt, "arch": arch, "kind": kind, "backbone_parameters": num_params,
+            "notes": notes, "dropped": dropped}
   result = {"backbone": backbone, "report": report}
   if source_head is not None:
     result["source_head"] = source_head
