@@ -128,3 +128,27 @@ def test_flops_per_image_is_the_forwards_matmuls(arch, size):
     g, width = 37, model.width
     expected += 2 * (16 * g * g * width + 16 * g * 16 * width)
   assert traced == expected
+
+
+def test_public_functions_jit_grad_vmap(rng):
+  """`resize_bicubic` and `drop_path` as JAX users call them: eager, under `jit` with the
+  grid closed over, under `grad` (the resize is linear: its gradient is the weights'
+  column sums), under `vmap` over a batch of grids."""
+  grid = jnp.asarray(rng.standard_normal((5, 5, 3)).astype(np.float32))
+  eager = vit.resize_bicubic(grid, (7, 4), (7.1 / 5, 4.1 / 5))
+  closed = jax.jit(lambda: vit.resize_bicubic(grid, (7, 4), (7.1 / 5, 4.1 / 5)))()
+  np.testing.assert_allclose(closed, eager, rtol=1e-6, atol=1e-6)
+  grad = jax.grad(lambda g: vit.resize_bicubic(g, (7, 4), (7.1 / 5, 4.1 / 5)).sum())(grid)
+  rows, cols = vit.cubic_weights(5, 7, 7.1 / 5), vit.cubic_weights(5, 4, 4.1 / 5)
+  np.testing.assert_allclose(grad[..., 0], np.outer(rows.sum(0), cols.sum(0)), rtol=1e-5)
+  grids = jnp.stack([grid, 2 * grid])
+  batched = jax.vmap(lambda g: vit.resize_bicubic(g, (7, 4), (7.1 / 5, 4.1 / 5)))(grids)
+  np.testing.assert_allclose(batched[1], 2 * eager, rtol=1e-5, atol=1e-6)
+  y = jnp.ones((6, 3))
+  key = jax.random.PRNGKey(3)
+  np.testing.assert_array_equal(jax.jit(vit.drop_path, static_argnums=1)(y, 0.5, key),
+                                vit.drop_path(y, 0.5, key))
+  np.testing.assert_array_equal(jax.grad(lambda y: vit.drop_path(y, 0.5, key).sum())(y),
+                                vit.drop_path(jnp.ones_like(y), 0.5, key))
+  keys = jax.random.split(key, 4)
+  assert jax.vmap(lambda k: vit.drop_path(y, 0.5, k))(keys).shape == (4, 6, 3)
