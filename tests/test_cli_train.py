@@ -140,7 +140,7 @@ def test_a_misspelt_config_path_is_one_line(tmp_path, monkeypatch, capsys):
   assert code == 2 and "Traceback" not in err, err
   assert err.splitlines()[0] == (
       f"bitune-train: error: flag --config={ROOT}/configs/finetune.py:dem: config "
-      "argument must be 'demo' or 'dataset,arch,rate' (e.g. 'cub,resnet50,25'), got "
+      "argument must be 'demo', 'vit_demo' or 'dataset,arch,rate' (e.g. 'cub,resnet50,25'), got "
       "'dem'")
   assert os.listdir(tmp_path) == []
 

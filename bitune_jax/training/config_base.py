@@ -32,7 +32,7 @@ def parse_arg(arg):
   """`'cub,resnet50,25'` -> ('cub', 'resnet50', 25.0) with clear errors."""
   parts = arg.split(",")
   if len(parts) != 3:
-    raise ValueError(f"config argument must be 'demo' or 'dataset,arch,rate' "
+    raise ValueError(f"config argument must be 'demo', 'vit_demo' or 'dataset,arch,rate' "
                      f"(e.g. 'cub,resnet50,25'), got {arg!r}")
   dataset, arch, rate = parts
   try:
