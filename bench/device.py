@@ -53,10 +53,9 @@ SETUPS = {
                                           "--config.pretrain.total_steps=2",
                                           "--config.eval_every=2",
                                           "--config.checkpoint_every=2"],
-                    # Compiled for compile speed (tests/conftest.py's flags: LLVM at -O0,
-                    # the older fusion emitters); run speed is no matter here
-                    env={"XLA_FLAGS": "--xla_backend_optimization_level=0 "
-                                      "--xla_cpu_use_fusion_emitters=false"}),
+                    # Compiled for compile speed (tests/conftest.py's flag: LLVM at
+                    # -O0); run speed is no matter here
+                    env={"XLA_FLAGS": "--xla_backend_optimization_level=0"}),
 }
 METHODS = ("finetune", "bituning", "cotuning", "unsup_finetune")
 # (phase, its own limit in seconds), in the order run: what matters most first.

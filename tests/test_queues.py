@@ -169,12 +169,8 @@ def test_donated_step_updates_queue_in_place(rng):
                                                labels=labels)
     return queues.enqueue_by_class(q, keys=z, labels=labels), loss
 
-  # XLA's CPU fusion emitters as users have them (the suite compiles with the older
-  # ones, for speed: tests/conftest.py; those copy the queue whatever the option).
-  emitters = {"xla_cpu_use_fusion_emitters": True}
   jitted = jax.jit(step, donate_argnums=0,
-                   compiler_options=dict(queues.inplace_update_compiler_options(),
-                                         **emitters))
+                   compiler_options=queues.inplace_update_compiler_options())
   hlo = jitted.lower(queue, z, labels).compile().as_text()
   assert "f32[64,16,32]{2,1,0} copy(" not in hlo
   before = queue.keys.unsafe_buffer_pointer()
@@ -184,7 +180,7 @@ def test_donated_step_updates_queue_in_place(rng):
   # ptr started at 0 and no class has more than K keys: each class's first key is in slot 0.
   np.testing.assert_array_equal(np.asarray(new_queue.keys[labels[0], 0]), np.asarray(z[0]))
   # Without the option XLA:CPU copies the donated queue (documents why it exists).
-  plain = jax.jit(step, donate_argnums=0, compiler_options=emitters).lower(
+  plain = jax.jit(step, donate_argnums=0).lower(
       new_queue, z, labels).compile().as_text()
   assert "f32[64,16,32]{2,1,0} copy(" in plain
 
