@@ -87,7 +87,11 @@ def main(argv=None):
                       help="whose demo step to compile (default: bituning)")
   parser.add_argument("--reps", type=int, default=3,
                       help="repetitions of each flag set, interleaved (default: 3)")
+  parser.add_argument("--flags", action="append", default=[],
+                      help="another flag set to measure (repeatable), e.g. "
+                           "'--xla_backend_optimization_level=0 --xla_cpu_opt_preset=...'")
   args = parser.parse_args(argv)
+  FLAG_SETS.update({flags: flags for flags in args.flags})
   if args.reps < 1:
     parser.error(f"--reps must be >= 1, got {args.reps}")
   results = {name: [] for name in FLAG_SETS}
