@@ -148,18 +148,20 @@ def pytest_terminal_summary(terminalreporter):
 # this 2-core machine): pytest-xdist hands a worker its next file in this order
 # (tests/run.sh passes --no-loadscope-reorder; by default xdist orders the files by
 # their number of tests), so a long file never starts last and runs alone at the end.
-_LONGEST_FIRST = (
-    "test_multiprocess.py",  # 489 s
-    "test_bituning.py",  # 323
-    "test_loop.py",  # 297 (the README's quick start: 220)
-    "test_sweep.py",  # 191
-    "test_unsup_finetune.py",  # 132
-    "test_convert.py",  # 117
-    "test_fixmatch.py",  # 105
-    "test_pipeline.py",  # 100
-    "test_bench_device.py",  # 97
-    "test_cli_eval.py",  # 86
-    "test_delta.py",  # 85
+_LONGEST_FIRST = (  # the whole run of 2026-12-07
+    "test_multiprocess.py",  # 1089 s
+    "test_bituning.py",  # 854
+    "test_loop.py",  # 821 (the README's quick start: 601)
+    "test_sweep.py",  # 409
+    "test_unsup_finetune.py",  # 245
+    "test_convert.py",  # 240
+    "test_bench_device.py",  # 238
+    "test_vit_methods.py",  # 224
+    "test_cli_eval.py",  # 192
+    "test_pipeline.py",  # 184
+    "test_fixmatch.py",  # 169
+    "test_baselines.py",  # 158
+    "test_delta.py",  # 141
 )
 
 
