@@ -140,10 +140,11 @@ def forward(model, params, batch_stats, images, *, train, rng=None):
   return out, updated["batch_stats"]
 
 
-def dropout_rng(state, stream=0):
-  """The drop-path key of the step `state` is about to take (its `stream`-th, for a
-  method that runs the query encoder on more than one batch)."""
-  return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), stream)
+def dropout_rng(state):
+  """The drop-path key of the step `state` is about to take: the step's key folded once
+  more, apart from what else a method draws from `fold_in(state.rng, state.step)`
+  (Bi-tuning's key sampling)."""
+  return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0)
 
 
 def ce_loss(out, labels):

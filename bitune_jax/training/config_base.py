@@ -199,7 +199,7 @@ def _vit_recipe(config):
       {"backbone": 1.0, "head": 1.0, "projector": 1.0, "source_head": 1.0,
        "layer_decay": 0.75 if vit.VARIANTS[config.arch]["depth"] > 12 else 0.65})
   if config.dataset == "digits":  # the demo's ViT: 4 blocks, trained from scratch
-    config.lr, config.weight_decay, config.drop_path = 1e-3, 0.05, 0.0
+    config.lr, config.drop_path = 1e-3, 0.0
     config.lr_mult.layer_decay = 0.75
     config.pretrain.lr = 1e-3
 
@@ -302,6 +302,7 @@ def _validate_optimizer(config):
         raise ValueError(f"{field} is for Vision Transformers; {config.arch} has no "
                          "blocks to drop or decay (set it to "
                          f"{'0' if field == 'drop_path' else '1'})")
+
 
 def _validate_sections(config, method):
   """Its method's sections (`Method.sections`), and no other method's."""
