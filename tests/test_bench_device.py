@@ -106,8 +106,8 @@ def test_dry_run_quickstart(every_phase):
 
 
 def test_skipped_phases_are_problems_and_what_needs_them_says_so(tmp_path):
-  """Every phase but the probe skipped: each is a problem of its own, and the head,
-  which runs without the step it is a share of, says which step it lacked."""
+  """Every phase but the probe and the head skipped: each is a problem of its own, and
+  the head, which runs without the step it is a share of, says which step it lacked."""
   skip = ["quickstart"] + [f"step_{m}" for m in METHODS] + [
       "views_reference", "views_moco", "host"]
   report, printed = _dry_run(tmp_path, "--skip", ",".join(skip), timeout=200)

@@ -102,8 +102,8 @@ def _enqueue_one_at_a_time(keys, ptr, new, labels):
 # --------------------------------------------------------------------------- step
 # Every temperature, trade-off, queue order and queue layout appears; and loss weights
 # (Table 5's ablations): a zero-weight term and what only it needs (its queue; for the
-# CCL, the projector) are absent. (Three cases, each its own step program: 27 CPU s
-# apiece on this project's 2-core machine.)
+# CCL, the projector) are absent. (Three cases, each its own step program: 15 to 27 CPU
+# s apiece on this project's 2-core machine.)
 BITUNING = [
     dict(seed=0, classes=5, shard_queues=True, temperature=0.07, trade_off=1.0,
          cce_after_enqueue=True, queue_size=4, ema_momentum=0.999),  # 5 in 8 rows
@@ -505,10 +505,12 @@ def test_memory_bank_resumes_exactly_and_trains_alike_on_1_device(tmp_path):
   assert eight["extras"]["bank_z"]["keys"].shape[0] == 8 * -(-n // 8)
   assert one["extras"]["bank_z"]["keys"].shape[0] == n  # no padding on one device
   for name in ("bank_z", "bank_h"):  # measured: 2.8e-7
-    np.testing.assert_allclose(one["extras"][name]["keys"], eight["extras"][name]["keys"][:n],
-                               rtol=0, atol=2e-6, err_msg=name)
+    np.testing.assert_allclose(one["extras"][name]["keys"],
+                               eight["extras"][name]["keys"][:n], rtol=0, atol=2e-6,
+                               err_msg=name)
+  # Measured: 3.7e-6 of the leaf's largest value.
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(one["params"]),
-                          jax.tree.leaves(eight["params"])):  # measured: 3.7e-6 of the largest
+                          jax.tree.leaves(eight["params"])):
     # + 2e-6 absolute: leaves still near zero after a few steps (BatchNorm biases, 7e-4 at
     # most) carry the sums' order as an absolute error (5.7e-7 measured at step 2, seed
     # 1154512437).
