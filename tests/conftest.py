@@ -106,7 +106,7 @@ def pytest_runtest_makereport(item, call):
 # them with the CPU they came from (the README's numbers depend on the machine: float
 # sums round differently across CPUs, and CI is another machine than the README's).
 # The line travels in the test's report (a user property), so that it reaches the end of
-# the run also from a pytest-xdist worker (tests/run.sh runs the suite on 3 of them).
+# the run also from a pytest-xdist worker (tests/run.sh runs the suite on 2 of them).
 _MEASURED = []
 
 
