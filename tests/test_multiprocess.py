@@ -10,8 +10,7 @@ by step from their TensorBoard scalars, and final states leaf by leaf.
 the batch and of the queues spans more than one), and a step costs 10x less. On this
 project's 2-core machine a Bi-tuning step of 2 processes x 4 devices took 2.25 CPU s
 (most of it in the kernel: 8 simulated devices' gloo collectives on 2 cores), of 2 x 2
-0.3 s
-(10 steps more: +22.5 and +3.1 CPU s, measured 2026-12-07).
+0.3 s (10 steps more: +22.5 and +3.1 CPU s, measured 2026-12-07).
 """
 
 import json
