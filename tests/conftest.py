@@ -2,7 +2,9 @@
 
 The flag must be set before JAX initialises its backends, hence at import time.
 """
+import collections
 import os
+import resource
 import secrets
 import sys
 
@@ -99,6 +101,8 @@ def rng(request):
 def pytest_runtest_makereport(item, call):
   del call
   report = (yield).get_result()
+  if report.when == "teardown" and hasattr(item, "cpu_start"):
+    report.user_properties.append(("cpu", _cpu_spent(item)))
   seeds = [value for name, value in item.user_properties if name == "seed"]
   if report.failed and seeds:
     report.sections.append(
@@ -125,22 +129,72 @@ def pytest_runtest_logreport(report):
   if report.when == "teardown":
     _MEASURED.extend(value for name, value in report.user_properties
                      if name == "measured")
+    for name, value in report.user_properties:
+      if name == "cpu":
+        _CPU[report.nodeid.split("::")[0]] += collections.Counter(value)
 
 
-def _cpu():
-  try:
-    with open("/proc/cpuinfo") as f:
-      text = f.read()
-  except OSError:
-    return "unknown CPU"
-  names = [l.split(":", 1)[1].strip() for l in text.splitlines()
-           if l.startswith("model name")]
-  if not names:
-    return "unknown CPU"
-  return f"{names[0]} x {len(names)}, {'with' if ' avx512f' in text else 'no'} AVX-512"
+# --------------------------------------------------------------------------- CPU
+# Where the suite's CPU goes, by file: this process's XLA compilation, tracing and
+# lowering (JAX's own duration events), the rest of its CPU, and the CPU of the
+# processes the tests started, printed at the end of the run. Compiling is most of it:
+# what makes the suite faster is fewer distinct programs, not fewer steps.
+_COMPILE_EVENTS = {"/jax/core/compile/backend_compile_duration": "compile",
+                   "/jax/core/compile/jaxpr_trace_duration": "trace",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower"}
+_SECONDS = collections.Counter()
+_CPU = collections.defaultdict(collections.Counter)
+
+
+def _on_duration(event, seconds, **_):
+  if event in _COMPILE_EVENTS:
+    _SECONDS[_COMPILE_EVENTS[event]] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def _cpu_seconds():
+  own, children = (resource.getrusage(who) for who in
+                   (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+  return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  del nextitem
+  item.cpu_start = (dict(_SECONDS),) + _cpu_seconds()
+  yield
+
+
+def _cpu_spent(item):
+  """What the test spent since it started (setup, call, teardown): `{compile, trace,
+  lower, own, processes}` seconds."""
+  before, own, children = item.cpu_start
+  own2, children2 = _cpu_seconds()
+  spent = {k: _SECONDS[k] - before.get(k, 0.0) for k in _COMPILE_EVENTS.values()}
+  spent.update(own=own2 - own, processes=children2 - children)
+  return spent
+
+
+def _cpu_table(write, top=12):
+  """CPU seconds by file, the `top` costliest and the whole run."""
+  total = sum(_CPU.values(), collections.Counter())
+  write(f"{'file':34s} {'all':>7s} {'compile':>8s} {'trace':>6s} {'lower':>6s} "
+        f"{'other':>6s} {'processes':>9s}")
+  rows = sorted(_CPU.items(), key=lambda kv: -(kv[1]["own"] + kv[1]["processes"]))
+  for name, c in rows[:top] + [("all tests", total)]:
+    other = c["own"] - c["compile"] - c["trace"] - c["lower"]
+    write(f"{os.path.basename(name)[:34]:34s} {c['own'] + c['processes']:7.0f} "
+          f"{c['compile']:8.0f} {c['trace']:6.0f} {c['lower']:6.0f} {other:6.0f} "
+          f"{c['processes']:9.0f}")
 
 
 def pytest_terminal_summary(terminalreporter):
+  if _CPU:
+    terminalreporter.section("CPU seconds by test file: XLA's compile, trace and lower "
+                             "in the test processes, the rest, the processes started")
+    _cpu_table(terminalreporter.write_line)
   if _MEASURED:
     terminalreporter.section(f"README numbers measured on this machine ({_cpu()})")
     for line in _MEASURED:
