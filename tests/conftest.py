@@ -177,6 +177,19 @@ def _cpu_spent(item):
   return spent
 
 
+def _cpu():
+  try:
+    with open("/proc/cpuinfo") as f:
+      text = f.read()
+  except OSError:
+    return "unknown CPU"
+  names = [l.split(":", 1)[1].strip() for l in text.splitlines()
+           if l.startswith("model name")]
+  if not names:
+    return "unknown CPU"
+  return f"{names[0]} x {len(names)}, {'with' if ' avx512f' in text else 'no'} AVX-512"
+
+
 def _cpu_table(write, top=12):
   """CPU seconds by file, the `top` costliest and the whole run."""
   total = sum(_CPU.values(), collections.Counter())

@@ -173,7 +173,11 @@ def test_rotate_matches_pil_away_from_pixel_edges(rng, shape):
     assert not (bad & ~near).any(), (degrees, np.argwhere(bad & ~near)[:5])
     edges += near.sum() if degrees != 90 else 0
     differ, pixels = differ + bad.sum(), pixels + bad.size
-  assert edges <= 0.01 * pixels and differ <= 1e-3 * pixels, (edges, differ, pixels)
+  # The exempt points stay few, so the exact comparison covers the image: at most 1.14%
+  # of the pixels over 3000 seeds (an angle near atan(p / q) of small p, q puts a
+  # lattice of source points on pixel edges: 22.62 = atan(5 / 12) degrees put 148 of
+  # 1924 on them, and seed 3030114086 went over the 1% bound this test had).
+  assert edges <= 0.02 * pixels and differ <= 1e-3 * pixels, (edges, differ, pixels)
   np.testing.assert_array_equal(_ours(image, "rotate", 90.0),
                                 _pil(image, "rotate", 90.0))
 
