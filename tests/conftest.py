@@ -136,7 +136,8 @@ def pytest_runtest_logreport(report):
 
 # --------------------------------------------------------------------------- CPU
 # Where the suite's CPU goes, by file: this process's XLA compilation, tracing and
-# lowering (JAX's own duration events), the rest of its CPU, and the CPU of the
+# lowering (JAX's own duration events: their seconds as they passed, one thread's work
+# each, so close to its CPU), the rest of its CPU, and the CPU of the
 # processes the tests started, printed at the end of the run. Compiling is most of it:
 # what makes the suite faster is fewer distinct programs, not fewer steps.
 _COMPILE_EVENTS = {"/jax/core/compile/backend_compile_duration": "compile",
