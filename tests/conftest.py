@@ -126,12 +126,16 @@ def measured(request):
 
 
 def pytest_runtest_logreport(report):
+  if report.when == "call" and report.nodeid.endswith(QUICK_START):
+    _QUICK_START["passed"] = report.passed
   if report.when == "teardown":
     _MEASURED.extend(value for name, value in report.user_properties
                      if name == "measured")
     for name, value in report.user_properties:
       if name == "cpu":
         _CPU[report.nodeid.split("::")[0]] += collections.Counter(value)
+        if report.nodeid.endswith(QUICK_START) and _QUICK_START["passed"]:
+          _QUICK_START.update(value)
 
 
 # --------------------------------------------------------------------------- CPU
@@ -145,6 +149,12 @@ _COMPILE_EVENTS = {"/jax/core/compile/backend_compile_duration": "compile",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower"}
 _SECONDS = collections.Counter()
 _CPU = collections.defaultdict(collections.Counter)
+# The README's quick start, run as a user runs it, is the same work at every code: its
+# CPU measures the machine, and the suite's CPU counted in quick starts measures the
+# suite apart from the machine (the machine of 2026-12-07 takes about twice the CPU of
+# the one before it for the same quick start). Printed when that test passed.
+QUICK_START = "tests/test_loop.py::test_command_line_quick_start"
+_QUICK_START = collections.Counter()
 
 
 def _on_duration(event, seconds, **_):
@@ -202,6 +212,11 @@ def _cpu_table(write, top=12):
     write(f"{os.path.basename(name)[:34]:34s} {c['own'] + c['processes']:7.0f} "
           f"{c['compile']:8.0f} {c['trace']:6.0f} {c['lower']:6.0f} {other:6.0f} "
           f"{c['processes']:9.0f}")
+  quick_start = _QUICK_START["own"] + _QUICK_START["processes"]
+  if quick_start > 0:
+    all_tests = total["own"] + total["processes"]
+    write(f"all tests in quick starts (the quick-start test's CPU, the same work at every "
+          f"code): {all_tests:.0f} / {quick_start:.0f} = {all_tests / quick_start:.1f}")
 
 
 def pytest_terminal_summary(terminalreporter):
