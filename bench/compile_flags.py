@@ -64,27 +64,35 @@ print(json.dumps({"compile_cpu_s": seconds, "loss": float(metrics["loss"])}))
 """
 
 
-def _methods():
+def methods():
+  """The methods' names, for `--method`."""
   sys.path.insert(0, _ROOT)
-  from bitune_jax import methods  # pylint: disable=g-import-not-at-top
-  return sorted(methods.METHODS)
+  from bitune_jax import methods as registry  # pylint: disable=g-import-not-at-top
+  return sorted(registry.METHODS)
+
+
+def run_child(code, args, flags, failure):
+  """`python -c code *args` in a fresh process of 8 CPU devices under XLA_FLAGS `flags`,
+  no compilation cache (a real compile every time): the JSON of its last printed line.
+  Exits with `failure` and the child's error if it fails."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {flags}".strip())
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  proc = subprocess.run([sys.executable, "-c", code, *args], cwd=_ROOT, env=env,
+                        capture_output=True, text=True, check=False)
+  if proc.returncode != 0:
+    raise SystemExit(f"{failure}:\n{proc.stderr[-2000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def measure(method, flags):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {flags}".strip())
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a real compile every time
-  proc = subprocess.run([sys.executable, "-c", _CHILD, method], cwd=_ROOT, env=env,
-                        capture_output=True, text=True, check=False)
-  if proc.returncode != 0:
-    raise SystemExit(f"compile_flags.py: the {method} step failed to compile under "
-                     f"XLA_FLAGS={flags!r}:\n{proc.stderr[-2000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return run_child(_CHILD, [method], flags, f"compile_flags.py: the {method} step failed "
+                   f"to compile under XLA_FLAGS={flags!r}")
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--method", default="bituning", choices=_methods(),
+  parser.add_argument("--method", default="bituning", choices=methods(),
                       help="whose demo step to compile (default: bituning)")
   parser.add_argument("--reps", type=int, default=3,
                       help="repetitions of each flag set, interleaved (default: 3)")

@@ -25,12 +25,11 @@ Usage:
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import compile_flags  # bench/, beside this file
+
 VARIANTS = ("as it is", "views not random", "nothing random")
 
 _CHILD = r"""
@@ -109,27 +108,15 @@ print(json.dumps({"setup_cpu_s": setup, "step_compile_cpu_s": cpu() - before}))
 """
 
 
-def _methods():
-  sys.path.insert(0, _ROOT)
-  from bitune_jax import methods  # pylint: disable=g-import-not-at-top
-  return sorted(methods.METHODS)
-
-
 def measure(method, variant):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
-      "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"))
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a real compile every time
-  proc = subprocess.run([sys.executable, "-c", _CHILD, method, variant], cwd=_ROOT,
-                        env=env, capture_output=True, text=True, check=False)
-  if proc.returncode != 0:
-    raise SystemExit(f"compile_random.py: {method} ({variant}) failed:\n"
-                     f"{proc.stderr[-2000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return compile_flags.run_child(_CHILD, [method, variant],
+                                 "--xla_backend_optimization_level=0",
+                                 f"compile_random.py: {method} ({variant}) failed")
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--method", action="append", choices=_methods(),
+  parser.add_argument("--method", action="append", choices=compile_flags.methods(),
                       help="a method's demo (repeatable; default: bituning and "
                            "unsup_finetune)")
   parser.add_argument("--reps", type=int, default=3,
